@@ -1,0 +1,1 @@
+"""Fleet simulator (placeholder until the simulator issue lands; see README)."""

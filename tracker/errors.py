@@ -1,0 +1,84 @@
+"""The tracker's exception tree: every error a client can cause, with its HTTP status.
+
+One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON response
+``{"error": code, "message": ..., **details}``; nothing else builds error bodies.
+
+* TrackerError
+  * BadRequest (400)
+    * BadArea (400) -- a feed area that is malformed, inverted, or too large
+    * BadBody (400) -- an ingest body that is not valid msgpack/JSON of the expected shape
+    * BadLastEventId is not an error: a bad resume id falls back to a snapshot.
+  * PayloadTooLarge (413)
+  * UnsupportedMediaType (415)
+  * NothingAccepted (422) -- every ping in a batch was rejected
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BadArea",
+    "BadBody",
+    "BadRequest",
+    "NothingAccepted",
+    "PayloadTooLarge",
+    "TrackerError",
+    "UnsupportedMediaType",
+]
+
+
+class TrackerError(Exception):
+    """Base of every error a request can cause; carries what the JSON body says."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body: a stable ``error`` code, a readable ``message``, details."""
+        return {"error": self.code, "message": self.message, **self.details}
+
+
+class BadRequest(TrackerError):
+    """The request is malformed in a way the client must fix."""
+
+    status = 400
+    code = "bad_request"
+
+
+class BadArea(BadRequest):
+    """A feed area (cells, bbox or circle) that is malformed, inverted or too large."""
+
+    code = "bad_area"
+
+
+class BadBody(BadRequest):
+    """An ingest body that does not decode as a batch of pings."""
+
+    code = "bad_body"
+
+
+class PayloadTooLarge(TrackerError):
+    """An ingest body over the configured byte or ping limit."""
+
+    status = 413
+    code = "too_large"
+
+
+class UnsupportedMediaType(TrackerError):
+    """An ingest body whose Content-Type is neither msgpack nor JSON."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NothingAccepted(TrackerError):
+    """Every ping of a non-empty batch was rejected; the body lists why, per ping."""
+
+    status = 422
+    code = "nothing_accepted"

@@ -1,0 +1,107 @@
+"""One SSE feed connection: framing events and streaming them until the client leaves.
+
+The stream is an async generator handed to Quart as the response body. It lives exactly
+as long as the HTTP response: when the client disconnects, Quart cancels it and closes
+it, and the ``finally`` drops the subscription at once. Each wake-up yields one joined
+bytes object (all owed batches together), because each yield costs a socket send.
+A peer that stops acknowledging is cut by the kernel (TCP_USER_TIMEOUT, see
+``tracker.server``), which ends the response the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import trio
+
+from tracker.hub import Batch, FeedHub, Frame, Resume, Subscription
+from tracker.metrics import Metrics
+
+__all__ = ["HEARTBEAT", "SHUTDOWN_EVENT", "feed_stream", "render"]
+
+HEARTBEAT = b": keep-alive\n\n"
+SHUTDOWN_EVENT = b"event: shutdown\ndata: server is restarting; reconnect\n\n"
+
+
+def _event(kind: bytes, event_id: str, data_lines: list[bytes]) -> bytes:
+    """One SSE event; ``data:`` lines are joined by the client with newlines."""
+    return b"".join(
+        (
+            b"event: ",
+            kind,
+            b"\nid: ",
+            event_id.encode(),
+            b"\ndata: ",
+            b"\ndata: ".join(data_lines),
+            b"\n\n",
+        )
+    )
+
+
+def _data_lines(frames: list[Frame], sub: Subscription, name_of: NameOf) -> list[bytes]:
+    """Binary feeds: one base64 frame per line. JSON feeds: one JSON array of frames."""
+    if sub.is_json:
+        return [b"[" + b",".join(f.json(name_of) for f in frames) + b"]"]
+    return [f.b64 for f in frames]
+
+
+NameOf = Callable[[int], str | None]
+
+
+def render(resume: Resume, sub: Subscription, hub: FeedHub) -> bytes:
+    """The bytes of a snapshot or of a run of batches, as one chunk."""
+    name_of = hub.index.name_of
+    if resume.snapshot is not None:
+        event_id = hub.event_id(hub.index.tick, sub)
+        return _event(b"snapshot", event_id, _data_lines(resume.snapshot, sub, name_of))
+    return b"".join(_batch_event(batch, sub, hub, name_of) for batch in resume.batches)
+
+
+def _batch_event(batch: Batch, sub: Subscription, hub: FeedHub, name_of: NameOf) -> bytes:
+    return _event(b"batch", hub.event_id(batch.tick, sub), _data_lines(batch.frames, sub, name_of))
+
+
+async def feed_stream(
+    hub: FeedHub,
+    cells: frozenset[int],
+    *,
+    is_json: bool,
+    last_event_id: str | None,
+    retry_ms: int,
+    heartbeat_s: float,
+    metrics: Metrics,
+) -> AsyncIterator[bytes]:
+    """Yield the SSE byte stream of one feed; unsubscribes however it ends.
+
+    Subscribes on the first step, not before, so a response that is never sent
+    never leaves a subscription behind.
+    """
+    sub = hub.subscribe(cells, is_json=is_json)
+    try:
+        metrics.feeds_opened += 1
+        first = hub.start(sub, last_event_id)
+        # retry: shares the first event's block (a block of its own is an empty event).
+        chunk = b"retry: %d\n" % retry_ms + (render(first, sub, hub) or b"\n")
+        _count(metrics, first)
+        while True:
+            metrics.bytes_sent += len(chunk)
+            yield chunk
+            with trio.move_on_after(heartbeat_s):
+                await sub.wait()
+            if sub.closed:
+                metrics.bytes_sent += len(SHUTDOWN_EVENT)
+                yield SHUTDOWN_EVENT
+                return
+            owed = sub.take()
+            _count(metrics, owed)
+            chunk = render(owed, sub, hub) or HEARTBEAT
+    finally:
+        hub.unsubscribe(sub)
+
+
+def _count(metrics: Metrics, resume: Resume) -> None:
+    if resume.snapshot is not None:
+        metrics.snapshots_sent += 1
+        metrics.events_sent += 1
+    else:
+        metrics.events_sent += len(resume.batches)

@@ -1,0 +1,269 @@
+"""The feed hub: who watches which cell, each watcher's bounded outbox, and the replay log.
+
+Each tick the ticker hands the hub one encoded frame per changed cell. The hub base64s
+each frame once, keeps it in a bounded replay log, and appends a reference to it to the
+outbox of every subscription covering the cell. Nothing here awaits the network:
+``publish`` never blocks, so a slow client can only hurt itself. A subscription whose
+outbox overflows is conflated: its queue is dropped and it is owed a fresh snapshot.
+
+Synchronous except :meth:`Subscription.wait`; owns no tasks.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+
+from tracker.config import TrackerConfig
+from tracker.geoindex import GeoIndex, TickFrames
+from tracker.metrics import Metrics
+from tracker.wire import decode_frame, frame_to_json
+
+__all__ = ["Batch", "FeedHub", "Frame", "Resume", "Subscription"]
+
+
+class Frame:
+    """One cell's frame of one tick: base64'd once, rendered to JSON at most once."""
+
+    __slots__ = ("_json", "b64", "cell")
+
+    def __init__(self, cell: int, msgpack: bytes) -> None:
+        self.cell = cell
+        self.b64 = base64.b64encode(msgpack)
+        self._json: bytes | None = None
+
+    def json(self, name_of: Callable[[int], str | None]) -> bytes:
+        """The frame as JSON, rendered on first use and then shared."""
+        if self._json is None:
+            self._json = frame_to_json(decode_frame(base64.b64decode(self.b64)), name_of)
+        return self._json
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The frames of one tick that one subscription must receive."""
+
+    tick: int
+    frames: list[Frame]
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How a feed starts: batches to replay, or (``snapshot``) a fresh snapshot."""
+
+    snapshot: list[Frame] | None
+    batches: list[Batch]
+
+
+class Subscription:
+    """One feed connection's interest (a set of cells) and its bounded outbox."""
+
+    def __init__(self, cells: frozenset[int], *, is_json: bool, tag: str, hub: FeedHub) -> None:
+        self.cells = cells
+        self.is_json = is_json
+        self.tag = tag  # identifies the area and format inside event ids
+        self.closed = False
+        self.owes_snapshot = False
+        self._hub = hub
+        self._outbox: deque[Batch] = deque()
+        self._outbox_bytes = 0
+        self._wakeup = trio.Event()
+
+    def push(self, batch: Batch) -> None:
+        """Queue a batch; on overflow drop the queue and owe a snapshot instead (conflation)."""
+        if self.owes_snapshot:
+            return
+        size = sum(len(f.b64) for f in batch.frames)
+        config = self._hub.config
+        if (
+            len(self._outbox) >= config.outbox_max_ticks
+            or self._outbox_bytes + size > config.outbox_max_bytes
+        ):
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            self.owes_snapshot = True
+            self._hub.metrics.conflations += 1
+        else:
+            self._outbox.append(batch)
+            self._outbox_bytes += size
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """Ask the connection to finish (server shutdown)."""
+        self.closed = True
+        self._wakeup.set()
+
+    async def wait(self) -> None:
+        """Sleep until something is queued, a snapshot is owed, or the hub closes us."""
+        if not (self._outbox or self.owes_snapshot or self.closed):
+            await self._wakeup.wait()
+        self._wakeup = trio.Event()
+
+    def take(self) -> Resume:
+        """Everything owed now: queued batches, or a snapshot replacing them."""
+        if self.owes_snapshot:
+            self.owes_snapshot = False
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            return Resume(self._hub.snapshot(self.cells), [])
+        batches = list(self._outbox)
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        return Resume(None, batches)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Base64 bytes waiting in the outbox (bounded by ``outbox_max_bytes``)."""
+        return self._outbox_bytes
+
+
+class FeedHub:
+    """Fan-out of tick frames to subscriptions, with snapshots and resume.
+
+    Event ids are ``<epoch>.<tick>.<tag>``: ``epoch`` is random per process start, so an
+    id from before a restart is recognised as foreign; ``tag`` hashes the area and format,
+    so an id reused for a different area gets a snapshot rather than a partial replay.
+    """
+
+    def __init__(self, config: TrackerConfig, index: GeoIndex, metrics: Metrics) -> None:
+        self.config = config
+        self.index = index
+        self.metrics = metrics
+        self.epoch = secrets.token_hex(4)
+        self._by_cell: dict[int, set[Subscription]] = {}
+        self._subscriptions: set[Subscription] = set()
+        self._replay: deque[tuple[int, dict[int, Frame], int]] = deque()
+        self._replay_bytes = 0
+        self._snapshot_cache: dict[int, Frame | None] = {}
+
+    # --- subscriptions -------------------------------------------------------------------
+
+    def subscribe(self, cells: frozenset[int], *, is_json: bool) -> Subscription:
+        """Register interest in ``cells``; every later tick touching them is queued."""
+        sub = Subscription(cells, is_json=is_json, tag=area_tag(cells, is_json), hub=self)
+        for cell in cells:
+            self._by_cell.setdefault(cell, set()).add(sub)
+        self._subscriptions.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Forget a subscription at once (idempotent)."""
+        if sub not in self._subscriptions:
+            return
+        self._subscriptions.discard(sub)
+        for cell in sub.cells:
+            watchers = self._by_cell[cell]
+            watchers.discard(sub)
+            if not watchers:
+                del self._by_cell[cell]
+
+    def close_all(self) -> None:
+        """Tell every subscription to finish (server shutdown)."""
+        for sub in self._subscriptions:
+            sub.close()
+
+    @property
+    def subscriber_count(self) -> int:
+        """Open subscriptions."""
+        return len(self._subscriptions)
+
+    @property
+    def watched_cells(self) -> int:
+        """Cells with at least one subscription."""
+        return len(self._by_cell)
+
+    # --- ticks ---------------------------------------------------------------------------
+
+    def publish(self, tick: TickFrames) -> None:
+        """Encode a tick's frames once and queue them for their subscribers; never blocks."""
+        frames = {cell: Frame(cell, data) for cell, data in tick.frames.items()}
+        self._snapshot_cache.clear()
+        self._remember(tick.tick, frames)
+        owed: dict[Subscription, list[Frame]] = {}
+        for cell, frame in frames.items():
+            for sub in self._by_cell.get(cell, ()):
+                owed.setdefault(sub, []).append(frame)
+        for sub, sub_frames in owed.items():
+            sub.push(Batch(tick.tick, sub_frames))
+
+    def _remember(self, tick: int, frames: dict[int, Frame]) -> None:
+        size = sum(len(f.b64) for f in frames.values())
+        self._replay.append((tick, frames, size))
+        self._replay_bytes += size
+        while self._replay and (
+            len(self._replay) > self.config.replay_ticks
+            or self._replay_bytes > self.config.replay_max_bytes
+        ):
+            self._replay_bytes -= self._replay.popleft()[2]
+
+    # --- starting a feed -----------------------------------------------------------------
+
+    def event_id(self, tick: int, sub: Subscription) -> str:
+        """The id of the event that leaves ``sub`` up to date at ``tick``."""
+        return f"{self.epoch}.{tick}.{sub.tag}"
+
+    def start(self, sub: Subscription, last_event_id: str | None) -> Resume:
+        """How a new connection begins: the batches it missed, else a snapshot.
+
+        Replays only when the id is ours (same epoch and area), still covered by the
+        replay log, and the replay is smaller than a snapshot. Anything else, including
+        garbage, gets a snapshot: never an error, never a stuck or flooded stream.
+        """
+        since = self._resumable_tick(sub, last_event_id)
+        if since is not None:
+            batches = self._missed(sub.cells, since)
+            if batches is not None:
+                replay_size = sum(len(f.b64) for b in batches for f in b.frames)
+                snapshot = self.snapshot(sub.cells)
+                if replay_size <= sum(len(f.b64) for f in snapshot):
+                    self.metrics.replays += 1
+                    return Resume(None, batches)
+                return Resume(snapshot, [])
+        return Resume(self.snapshot(sub.cells), [])
+
+    def _resumable_tick(self, sub: Subscription, last_event_id: str | None) -> int | None:
+        parts = (last_event_id or "").strip().split(".")
+        if len(parts) != 3 or parts[0] != self.epoch or parts[2] != sub.tag:
+            return None
+        try:
+            tick = int(parts[1])
+        except ValueError:
+            return None
+        return tick if 0 <= tick <= self.index.tick else None
+
+    def _missed(self, cells: frozenset[int], since: int) -> list[Batch] | None:
+        """Batches for ``cells`` after tick ``since``, or None if the log no longer has them."""
+        if since < self.index.tick and (not self._replay or self._replay[0][0] > since + 1):
+            return None
+        batches = []
+        for tick, frames, _ in self._replay:
+            if tick > since:
+                hits = [frames[c] for c in cells & frames.keys()]
+                if hits:
+                    batches.append(Batch(tick, hits))
+        return batches
+
+    def snapshot(self, cells: Iterable[int]) -> list[Frame]:
+        """Frames with every published vehicle of ``cells``; each cell's built once per tick."""
+        result = []
+        for cell in cells:
+            if cell in self._snapshot_cache:
+                frame = self._snapshot_cache[cell]
+            else:
+                data = self.index.snapshot_frame(cell)
+                frame = self._snapshot_cache[cell] = None if data is None else Frame(cell, data)
+            if frame is not None:
+                result.append(frame)
+        return result
+
+
+def area_tag(cells: frozenset[int], is_json: bool) -> str:
+    """A short stable hash of an area and format, for event ids."""
+    digest = zlib.crc32(b"".join(c.to_bytes(8, "little") for c in sorted(cells)))
+    return f"{digest ^ int(is_json):08x}"

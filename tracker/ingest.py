@@ -1,0 +1,111 @@
+"""Ingest: turn a posted body into validated pings applied to the geo-index.
+
+Decoding is typed (msgspec Structs); this module adds the checks a type cannot express
+(ranges, NaN, clock sanity) and tells, per ping, why one was rejected. Accepted pings are
+in the index before the reply is sent, so nothing acknowledged is lost. Owns no tasks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from tracker.config import TrackerConfig
+from tracker.errors import BadBody, NothingAccepted, PayloadTooLarge, UnsupportedMediaType
+from tracker.geoindex import GeoIndex
+from tracker.metrics import Metrics
+from tracker.wire import MAX_ABS_LAT, IngestReply, Ping, Rejection, decode_pings
+
+__all__ = ["MEDIA_TYPES", "check_ping", "ingest_body"]
+
+MEDIA_TYPES = {
+    "application/msgpack": False,
+    "application/x-msgpack": False,
+    "application/vnd.msgpack": False,
+    "application/json": True,
+}
+"""Accepted Content-Types, mapped to whether the body is JSON."""
+
+
+def check_ping(ping: Ping, now: float, config: TrackerConfig) -> str | None:
+    """Why a well-typed ping is still unacceptable, or None if it is fine."""
+    for name in ("lat", "lon", "ts"):
+        if not math.isfinite(getattr(ping, name)):
+            return f"{name} must be a finite number"
+    if not -MAX_ABS_LAT <= ping.lat <= MAX_ABS_LAT:
+        return f"lat {ping.lat} is outside the served band -{MAX_ABS_LAT}..{MAX_ABS_LAT}"
+    if not -180.0 <= ping.lon <= 180.0:
+        return f"lon {ping.lon} is outside -180..180"
+    if ping.ts > now + config.max_future_s:
+        return (
+            f"ts {ping.ts} is {ping.ts - now:.0f} s in the future "
+            f"(at most {config.max_future_s:g} s ahead of server time)"
+        )
+    if ping.ts < now - config.max_age_s:
+        return f"ts {ping.ts} is older than {config.max_age_s:g} s"
+    if ping.speed is not None and not (math.isfinite(ping.speed) and ping.speed >= 0):
+        return "speed must be a finite number of m/s >= 0"
+    if ping.heading is not None and not (math.isfinite(ping.heading) and 0 <= ping.heading <= 360):
+        return "heading must be degrees in 0..360"
+    return None
+
+
+def media_is_json(content_type: str | None) -> bool:
+    """Whether the body is JSON (else msgpack); raises 415 for any other media type."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media not in MEDIA_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {media or '(none)'!r} is not supported",
+            allowed=sorted(MEDIA_TYPES),
+        )
+    return MEDIA_TYPES[media]
+
+
+def ingest_body(
+    body: bytes,
+    content_type: str | None,
+    *,
+    index: GeoIndex,
+    config: TrackerConfig,
+    metrics: Metrics,
+    now: float,
+) -> IngestReply:
+    """Decode, check and apply one batch; raise a TrackerError if nothing could be taken."""
+    is_json = media_is_json(content_type)
+    if len(body) > config.ingest_max_bytes:
+        raise PayloadTooLarge(
+            f"body is {len(body)} bytes; at most {config.ingest_max_bytes}",
+            limit=config.ingest_max_bytes,
+        )
+    try:
+        pings, rejected = decode_pings(body, json=is_json)
+    except msgspec.DecodeError as exc:
+        kind = "JSON" if is_json else "msgpack"
+        raise BadBody(f"body is not a {kind} array of pings: {exc}") from exc
+    if len(pings) > config.ingest_max_pings:
+        raise PayloadTooLarge(
+            f"batch has {len(pings)} pings; at most {config.ingest_max_pings}",
+            limit=config.ingest_max_pings,
+        )
+    accepted = ignored = 0
+    for position, ping in enumerate(pings):
+        if ping is None:
+            continue
+        problem = check_ping(ping, now, config)
+        if problem is not None:
+            rejected.append(Rejection(position, problem))
+        elif index.apply(ping, now):
+            accepted += 1
+        else:
+            ignored += 1
+    rejected.sort(key=lambda r: r.index)
+    metrics.pings_accepted += accepted
+    metrics.pings_ignored += ignored
+    metrics.pings_rejected += len(rejected)
+    reply = IngestReply(accepted=accepted, ignored=ignored, rejected=rejected)
+    if rejected and not accepted and not ignored:
+        raise NothingAccepted(
+            "no ping in the batch was accepted", rejected=msgspec.to_builtins(rejected)
+        )
+    return reply

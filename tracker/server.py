@@ -1,0 +1,80 @@
+"""Serving the app with Hypercorn's Trio worker, in this process, with a deadline shutdown.
+
+:func:`serve` runs until ``shutdown`` is set; then it ends every feed with a final event,
+stops accepting, and gives open responses ``shutdown_grace_s`` before they are cancelled.
+Listening sockets get two options that every accepted connection inherits:
+
+* ``TCP_USER_TIMEOUT = write_timeout_s``: bytes (heartbeats included) that a peer does not
+  acknowledge within this time make the kernel abort the connection. This is the write
+  timeout that reaps dead peers (half-open TCP), which Hypercorn's shielded sends cannot
+  be given from the application.
+* ``SO_SNDBUF = sndbuf_bytes``: bounds the kernel memory a stalled client can pin.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio import serve as hypercorn_serve
+
+from tracker.app import create_app
+from tracker.config import TrackerConfig
+from tracker.service import Tracker
+
+__all__ = ["serve"]
+
+
+class _TunedHypercornConfig(HypercornConfig):
+    """Hypercorn's config, plus our socket options on every listening socket."""
+
+    def __init__(self, config: TrackerConfig) -> None:
+        super().__init__()
+        self._tracker_config = config
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        self.bind = [f"{host}:{config.port}"]
+        self.graceful_timeout = config.shutdown_grace_s
+        self.accesslog = None
+        self.errorlog = "-"
+        if config.certfile:
+            self.certfile = config.certfile
+            self.keyfile = config.keyfile
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+            tune_socket(sock, self._tracker_config)
+        return sockets
+
+
+def tune_socket(sock: socket.socket, config: TrackerConfig) -> None:
+    """Set the per-connection write timeout and send-buffer bound (inherited on accept)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        timeout_ms = max(1, round(config.write_timeout_s * 1000))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.sndbuf_bytes)
+
+
+async def serve(
+    config: TrackerConfig,
+    shutdown: trio.Event,
+    *,
+    tracker: Tracker | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown`` is set; reports the bound URLs through ``task_status``."""
+    tracker = tracker or Tracker(config)
+    app = create_app(tracker)
+
+    async def end_feeds_then_stop() -> None:
+        await shutdown.wait()
+        tracker.hub.close_all()
+
+    await hypercorn_serve(
+        app,
+        _TunedHypercornConfig(config),
+        shutdown_trigger=end_feeds_then_stop,
+        task_status=task_status,
+    )
