@@ -154,38 +154,37 @@ async def test_feed_resume_with_foreign_or_garbage_id_gets_a_snapshot(
             assert feed.ids() == {"a"}
 
 
-async def test_feed_resume_too_old_for_the_replay_log_gets_a_snapshot(
-    start_server: StartServer,
-) -> None:
-    server = await start_server(replay_ticks=3)
-    async with httpx.AsyncClient(base_url=server.url) as client:
-        now = time.time()
-        await post_pings(client, [ping("a", *BERLIN, now)])
-        await _wait_for_tick(server)
-        async with open_feed(client, f"bbox={BERLIN_BBOX}") as feed:
-            await feed.next_event()
-            last_id = feed.last_id
-        for step in range(1, 6):
-            await post_pings(client, [ping("a", 52.52 + step * 1e-3, 13.405, now + step)])
-            await _wait_for_tick(server, 1)
-        async with open_feed(client, f"bbox={BERLIN_BBOX}", {"Last-Event-ID": last_id}) as feed:
-            assert (await feed.next_event()).event == "snapshot"
-
-
-async def test_feed_resume_larger_than_a_snapshot_gets_a_snapshot(
-    server: RunningServer, client: httpx.AsyncClient
-) -> None:
+async def _first_event_after_missing_moves(
+    server: RunningServer, client: httpx.AsyncClient, moves: int
+) -> str:
+    """Connect, drop, let one vehicle move ``moves`` ticks in a row, resume: which event?"""
     now = time.time()
     await post_pings(client, [ping("a", *BERLIN, now)])
     await _wait_for_tick(server)
     async with open_feed(client, f"bbox={BERLIN_BBOX}") as feed:
         await feed.next_event()
         last_id = feed.last_id
-    for step in range(1, 6):  # five batches about one vehicle outweigh its snapshot
+    for step in range(1, moves + 1):
         await post_pings(client, [ping("a", 52.52 + step * 1e-3, 13.405, now + step)])
         await _wait_for_tick(server, 1)
     async with open_feed(client, f"bbox={BERLIN_BBOX}", {"Last-Event-ID": last_id}) as feed:
-        assert (await feed.next_event()).event == "snapshot"
+        return (await feed.next_event()).event
+
+
+async def test_feed_resume_too_old_for_the_replay_log_gets_a_snapshot(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(replay_ticks=3)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert await _first_event_after_missing_moves(server, client, 5) == "snapshot"
+
+
+async def test_feed_resume_larger_than_a_snapshot_gets_a_snapshot(
+    server: RunningServer, client: httpx.AsyncClient
+) -> None:
+    # Five batches about one vehicle outweigh its one-record snapshot.
+    assert await _first_event_after_missing_moves(server, client, 5) == "snapshot"
+    assert server.tracker.metrics.replays == 0
 
 
 async def test_feed_json_format_carries_the_same_events(

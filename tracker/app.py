@@ -28,7 +28,7 @@ FEED_FORMATS = {"msgpack": False, "json": True}
 _json = msgspec.json.Encoder()
 
 
-def json_response(body: Any, status: int = 200) -> Response:
+def _json_response(body: Any, status: int = 200) -> Response:
     """A JSON response encoded by msgspec (Structs included)."""
     return Response(_json.encode(body), status=status, content_type="application/json")
 
@@ -50,17 +50,17 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.errorhandler(TrackerError)
     async def tracker_error(error: TrackerError) -> Response:
-        return json_response(error.body(), error.status)
+        return _json_response(error.body(), error.status)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         if error.code == PayloadTooLarge.status:
             limit = config.ingest_max_bytes
             too_large = PayloadTooLarge(f"body is larger than {limit} bytes", limit=limit)
-            return json_response(too_large.body(), too_large.status)
+            return _json_response(too_large.body(), too_large.status)
         name = (error.name or "error").lower().replace(" ", "_")
         body = {"error": name, "message": error.description or error.name}
-        return json_response(body, error.code or 500)
+        return _json_response(body, error.code or 500)
 
     @app.post("/ingest")
     async def ingest() -> Response:
@@ -75,7 +75,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
             metrics=tracker.metrics,
             now=time.time(),
         )
-        return json_response(reply)
+        return _json_response(reply)
 
     @app.get("/feed")
     async def feed() -> Response:
@@ -102,7 +102,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return json_response(
+        return _json_response(
             {
                 "status": "ok",
                 "tick": tracker.index.tick,

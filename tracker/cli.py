@@ -21,7 +21,7 @@ import trio
 from tracker.config import ConfigError, TrackerConfig, load_config
 from tracker.server import serve
 
-__all__ = ["main"]
+__all__ = ["build_parser", "config_from", "main"]
 
 ENV_PREFIX = "TRACKER_"
 

@@ -146,7 +146,7 @@ class FeedHub:
 
     def subscribe(self, cells: frozenset[int], *, is_json: bool) -> Subscription:
         """Register interest in ``cells``; every later tick touching them is queued."""
-        sub = Subscription(cells, is_json=is_json, tag=area_tag(cells, is_json), hub=self)
+        sub = Subscription(cells, is_json=is_json, tag=_area_tag(cells, is_json), hub=self)
         for cell in cells:
             self._by_cell.setdefault(cell, set()).add(sub)
         self._subscriptions.add(sub)
@@ -263,7 +263,7 @@ class FeedHub:
         return result
 
 
-def area_tag(cells: frozenset[int], is_json: bool) -> str:
+def _area_tag(cells: frozenset[int], is_json: bool) -> str:
     """A short stable hash of an area and format, for event ids."""
     digest = zlib.crc32(b"".join(c.to_bytes(8, "little") for c in sorted(cells)))
     return f"{digest ^ int(is_json):08x}"

@@ -17,7 +17,7 @@ from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
 from tracker.wire import MAX_ABS_LAT, IngestReply, Ping, Rejection, decode_pings
 
-__all__ = ["MEDIA_TYPES", "check_ping", "ingest_body"]
+__all__ = ["MEDIA_TYPES", "check_ping", "ingest_body", "media_is_json"]
 
 MEDIA_TYPES = {
     "application/msgpack": False,

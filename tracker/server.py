@@ -45,11 +45,11 @@ class _TunedHypercornConfig(HypercornConfig):
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-            tune_socket(sock, self._tracker_config)
+            _tune_socket(sock, self._tracker_config)
         return sockets
 
 
-def tune_socket(sock: socket.socket, config: TrackerConfig) -> None:
+def _tune_socket(sock: socket.socket, config: TrackerConfig) -> None:
     """Set the per-connection write timeout and send-buffer bound (inherited on accept)."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         timeout_ms = max(1, round(config.write_timeout_s * 1000))

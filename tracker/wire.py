@@ -36,6 +36,7 @@ __all__ = [
     "Position",
     "Rejection",
     "SeenVehicle",
+    "cell_origin",
     "decode_frame",
     "decode_pings",
     "decode_vids",
