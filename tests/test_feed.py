@@ -266,3 +266,18 @@ async def test_feed_ends_with_a_shutdown_event_when_the_server_stops(
         assert event.event == "shutdown"
     with trio.fail_after(10):
         await server.stopped.wait()
+
+
+async def test_feed_bad_requests_get_json_400s(client: httpx.AsyncClient) -> None:
+    for query, code in [
+        ("", "bad_area"),
+        ("bbox=13.5,52.4,13.3,52.6", "bad_area"),
+        ("bbox=-180,-85,180,85", "bad_area"),
+        ("cells=nonsense", "bad_area"),
+        (f"bbox={BERLIN_BBOX}&format=xml", "bad_request"),
+    ]:
+        response = await client.get(f"/feed?{query}")
+        assert response.status_code == 400, query
+        assert response.headers["content-type"] == "application/json"
+        body = response.json()
+        assert body["error"] == code and body["message"], query
