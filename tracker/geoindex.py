@@ -207,7 +207,7 @@ class GeoIndex:
         members = self._cells.get(cell)
         if not members:
             return None
-        vehicles = [v for v in members.values() if v.published is not None]
+        vehicles = list(members.values())
         return encode_frame(
             cell,
             self.t_ms,

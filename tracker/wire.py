@@ -236,9 +236,7 @@ def encode_frame(
 
 
 def decode_frame(data: bytes) -> CellFrame:
-    """Decode a frame from msgpack (accepts base64 text too, as found in a ``data:`` line)."""
-    if data[:1] not in (b"\x99", b"\xdc"):
-        data = base64.b64decode(data, validate=True)
+    """Decode a frame from msgpack (base64-decode a ``data:`` line first)."""
     return _frame_decoder.decode(data)
 
 
@@ -319,7 +317,7 @@ class FeedView:
             self.vehicles.clear()
         for line in data.split("\n"):
             if line:
-                self.apply_frame(decode_frame(line.encode()))
+                self.apply_frame(decode_frame(base64.b64decode(line, validate=True)))
 
     def apply_frame(self, frame: CellFrame) -> None:
         """Apply one cell frame, in the order the wire format prescribes."""
