@@ -1,9 +1,12 @@
-"""The ``tracker`` command: ``tracker serve`` and friends.
+"""The ``tracker`` command: ``serve``, ``simulate`` and ``demo``.
 
-Every ``serve`` option is generated from a :class:`~tracker.config.TrackerConfig` field,
-so the flags, their help, the ``TRACKER_*`` environment variables and the validation
-are one list. Precedence: flag, then environment, then default. This module is the only
-place that reads ``os.environ``.
+Every option is generated from a field of a config Struct (``TrackerConfig``,
+``FleetConfig``, ``SendConfig``), so flags, help, ``TRACKER_*`` environment variables and
+validation are one list. Precedence: flag, then environment, then default. This module
+is the only place that reads ``os.environ``.
+
+``demo`` runs the server and the simulator in one nursery (``demo_nursery``): a signal
+watcher, the server, and the simulator, which is cancelled first when shutdown begins.
 """
 
 from __future__ import annotations
@@ -12,70 +15,118 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, get_args, get_type_hints
+import types
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 import trio
 
+from simulator.fleet import FleetConfig
+from simulator.sender import SendConfig, Sender
 from tracker.config import ConfigError, TrackerConfig, load_config
 from tracker.server import serve
 
 __all__ = ["build_parser", "config_from", "main"]
 
 ENV_PREFIX = "TRACKER_"
+DEMO_VEHICLES = 2000
 
 
-def _field_help() -> list[tuple[str, type, Any, str]]:
-    """(name, type, default, description) of every config field."""
-    hints = get_type_hints(TrackerConfig, include_extras=True)
+def _options(struct: type[msgspec.Struct]) -> list[tuple[str, type, Any, str]]:
+    """(name, type, default, description) of every field of a config Struct."""
+    hints = get_type_hints(struct, include_extras=True)
     rows = []
-    for field in msgspec.structs.fields(TrackerConfig):
+    for field in msgspec.structs.fields(struct):
         base, *meta = get_args(hints[field.name])
+        if get_origin(base) in (Union, types.UnionType):  # "float | None" takes a float
+            base = next(arg for arg in get_args(base) if arg is not type(None))
         description = next((m.description for m in meta if m.description), "")
         rows.append((field.name, base, field.default, description))
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; ``serve`` gets one flag per config field."""
-    parser = argparse.ArgumentParser(
-        prog="tracker",
-        description="Real-time vehicle tracker: GPS pings in, live H3 area feeds out (SSE).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve_parser = commands.add_parser(
-        "serve",
-        help="run the tracker HTTP service",
-        description="Run the tracker service. Every option can also be set with the "
-        "environment variable shown; a flag wins over the environment.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    for name, kind, default, description in _field_help():
+def _add_options(
+    parser: argparse.ArgumentParser, struct: type[msgspec.Struct], *, skip: Sequence[str] = ()
+) -> None:
+    for name, kind, default, description in _options(struct):
+        if name in skip:
+            continue
         flags = ["--" + name.replace("_", "-")]
         if name.endswith("_s"):
             flags.append("--" + name[:-2].replace("_", "-"))
-        serve_parser.add_argument(
-            *flags,
-            dest=name,
-            type=kind,
-            default=None,
-            metavar=kind.__name__.upper(),
-            help=f"{description} [env {ENV_PREFIX}{name.upper()}; default {default!r}]",
-        )
+        help_text = f"{description} [env {ENV_PREFIX}{name.upper()}; default {default!r}]"
+        if kind is bool:
+            parser.add_argument(*flags, dest=name, action="store_const", const=True, help=help_text)
+        else:
+            parser.add_argument(
+                *flags, dest=name, type=kind, metavar=kind.__name__.upper(), help=help_text
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one flag per config field, per command."""
+    parser = argparse.ArgumentParser(
+        prog="tracker",
+        description="Real-time vehicle tracker: GPS pings in, live H3 area feeds out (SSE).",
+        epilog="Every option can also be set with the environment variable shown in its "
+        "help; a flag wins over the environment.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve", help="run the tracker HTTP service", description="Run the tracker service."
+    )
+    _add_options(serve_parser, TrackerConfig)
+    simulate_parser = commands.add_parser(
+        "simulate",
+        help="drive a simulated delivery fleet against a tracker",
+        description="Simulate a logistics fleet and POST its pings to a running tracker.",
+    )
+    _add_options(simulate_parser, FleetConfig)
+    _add_options(simulate_parser, SendConfig)
+    demo_parser = commands.add_parser(
+        "demo",
+        help="run a tracker and a simulated fleet together (no configuration needed)",
+        description="Run the tracker and a simulated fleet in one process.",
+    )
+    _add_options(demo_parser, TrackerConfig)
+    _add_options(demo_parser, FleetConfig)
+    _add_options(demo_parser, SendConfig, skip=("url",))
     return parser
 
 
-def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> TrackerConfig:
-    """Merge flags over ``TRACKER_*`` environment variables over defaults, and validate."""
+def _values(
+    struct: type[msgspec.Struct], args: argparse.Namespace, environ: Mapping[str, str]
+) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for name, *_ in _field_help():
+    for name, *_ in _options(struct):
         env_value = environ.get(ENV_PREFIX + name.upper())
         if env_value is not None:
             values[name] = env_value
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
-    return load_config(values)
+    return values
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> TrackerConfig:
+    """The tracker config: flags over ``TRACKER_*`` environment over defaults, validated."""
+    return load_config(_values(TrackerConfig, args, environ))
+
+
+def _struct_from(
+    struct: type[msgspec.Struct], args: argparse.Namespace, environ: Mapping[str, str]
+) -> Any:
+    try:
+        return msgspec.convert(_values(struct, args, environ), struct, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+async def _wait_for_signal(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            shutdown.set()
+            return
 
 
 async def _serve_until_signalled(config: TrackerConfig) -> None:
@@ -86,27 +137,65 @@ async def _serve_until_signalled(config: TrackerConfig) -> None:
         for url in binds:
             print(f"tracker: serving on {url}  (feeds: {url}/feed?bbox=..., ingest: {url}/ingest)")
         print("tracker: press Ctrl-C to stop", flush=True)
-        await shutdown.wait()
-        # serve() returns once its graceful shutdown is over; then nothing is left.
     print("tracker: stopped", flush=True)
 
 
-async def _wait_for_signal(shutdown: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            shutdown.set()
-            return
+async def _simulate_until_signalled(fleet: FleetConfig, send: SendConfig) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as main_nursery:
+        main_nursery.start_soon(_wait_for_signal, shutdown)
+        await _run_until(shutdown, Sender(fleet, send).run)
+        main_nursery.cancel_scope.cancel()
+
+
+async def _run_until(shutdown: trio.Event, job: Callable[[], Awaitable[None]]) -> None:
+    """Run ``job()`` until it returns or ``shutdown`` is set, whichever comes first."""
+    async with trio.open_nursery() as job_nursery:
+
+        async def job_then_stop() -> None:
+            await job()
+            job_nursery.cancel_scope.cancel()
+
+        job_nursery.start_soon(job_then_stop)
+        await shutdown.wait()
+        job_nursery.cancel_scope.cancel()
+
+
+async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as demo_nursery:
+        demo_nursery.start_soon(_wait_for_signal, shutdown)
+        (url, *_) = await demo_nursery.start(serve, config, shutdown)
+        lat, lon = fleet.center_lat, fleet.center_lon
+        print(f"tracker demo: serving on {url} with {fleet.vehicles} simulated vehicles")
+        print(f"  watch them:  curl -N '{url}/feed?lat={lat}&lon={lon}&radius_m=3000&format=json'")
+        print(f"  health:      {url}/healthz   metrics: {url}/metrics")
+        print("tracker demo: press Ctrl-C to stop", flush=True)
+        sender = Sender(fleet, msgspec.structs.replace(send, url=url))
+        demo_nursery.start_soon(_run_until, shutdown, sender.run)
+    print("tracker demo: stopped", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tracker`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        config = config_from(args, os.environ)
+        if args.command == "serve":
+            trio.run(_serve_until_signalled, config_from(args, os.environ))
+        elif args.command == "simulate":
+            fleet = _struct_from(FleetConfig, args, os.environ)
+            trio.run(_simulate_until_signalled, fleet, _struct_from(SendConfig, args, os.environ))
+        else:
+            environ = {f"{ENV_PREFIX}VEHICLES": str(DEMO_VEHICLES), **os.environ}
+            trio.run(
+                _demo,
+                config_from(args, environ),
+                _struct_from(FleetConfig, args, environ),
+                _struct_from(SendConfig, args, environ),
+            )
     except ConfigError as exc:
         print(f"tracker: bad configuration: {exc}", file=sys.stderr)
         return 2
-    trio.run(_serve_until_signalled, config)
     return 0
 
 

@@ -13,13 +13,14 @@ from typing import Annotated, Any
 
 import msgspec
 
-__all__ = ["ConfigError", "TrackerConfig", "load_config"]
+__all__ = ["ConfigError", "TrackerConfig", "describe", "load_config"]
 
 KIB = 1024
 MIB = 1024 * KIB
 
 
-def _opt(description: str, **bounds: float) -> msgspec.Meta:
+def describe(description: str, **bounds: float) -> msgspec.Meta:
+    """Field metadata: the help text every option shows, and its bounds."""
     meta: msgspec.Meta = msgspec.Meta(description=description, **bounds)  # type: ignore[call-overload]
     return meta
 
@@ -27,62 +28,65 @@ def _opt(description: str, **bounds: float) -> msgspec.Meta:
 class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Every tunable of the tracker, with its default."""
 
-    host: Annotated[str, _opt("Address to listen on (loopback by default).")] = "127.0.0.1"
-    port: Annotated[int, _opt("TCP port to listen on (0 picks a free port).", ge=0, le=65535)] = (
-        8000
-    )
-    certfile: Annotated[str, _opt("TLS certificate (PEM); with keyfile enables HTTPS and h2.")] = ""
-    keyfile: Annotated[str, _opt("TLS private key (PEM) for certfile.")] = ""
+    host: Annotated[str, describe("Address to listen on (loopback by default).")] = "127.0.0.1"
+    port: Annotated[
+        int, describe("TCP port to listen on (0 picks a free port).", ge=0, le=65535)
+    ] = 8000
+    certfile: Annotated[
+        str, describe("TLS certificate (PEM); with keyfile enables HTTPS and h2.")
+    ] = ""
+    keyfile: Annotated[str, describe("TLS private key (PEM) for certfile.")] = ""
     tick_s: Annotated[
-        float, _opt("Seconds between position batches sent to feeds.", ge=0.01, le=10)
+        float, describe("Seconds between position batches sent to feeds.", ge=0.01, le=10)
     ] = 1.0
     h3_resolution: Annotated[
-        int, _opt("H3 resolution of the geo-index (7: ~5 km2 cells, see docs).", ge=7, le=10)
+        int, describe("H3 resolution of the geo-index (7: ~5 km2 cells, see docs).", ge=7, le=10)
     ] = 7
     stale_after_s: Annotated[
-        float, _opt("A vehicle not heard from for this long is marked stale.", gt=0)
+        float, describe("A vehicle not heard from for this long is marked stale.", gt=0)
     ] = 60.0
     remove_after_s: Annotated[
-        float, _opt("A vehicle not heard from for this long is removed.", gt=0)
+        float, describe("A vehicle not heard from for this long is removed.", gt=0)
     ] = 300.0
     heartbeat_s: Annotated[
-        float, _opt("Seconds between SSE comment heartbeats on a quiet feed.", gt=0)
+        float, describe("Seconds between SSE comment heartbeats on a quiet feed.", gt=0)
     ] = 15.0
     retry_ms: Annotated[
-        int, _opt("Reconnect delay suggested to SSE clients (the retry: field).", ge=0)
+        int, describe("Reconnect delay suggested to SSE clients (the retry: field).", ge=0)
     ] = 2000
     write_timeout_s: Annotated[
         float,
-        _opt(
+        describe(
             "Abort a connection whose sent bytes stay unacknowledged this long (dead peer).", gt=0
         ),
     ] = 30.0
     sndbuf_bytes: Annotated[
-        int, _opt("Kernel send buffer per connection; bounds memory of a stalled client.", ge=4096)
+        int,
+        describe("Kernel send buffer per connection; bounds memory of a stalled client.", ge=4096),
     ] = 256 * KIB
     outbox_max_ticks: Annotated[
-        int, _opt("Batches queued per feed before it is conflated into a snapshot.", ge=1)
+        int, describe("Batches queued per feed before it is conflated into a snapshot.", ge=1)
     ] = 10
     outbox_max_bytes: Annotated[
-        int, _opt("Bytes queued per feed before it is conflated into a snapshot.", ge=1024)
+        int, describe("Bytes queued per feed before it is conflated into a snapshot.", ge=1024)
     ] = 1 * MIB
-    replay_ticks: Annotated[int, _opt("Ticks of batches kept for Last-Event-ID resume.", ge=0)] = (
-        120
-    )
+    replay_ticks: Annotated[
+        int, describe("Ticks of batches kept for Last-Event-ID resume.", ge=0)
+    ] = 120
     replay_max_bytes: Annotated[
-        int, _opt("Bytes of batches kept for Last-Event-ID resume.", ge=0)
+        int, describe("Bytes of batches kept for Last-Event-ID resume.", ge=0)
     ] = 64 * MIB
-    max_feed_cells: Annotated[int, _opt("Most index cells one feed may cover.", ge=1)] = 4000
-    ingest_max_bytes: Annotated[int, _opt("Largest accepted ingest body.", ge=1024)] = 8 * MIB
-    ingest_max_pings: Annotated[int, _opt("Most pings in one ingest batch.", ge=1)] = 50_000
+    max_feed_cells: Annotated[int, describe("Most index cells one feed may cover.", ge=1)] = 4000
+    ingest_max_bytes: Annotated[int, describe("Largest accepted ingest body.", ge=1024)] = 8 * MIB
+    ingest_max_pings: Annotated[int, describe("Most pings in one ingest batch.", ge=1)] = 50_000
     max_future_s: Annotated[
-        float, _opt("Reject pings timestamped further ahead of server time than this.", ge=0)
+        float, describe("Reject pings timestamped further ahead of server time than this.", ge=0)
     ] = 300.0
     max_age_s: Annotated[
-        float, _opt("Reject pings timestamped further behind server time than this.", gt=0)
+        float, describe("Reject pings timestamped further behind server time than this.", gt=0)
     ] = 86_400.0
     shutdown_grace_s: Annotated[
-        float, _opt("Seconds open connections get to finish on shutdown.", ge=0)
+        float, describe("Seconds open connections get to finish on shutdown.", ge=0)
     ] = 3.0
 
     def __post_init__(self) -> None:

@@ -7,38 +7,31 @@ read from their owners at scrape time. Owns no tasks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 __all__ = ["Metrics"]
 
-_COUNTERS: dict[str, str] = {
-    "pings_accepted": "Pings accepted into the geo-index.",
-    "pings_rejected": "Pings rejected as invalid.",
-    "pings_ignored": "Pings ignored as not newer than the vehicle's last one.",
-    "ticks": "Ticks published.",
-    "events_sent": "SSE events handed to connections (snapshots and batches).",
-    "bytes_sent": "SSE bytes handed to connections, heartbeats included.",
-    "snapshots_sent": "Snapshot events sent.",
-    "replays": "Resumes served from the replay buffer.",
-    "conflations": "Times a lagging feed's queue was replaced by a snapshot.",
-    "feeds_opened": "Feed connections opened.",
-}
+
+def _counter(help_text: str) -> Any:
+    """A counter field; its help text is what /metrics shows."""
+    return field(default=0, metadata={"help": help_text})
 
 
 @dataclass
 class Metrics:
     """Counters of the service; ``gauges`` are sampled when scraped."""
 
-    pings_accepted: int = 0
-    pings_rejected: int = 0
-    pings_ignored: int = 0
-    ticks: int = 0
-    events_sent: int = 0
-    bytes_sent: int = 0
-    snapshots_sent: int = 0
-    replays: int = 0
-    conflations: int = 0
-    feeds_opened: int = 0
+    pings_accepted: int = _counter("Pings accepted into the geo-index.")
+    pings_rejected: int = _counter("Pings rejected as invalid.")
+    pings_ignored: int = _counter("Pings ignored as not newer than the vehicle's last one.")
+    ticks: int = _counter("Ticks published.")
+    events_sent: int = _counter("SSE events handed to connections (snapshots and batches).")
+    bytes_sent: int = _counter("SSE bytes handed to connections, heartbeats included.")
+    snapshots_sent: int = _counter("Snapshot events sent.")
+    replays: int = _counter("Resumes served from the replay buffer.")
+    conflations: int = _counter("Times a lagging feed's queue was replaced by a snapshot.")
+    feeds_opened: int = _counter("Feed connections opened.")
     tick_seconds_sum: float = 0.0
     tick_seconds_max: float = 0.0
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
@@ -52,8 +45,16 @@ class Metrics:
     def render(self) -> str:
         """The Prometheus text exposition (version 0.0.4) of every metric."""
         lines: list[str] = []
-        for name, help_text in _COUNTERS.items():
-            _emit(lines, f"tracker_{name}_total", "counter", help_text, getattr(self, name))
+        for counter in fields(self):
+            if "help" in counter.metadata:
+                value = getattr(self, counter.name)
+                _emit(
+                    lines,
+                    f"tracker_{counter.name}_total",
+                    "counter",
+                    counter.metadata["help"],
+                    value,
+                )
         lines += [
             "# HELP tracker_tick_duration_seconds Time spent publishing each tick.",
             "# TYPE tracker_tick_duration_seconds summary",

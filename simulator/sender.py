@@ -1,0 +1,246 @@
+"""Driving a simulated fleet against a tracker: wall-clock pacing, batched POSTs, retries.
+
+:class:`Sender` owns one nursery (``sim_nursery``) with three kinds of task, all ending
+when :meth:`Sender.run` is cancelled or ``duration_s`` has passed:
+
+* ``producer``: advances the fleet with the wall clock (times ``speedup``) every
+  ``step_s`` and queues the pings that fell due;
+* ``poster-N`` (``connections`` of them): POST queued pings in batches of
+  ``batch_size`` as msgpack; on a network error, a 5xx or a 429 the batch goes back to the
+  front of the queue and the poster backs off (exponential, with jitter, honouring
+  ``Retry-After``); any other 4xx is counted and dropped, as resending cannot fix it;
+* ``reporter``: prints live progress once a second (unless quiet).
+
+The queue is bounded (``max_pending`` pings): when the tracker is down or slow for long,
+the oldest pings are dropped and counted, so memory stays flat however long the outage.
+Ping timestamps are mapped onto the wall clock (``speedup`` compresses simulated time),
+so a tracker checking clock sanity accepts them at any speed-up.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Annotated, TextIO
+
+import httpx
+import msgspec
+import trio
+
+from simulator.fleet import Fleet, FleetConfig, PingBatch
+from tracker.config import describe as _help
+from tracker.wire import Ping
+
+__all__ = ["SendConfig", "SendStats", "Sender"]
+
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 5.0
+REQUEST_TIMEOUT_S = 10.0
+
+
+class SendConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How pings are paced and sent (the fleet itself is a FleetConfig)."""
+
+    url: Annotated[str, _help("Tracker base URL to POST /ingest to.")] = "http://127.0.0.1:8000"
+    speedup: Annotated[float, _help("Simulated seconds per wall-clock second.", gt=0)] = 1.0
+    duration_s: Annotated[
+        float | None, _help("Stop after this many wall-clock seconds (default: run until Ctrl-C).")
+    ] = None
+    batch_size: Annotated[int, _help("Pings per POST.", ge=1)] = 5000
+    connections: Annotated[int, _help("Concurrent POSTs in flight.", ge=1)] = 2
+    max_pending: Annotated[
+        int, _help("Pings queued while the tracker is down; the oldest are dropped beyond.", ge=1)
+    ] = 500_000
+    step_s: Annotated[float, _help("Wall-clock seconds between fleet steps.", gt=0)] = 0.1
+    quiet: Annotated[bool, _help("No progress output (for scripts).")] = False
+
+
+@dataclass
+class SendStats:
+    """Counters of everything sent, and of what happened to it."""
+
+    generated: int = 0
+    sent: int = 0
+    accepted: int = 0
+    ignored: int = 0
+    rejected: int = 0
+    dropped: int = 0
+    server_errors: int = 0
+    network_errors: int = 0
+    client_errors: int = 0
+    last_error: str = ""
+    pending: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class _IngestReply(msgspec.Struct):
+    accepted: int = 0
+    ignored: int = 0
+    rejected: list[msgspec.Raw] = []
+
+
+_reply_decoder = msgspec.json.Decoder(_IngestReply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class Sender:
+    """Sends a fleet's pings to a tracker until cancelled (or ``duration_s`` elapses)."""
+
+    def __init__(
+        self, fleet_config: FleetConfig, config: SendConfig, *, out: TextIO = sys.stdout
+    ) -> None:
+        self.config = config
+        self.stats = SendStats()
+        self._wall_start = time.time()
+        self.fleet = Fleet(fleet_config, start_time=self._wall_start)
+        self._queue: deque[Ping] = deque()
+        self._has_pings = trio.Event()
+        self._out = out
+        self._jitter = random.Random(fleet_config.seed)
+
+    async def run(self) -> None:
+        """Produce, post and report until cancelled or the configured duration is over."""
+        deadline = self.config.duration_s if self.config.duration_s is not None else float("inf")
+        with trio.move_on_after(deadline):
+            async with (
+                httpx.AsyncClient(base_url=self.config.url, timeout=REQUEST_TIMEOUT_S) as http,
+                trio.open_nursery() as sim_nursery,
+            ):
+                sim_nursery.start_soon(self._produce, name="producer")
+                for number in range(self.config.connections):
+                    sim_nursery.start_soon(self._post_forever, http, name=f"poster-{number}")
+                if not self.config.quiet:
+                    sim_nursery.start_soon(self._report, name="reporter")
+        if not self.config.quiet:
+            self._print_progress(final=True)
+
+    # --- producing -----------------------------------------------------------------------
+
+    async def _produce(self) -> None:
+        last = trio.current_time()
+        while True:
+            await trio.sleep(self.config.step_s)
+            now = trio.current_time()
+            self.enqueue(self.fleet.advance((now - last) * self.config.speedup))
+            last = now
+
+    def enqueue(self, batch: PingBatch) -> None:
+        """Queue a batch of generated pings, dropping the oldest beyond ``max_pending``."""
+        ids = self.fleet.vehicle_ids
+        start, speedup = self._wall_start, self.config.speedup
+        for vehicle, lat, lon, ts, speed, heading in zip(
+            batch.vehicle.tolist(),
+            batch.lat.tolist(),
+            batch.lon.tolist(),
+            batch.ts.tolist(),
+            batch.speed.tolist(),
+            batch.heading.tolist(),
+            strict=True,
+        ):
+            self._queue.append(
+                Ping(
+                    vehicle_id=ids[vehicle],
+                    lat=lat,
+                    lon=lon,
+                    ts=start + (ts - start) / speedup,
+                    speed=speed,
+                    heading=heading,
+                )
+            )
+        self.stats.generated += len(batch)
+        self._trim()
+        if self._queue:
+            self._has_pings.set()
+
+    def _trim(self) -> None:
+        excess = len(self._queue) - self.config.max_pending
+        for _ in range(max(0, excess)):
+            self._queue.popleft()
+        self.stats.dropped += max(0, excess)
+        self.stats.pending = len(self._queue)
+
+    # --- posting -------------------------------------------------------------------------
+
+    async def _post_forever(self, http: httpx.AsyncClient) -> None:
+        failures = 0
+        while True:
+            batch = await self._take()
+            retry_after = await self._post(http, batch)
+            if retry_after is None:
+                failures = 0
+                continue
+            self._queue.extendleft(reversed(batch))  # resend first, in order
+            self._trim()
+            failures += 1
+            backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (failures - 1))
+            await trio.sleep(max(retry_after, backoff * self._jitter.uniform(0.5, 1.0)))
+
+    async def _take(self) -> list[Ping]:
+        while not self._queue:
+            self._has_pings = trio.Event()
+            await self._has_pings.wait()
+        size = min(self.config.batch_size, len(self._queue))
+        batch = [self._queue.popleft() for _ in range(size)]
+        self.stats.pending = len(self._queue)
+        return batch
+
+    async def _post(self, http: httpx.AsyncClient, batch: list[Ping]) -> float | None:
+        """POST one batch; None when done with it, else seconds to wait before resending."""
+        stats = self.stats
+        try:
+            response = await http.post(
+                "/ingest",
+                content=_encoder.encode(batch),
+                headers={"Content-Type": "application/msgpack"},
+            )
+        except httpx.TransportError as exc:
+            stats.network_errors += 1
+            stats.last_error = f"{type(exc).__name__}: {exc}"[:120]
+            return 0.0
+        if response.status_code in (200, 422):
+            reply = _reply_decoder.decode(response.content)
+            stats.sent += len(batch)
+            stats.accepted += reply.accepted
+            stats.ignored += reply.ignored
+            stats.rejected += len(reply.rejected)
+            return None
+        stats.last_error = f"HTTP {response.status_code}: {response.text[:100]}"
+        if response.status_code == 429 or response.status_code >= 500:
+            stats.server_errors += 1
+            return _retry_after(response)
+        stats.client_errors += 1
+        return None
+
+    # --- reporting -----------------------------------------------------------------------
+
+    async def _report(self) -> None:
+        previous = 0
+        while True:
+            await trio.sleep(1.0)
+            self._print_progress(rate=self.stats.sent - previous)
+            previous = self.stats.sent
+
+    def _print_progress(self, *, rate: int | None = None, final: bool = False) -> None:
+        s = self.stats
+        line = (
+            f"sim: {rate if rate is not None else '-':>7} pings/s | sent {s.sent} "
+            f"accepted {s.accepted} ignored {s.ignored} rejected {s.rejected} | "
+            f"queued {s.pending} dropped {s.dropped} | errors: server {s.server_errors} "
+            f"network {s.network_errors} client {s.client_errors}"
+        )
+        if s.last_error and (s.server_errors or s.network_errors or s.client_errors):
+            line += f" (last: {s.last_error})"
+        interactive = self._out.isatty()
+        end = "\n" if final or not interactive else ""
+        self._out.write(("\r\x1b[K" if interactive else "") + line + end)
+        self._out.flush()
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "0")))
+    except ValueError:
+        return 0.0

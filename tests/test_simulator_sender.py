@@ -1,0 +1,120 @@
+"""The simulator against a real tracker: outages, bounded queue, and the demo end to end."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import trio
+
+from simulator.fleet import FleetConfig
+from simulator.sender import SendConfig, Sender
+from tests.conftest import StartServer
+from tests.sse import open_feed
+
+CITY = "bbox=13.2,52.4,13.6,52.65"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_sender_survives_a_tracker_that_starts_late(
+    start_server: StartServer, nursery: trio.Nursery
+) -> None:
+    port = _free_port()
+    sender = Sender(
+        FleetConfig(seed=3, vehicles=200),
+        SendConfig(url=f"http://127.0.0.1:{port}", speedup=5, batch_size=500, quiet=True),
+    )
+    nursery.start_soon(sender.run)
+    with trio.fail_after(10):
+        while sender.stats.network_errors < 2:
+            await trio.sleep(0.05)
+    assert sender.stats.accepted == 0
+    server = await start_server(port=port)
+    with trio.fail_after(20):
+        while server.tracker.index.vehicle_count < 150:
+            await trio.sleep(0.05)
+    assert sender.stats.accepted > 0 and sender.stats.dropped == 0
+
+
+async def test_sender_queue_is_bounded_while_the_tracker_is_down() -> None:
+    sender = Sender(
+        FleetConfig(seed=3, vehicles=2000),
+        SendConfig(
+            url=f"http://127.0.0.1:{_free_port()}", speedup=10, max_pending=1000, quiet=True
+        ),
+    )
+    with trio.move_on_after(2):
+        await sender.run()
+    assert sender.stats.generated > 1000
+    assert sender.stats.pending <= 1000
+    assert sender.stats.dropped >= sender.stats.generated - 1000
+
+
+async def test_sender_reports_progress(start_server: StartServer) -> None:
+    server = await start_server()
+    out = io.StringIO()
+    sender = Sender(
+        FleetConfig(seed=1, vehicles=100),
+        SendConfig(url=server.url, speedup=5, duration_s=2.5),
+        out=out,
+    )
+    await sender.run()
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and "pings/s" in lines[-1] and "accepted" in lines[-1]
+    assert sender.stats.accepted > 0
+
+
+async def test_demo_serves_a_moving_fleet_and_stops_cleanly() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tracker", "demo", "--port", "0", "--vehicles", "300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    assert process.stdout is not None
+    output = b""
+    try:
+        with trio.fail_after(30):
+            while b"press Ctrl-C" not in output:
+                chunk = await process.stdout.receive_some()
+                assert chunk, output
+                output += chunk
+        url = next(w for w in output.decode().split() if w.startswith("http://127.0.0.1:"))
+        url = url.split("/feed")[0].rstrip("/")
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=10) as client,
+            open_feed(client, CITY) as feed,
+        ):
+            await feed.until(lambda v: len(v.vehicles) >= 100, timeout=20)
+            before = {vid: seen.position for vid, seen in feed.view.vehicles.items()}
+            await feed.until(
+                lambda v: (
+                    sum(
+                        1
+                        for vid, seen in v.vehicles.items()
+                        if vid in before and seen.position[1:3] != before[vid][1:3]
+                    )
+                    >= 20
+                ),
+                timeout=20,
+            )
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            while chunk := await process.stdout.receive_some():
+                output += chunk
+            assert await process.wait() == 0, output.decode()[-2000:]
+        assert b"Traceback" not in output
+    finally:
+        process.kill()
