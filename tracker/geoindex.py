@@ -15,8 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import h3.api.basic_int as h3i
+import numpy as np
+import numpy.typing as npt
 
-from tracker.wire import Ping, Position, encode_frame
+from tracker.wire import Ping, Position, PositionColumns, cell_origin, encode_frame, pack_records
 
 __all__ = ["CellChanges", "GeoIndex", "TickFrames", "Vehicle"]
 
@@ -41,7 +43,7 @@ class Vehicle:
 class CellChanges:
     """What one tick changed in one cell, before encoding."""
 
-    positions: list[Position] = field(default_factory=list)
+    records: bytes = b""
     names: list[tuple[int, str]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
@@ -132,7 +134,7 @@ class GeoIndex:
             cell: encode_frame(
                 cell,
                 self.t_ms,
-                positions=c.positions,
+                records=c.records,
                 names=c.names,
                 gone=c.gone,
                 stale=c.stale,
@@ -143,23 +145,51 @@ class GeoIndex:
         return TickFrames(self.tick, self.t_ms, frames)
 
     def _publish_moves(self, changes: dict[int, CellChanges]) -> None:
+        """Publish every pending ping: cell membership now, records packed in one go."""
         resolution = self.resolution
+        moved: list[Position] = []
+        cells: list[int] = []
         for vehicle in self._dirty.values():
             ping = vehicle.pending
             assert ping is not None
             vehicle.pending = None
             position = Position(vehicle.vid, ping.lat, ping.lon, ping.ts, ping.speed, ping.heading)
             vehicle.published = position
+            moved.append(position)
             cell = h3i.latlng_to_cell(ping.lat, ping.lon, resolution)
-            into = changes.get(cell) or changes.setdefault(cell, CellChanges())
-            into.positions.append(position)
+            cells.append(cell)
             if cell != vehicle.cell:
+                into = changes.get(cell) or changes.setdefault(cell, CellChanges())
                 into.names.append((vehicle.vid, vehicle.vehicle_id))
                 if vehicle.cell:
                     self._leave(vehicle, changes).gone.append(vehicle.vid)
                 self._cells.setdefault(cell, {})[vehicle.vid] = vehicle
                 vehicle.cell = cell
         self._dirty.clear()
+        if moved:
+            self._pack_by_cell(PositionColumns.of(moved), np.array(cells, dtype=np.uint64), changes)
+
+    def _pack_by_cell(
+        self,
+        columns: PositionColumns,
+        cells: npt.NDArray[np.uint64],
+        changes: dict[int, CellChanges],
+    ) -> None:
+        """Pack all records of the tick at once, then hand each cell its slice."""
+        order = np.argsort(cells, kind="stable")
+        distinct, starts, counts = np.unique(cells[order], return_index=True, return_counts=True)
+        origins = np.array([cell_origin(cell) for cell in distinct.tolist()], dtype=np.int64)
+        records = pack_records(
+            columns.take(order),
+            np.repeat(origins[:, 0], counts),
+            np.repeat(origins[:, 1], counts),
+            self.t_ms,
+        )
+        for cell, start, count in zip(
+            distinct.tolist(), starts.tolist(), counts.tolist(), strict=True
+        ):
+            into = changes.get(cell) or changes.setdefault(cell, CellChanges())
+            into.records = records[start : start + count].tobytes()
 
     def _leave(self, vehicle: Vehicle, changes: dict[int, CellChanges]) -> CellChanges:
         """Take a vehicle out of its published cell; returns that cell's changes."""
