@@ -62,10 +62,10 @@ class FleetConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     dropout_rate: Annotated[
         float,
         describe("Chance per ping that a dropout (10-60 s without pings) starts.", ge=0, le=1),
-    ] = 0.002
+    ] = 0.001
     offline_rate: Annotated[
         float, describe("Chance per ping that the device goes offline for 2-15 min.", ge=0, le=1)
-    ] = 0.0002
+    ] = 0.00005
     duplicate_rate: Annotated[
         float, describe("Chance per ping that it is sent twice.", ge=0, le=1)
     ] = 0.005

@@ -50,7 +50,7 @@ class SendConfig(msgspec.Struct, frozen=True, kw_only=True):
         float | None, _help("Stop after this many wall-clock seconds (default: run until Ctrl-C).")
     ] = None
     batch_size: Annotated[int, _help("Pings per POST.", ge=1)] = 5000
-    connections: Annotated[int, _help("Concurrent POSTs in flight.", ge=1)] = 2
+    connections: Annotated[int, _help("Concurrent POSTs in flight.", ge=1)] = 4
     max_pending: Annotated[
         int, _help("Pings queued while the tracker is down; the oldest are dropped beyond.", ge=1)
     ] = 500_000
