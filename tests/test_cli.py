@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import httpx
 import pytest
-import trio
 
+from tests.processes import tracker_process
 from tracker.cli import build_parser, config_from, main
 from tracker.config import ConfigError, TrackerConfig
 
@@ -48,30 +43,9 @@ def test_config_from_rejects_bad_values(env: dict[str, str]) -> None:
 
 
 async def test_tracker_serve_runs_and_stops_cleanly_on_sigint() -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRACKER_PORT": "0"}
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tracker", "serve", "--tick", "0.1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    assert process.stdout is not None
-    output = b""
-    try:
-        with trio.fail_after(20):
-            while b"press Ctrl-C" not in output:
-                chunk = await process.stdout.receive_some()
-                assert chunk, output
-                output += chunk
-        url = next(word for word in output.decode().split() if word.startswith("http://127.0.0.1:"))
-        async with httpx.AsyncClient(base_url=url) as client:
+    async with tracker_process("serve", "--port", "0", "--tick", "0.1", timeout=20) as tracker:
+        async with httpx.AsyncClient(base_url=tracker.url) as client:
             assert (await client.get("/healthz")).json()["status"] == "ok"
-        process.send_signal(signal.SIGINT)
-        with trio.fail_after(15):
-            while chunk := await process.stdout.receive_some():
-                output += chunk
-            assert await process.wait() == 0
-        assert b"tracker: stopped" in output
-        assert b"Traceback" not in output
-    finally:
-        process.kill()
+        assert await tracker.interrupt(timeout=15) == 0
+    assert b"tracker: stopped" in tracker.output
+    assert b"Traceback" not in tracker.output

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
 import socket
-import subprocess
-import sys
 
 import httpx
 import trio
@@ -15,6 +11,7 @@ import trio
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
 from tests.conftest import StartServer
+from tests.processes import tracker_process
 from tests.sse import open_feed
 
 CITY = "bbox=13.2,52.4,13.6,52.65"
@@ -76,25 +73,9 @@ async def test_sender_reports_progress(start_server: StartServer) -> None:
 
 
 async def test_demo_serves_a_moving_fleet_and_stops_cleanly() -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tracker", "demo", "--port", "0", "--vehicles", "300"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    assert process.stdout is not None
-    output = b""
-    try:
-        with trio.fail_after(30):
-            while b"press Ctrl-C" not in output:
-                chunk = await process.stdout.receive_some()
-                assert chunk, output
-                output += chunk
-        url = next(w for w in output.decode().split() if w.startswith("http://127.0.0.1:"))
-        url = url.split("/feed")[0].rstrip("/")
+    async with tracker_process("demo", "--port", "0", "--vehicles", "300") as demo:
         async with (
-            httpx.AsyncClient(base_url=url, timeout=10) as client,
+            httpx.AsyncClient(base_url=demo.url, timeout=10) as client,
             open_feed(client, CITY) as feed,
         ):
             await feed.until(lambda v: len(v.vehicles) >= 100, timeout=20)
@@ -110,11 +91,5 @@ async def test_demo_serves_a_moving_fleet_and_stops_cleanly() -> None:
                 ),
                 timeout=20,
             )
-        process.send_signal(signal.SIGINT)
-        with trio.fail_after(20):
-            while chunk := await process.stdout.receive_some():
-                output += chunk
-            assert await process.wait() == 0, output.decode()[-2000:]
-        assert b"Traceback" not in output
-    finally:
-        process.kill()
+        assert await demo.interrupt() == 0, demo.output.decode()[-2000:]
+    assert b"Traceback" not in demo.output
