@@ -38,6 +38,7 @@ class Figures:
     """What one run measured (rates are medians of one-second samples)."""
 
     vehicles: int
+    speedup: float
     seconds: float
     generated_per_s: float
     delivered_per_s: float
@@ -72,7 +73,7 @@ async def start_tracker(nursery: trio.Nursery) -> tuple[trio.Process, str]:
     return process, url
 
 
-async def measure(vehicles: int, seconds: float, connections: int) -> Figures:
+async def measure(vehicles: int, seconds: float, connections: int, speedup: float) -> Figures:
     """Run the simulator against a tracker process and sample it once a second."""
     async with trio.open_nursery() as bench_nursery:
         tracker, url = await start_tracker(bench_nursery)
@@ -83,7 +84,7 @@ async def measure(vehicles: int, seconds: float, connections: int) -> Figures:
             dropout_rate=0,  # every vehicle pings every second: N pings/s, not fewer
             offline_rate=0,
         )
-        send = SendConfig(url=url, connections=connections, quiet=True)
+        send = SendConfig(url=url, connections=connections, speedup=speedup, quiet=True)
         sender = Sender(fleet, send, out=io.StringIO())
         bench_nursery.start_soon(sender.run)
         await trio.sleep(WARM_UP_S)
@@ -103,6 +104,7 @@ async def measure(vehicles: int, seconds: float, connections: int) -> Figures:
         bench_nursery.cancel_scope.cancel()
     return Figures(
         vehicles=vehicles,
+        speedup=speedup,
         seconds=round(wall, 1),
         generated_per_s=statistics.median(generated),
         delivered_per_s=statistics.median(delivered),
@@ -120,9 +122,12 @@ def main() -> None:
     parser.add_argument("--vehicles", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument(
+        "--speedup", type=float, default=1.0, help="offer vehicles x speedup pings/s (ingest load)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    figures = trio.run(measure, args.vehicles, args.seconds, args.connections)
+    figures = trio.run(measure, args.vehicles, args.seconds, args.connections, args.speedup)
     if args.json:
         print(json.dumps({"machine": platform.platform(), **asdict(figures)}))
         return
