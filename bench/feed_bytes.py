@@ -25,6 +25,7 @@ import httpx
 import msgspec
 import trio
 
+from bench.common import viewport
 from tracker.config import TrackerConfig
 from tracker.server import serve
 from tracker.wire import RECORD, decode_frame
@@ -113,14 +114,6 @@ async def read_feed(
                         frame = decode_frame(base64.b64decode(data))
                         stats.positions += len(frame.positions) // RECORD.size
                         stats.names += len(frame.names)
-
-
-def viewport(rng: random.Random) -> str:
-    """A random city viewport between 2 and 12 km wide."""
-    half = rng.uniform(0.01, 0.06)
-    lat = CENTRE[0] + rng.uniform(-0.05, 0.05)
-    lon = CENTRE[1] + rng.uniform(-0.08, 0.08)
-    return f"bbox={lon - half * 1.6:.4f},{lat - half:.4f},{lon + half * 1.6:.4f},{lat + half:.4f}"
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:

@@ -14,19 +14,17 @@ time from ``/proc``. Prints a table; ``--json`` prints the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 
 import trio
 
+from bench.common import cpu_seconds, start_tracker
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
 
@@ -48,29 +46,6 @@ class Figures:
     simulator_cpu_per_s: float
     tracker_cpu_per_s: float
     simulator_rss_mib: float
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, from ``/proc`` (Linux)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def start_tracker(nursery: trio.Nursery) -> tuple[trio.Process, str]:
-    """``tracker serve --port 0`` in a child process; its URL once it listens."""
-    command = [sys.executable, "-m", "tracker", "serve", "--port", "0"]
-    run = functools.partial(
-        trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False
-    )
-    process: trio.Process = await nursery.start(run)
-    assert process.stdout is not None
-    output = b""
-    with trio.fail_after(20):
-        while b"Ctrl-C" not in output:
-            output += await process.stdout.receive_some()
-    url = next(word for word in output.decode().split() if word.startswith("http://"))
-    return process, url
 
 
 async def measure(vehicles: int, seconds: float, connections: int, speedup: float) -> Figures:

@@ -1,0 +1,59 @@
+"""What every benchmark needs: a tracker in its own process, its CPU and memory, viewports.
+
+Benchmarks run the tracker as a separate process (``tracker serve``), as in production,
+so the load they generate never shares its interpreter, and its CPU time and memory can
+be read from ``/proc`` alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import subprocess
+import sys
+
+import trio
+
+CITY = (52.52, 13.405)
+"""Centre of the simulator's default city (Berlin), which benchmarks watch."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from ``/proc`` (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process now, from ``/proc`` (Linux)."""
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def start_tracker(nursery: trio.Nursery, *options: str) -> tuple[trio.Process, str]:
+    """``tracker serve --port 0 *options`` in a child process; its URL once it listens.
+
+    The process belongs to ``nursery``: cancelling the nursery stops it.
+    """
+    command = [sys.executable, "-m", "tracker", "serve", "--port", "0", *options]
+    run = functools.partial(
+        trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False
+    )
+    process: trio.Process = await nursery.start(run)
+    assert process.stdout is not None
+    output = b""
+    with trio.fail_after(20):
+        while b"Ctrl-C" not in output:
+            output += await process.stdout.receive_some()
+    url = next(word for word in output.decode().split() if word.startswith("http://"))
+    return process, url
+
+
+def viewport(rng: random.Random) -> str:
+    """A random city viewport between 2 and 12 km wide (a ``bbox=`` query)."""
+    half = rng.uniform(0.01, 0.06)
+    lat = CITY[0] + rng.uniform(-0.05, 0.05)
+    lon = CITY[1] + rng.uniform(-0.08, 0.08)
+    return f"bbox={lon - half * 1.6:.4f},{lat - half:.4f},{lon + half * 1.6:.4f},{lat + half:.4f}"

@@ -1,0 +1,204 @@
+"""Fan-out under a fleet: N vehicles at 1 Hz, M SSE subscribers on random city viewports.
+
+    python -m bench.fleet --vehicles 50000 --subscribers 2000 --seconds 20
+    python -m bench.fleet --idle 5000          # server memory per idle connection
+
+Three kinds of process, so that none measures itself: the tracker (``tracker serve``), the
+simulator (``tracker simulate``, every vehicle pinging once a second), and ``--clients``
+load clients (:mod:`bench.loadclient`), which really parse and decode every event. After a
+warm-up the clients count for ``--seconds``; the tracker's CPU time is read from ``/proc``
+over the same window. Prints a table; ``--json FILE`` also writes the figures.
+
+With ``--idle N`` it instead opens N feeds on an empty area and reports the tracker's
+resident memory per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import trio
+import trio.lowlevel
+
+from bench.common import cpu_seconds, rss_bytes, start_tracker, viewport
+
+EMPTY_AREA = "bbox=-30.01,-30.01,-30.0,-30.0"
+"""A spot in the South Atlantic: a feed that never receives a vehicle."""
+
+
+@dataclass
+class FleetFigures:
+    """One fan-out run, aggregated over every load client."""
+
+    vehicles: int
+    subscribers: int
+    seconds: float
+    connected: int
+    positions_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    latency_max_ms: float
+    bytes_per_position: float
+    tracker_cpu_s_per_million: float
+    tracker_cpu_cores: float
+    tracker_rss_mib: float
+    client_cpu_cores: float
+    conflations: int
+    errors: int
+
+
+async def metric(client: httpx.AsyncClient, name: str) -> float:
+    """One value from the tracker's ``/metrics``."""
+    text = (await client.get("/metrics")).text
+    found = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def wait_for_metric(url: str, name: str, at_least: float) -> None:
+    """Poll the tracker's ``/metrics`` (another process) until ``name`` reaches ``at_least``."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        while await metric(client, name) < at_least:
+            await trio.sleep(0.5)
+
+
+async def run_clients(
+    url: str, queries: list[str], clients: int, warmup: float, seconds: float
+) -> list[dict[str, Any]]:
+    """Run the load clients in parallel, each with its share of the queries."""
+    results: list[dict[str, Any]] = []
+
+    async def one(share: list[str]) -> None:
+        done = await trio.run_process(
+            [
+                *(sys.executable, "-m", "bench.loadclient", "--url", url),
+                *("--warmup", str(warmup), "--seconds", str(seconds)),
+            ],
+            stdin="\n".join(share).encode(),
+            capture_stdout=True,
+        )
+        results.append(json.loads(done.stdout))
+
+    async with trio.open_nursery() as clients_nursery:
+        for number in range(clients):
+            clients_nursery.start_soon(one, queries[number::clients])
+    return results
+
+
+def percentile_ms(histogram: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile of a one-bin-per-millisecond histogram."""
+    total = histogram.sum()
+    if not total:
+        return float("nan")
+    return float(np.searchsorted(np.cumsum(histogram), total * q / 100))
+
+
+async def fan_out(args: argparse.Namespace) -> FleetFigures:
+    """Fleet, tracker and subscribers together; figures over the measured window."""
+    rng = random.Random(args.seed)
+    queries = [viewport(rng) for _ in range(args.subscribers)]
+    async with trio.open_nursery() as bench_nursery:
+        tracker, url = await start_tracker(bench_nursery, "--tick", str(args.tick))
+        simulate = [sys.executable, "-m", "tracker", "simulate", "--url", url, "--quiet"]
+        simulate += ["--vehicles", str(args.vehicles), "--seed", str(args.seed)]
+        simulate += ["--ping-interval-min-s", "1", "--ping-interval-max-s", "1"]
+        simulate += ["--dropout-rate", "0", "--offline-rate", "0"]
+        bench_nursery.start_soon(
+            functools.partial(trio.run_process, simulate, stdout=subprocess.DEVNULL, check=False)
+        )
+        with trio.fail_after(60):
+            await wait_for_metric(url, "tracker_vehicles", args.vehicles * 0.95)
+        clients_done = trio.Event()
+        window: dict[str, float] = {}
+
+        async def sample_tracker() -> None:
+            await trio.sleep(args.warmup)
+            window["cpu"] = cpu_seconds(tracker.pid)
+            window["start"] = trio.current_time()
+            await clients_done.wait()
+            window["cpu"] = cpu_seconds(tracker.pid) - window["cpu"]
+            window["wall"] = trio.current_time() - window["start"]
+            window["rss"] = rss_bytes(tracker.pid)
+
+        bench_nursery.start_soon(sample_tracker)
+        results = await run_clients(url, queries, args.clients, args.warmup, args.seconds)
+        clients_done.set()
+        await trio.lowlevel.checkpoint()
+        bench_nursery.cancel_scope.cancel()
+    histogram = np.sum([np.array(r["latency_ms"]) for r in results], axis=0)
+    positions = sum(r["positions"] for r in results)
+    return FleetFigures(
+        vehicles=args.vehicles,
+        subscribers=args.subscribers,
+        seconds=args.seconds,
+        connected=sum(r["connected"] for r in results),
+        positions_per_s=round(positions / args.seconds),
+        latency_p50_ms=percentile_ms(histogram, 50),
+        latency_p99_ms=percentile_ms(histogram, 99),
+        latency_max_ms=float(np.flatnonzero(histogram)[-1]) if histogram.any() else float("nan"),
+        bytes_per_position=round(sum(r["bytes"] for r in results) / max(1, positions), 2),
+        tracker_cpu_s_per_million=round(window["cpu"] / max(1, positions) * 1e6, 2),
+        tracker_cpu_cores=round(window["cpu"] / window["wall"], 2),
+        tracker_rss_mib=round(window["rss"] / 2**20, 1),
+        client_cpu_cores=round(sum(r["cpu_seconds"] for r in results) / window["wall"], 2),
+        conflations=sum(r["snapshots_after_first"] for r in results),
+        errors=sum(len(r["errors"]) for r in results),
+    )
+
+
+async def idle_memory(args: argparse.Namespace) -> dict[str, float]:
+    """Tracker memory per idle feed: RSS with N quiet feeds open, minus RSS before."""
+    async with trio.open_nursery() as bench_nursery:
+        tracker, url = await start_tracker(bench_nursery)
+        await trio.sleep(1.0)
+        before = rss_bytes(tracker.pid)
+        queries = [EMPTY_AREA] * args.idle
+        bench_nursery.start_soon(run_clients, url, queries, args.clients, 0.0, 3600.0)
+        with trio.fail_after(120):
+            await wait_for_metric(url, "tracker_subscribers", args.idle)
+        await trio.sleep(2.0)
+        after = rss_bytes(tracker.pid)
+        bench_nursery.cancel_scope.cancel()
+    return {
+        "idle_connections": args.idle,
+        "rss_before_mib": round(before / 2**20, 1),
+        "rss_after_mib": round(after / 2**20, 1),
+        "kib_per_idle_connection": round((after - before) / args.idle / 1024, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vehicles", type=int, default=50_000)
+    parser.add_argument("--subscribers", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=2, help="load client processes")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=8.0)
+    parser.add_argument("--tick", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--idle", type=int, default=0, help="measure N idle feeds instead")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args()
+    figures = trio.run(idle_memory if args.idle else fan_out, args)
+    table = figures if isinstance(figures, dict) else asdict(figures)
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores")
+    for name, value in table.items():
+        print(f"{name:<28} {value:>12}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"machine": platform.platform(), **table}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""A lean SSE load client: many feeds over raw sockets, every batch really decoded.
+
+    python -m bench.loadclient --url http://127.0.0.1:8000 --seconds 20 < queries.txt
+
+Reads one feed query per line from stdin (``bbox=...``), opens one HTTP/1.1 connection per
+query with a raw Trio socket (no HTTP library on the hot path), de-chunks the body, splits
+SSE events, base64- and msgpack-decodes every frame and unpacks its records with NumPy.
+For every position received in the measured window it takes the latency from the
+ping's timestamp to the moment its event was read (0.1 s resolution: the wire's age
+step) into a fixed histogram. Prints one JSON object with its counts and its own CPU
+time, so that the harness can show the client was not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+import trio
+import trio.lowlevel
+
+from tracker.wire import RECORD_DTYPE, decode_frame
+
+HISTOGRAM_MS = 30_000
+"""Latency histogram: one bin per millisecond up to 30 s; later ones land in the last bin."""
+
+
+@dataclass
+class ClientStats:
+    """What all feeds of this client received in the measured window."""
+
+    feeds: int = 0
+    connected: int = 0
+    bytes: int = 0
+    events: int = 0
+    frames: int = 0
+    positions: int = 0
+    snapshots_after_first: int = 0
+    """Snapshots a feed received after its first: conflations (the client fell behind)."""
+    errors: list[str] = field(default_factory=list)
+    latency_ms: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_MS + 1, np.int64))
+
+
+class Dechunker:
+    """Turns an HTTP/1.1 chunked body, fed in arbitrary pieces, back into its bytes."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The body bytes completed by ``data``."""
+        self._buffer += data
+        out = []
+        while True:
+            line_end = self._buffer.find(b"\r\n")
+            if line_end < 0:
+                break
+            size = int(self._buffer[:line_end].split(b";")[0], 16)
+            start, end = line_end + 2, line_end + 2 + size
+            if len(self._buffer) < end + 2:
+                break
+            out.append(self._buffer[start:end])
+            self._buffer = self._buffer[end + 2 :]
+        return b"".join(out)
+
+
+def record_event(event: bytes, stats: ClientStats, received: float, measuring: bool) -> bool:
+    """Decode one SSE event; True if it was a snapshot."""
+    is_snapshot = event.startswith(b"event: snapshot")
+    if not (is_snapshot or event.startswith(b"event: batch")):
+        return False
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data: ") or len(line) <= 6:
+            continue
+        frame = decode_frame(base64.b64decode(line[6:]))
+        records = np.frombuffer(frame.positions, RECORD_DTYPE)
+        if measuring:
+            stats.frames += 1
+            stats.positions += len(records)
+            if not is_snapshot:  # a snapshot's positions are not news
+                ts = frame.t_ms / 1000 - records["age"] * 0.1
+                bins = np.clip(((received - ts) * 1000).astype(np.int64), 0, HISTOGRAM_MS)
+                stats.latency_ms += np.bincount(bins, minlength=HISTOGRAM_MS + 1)
+    return is_snapshot
+
+
+async def read_feed(
+    host: str, port: int, query: str, stats: ClientStats, measure_from: float, until: float
+) -> None:
+    """Hold one feed open until ``until``, decoding and counting what it receives."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        request = f"GET /feed?{query} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
+        await stream.send_all(request.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                raise ConnectionError("closed before the response head")
+            head += chunk
+        head, _, rest = head.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(head.split(b"\r\n")[0].decode())
+        stats.connected += 1
+        dechunker, pending, snapshots = Dechunker(), b"", 0
+        data = rest
+        while trio.current_time() < until:
+            received = time.time()
+            measuring = trio.current_time() >= measure_from
+            body = dechunker.feed(data)
+            if measuring:
+                stats.bytes += len(body)
+            *events, pending = (pending + body).split(b"\n\n")
+            for event in events:
+                stats.events += measuring
+                if record_event(event, stats, received, measuring):
+                    snapshots += 1
+                    stats.snapshots_after_first += measuring and snapshots > 1
+            data = await stream.receive_some(1 << 20)
+            if not data:
+                raise ConnectionError("server closed the feed")
+
+
+async def run(url: str, queries: list[str], warmup: float, seconds: float) -> ClientStats:
+    """Read every feed for ``warmup + seconds``; counts cover the last ``seconds``."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    stats = ClientStats(feeds=len(queries))
+    measure_from = trio.current_time() + warmup
+    until = measure_from + seconds
+
+    async def one(query: str) -> None:
+        try:
+            await read_feed(host, port, query, stats, measure_from, until)
+        except (OSError, ConnectionError, ValueError) as exc:
+            stats.errors.append(f"{type(exc).__name__}: {exc}")
+
+    async with trio.open_nursery() as client_nursery:
+        for query in queries:
+            client_nursery.start_soon(one, query)
+            await trio.lowlevel.checkpoint()  # connect gradually, as real clients arrive
+    return stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    queries = [line.strip() for line in sys.stdin if line.strip()]
+    cpu_start = time.process_time()
+    stats = trio.run(run, args.url, queries, args.warmup, args.seconds)
+    result = asdict(stats)
+    result["latency_ms"] = stats.latency_ms.tolist()
+    result["errors"] = stats.errors[:20]
+    result["cpu_seconds"] = time.process_time() - cpu_start
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
