@@ -32,12 +32,16 @@ def rss_bytes(pid: int) -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def start_tracker(nursery: trio.Nursery, *options: str) -> tuple[trio.Process, str]:
+async def start_tracker(
+    nursery: trio.Nursery, *options: str, baseline: bool = False
+) -> tuple[trio.Process, str]:
     """``tracker serve --port 0 *options`` in a child process; its URL once it listens.
 
-    The process belongs to ``nursery``: cancelling the nursery stops it.
+    With ``baseline``, the naive server of :mod:`bench.baseline` instead. The process
+    belongs to ``nursery``: cancelling the nursery stops it.
     """
-    command = [sys.executable, "-m", "tracker", "serve", "--port", "0", *options]
+    server = ["bench.baseline"] if baseline else ["tracker", "serve"]
+    command = [sys.executable, "-m", *server, "--port", "0", *options]
     run = functools.partial(
         trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False
     )

@@ -42,6 +42,7 @@ EMPTY_AREA = "bbox=-30.01,-30.01,-30.0,-30.0"
 class FleetFigures:
     """One fan-out run, aggregated over every load client."""
 
+    server: str
     vehicles: int
     subscribers: int
     seconds: float
@@ -109,7 +110,8 @@ async def fan_out(args: argparse.Namespace) -> FleetFigures:
     rng = random.Random(args.seed)
     queries = [viewport(rng) for _ in range(args.subscribers)]
     async with trio.open_nursery() as bench_nursery:
-        tracker, url = await start_tracker(bench_nursery, "--tick", str(args.tick))
+        options = () if args.baseline else ("--tick", str(args.tick))
+        tracker, url = await start_tracker(bench_nursery, *options, baseline=args.baseline)
         simulate = [sys.executable, "-m", "tracker", "simulate", "--url", url, "--quiet"]
         simulate += ["--vehicles", str(args.vehicles), "--seed", str(args.seed)]
         simulate += ["--ping-interval-min-s", "1", "--ping-interval-max-s", "1"]
@@ -139,6 +141,7 @@ async def fan_out(args: argparse.Namespace) -> FleetFigures:
     histogram = np.sum([np.array(r["latency_ms"]) for r in results], axis=0)
     positions = sum(r["positions"] for r in results)
     return FleetFigures(
+        server="baseline" if args.baseline else "tracker",
         vehicles=args.vehicles,
         subscribers=args.subscribers,
         seconds=args.seconds,
@@ -160,7 +163,7 @@ async def fan_out(args: argparse.Namespace) -> FleetFigures:
 async def idle_memory(args: argparse.Namespace) -> dict[str, float]:
     """Tracker memory per idle feed: RSS with N quiet feeds open, minus RSS before."""
     async with trio.open_nursery() as bench_nursery:
-        tracker, url = await start_tracker(bench_nursery)
+        tracker, url = await start_tracker(bench_nursery, baseline=args.baseline)
         await trio.sleep(1.0)
         before = rss_bytes(tracker.pid)
         queries = [EMPTY_AREA] * args.idle
@@ -188,6 +191,9 @@ def main() -> None:
     parser.add_argument("--tick", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--idle", type=int, default=0, help="measure N idle feeds instead")
+    parser.add_argument(
+        "--baseline", action="store_true", help="serve with the naive JSON-per-ping baseline"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     figures = trio.run(idle_memory if args.idle else fan_out, args)

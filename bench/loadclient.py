@@ -21,11 +21,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
+import msgspec
 import numpy as np
 import trio
 import trio.lowlevel
 
-from tracker.wire import RECORD_DTYPE, decode_frame
+from tracker.wire import RECORD_DTYPE, Ping, decode_frame
+
+_ping_json = msgspec.json.Decoder(Ping)
 
 HISTOGRAM_MS = 30_000
 """Latency histogram: one bin per millisecond up to 30 s; later ones land in the last bin."""
@@ -72,6 +75,12 @@ class Dechunker:
 
 def record_event(event: bytes, stats: ClientStats, received: float, measuring: bool) -> bool:
     """Decode one SSE event; True if it was a snapshot."""
+    if event.startswith(b"event: ping"):  # the naive baseline: one JSON ping per event
+        if measuring:
+            ping = _ping_json.decode(event.split(b"data: ", 1)[1])
+            stats.positions += 1
+            stats.latency_ms[min(HISTOGRAM_MS, max(0, int((received - ping.ts) * 1000)))] += 1
+        return False
     is_snapshot = event.startswith(b"event: snapshot")
     if not (is_snapshot or event.startswith(b"event: batch")):
         return False
