@@ -1,0 +1,145 @@
+"""Ingest throughput: how many pings per second one tracker process accepts.
+
+    python -m bench.ingest --vehicles 50000 --seconds 20
+
+A lean load generator, so the figure is the tracker's and not the client's: msgpack
+bodies are built with NumPy from a fixed byte layout (a map of six fields per ping,
+floats as big-endian float64, as msgspec itself encodes them), only timestamps and
+positions change between rounds, and ``--connections`` keep-alive connections POST them
+back to back (closed loop: each sends its next batch when the previous one is
+acknowledged). Every vehicle sends one ping per round, always newer than its last, so
+every ping is accepted and the tracker's ticks publish every vehicle every second.
+
+Reports accepted pings per second (median of one-second samples), the tracker's CPU
+cores, and its longest tick: a tick that took longer than the tick interval would mean
+the index is not keeping up, whatever the ingest rate says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import httpx
+import numpy as np
+import trio
+
+from bench.common import CITY, cpu_seconds, start_tracker
+from bench.fleet import metric
+
+ID_WIDTH = 8
+FIELDS = ("lat", "lon", "ts", "speed", "heading")
+
+
+def ping_layout() -> np.dtype:
+    """One ping as msgpack bytes: fixmap(6), then key/value pairs of fixed width."""
+    layout: list[tuple[str, str]] = [("map", "u1"), ("k_id", f"S{len('vehicle_id') + 1}")]
+    layout += [("id_head", "u1"), ("id", f"S{ID_WIDTH}")]
+    for name in FIELDS:
+        layout += [(f"k_{name}", f"S{len(name) + 1}"), (f"t_{name}", "u1"), (name, ">f8")]
+    return np.dtype(layout)
+
+
+class BodyMaker:
+    """Batches of pings for ``vehicles`` vehicles wandering about the city centre."""
+
+    def __init__(self, vehicles: int, batch: int, seed: int = 1) -> None:
+        rng = np.random.default_rng(seed)
+        self.batch = batch
+        self.pings = np.zeros(vehicles, ping_layout())
+        self.pings["map"] = 0x86
+        self.pings["k_id"] = b"\xaa" + b"vehicle_id"
+        self.pings["id_head"] = 0xA0 | ID_WIDTH
+        self.pings["id"] = [f"v{n:0{ID_WIDTH - 1}d}".encode() for n in range(vehicles)]
+        for name in FIELDS:
+            self.pings[f"k_{name}"] = bytes([0xA0 | len(name)]) + name.encode()
+            self.pings[f"t_{name}"] = 0xCB
+        self.pings["lat"] = CITY[0] + rng.uniform(-0.06, 0.06, vehicles)
+        self.pings["lon"] = CITY[1] + rng.uniform(-0.1, 0.1, vehicles)
+        self.pings["speed"] = rng.uniform(0, 15, vehicles)
+        self.pings["heading"] = rng.uniform(0, 360, vehicles)
+
+    def round(self) -> list[bytes]:
+        """Every vehicle's next ping (a little further on, newer), in batches."""
+        moved = self.pings
+        moved["ts"] = time.time()
+        moved["lat"] += np.random.default_rng().normal(0, 2e-5, len(moved))
+        bodies = []
+        for start in range(0, len(moved), self.batch):
+            chunk = moved[start : start + self.batch]
+            head = b"\xdd" + len(chunk).to_bytes(4, "big")  # array32
+            bodies.append(head + chunk.tobytes())
+        return bodies
+
+
+async def post_all(client: httpx.AsyncClient, bodies: list[bytes], accepted: list[int]) -> None:
+    """POST bodies one after another on one connection, counting accepted pings."""
+    for body in bodies:
+        response = await client.post(
+            "/ingest", content=body, headers={"Content-Type": "application/msgpack"}
+        )
+        accepted[0] += response.json()["accepted"]
+
+
+async def post_rounds(
+    url: str, maker: BodyMaker, connections: int, until: float, accepted: list[int]
+) -> None:
+    """Post round after round, each split over ``connections`` connections, until ``until``."""
+    limits = httpx.Limits(max_connections=connections)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        while trio.current_time() < until:
+            bodies = maker.round()
+            async with trio.open_nursery() as round_nursery:
+                for number in range(connections):
+                    round_nursery.start_soon(
+                        post_all, client, bodies[number::connections], accepted
+                    )
+
+
+async def measure(args: argparse.Namespace) -> dict[str, float]:
+    maker = BodyMaker(args.vehicles, args.batch)
+    async with trio.open_nursery() as bench_nursery:
+        tracker, url = await start_tracker(bench_nursery)
+        accepted = [0]
+        start = trio.current_time()
+        bench_nursery.start_soon(
+            post_rounds, url, maker, args.connections, start + args.warmup + args.seconds, accepted
+        )
+        await trio.sleep(args.warmup)
+        cpu, samples = cpu_seconds(tracker.pid), []
+        for _ in range(int(args.seconds)):
+            before = accepted[0]
+            await trio.sleep(1.0)
+            samples.append(accepted[0] - before)
+        cpu = cpu_seconds(tracker.pid) - cpu
+        async with httpx.AsyncClient(base_url=url) as client:
+            longest_tick = await metric(client, "tracker_tick_duration_max_seconds")
+        bench_nursery.cancel_scope.cancel()
+    return {
+        "vehicles": args.vehicles,
+        "accepted_per_s_median": statistics.median(samples),
+        "accepted_per_s_min": min(samples),
+        "tracker_cpu_cores": round(cpu / args.seconds, 2),
+        "longest_tick_s": round(longest_tick, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vehicles", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    args = parser.parse_args()
+    figures = trio.run(measure, args)
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores")
+    for name, value in figures.items():
+        print(f"{name:<24} {value:>12}")
+
+
+if __name__ == "__main__":
+    main()
