@@ -147,7 +147,7 @@ async def run(url: str, queries: list[str], warmup: float, seconds: float) -> Cl
     async def one(query: str) -> None:
         try:
             await read_feed(host, port, query, stats, measure_from, until)
-        except (OSError, ConnectionError, ValueError) as exc:
+        except (OSError, ConnectionError, ValueError, trio.BrokenResourceError) as exc:
             stats.errors.append(f"{type(exc).__name__}: {exc}")
 
     async with trio.open_nursery() as client_nursery:

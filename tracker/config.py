@@ -88,6 +88,9 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     shutdown_grace_s: Annotated[
         float, describe("Seconds open connections get to finish on shutdown.", ge=0)
     ] = 3.0
+    backlog: Annotated[
+        int, describe("Connections waiting to be accepted (many feeds reconnect at once).", ge=1)
+    ] = 4096
 
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:

@@ -36,6 +36,7 @@ class _TunedHypercornConfig(HypercornConfig):
         host = f"[{config.host}]" if ":" in config.host else config.host
         self.bind = [f"{host}:{config.port}"]
         self.graceful_timeout = config.shutdown_grace_s
+        self.backlog = config.backlog
         self.accesslog = None
         self.errorlog = "-"
         if config.certfile:
