@@ -8,6 +8,7 @@ be read from ``/proc`` alone.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import subprocess
@@ -55,9 +56,15 @@ async def start_tracker(
     return process, url
 
 
-def viewport(rng: random.Random) -> str:
-    """A random city viewport between 2 and 12 km wide (a ``bbox=`` query)."""
-    half = rng.uniform(0.01, 0.06)
+def viewport(rng: random.Random, smallest_km: float = 2.0, largest_km: float = 12.0) -> str:
+    """A random city viewport (a ``bbox=`` query), its height uniform in the size range.
+
+    Heights are drawn on a log scale, so small (street-level) views are as common as city
+    overviews; the width is 1.6 times the height, as on a landscape screen.
+    """
+    height_km = math.exp(rng.uniform(math.log(smallest_km), math.log(largest_km)))
+    half = height_km / 2 / 111.2
     lat = CITY[0] + rng.uniform(-0.05, 0.05)
     lon = CITY[1] + rng.uniform(-0.08, 0.08)
-    return f"bbox={lon - half * 1.6:.4f},{lat - half:.4f},{lon + half * 1.6:.4f},{lat + half:.4f}"
+    half_lon = half * 1.6 / math.cos(math.radians(lat))
+    return f"bbox={lon - half_lon:.4f},{lat - half:.4f},{lon + half_lon:.4f},{lat + half:.4f}"

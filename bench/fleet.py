@@ -108,7 +108,8 @@ def percentile_ms(histogram: np.ndarray, q: float) -> float:
 async def fan_out(args: argparse.Namespace) -> FleetFigures:
     """Fleet, tracker and subscribers together; figures over the measured window."""
     rng = random.Random(args.seed)
-    queries = [viewport(rng) for _ in range(args.subscribers)]
+    smallest, largest = (float(km) for km in args.viewport_km.split(","))
+    queries = [viewport(rng, smallest, largest) for _ in range(args.subscribers)]
     async with trio.open_nursery() as bench_nursery:
         options = () if args.baseline else ("--tick", str(args.tick))
         tracker, url = await start_tracker(bench_nursery, *options, baseline=args.baseline)
@@ -190,6 +191,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=8.0)
     parser.add_argument("--tick", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--viewport-km", default="0.5,5", help="smallest,largest viewport height in km"
+    )
     parser.add_argument("--idle", type=int, default=0, help="measure N idle feeds instead")
     parser.add_argument(
         "--baseline", action="store_true", help="serve with the naive JSON-per-ping baseline"
