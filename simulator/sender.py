@@ -13,8 +13,10 @@ when :meth:`Sender.run` is cancelled or ``duration_s`` has passed:
 
 The queue is bounded (``max_pending`` pings): when the tracker is down or slow for long,
 the oldest pings are dropped and counted, so memory stays flat however long the outage.
-Ping timestamps are mapped onto the wall clock (``speedup`` compresses simulated time),
-so a tracker checking clock sanity accepts them at any speed-up.
+Ping timestamps are mapped onto the wall clock at the moment they are queued
+(``speedup`` compresses simulated time), so they are never older than they really are,
+however long the fleet took to build, and a tracker checking clock sanity accepts them
+at any speed-up.
 """
 
 from __future__ import annotations
@@ -94,8 +96,7 @@ class Sender:
     ) -> None:
         self.config = config
         self.stats = SendStats()
-        self._wall_start = time.time()
-        self.fleet = Fleet(fleet_config, start_time=self._wall_start)
+        self.fleet = Fleet(fleet_config, start_time=time.time())
         self._queue: deque[Ping] = deque()
         self._has_pings = trio.Event()
         self._out = out
@@ -130,7 +131,13 @@ class Sender:
     def enqueue(self, batch: PingBatch) -> None:
         """Queue a batch of generated pings, dropping the oldest beyond ``max_pending``."""
         ids = self.fleet.vehicle_ids
-        start, speedup = self._wall_start, self.config.speedup
+        # Pings are stamped on the wall clock relative to now, the fleet's present: a ping
+        # generated this step gets the current time, a held-back (late) one its real age.
+        wall, present, speedup = (
+            time.time(),
+            self.fleet.start_time + self.fleet.now,
+            self.config.speedup,
+        )
         for vehicle, lat, lon, ts, speed, heading in zip(
             batch.vehicle.tolist(),
             batch.lat.tolist(),
@@ -145,7 +152,7 @@ class Sender:
                     vehicle_id=ids[vehicle],
                     lat=lat,
                     lon=lon,
-                    ts=start + (ts - start) / speedup,
+                    ts=wall - (present - ts) / speedup,
                     speed=speed,
                     heading=heading,
                 )
