@@ -111,7 +111,11 @@ async def fan_out(args: argparse.Namespace) -> FleetFigures:
     smallest, largest = (float(km) for km in args.viewport_km.split(","))
     queries = [viewport(rng, smallest, largest) for _ in range(args.subscribers)]
     async with trio.open_nursery() as bench_nursery:
-        options = () if args.baseline else ("--tick", str(args.tick))
+        options = (
+            ()
+            if args.baseline
+            else ("--tick", str(args.tick), "--h3-resolution", str(args.h3_resolution))
+        )
         tracker, url = await start_tracker(bench_nursery, *options, baseline=args.baseline)
         simulate = [sys.executable, "-m", "tracker", "simulate", "--url", url, "--quiet"]
         simulate += ["--vehicles", str(args.vehicles), "--seed", str(args.seed)]
@@ -190,6 +194,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=8.0)
     parser.add_argument("--tick", type=float, default=1.0)
+    parser.add_argument("--h3-resolution", type=int, default=7, help="the tracker's index")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--viewport-km", default="0.5,5", help="smallest,largest viewport height in km"
