@@ -28,7 +28,7 @@ import trio
 from bench.common import viewport
 from tracker.config import TrackerConfig
 from tracker.server import serve
-from tracker.wire import RECORD, decode_frame
+from tracker.wire import MOVE, RECORD, decode_frame
 
 CENTRE = (52.52, 13.405)
 CITY_RADIUS_DEG = 0.12
@@ -113,6 +113,7 @@ async def read_feed(
                         stats.data_bytes += len(data)
                         frame = decode_frame(base64.b64decode(data))
                         stats.positions += len(frame.positions) // RECORD.size
+                        stats.positions += len(frame.moves) // MOVE.size
                         stats.names += len(frame.names)
 
 

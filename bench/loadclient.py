@@ -26,7 +26,7 @@ import numpy as np
 import trio
 import trio.lowlevel
 
-from tracker.wire import RECORD_DTYPE, Ping, decode_frame
+from tracker.wire import MOVE_DTYPE, RECORD_DTYPE, Ping, decode_frame
 
 _ping_json = msgspec.json.Decoder(Ping)
 
@@ -88,12 +88,17 @@ def record_event(event: bytes, stats: ClientStats, received: float, measuring: b
         if not line.startswith(b"data: ") or len(line) <= 6:
             continue
         frame = decode_frame(base64.b64decode(line[6:]))
-        records = np.frombuffer(frame.positions, RECORD_DTYPE)
+        ages = np.concatenate(
+            [
+                np.frombuffer(frame.positions, RECORD_DTYPE)["age"],
+                np.frombuffer(frame.moves, MOVE_DTYPE)["age"],
+            ]
+        )
         if measuring:
             stats.frames += 1
-            stats.positions += len(records)
+            stats.positions += len(ages)
             if not is_snapshot:  # a snapshot's positions are not news
-                ts = frame.t_ms / 1000 - records["age"] * 0.1
+                ts = frame.t_ms / 1000 - ages * 0.1
                 bins = np.clip(((received - ts) * 1000).astype(np.int64), 0, HISTOGRAM_MS)
                 stats.latency_ms += np.bincount(bins, minlength=HISTOGRAM_MS + 1)
     return is_snapshot

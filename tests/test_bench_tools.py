@@ -10,7 +10,7 @@ import numpy as np
 
 from bench.ingest import BodyMaker
 from bench.loadclient import ClientStats, Dechunker, record_event
-from tracker.wire import Ping, Position, encode_frame
+from tracker.wire import MOVE, Ping, Position, encode_frame
 
 CELL = 0x871F1D489FFFFFF
 
@@ -39,15 +39,16 @@ def test_load_client_counts_positions_and_their_latency() -> None:
     now = time.time()
     t_ms = round(now * 1000)
     positions = [Position(n, 52.52, 13.405, now - 0.5, 10.0, 90.0) for n in range(1, 4)]
-    frame = base64.b64encode(encode_frame(CELL, t_ms, positions=positions))
+    step = MOVE.pack(4, 0, 1, -1, 5, 20, 45)  # a fourth vehicle, 0.5 s old, as a move
+    frame = base64.b64encode(encode_frame(CELL, t_ms, positions=positions, moves=step))
     stats = ClientStats()
     event = b"event: batch\nid: 1.2.3\ndata: " + frame
     assert record_event(event, stats, received=now + 0.25, measuring=True) is False
-    assert (stats.frames, stats.positions) == (1, 3)
+    assert (stats.frames, stats.positions) == (1, 4)
     assert int(np.flatnonzero(stats.latency_ms)[0]) in range(700, 800)  # 0.5 s old + 0.25 s
     assert record_event(b"event: snapshot\ndata: " + frame, stats, now, measuring=True) is True
     baseline = b"event: ping\ndata: " + msgspec.json.encode(
         Ping(vehicle_id="v", lat=1, lon=2, ts=now)
     )
     record_event(baseline, stats, received=now + 0.1, measuring=True)
-    assert stats.positions == 7
+    assert stats.positions == 9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import h3.api.basic_int as h3i
@@ -199,12 +200,17 @@ async def test_feed_json_format_carries_the_same_events(
         with trio.fail_after(5):
             while not (line := await lines.__anext__()).startswith("data:"):
                 pass
-        import json
-
         frames = json.loads(line[5:])
         (vehicle,) = frames[0]["vehicles"]
         assert vehicle["id"] == "j" and vehicle["speed"] == 5.0
         assert abs(vehicle["lat"] - BERLIN[0]) < 1e-4
+        # A step inside the cell travels as a move in msgpack; JSON spells it out.
+        await post_pings(client, [ping("j", BERLIN[0] + 2e-4, BERLIN[1], now + 1)])
+        with trio.fail_after(5):
+            while not (line := await lines.__anext__()).startswith("data:"):
+                pass
+        (vehicle,) = json.loads(line[5:])[0]["vehicles"]
+        assert vehicle["id"] == "j" and vehicle["lat"] == round(BERLIN[0] + 2e-4, 5)
 
 
 async def test_feed_sends_heartbeats_and_headers(start_server: StartServer) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import h3.api.basic_int as h3i
 
 from tracker.geoindex import GeoIndex
-from tracker.wire import FeedView, Ping, decode_frame, decode_vids, iter_positions
+from tracker.wire import FeedView, Ping, decode_frame, decode_vids, iter_moves, iter_positions
 
 RES = 7
 A = h3i.latlng_to_cell(52.52, 13.405, RES)
@@ -69,8 +69,27 @@ def test_advance_same_cell_move_sends_no_name_again() -> None:
     index.apply(_ping("v", A_POINT, 100), now=100)
     index.advance(100.5)
     index.apply(_ping("v", (A_POINT[0] + 1e-4, A_POINT[1]), 101), now=101)
-    frame = decode_frame(index.advance(101.5).frames[A])
+    tick = index.advance(101.5)
+    frame = decode_frame(tick.frames[A])
     assert frame.names == [] and frame.gone == b""
+    # Every subscriber of A has its previous position: it travels as an 8-byte move,
+    # and the long form (for JSON) spells it out as a full record.
+    assert frame.positions == b"" and len(frame.moves) == 8
+    (move,) = iter_moves(frame)
+    assert (move.vid, move.dlat, move.dlon) == (1, 10, 0)
+    (full,) = iter_positions(decode_frame(tick.long[A]))
+    assert full.lat == round(A_POINT[0] + 1e-4, 5)
+
+
+def test_advance_entering_or_jumping_vehicles_get_full_records() -> None:
+    index = _index()
+    index.apply(_ping("v", A_POINT, 100), now=100)
+    (first,) = index.advance(100.5).frames.values()
+    assert decode_frame(first).moves == b""
+    index.apply(_ping("v", (A_POINT[0] + 3e-3, A_POINT[1]), 101), now=101)  # 330 m, same cell
+    tick = index.advance(101.5)
+    frame = decode_frame(tick.frames[A])
+    assert frame.moves == b"" and len(frame.positions) == 12 and tick.long == {}
 
 
 def test_advance_marks_silent_vehicles_stale_then_removes_them() -> None:
@@ -122,14 +141,20 @@ def test_vids_are_never_reused() -> None:
 
 
 def test_frames_replayed_in_order_rebuild_the_snapshot() -> None:
+    """Vehicles hopping between A and B and wandering inside them (moves)."""
     index = _index()
     live = FeedView()
     points = [A_POINT, B_POINT]
-    for step in range(6):
+    moves = 0
+    for step in range(12):
         for n in range(4):
-            index.apply(_ping(f"v{n}", points[(step + n) % 2], 100 + step), now=100 + step)
+            lat, lon = points[(step // 3 + n) % 2]
+            point = (lat + step * 1e-5 * n, lon - step * 2e-5)
+            index.apply(_ping(f"v{n}", point, 100 + step), now=100 + step)
         for frame in index.advance(100 + step + 0.5).frames.values():
             live.apply_frame(decode_frame(frame))
+            moves += len(decode_frame(frame).moves) // 8
+    assert moves > 10
     rebuilt = FeedView()
     for cell in (A, B):
         frame = index.snapshot_frame(cell)

@@ -9,29 +9,37 @@ import struct
 
 import h3.api.basic_int as h3i
 import msgspec
+import numpy as np
 import pytest
 
 from tracker.wire import (
     LATLON_SCALE,
     MAX_ABS_LAT,
+    MAX_MOVE_VID,
+    MOVE,
     RECORD,
     CellFrame,
     FeedView,
     Position,
+    PositionColumns,
     cell_origin,
     decode_frame,
     decode_pings,
     decode_vids,
     encode_frame,
     frame_to_json,
+    iter_moves,
     iter_positions,
+    moved,
+    pack_moves,
+    pack_records,
 )
 
 CELL = h3i.latlng_to_cell(52.52, 13.405, 7)
 T_MS = 1_764_000_000_000
 
 
-def test_encode_frame_layout_is_a_nine_element_msgpack_array() -> None:
+def test_encode_frame_layout_is_a_ten_element_msgpack_array() -> None:
     data = encode_frame(
         CELL,
         T_MS,
@@ -42,8 +50,9 @@ def test_encode_frame_layout_is_a_nine_element_msgpack_array() -> None:
         removed=[6],
     )
     raw = msgspec.msgpack.decode(data)
-    assert data[0] == 0x99  # fixarray of 9
-    cell, t_ms, lat0, lon0, positions, names, gone, stale, removed = raw
+    assert data[0] == 0x9A  # fixarray of 10
+    cell, t_ms, lat0, lon0, positions, names, gone, stale, removed, moves = raw
+    assert moves == b""
     assert (cell, t_ms) == (CELL, T_MS)
     assert (lat0, lon0) == cell_origin(CELL)
     assert names == [[7, "van-7"]]
@@ -205,3 +214,84 @@ def test_decode_pings_keeps_nan_for_the_range_check() -> None:
 
 def test_cell_frame_is_array_like() -> None:
     assert CellFrame.__struct_config__.array_like
+
+
+def _moves(
+    now: list[Position], before: list[tuple[float, float]], t_ms: int = T_MS
+) -> tuple[list[bool], bytes]:
+    """Pack ``now`` against ``before`` in CELL: the fit mask, and the moves that fit."""
+    columns = PositionColumns.of(now)
+    lat0, lon0 = cell_origin(CELL)
+    records = pack_records(columns, lat0, lon0, t_ms)
+    previous = np.array(before, dtype=np.float64).reshape(-1, 2)
+    fits, moves = pack_moves(columns, previous[:, 0], previous[:, 1], records)
+    return fits.tolist(), moves[fits].tobytes()
+
+
+def test_move_record_layout_is_eight_bytes() -> None:
+    step = Position(0x123456, 52.52 + 5e-5, 13.405 - 3e-5, T_MS / 1000 - 1.5, 10.0, 90.0)
+    fits, moves = _moves([step], [(52.52, 13.405)])
+    assert fits == [True] and len(moves) == MOVE.size == 8
+    vid, vid_hi, dlat, dlon, age, speed, heading = struct.unpack("<HBbbBBB", moves)
+    assert (vid | vid_hi << 16, dlat, dlon) == (0x123456, 5, -3)
+    assert (age, speed, heading) == (15, 20, 45)
+    raw = msgspec.msgpack.decode(encode_frame(CELL, T_MS, moves=moves))
+    assert raw[9] == moves
+    (move,) = iter_moves(decode_frame(encode_frame(CELL, T_MS, moves=moves)))
+    after = moved(Position(0x123456, 52.52, 13.405, 0, None, None), move)
+    assert (after.lat, after.lon) == (52.52005, 13.40497)
+    assert (after.ts, after.speed, after.heading) == (T_MS / 1000 - 1.5, 10.0, 90.0)
+
+
+def test_only_small_recent_steps_of_known_vehicles_fit_a_move() -> None:
+    t = T_MS / 1000
+    cases = [
+        (Position(1, 52.52 + 127e-5, 13.405 - 128e-5, t, None, None), (52.52, 13.405), True),
+        (Position(2, 52.52 + 128e-5, 13.405, t, None, None), (52.52, 13.405), False),
+        (Position(3, 52.52, 13.405, t, None, None), (math.nan, math.nan), False),  # entering
+        (Position(4, 52.52, 13.405, t - 25.5, None, None), (52.52, 13.405), True),
+        (Position(5, 52.52, 13.405, t - 25.6, None, None), (52.52, 13.405), False),
+        (Position(MAX_MOVE_VID + 1, 52.52, 13.405, t, None, None), (52.52, 13.405), False),
+    ]
+    fits, _ = _moves([c[0] for c in cases], [c[1] for c in cases])
+    assert fits == [c[2] for c in cases]
+
+
+def test_moves_never_drift_from_the_encoded_positions() -> None:
+    """A client applying a thousand moves lands where full records would put it."""
+    rng = np.random.default_rng(7)
+    lat, lon = 52.52, 13.405
+    view = FeedView()
+    view.apply_frame(
+        decode_frame(encode_frame(CELL, T_MS, positions=[Position(9, lat, lon, 0, None, None)]))
+    )
+    for _ in range(1000):
+        before = (lat, lon)
+        lat += float(rng.uniform(-1e-3, 1e-3))
+        lon += float(rng.uniform(-1e-3, 1e-3))
+        now = Position(9, lat, lon, T_MS / 1000, 1.0, 2.0)
+        fits, moves = _moves([now], [before])
+        records = b"" if fits[0] else encode_frame(CELL, T_MS, positions=[now])
+        frame = (
+            decode_frame(records)
+            if records
+            else decode_frame(encode_frame(CELL, T_MS, moves=moves))
+        )
+        view.apply_frame(frame)
+        (direct,) = iter_positions(decode_frame(encode_frame(CELL, T_MS, positions=[now])))
+        assert view.vehicles[9].position == direct
+
+
+def test_a_move_across_the_antimeridian_wraps() -> None:
+    cell = h3i.latlng_to_cell(0.0, 180.0, 7)
+    previous = Position(1, 0.0, 179.9999, 0, None, None)
+    (move,) = iter_moves(
+        decode_frame(encode_frame(cell, T_MS, moves=MOVE.pack(1, 0, 0, 20, 0, 255, 255)))
+    )
+    assert moved(previous, move).lon == pytest.approx(-179.9999)
+
+
+def test_feed_view_ignores_a_move_of_an_unknown_vehicle() -> None:
+    view = FeedView()
+    view.apply_frame(decode_frame(encode_frame(CELL, T_MS, moves=MOVE.pack(5, 0, 1, 1, 0, 0, 0))))
+    assert view.vehicles == {}

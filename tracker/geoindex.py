@@ -10,6 +10,7 @@ Pure and synchronous: time comes in as arguments, so tests control it. Owns no t
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,7 +19,15 @@ import h3.api.basic_int as h3i
 import numpy as np
 import numpy.typing as npt
 
-from tracker.wire import Ping, Position, PositionColumns, cell_origin, encode_frame, pack_records
+from tracker.wire import (
+    Ping,
+    Position,
+    PositionColumns,
+    cell_origin,
+    encode_frame,
+    pack_moves,
+    pack_records,
+)
 
 __all__ = ["CellChanges", "GeoIndex", "TickFrames", "Vehicle"]
 
@@ -41,9 +50,15 @@ class Vehicle:
 
 @dataclass
 class CellChanges:
-    """What one tick changed in one cell, before encoding."""
+    """What one tick changed in one cell, before encoding.
+
+    ``records`` and ``moves`` are what the frame carries; ``long_records`` (set only when
+    there are moves) has every position as a full record, for the long form.
+    """
 
     records: bytes = b""
+    moves: bytes = b""
+    long_records: bytes = b""
     names: list[tuple[int, str]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
@@ -52,11 +67,16 @@ class CellChanges:
 
 @dataclass(frozen=True)
 class TickFrames:
-    """One published tick: its number, its time, and the encoded frame of each changed cell."""
+    """One published tick: its number, its time, and the encoded frame of each changed cell.
+
+    ``long`` holds, for each frame with moves, the same frame with every position as a
+    full record: what renders it for clients that do not follow the stream (JSON feeds).
+    """
 
     tick: int
     t_ms: int
     frames: dict[int, bytes]
+    long: dict[int, bytes] = field(default_factory=dict)
 
 
 class GeoIndex:
@@ -130,33 +150,49 @@ class GeoIndex:
         self._publish_moves(changes)
         self._expire(now, changes)
         self._forget_old_names()
-        frames = {
-            cell: encode_frame(
-                cell,
-                self.t_ms,
-                records=c.records,
-                names=c.names,
-                gone=c.gone,
-                stale=c.stale,
-                removed=c.removed,
-            )
+        frames = {cell: self._encode(cell, c, c.records, c.moves) for cell, c in changes.items()}
+        long = {
+            cell: self._encode(cell, c, c.long_records, b"")
             for cell, c in changes.items()
+            if c.moves
         }
-        return TickFrames(self.tick, self.t_ms, frames)
+        return TickFrames(self.tick, self.t_ms, frames, long)
+
+    def _encode(self, cell: int, changes: CellChanges, records: bytes, moves: bytes) -> bytes:
+        return encode_frame(
+            cell,
+            self.t_ms,
+            records=records,
+            names=changes.names,
+            gone=changes.gone,
+            stale=changes.stale,
+            removed=changes.removed,
+            moves=moves,
+        )
 
     def _publish_moves(self, changes: dict[int, CellChanges]) -> None:
-        """Publish every pending ping: cell membership now, records packed in one go."""
+        """Publish every pending ping: cell membership now, records packed in one go.
+
+        A vehicle that stays in its cell has its previous position with every subscriber
+        of the cell (from the cell's snapshot or last frame), so it may travel as a move.
+        """
         resolution = self.resolution
         moved: list[Position] = []
         cells: list[int] = []
+        previous: list[tuple[float, float]] = []
+        nowhere = (math.nan, math.nan)
         for vehicle in self._dirty.values():
             ping = vehicle.pending
             assert ping is not None
             vehicle.pending = None
             position = Position(vehicle.vid, ping.lat, ping.lon, ping.ts, ping.speed, ping.heading)
+            cell = h3i.latlng_to_cell(ping.lat, ping.lon, resolution)
+            before = vehicle.published
+            previous.append(
+                (before.lat, before.lon) if before is not None and cell == vehicle.cell else nowhere
+            )
             vehicle.published = position
             moved.append(position)
-            cell = h3i.latlng_to_cell(ping.lat, ping.lon, resolution)
             cells.append(cell)
             if cell != vehicle.cell:
                 into = changes.get(cell) or changes.setdefault(cell, CellChanges())
@@ -167,29 +203,43 @@ class GeoIndex:
                 vehicle.cell = cell
         self._dirty.clear()
         if moved:
-            self._pack_by_cell(PositionColumns.of(moved), np.array(cells, dtype=np.uint64), changes)
+            self._pack_by_cell(
+                PositionColumns.of(moved),
+                np.array(previous, dtype=np.float64).reshape(-1, 2),
+                np.array(cells, dtype=np.uint64),
+                changes,
+            )
 
     def _pack_by_cell(
         self,
         columns: PositionColumns,
+        previous: npt.NDArray[np.float64],
         cells: npt.NDArray[np.uint64],
         changes: dict[int, CellChanges],
     ) -> None:
-        """Pack all records of the tick at once, then hand each cell its slice."""
+        """Pack all records and moves of the tick at once, then hand each cell its slices."""
         order = np.argsort(cells, kind="stable")
         distinct, starts, counts = np.unique(cells[order], return_index=True, return_counts=True)
         origins = np.array([cell_origin(cell) for cell in distinct.tolist()], dtype=np.int64)
+        columns, previous = columns.take(order), previous[order]
         records = pack_records(
-            columns.take(order),
+            columns,
             np.repeat(origins[:, 0], counts),
             np.repeat(origins[:, 1], counts),
             self.t_ms,
         )
+        fits, moves = pack_moves(columns, previous[:, 0], previous[:, 1], records)
         for cell, start, count in zip(
             distinct.tolist(), starts.tolist(), counts.tolist(), strict=True
         ):
             into = changes.get(cell) or changes.setdefault(cell, CellChanges())
-            into.records = records[start : start + count].tobytes()
+            rows = slice(start, start + count)
+            if fits[rows].any():
+                into.records = records[rows][~fits[rows]].tobytes()
+                into.moves = moves[rows][fits[rows]].tobytes()
+                into.long_records = records[rows].tobytes()
+            else:
+                into.records = records[rows].tobytes()
 
     def _leave(self, vehicle: Vehicle, changes: dict[int, CellChanges]) -> CellChanges:
         """Take a vehicle out of its published cell; returns that cell's changes."""

@@ -29,20 +29,31 @@ __all__ = ["Batch", "FeedHub", "Frame", "Resume", "Subscription"]
 
 
 class Frame:
-    """One cell's frame of one tick: base64'd once, rendered to JSON at most once."""
+    """One cell's frame of one tick: base64'd once, rendered to JSON at most once.
 
-    __slots__ = ("_json", "b64", "cell")
+    ``long`` is the frame with its moves spelled out as full records (see
+    ``TickFrames.long``), kept because JSON is rendered from it, lazily.
+    """
 
-    def __init__(self, cell: int, msgpack: bytes) -> None:
+    __slots__ = ("_json", "b64", "cell", "long")
+
+    def __init__(self, cell: int, msgpack: bytes, long: bytes | None = None) -> None:
         self.cell = cell
         self.b64 = base64.b64encode(msgpack)
+        self.long = long
         self._json: bytes | None = None
 
     def json(self, name_of: Callable[[int], str | None]) -> bytes:
         """The frame as JSON, rendered on first use and then shared."""
         if self._json is None:
-            self._json = frame_to_json(decode_frame(base64.b64decode(self.b64)), name_of)
+            msgpack = self.long or base64.b64decode(self.b64)
+            self._json = frame_to_json(decode_frame(msgpack), name_of)
         return self._json
+
+    @property
+    def held_bytes(self) -> int:
+        """What keeping this frame costs (the replay log's budget counts it)."""
+        return len(self.b64) + len(self.long or b"")
 
 
 @dataclass(frozen=True)
@@ -182,7 +193,9 @@ class FeedHub:
 
     def publish(self, tick: TickFrames) -> None:
         """Encode a tick's frames once and queue them for their subscribers; never blocks."""
-        frames = {cell: Frame(cell, data) for cell, data in tick.frames.items()}
+        frames = {
+            cell: Frame(cell, data, tick.long.get(cell)) for cell, data in tick.frames.items()
+        }
         self._snapshot_cache.clear()
         self._remember(tick.tick, frames)
         owed: dict[Subscription, list[Frame]] = {}
@@ -193,7 +206,7 @@ class FeedHub:
             sub.push(Batch(tick.tick, sub_frames))
 
     def _remember(self, tick: int, frames: dict[int, Frame]) -> None:
-        size = sum(len(f.b64) for f in frames.values())
+        size = sum(f.held_bytes for f in frames.values())
         self._replay.append((tick, frames, size))
         self._replay_bytes += size
         while self._replay and (

@@ -29,6 +29,9 @@ __all__ = [
     "HEADING_STEP_DEG",
     "LATLON_SCALE",
     "MAX_ABS_LAT",
+    "MAX_MOVE_VID",
+    "MOVE",
+    "MOVE_DTYPE",
     "RECORD",
     "RECORD_DTYPE",
     "SPEED_STEP_MS",
@@ -36,6 +39,7 @@ __all__ = [
     "CellFrame",
     "FeedView",
     "IngestReply",
+    "Move",
     "Ping",
     "Position",
     "PositionColumns",
@@ -48,7 +52,10 @@ __all__ = [
     "encode_frame",
     "encode_vids",
     "frame_to_json",
+    "iter_moves",
     "iter_positions",
+    "moved",
+    "pack_moves",
     "pack_records",
 ]
 
@@ -78,6 +85,26 @@ RECORD_DTYPE: Final = np.dtype(
     ]
 )
 """The same record as a NumPy structured type, for packing a whole tick at once."""
+
+MOVE: Final = struct.Struct("<HBbbBBB")
+"""One move: vid u24 (u16 low, u8 high), dlat i8, dlon i8 (from the vehicle's previous
+position), age u8 (0.1 s), speed u8, heading u8."""
+
+MOVE_DTYPE: Final = np.dtype(
+    [
+        ("vid", "<u2"),
+        ("vid_hi", "u1"),
+        ("dlat", "i1"),
+        ("dlon", "i1"),
+        ("age", "u1"),
+        ("speed", "u1"),
+        ("heading", "u1"),
+    ]
+)
+"""The same move as a NumPy structured type."""
+
+MAX_MOVE_VID: Final = 2**24 - 1
+"""Vehicles numbered above this always travel as full records."""
 
 VID: Final = struct.Struct("<I")
 _MAX_AGE: Final = 0xFFFF
@@ -168,13 +195,29 @@ class Position(NamedTuple):
     heading: float | None
 
 
+class Move(NamedTuple):
+    """A decoded move record: a vehicle's step from its previous position in the cell."""
+
+    vid: int
+    dlat: int
+    dlon: int
+    ts: float
+    speed: float | None
+    heading: float | None
+
+
 class CellFrame(msgspec.Struct, array_like=True, frozen=True):
     """What changed in one H3 cell during one tick (or, in a snapshot, all of it).
 
     Encoded once per cell per tick and shared by every subscriber of the cell. Applying a
     frame: learn ``names``; upsert every record of ``positions`` (the vehicle is now in
-    ``cell`` and fresh); mark ``stale``; drop ``removed``; drop ``gone`` only if the
-    vehicle is still recorded in ``cell`` (it may already have entered another cell).
+    ``cell`` and fresh); step every vehicle of ``moves`` from its previous position;
+    mark ``stale``; drop ``removed``; drop ``gone`` only if the vehicle is still recorded
+    in ``cell`` (it may already have entered another cell).
+
+    ``moves`` came last (an array-like struct only grows at the end), so it defaults to
+    empty: a nine-element frame from before it still decodes. (Encoding always writes all
+    ten: msgspec does not omit trailing defaults of array-like structs.)
     """
 
     cell: int
@@ -186,6 +229,7 @@ class CellFrame(msgspec.Struct, array_like=True, frozen=True):
     gone: bytes
     stale: bytes
     removed: bytes
+    moves: bytes = b""
 
 
 _frame_encoder = msgspec.msgpack.Encoder()
@@ -265,6 +309,52 @@ def pack_records(
     return records
 
 
+def pack_moves(
+    columns: PositionColumns,
+    previous_lat: npt.NDArray[np.float64],
+    previous_lon: npt.NDArray[np.float64],
+    records: npt.NDArray[np.void],
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.void]]:
+    """Which positions can travel as 8-byte moves, and a move for every row.
+
+    ``previous_lat``/``previous_lon`` hold, row by row, the position every subscriber of
+    the cell already has for the vehicle (NaN where there is none: a vehicle entering the
+    cell); ``records`` are the same rows packed by :func:`pack_records`. A row fits when
+    its step is within an int8 on both axes, its age within a byte and its vid within 24
+    bits. Rows that do not fit get a meaningless move: select with the mask.
+
+    Steps count between fixed-point positions, never between floats, so a client that
+    adds them to its rounded previous position lands on exactly the encoded point: no
+    drift however many moves it applies.
+    """
+    full = 360 * LATLON_SCALE
+    with np.errstate(invalid="ignore"):
+        dlat = np.rint(columns.lat * LATLON_SCALE) - np.rint(previous_lat * LATLON_SCALE)
+        dlon = np.rint(columns.lon * LATLON_SCALE) - np.rint(previous_lon * LATLON_SCALE)
+        dlon = (dlon + full // 2) % full - full // 2
+        fits = (
+            _fits_int8(dlat)
+            & _fits_int8(dlon)
+            & (records["age"] <= 0xFF)
+            & (records["vid"] <= MAX_MOVE_VID)
+        )
+    vid = np.where(fits, records["vid"], 0)
+    moves = np.empty(len(records), MOVE_DTYPE)
+    moves["vid"] = vid & 0xFFFF
+    moves["vid_hi"] = vid >> 16
+    moves["dlat"] = np.where(fits, dlat, 0)
+    moves["dlon"] = np.where(fits, dlon, 0)
+    moves["age"] = np.where(fits, records["age"], 0)
+    moves["speed"] = records["speed"]
+    moves["heading"] = records["heading"]
+    return fits, moves
+
+
+def _fits_int8(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """NaN never fits (comparisons with NaN are false)."""
+    return (values >= -128) & (values <= 127)
+
+
 def encode_vids(vids: Iterable[int]) -> bytes:
     """Pack vehicle numbers as little-endian u32s (the gone/stale/removed columns)."""
     vids = list(vids)
@@ -286,11 +376,13 @@ def encode_frame(
     gone: Iterable[int] = (),
     stale: Iterable[int] = (),
     removed: Iterable[int] = (),
+    moves: bytes = b"",
 ) -> bytes:
     """Encode one cell's frame to msgpack (the bytes that get base64'd once).
 
     Positions come as ``positions``, or already packed by :func:`pack_records` (relative
-    to this cell's origin) as ``records``, which is how a tick passes them.
+    to this cell's origin) as ``records``, which is how a tick passes them; ``moves`` are
+    packed by :func:`pack_moves`.
     """
     lat0, lon0 = cell_origin(cell)
     positions = list(positions)
@@ -309,6 +401,7 @@ def encode_frame(
         encode_vids(gone),
         encode_vids(stale),
         encode_vids(removed),
+        moves,
     )
     return _frame_encoder.encode(frame)
 
@@ -321,23 +414,65 @@ def decode_frame(data: bytes) -> CellFrame:
 def iter_positions(frame: CellFrame) -> Iterator[Position]:
     """Decode the packed position records of a frame back to degrees, seconds and m/s."""
     for vid, dlat, dlon, age, speed, heading in RECORD.iter_unpack(frame.positions):
-        lon = (frame.lon0 + dlon) / LATLON_SCALE
-        if lon > 180:
-            lon -= 360
-        elif lon <= -180:
-            lon += 360
         yield Position(
             vid,
             (frame.lat0 + dlat) / LATLON_SCALE,
-            lon,
-            round(frame.t_ms / 1000 - age * AGE_STEP_S, 3),
-            None if speed == UNKNOWN else speed * SPEED_STEP_MS,
-            None if heading == UNKNOWN else heading * HEADING_STEP_DEG,
+            _wrap_lon(frame.lon0 + dlon),
+            _ts(frame, age),
+            _speed(speed),
+            _heading(heading),
         )
 
 
+def iter_moves(frame: CellFrame) -> Iterator[Move]:
+    """Decode the move records of a frame; :func:`moved` applies one to a position."""
+    for vid, vid_hi, dlat, dlon, age, speed, heading in MOVE.iter_unpack(frame.moves):
+        yield Move(
+            vid | vid_hi << 16, dlat, dlon, _ts(frame, age), _speed(speed), _heading(heading)
+        )
+
+
+def moved(previous: Position, move: Move) -> Position:
+    """Where a move takes a vehicle: its previous fixed-point position plus the step."""
+    return Position(
+        move.vid,
+        (round(previous.lat * LATLON_SCALE) + move.dlat) / LATLON_SCALE,
+        _wrap_lon(round(previous.lon * LATLON_SCALE) + move.dlon),
+        move.ts,
+        move.speed,
+        move.heading,
+    )
+
+
+def _wrap_lon(units: int) -> float:
+    """Longitude in degrees from fixed-point units, wrapped into (-180, 180]."""
+    lon = units / LATLON_SCALE
+    if lon > 180:
+        return lon - 360
+    if lon <= -180:
+        return lon + 360
+    return lon
+
+
+def _ts(frame: CellFrame, age: int) -> float:
+    return round(frame.t_ms / 1000 - age * AGE_STEP_S, 3)
+
+
+def _speed(byte: int) -> float | None:
+    return None if byte == UNKNOWN else byte * SPEED_STEP_MS
+
+
+def _heading(byte: int) -> float | None:
+    return None if byte == UNKNOWN else byte * HEADING_STEP_DEG
+
+
 def frame_to_json(frame: CellFrame, name_of: Callable[[int], str | None]) -> bytes:
-    """Render a frame as one JSON object, vehicles named by id instead of number."""
+    """Render a frame as one JSON object, vehicles named by id instead of number.
+
+    Takes a frame in long form (no ``moves``): a move means nothing without the previous
+    position, which only a client that followed the stream has. The tick keeps a long
+    form of every frame with moves for this (see ``TickFrames.long``).
+    """
     names = dict(frame.names)
 
     def ident(vid: int) -> str | None:
@@ -403,6 +538,12 @@ class FeedView:
         for position in iter_positions(frame):
             name = self.names.get(position.vid, "")
             self.vehicles[position.vid] = SeenVehicle(name, frame.cell, position, False)
+        for move in iter_moves(frame):
+            seen = self.vehicles.get(move.vid)
+            if seen is not None:
+                self.vehicles[move.vid] = seen._replace(
+                    cell=frame.cell, position=moved(seen.position, move), stale=False
+                )
         for vid in decode_vids(frame.stale):
             if vid in self.vehicles:
                 self.vehicles[vid] = self.vehicles[vid]._replace(stale=True)
