@@ -84,24 +84,28 @@ def record_event(event: bytes, stats: ClientStats, received: float, measuring: b
     is_snapshot = event.startswith(b"event: snapshot")
     if not (is_snapshot or event.startswith(b"event: batch")):
         return False
+    ages, t_ms = [], 0
     for line in event.split(b"\n"):
         if not line.startswith(b"data: ") or len(line) <= 6:
             continue
         frame = decode_frame(base64.b64decode(line[6:]))
-        ages = np.concatenate(
-            [
-                np.frombuffer(frame.positions, RECORD_DTYPE)["age"],
-                np.frombuffer(frame.moves, MOVE_DTYPE)["age"],
-            ]
-        )
-        if measuring:
-            stats.frames += 1
-            stats.positions += len(ages)
-            if not is_snapshot:  # a snapshot's positions are not news
-                ts = frame.t_ms / 1000 - ages * 0.1
-                bins = np.clip(((received - ts) * 1000).astype(np.int64), 0, HISTOGRAM_MS)
-                stats.latency_ms += np.bincount(bins, minlength=HISTOGRAM_MS + 1)
+        ages.append(np.frombuffer(frame.positions, RECORD_DTYPE)["age"])
+        ages.append(np.frombuffer(frame.moves, MOVE_DTYPE)["age"])
+        t_ms = frame.t_ms  # every frame of an event belongs to the same tick
+    if measuring and ages:
+        stats.frames += len(ages) // 2
+        all_ages = np.concatenate(ages)
+        stats.positions += len(all_ages)
+        if not is_snapshot:  # a snapshot's positions are not news
+            _count_latencies(stats, received - (t_ms / 1000 - all_ages * 0.1))
     return is_snapshot
+
+
+def _count_latencies(stats: ClientStats, seconds: np.ndarray) -> None:
+    """Histogram once per event: a bincount per frame cost more than decoding the frame."""
+    bins = np.clip((seconds * 1000).astype(np.int64), 0, HISTOGRAM_MS)
+    counts = np.bincount(bins)
+    stats.latency_ms[: len(counts)] += counts
 
 
 async def read_feed(
