@@ -33,6 +33,14 @@ def rss_bytes(pid: int) -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+INGEST_KEY = "bench-ingest-key"
+INGEST_HEADERS = {"Content-Type": "application/msgpack", "X-Ingest-Key": INGEST_KEY}
+UNLIMITED = ["--open", "--ingest-keys", INGEST_KEY]
+UNLIMITED += ["--ingest-rate-per-key", "0", "--max-streams-per-address", "0"]
+"""Options of benchmarked trackers: feeds open, a known ingest key, and no limits, which
+are there to stop abuse and would otherwise cap what a benchmark measures."""
+
+
 async def start_tracker(
     nursery: trio.Nursery, *options: str, baseline: bool = False
 ) -> tuple[trio.Process, str]:
@@ -41,7 +49,7 @@ async def start_tracker(
     With ``baseline``, the naive server of :mod:`bench.baseline` instead. The process
     belongs to ``nursery``: cancelling the nursery stops it.
     """
-    server = ["bench.baseline"] if baseline else ["tracker", "serve"]
+    server = ["bench.baseline"] if baseline else ["tracker", "serve", *UNLIMITED]
     command = [sys.executable, "-m", *server, "--port", "0", *options]
     run = functools.partial(
         trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False

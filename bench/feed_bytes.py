@@ -25,7 +25,7 @@ import httpx
 import msgspec
 import trio
 
-from bench.common import viewport
+from bench.common import INGEST_HEADERS, INGEST_KEY, viewport
 from tracker.config import TrackerConfig
 from tracker.server import serve
 from tracker.wire import MOVE, RECORD, decode_frame
@@ -79,9 +79,7 @@ async def drive_fleet(url: str, vehicles: int, tick_s: float, until: float) -> N
                 )
             for start in range(0, len(pings), 10_000):
                 body = encoder.encode(pings[start : start + 10_000])
-                await client.post(
-                    "/ingest", content=body, headers={"Content-Type": "application/msgpack"}
-                )
+                await client.post("/ingest", content=body, headers=INGEST_HEADERS)
             await trio.sleep(tick_s)
 
 
@@ -118,7 +116,9 @@ async def read_feed(
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    config = TrackerConfig(port=0, tick_s=args.tick, heartbeat_s=15)
+    config = TrackerConfig(
+        port=0, tick_s=args.tick, heartbeat_s=15, open_feeds=True, ingest_keys=INGEST_KEY
+    )
     shutdown = trio.Event()
     rng = random.Random(3)
     readers = [ReaderStats() for _ in range(args.subscribers)]

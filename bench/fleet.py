@@ -32,7 +32,7 @@ import numpy as np
 import trio
 import trio.lowlevel
 
-from bench.common import cpu_seconds, rss_bytes, start_tracker, viewport
+from bench.common import INGEST_KEY, cpu_seconds, rss_bytes, start_tracker, viewport
 
 EMPTY_AREA = "bbox=-30.01,-30.01,-30.0,-30.0"
 """A spot in the South Atlantic: a feed that never receives a vehicle."""
@@ -118,6 +118,7 @@ async def fan_out(args: argparse.Namespace) -> FleetFigures:
         )
         tracker, url = await start_tracker(bench_nursery, *options, baseline=args.baseline)
         simulate = [sys.executable, "-m", "tracker", "simulate", "--url", url, "--quiet"]
+        simulate += ["--ingest-key", INGEST_KEY]
         simulate += ["--vehicles", str(args.vehicles), "--seed", str(args.seed)]
         simulate += ["--ping-interval-min-s", "1", "--ping-interval-max-s", "1"]
         simulate += ["--dropout-rate", "0", "--offline-rate", "0"]

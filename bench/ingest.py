@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import trio
 
-from bench.common import CITY, cpu_seconds, start_tracker
+from bench.common import CITY, INGEST_HEADERS, cpu_seconds, start_tracker
 from bench.fleet import metric
 
 ID_WIDTH = 8
@@ -78,9 +78,7 @@ class BodyMaker:
 async def post_all(client: httpx.AsyncClient, bodies: list[bytes], accepted: list[int]) -> None:
     """POST bodies one after another on one connection, counting accepted pings."""
     for body in bodies:
-        response = await client.post(
-            "/ingest", content=body, headers={"Content-Type": "application/msgpack"}
-        )
+        response = await client.post("/ingest", content=body, headers=INGEST_HEADERS)
         accepted[0] += response.json()["accepted"]
 
 

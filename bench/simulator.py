@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import trio
 
-from bench.common import cpu_seconds, start_tracker
+from bench.common import INGEST_KEY, cpu_seconds, start_tracker
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
 
@@ -59,7 +59,9 @@ async def measure(vehicles: int, seconds: float, connections: int, speedup: floa
             dropout_rate=0,  # every vehicle pings every second: N pings/s, not fewer
             offline_rate=0,
         )
-        send = SendConfig(url=url, connections=connections, speedup=speedup, quiet=True)
+        send = SendConfig(
+            url=url, ingest_key=INGEST_KEY, connections=connections, speedup=speedup, quiet=True
+        )
         sender = Sender(fleet, send, out=io.StringIO())
         bench_nursery.start_soon(sender.run)
         await trio.sleep(WARM_UP_S)

@@ -47,6 +47,9 @@ class SendConfig(msgspec.Struct, frozen=True, kw_only=True):
     """How pings are paced and sent (the fleet itself is a FleetConfig)."""
 
     url: Annotated[str, _help("Tracker base URL to POST /ingest to.")] = "http://127.0.0.1:8000"
+    ingest_key: Annotated[
+        str, _help("The tracker's ingest key, sent as X-Ingest-Key (tracker serve prints it).")
+    ] = ""
     speedup: Annotated[float, _help("Simulated seconds per wall-clock second.", gt=0)] = 1.0
     duration_s: Annotated[
         float | None, _help("Stop after this many wall-clock seconds (default: run until Ctrl-C).")
@@ -107,7 +110,11 @@ class Sender:
         deadline = self.config.duration_s if self.config.duration_s is not None else float("inf")
         with trio.move_on_after(deadline):
             async with (
-                httpx.AsyncClient(base_url=self.config.url, timeout=REQUEST_TIMEOUT_S) as http,
+                httpx.AsyncClient(
+                    base_url=self.config.url,
+                    timeout=REQUEST_TIMEOUT_S,
+                    headers={"X-Ingest-Key": self.config.ingest_key},
+                ) as http,
                 trio.open_nursery() as sim_nursery,
             ):
                 sim_nursery.start_soon(self._produce, name="producer")

@@ -28,8 +28,14 @@ FAST: dict[str, Any] = {
     "stale_after_s": 30.0,
     "remove_after_s": 60.0,
     "shutdown_grace_s": 0.5,
+    "open_feeds": True,
+    "ingest_keys": "test-ingest-key",
 }
-"""Config of test servers: short ticks so tests wait milliseconds, not seconds."""
+"""Config of test servers: short ticks so tests wait milliseconds, not seconds; feeds open
+to anonymous readers and one known ingest key, so that tests of other features need no
+credentials (tests/test_auth.py and friends exercise the secure default)."""
+
+INGEST_KEY = {"X-Ingest-Key": "test-ingest-key"}
 
 BERLIN = (52.52, 13.405)
 # A bbox around central Berlin and one far away (Munich).
@@ -94,7 +100,7 @@ async def server(start_server: StartServer) -> RunningServer:
 @pytest.fixture
 async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP/1.1 client bound to ``server``."""
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=INGEST_KEY) as http:
         yield http
 
 
@@ -108,7 +114,7 @@ async def post_pings(http: httpx.AsyncClient, pings: list[dict[str, Any]]) -> ht
     return await http.post(
         "/ingest",
         content=msgspec.msgpack.encode(pings),
-        headers={"Content-Type": "application/msgpack"},
+        headers={"Content-Type": "application/msgpack", **INGEST_KEY},
     )
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import httpx
+import jwt
 import pytest
 
 from tests.processes import tracker_process
@@ -42,10 +46,52 @@ def test_config_from_rejects_bad_values(env: dict[str, str]) -> None:
         config_from(build_parser().parse_args(["serve"]), env)
 
 
-async def test_tracker_serve_runs_and_stops_cleanly_on_sigint() -> None:
+async def test_tracker_serve_is_secure_by_default_and_stops_cleanly_on_sigint() -> None:
+    """No configuration: it makes up a secret and a key, and prints what to use them with."""
     async with tracker_process("serve", "--port", "0", "--tick", "0.1", timeout=20) as tracker:
+        text = tracker.output.decode()
+        token = re.search(r"/\?token=(\S+)", text)
+        key = re.search(r"ingest key .*: (\S+)", text)
+        assert token and key, text
         async with httpx.AsyncClient(base_url=tracker.url) as client:
             assert (await client.get("/healthz")).json()["status"] == "ok"
+            anonymous = await client.get("/feed?bbox=13.3,52.4,13.5,52.6&format=json")
+            assert anonymous.status_code == 401
+            async with client.stream(
+                "GET", f"/feed?bbox=13.3,52.4,13.5,52.6&token={token[1]}"
+            ) as feed:
+                assert feed.status_code == 200
+            keyless = await client.post("/ingest", json=[])
+            keyed = await client.post("/ingest", json=[], headers={"X-Ingest-Key": key[1]})
+            assert (keyless.status_code, keyed.status_code) == (401, 200)
         assert await tracker.interrupt(timeout=15) == 0
     assert b"tracker: stopped" in tracker.output
     assert b"Traceback" not in tracker.output
+
+
+def test_token_command_mints_a_token_for_an_area(capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "k" * 40
+    area = "bbox=13.38,52.51,13.42,52.53"
+    argv = ["token", "--area", area, "--ttl", "2h", "--token-secrets", secret]
+    assert main(argv) == 0
+    token, feed, embed, iframe = capsys.readouterr().out.splitlines()
+    claims = jwt.decode(token, secret, algorithms=["HS256"])
+    assert claims["area"] == {"bbox": ["13.38,52.51,13.42,52.53"]}
+    assert 7100 < claims["exp"] - time.time() <= 7200
+    assert feed.endswith(f"/feed?{area}&token={token}")
+    assert embed.endswith(f"/embed?{area}&token={token}") and "<iframe" in iframe
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["token"],  # no secret
+        ["token", "--token-secrets", "k" * 40, "--ttl", "soon"],
+        ["token", "--token-secrets", "k" * 40, "--area", "bbox=1,2"],
+    ],
+)
+def test_token_command_explains_what_is_wrong(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert "tracker: bad configuration" in capsys.readouterr().err

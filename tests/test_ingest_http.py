@@ -9,7 +9,7 @@ import time
 import httpx
 import msgspec
 
-from tests.conftest import BERLIN, RunningServer, StartServer, ping, post_pings
+from tests.conftest import BERLIN, INGEST_KEY, RunningServer, StartServer, ping, post_pings
 
 
 async def test_ingest_accepts_msgpack_and_json(client: httpx.AsyncClient) -> None:
@@ -97,7 +97,7 @@ async def test_ingest_rejects_oversized_bodies_and_batches_with_413(
     start_server: StartServer,
 ) -> None:
     server = await start_server(ingest_max_bytes=4096, ingest_max_pings=10)
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, headers=INGEST_KEY) as client:
         now = time.time()
         big = [ping(f"v{i}", *BERLIN, now) for i in range(200)]
         response = await post_pings(client, big)

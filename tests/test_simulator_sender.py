@@ -30,7 +30,13 @@ async def test_sender_survives_a_tracker_that_starts_late(
     port = _free_port()
     sender = Sender(
         FleetConfig(seed=3, vehicles=200),
-        SendConfig(url=f"http://127.0.0.1:{port}", speedup=5, batch_size=500, quiet=True),
+        SendConfig(
+            url=f"http://127.0.0.1:{port}",
+            ingest_key="test-ingest-key",
+            speedup=5,
+            batch_size=500,
+            quiet=True,
+        ),
     )
     nursery.start_soon(sender.run)
     with trio.fail_after(10):
@@ -63,7 +69,7 @@ async def test_sender_reports_progress(start_server: StartServer) -> None:
     out = io.StringIO()
     sender = Sender(
         FleetConfig(seed=1, vehicles=100),
-        SendConfig(url=server.url, speedup=5, duration_s=2.5),
+        SendConfig(url=server.url, ingest_key="test-ingest-key", speedup=5, duration_s=2.5),
         out=out,
     )
     await sender.run()

@@ -3,23 +3,30 @@
 ``create_app`` builds a Quart-Trio app around one :class:`~tracker.service.Tracker`. The
 app's lifespan nursery (``app.nursery``, owned by Quart-Trio for the life of the server)
 holds the ticker task; ``after_serving`` stops it. Every :class:`TrackerError` and every
-HTTP error becomes a JSON body ``{"error", "message", ...}``.
+HTTP error becomes a JSON body ``{"error", "message", ...}``. Who may do what is decided
+by ``auth.py`` (tokens, ingest keys) and ``limits.py``; ``headers.py`` adds CORS and the
+browser-safety headers to every response.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 import msgspec
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from tracker.errors import BadRequest, PayloadTooLarge, TrackerError
+from tracker.auth import COOKIE, Grant, Keyring, check_ingest_key, new_secret
+from tracker.config import TrackerConfig
+from tracker.errors import BadRequest, PayloadTooLarge, TrackerError, Unauthorized
 from tracker.feed import feed_stream
+from tracker.headers import security_headers
 from tracker.ingest import ingest_body, media_is_json
-from tracker.regions import parse_area
+from tracker.limits import IngestRate, StreamSlots, held_while_streaming
+from tracker.regions import AREA_PARAMS, parse_area
 from tracker.service import Tracker
 
 __all__ = ["create_app"]
@@ -33,12 +40,66 @@ def _json_response(body: Any, status: int = 200) -> Response:
     return Response(_json.encode(body), status=status, content_type="application/json")
 
 
+def _error_response(body: Any, status: int, headers: dict[str, str]) -> Response:
+    """An error body; closes the connection if a request body was left unread.
+
+    An ingest refused before its body was read (no key, wrong media type, too large)
+    leaves that body on the connection, where it would be parsed as the next request.
+    """
+    response = _json_response(body, status)
+    response.headers.update(headers)
+    if request.method == "POST" and not g.get("body_read", False):
+        response.headers["Connection"] = "close"
+    return response
+
+
+def _bearer(authorization: str | None) -> str | None:
+    scheme, _, credentials = (authorization or "").partition(" ")
+    return credentials.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _presented_token() -> str | None:
+    """A feed token from ``?token=``, ``Authorization: Bearer`` or the session cookie."""
+    return (
+        request.args.get("token")
+        or _bearer(request.headers.get("Authorization"))
+        or request.cookies.get(COOKIE)
+    )
+
+
+def _keyring(config: TrackerConfig) -> Keyring:
+    return Keyring(
+        config.token_secret_list or [new_secret()],
+        resolution=config.h3_resolution,
+        max_cells=config.max_feed_cells,
+    )
+
+
 def create_app(tracker: Tracker) -> QuartTrio:
     """The ASGI app serving ``tracker``; run it with ``tracker.server.serve``."""
     config = tracker.config
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.ingest_max_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # feeds are endless; see docs/architecture.md
+    keyring = _keyring(config)
+    slots = StreamSlots(
+        per_token=config.max_streams_per_token,
+        per_address=config.max_streams_per_address,
+        retry_after_s=max(1.0, config.retry_ms / 1000),
+    )
+    ingest_rate = IngestRate(config.ingest_rate_per_key)
+
+    def feed_grant() -> Grant | None:
+        """What the request's token allows; None for an anonymous reader of open feeds."""
+        token = _presented_token()
+        if token:
+            return keyring.grant(token)
+        if config.open_feeds:
+            return None
+        raise Unauthorized(
+            "this feed needs a token: ?token=, Authorization: Bearer, or the session "
+            "cookie (POST /session)"
+        )
 
     @app.before_serving
     async def start_core() -> None:
@@ -50,22 +111,30 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.errorhandler(TrackerError)
     async def tracker_error(error: TrackerError) -> Response:
-        return _json_response(error.body(), error.status)
+        return _error_response(error.body(), error.status, error.headers())
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         if error.code == PayloadTooLarge.status:
             limit = config.ingest_max_bytes
             too_large = PayloadTooLarge(f"body is larger than {limit} bytes", limit=limit)
-            return _json_response(too_large.body(), too_large.status)
+            return _error_response(too_large.body(), too_large.status, {})
         name = (error.name or "error").lower().replace(" ", "_")
         body = {"error": name, "message": error.description or error.name}
-        return _json_response(body, error.code or 500)
+        return _error_response(body, error.code or 500, {})
+
+    @app.after_request
+    async def add_security_headers(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        security_headers(response.headers, request.path, request.method, origin, config)
+        return response
 
     @app.post("/ingest")
     async def ingest() -> Response:
+        key = check_ingest_key(request.headers.get("X-Ingest-Key"), config.ingest_key_list)
         media_is_json(request.content_type)  # 415 before reading the body
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        g.body_read = True
         assert isinstance(body, bytes)
         reply = ingest_body(
             body,
@@ -74,16 +143,29 @@ def create_app(tracker: Tracker) -> QuartTrio:
             config=config,
             metrics=tracker.metrics,
             now=time.time(),
+            admit=functools.partial(ingest_rate.admit, key),
         )
         return _json_response(reply)
 
     @app.get("/feed")
     async def feed() -> Response:
+        grant = feed_grant()
         args = request.args.to_dict(flat=False)
+        args.pop("token", None)
         fmt = args.pop("format", ["msgpack"])[-1]
         if fmt not in FEED_FORMATS:
             raise BadRequest(f"format {fmt!r} is not one of {sorted(FEED_FORMATS)}")
-        cells = parse_area(args, resolution=config.h3_resolution, max_cells=config.max_feed_cells)
+        if grant is not None and grant.cells is not None and not args.keys() & set(AREA_PARAMS):
+            cells = grant.cells  # no area asked for: the token's whole area
+        else:
+            cells = parse_area(
+                args, resolution=config.h3_resolution, max_cells=config.max_feed_cells
+            )
+        if grant is not None:
+            grant.check(cells)
+        slot = slots.acquire(
+            token=grant.holder if grant else None, address=request.remote_addr or "unknown"
+        )
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
         stream = feed_stream(
             tracker.hub,
@@ -94,10 +176,37 @@ def create_app(tracker: Tracker) -> QuartTrio:
             heartbeat_s=config.heartbeat_s,
             metrics=tracker.metrics,
         )
-        response = Response(stream, content_type="text/event-stream")
+        response = Response(held_while_streaming(stream, slot), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.timeout = None
+        return response
+
+    @app.post("/session")
+    async def open_session() -> Response:
+        """Trade a token for an HttpOnly cookie, so pages need not keep it in URLs."""
+        token = _bearer(request.headers.get("Authorization"))
+        if token is None:
+            body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+            g.body_read = True
+            assert isinstance(body, bytes)
+            token = _session_token(body)
+        grant = keyring.grant(token)
+        response = _json_response({"expires": grant.expires, "area": grant.cells is not None})
+        response.set_cookie(
+            COOKIE,
+            token,
+            max_age=max(0, int(grant.expires - time.time())),
+            httponly=True,
+            secure=request.scheme == "https",
+            samesite="Strict",
+        )
+        return response
+
+    @app.delete("/session")
+    async def close_session() -> Response:
+        response = _json_response({"closed": True})
+        response.delete_cookie(COOKIE, httponly=True, samesite="Strict")
         return response
 
     @app.get("/healthz")
@@ -118,3 +227,16 @@ def create_app(tracker: Tracker) -> QuartTrio:
         )
 
     return app
+
+
+class _SessionBody(msgspec.Struct):
+    token: str
+
+
+def _session_token(body: bytes) -> str:
+    try:
+        return msgspec.json.decode(body, type=_SessionBody).token
+    except msgspec.DecodeError as exc:
+        raise Unauthorized(
+            'POST /session needs a token: Authorization: Bearer <token>, or {"token": ...}'
+        ) from exc

@@ -1,4 +1,4 @@
-"""The ``tracker`` command: ``serve``, ``simulate`` and ``demo``.
+"""The ``tracker`` command: ``serve``, ``simulate``, ``demo`` and ``token``.
 
 Every option is generated from a field of a config Struct (``TrackerConfig``,
 ``FleetConfig``, ``SendConfig``), so flags, help, ``TRACKER_*`` environment variables and
@@ -7,6 +7,10 @@ is the only place that reads ``os.environ``.
 
 ``demo`` runs the server and the simulator in one nursery (``demo_nursery``): a signal
 watcher, the server, and the simulator, which is cancelled first when shutdown begins.
+
+Secure by default: ``serve`` with no token secret or ingest key makes them up, prints an
+admin URL with a token (as Jupyter does) and the ingest key; feeds need a token unless
+``--open``. ``demo`` is open (it is for looking at) but its ingest still takes a key.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import signal
 import sys
 import types
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -25,13 +31,19 @@ import trio
 
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
+from tracker.auth import Keyring, new_secret
 from tracker.config import ConfigError, TrackerConfig, load_config
+from tracker.errors import TrackerError
 from tracker.server import serve
 
 __all__ = ["build_parser", "config_from", "main"]
 
 ENV_PREFIX = "TRACKER_"
-DEMO_VEHICLES = 2000
+DEMO_DEFAULTS = {"VEHICLES": "2000", "OPEN_FEEDS": "true", "CORS_ORIGINS": "*"}
+"""What ``demo`` changes from the defaults: a fleet to look at, readable by any page."""
+ADMIN_TOKEN_TTL_S = 7 * 86_400
+TOKEN_OPTIONS = ("token_secrets", "h3_resolution", "max_feed_cells")
+EXAMPLE_BBOX = "13.30,52.48,13.50,52.56"
 
 
 def _options(struct: type[msgspec.Struct]) -> list[tuple[str, type, Any, str]]:
@@ -48,14 +60,20 @@ def _options(struct: type[msgspec.Struct]) -> list[tuple[str, type, Any, str]]:
 
 
 def _add_options(
-    parser: argparse.ArgumentParser, struct: type[msgspec.Struct], *, skip: Sequence[str] = ()
+    parser: argparse.ArgumentParser,
+    struct: type[msgspec.Struct],
+    *,
+    skip: Sequence[str] = (),
+    only: Sequence[str] | None = None,
 ) -> None:
     for name, kind, default, description in _options(struct):
-        if name in skip:
+        if name in skip or (only is not None and name not in only):
             continue
         flags = ["--" + name.replace("_", "-")]
         if name.endswith("_s"):
             flags.append("--" + name[:-2].replace("_", "-"))
+        if name == "open_feeds":
+            flags.append("--open")
         help_text = f"{description} [env {ENV_PREFIX}{name.upper()}; default {default!r}]"
         if kind is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const=True, help=help_text)
@@ -92,7 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_options(demo_parser, TrackerConfig)
     _add_options(demo_parser, FleetConfig)
-    _add_options(demo_parser, SendConfig, skip=("url",))
+    _add_options(demo_parser, SendConfig, skip=("url", "ingest_key"))
+    token_parser = commands.add_parser(
+        "token",
+        help="mint a feed token and print feed and embed URLs with it",
+        description="Mint a feed token signed with the server's first token secret.",
+    )
+    token_parser.add_argument(
+        "--area",
+        default="",
+        help="what the token may watch, as a feed query: 'bbox=w,s,e,n', 'cells=...', "
+        "'lat=..&lon=..&radius_m=..' (default: everything)",
+    )
+    token_parser.add_argument(
+        "--ttl", default="1h", help="how long it is valid: 90s, 30m, 1h, 7d (default 1h)"
+    )
+    token_parser.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="the tracker's public URL"
+    )
+    _add_options(token_parser, TrackerConfig, only=TOKEN_OPTIONS)
     return parser
 
 
@@ -130,13 +166,57 @@ async def _wait_for_signal(shutdown: trio.Event) -> None:
             return
 
 
+def _secured(config: TrackerConfig) -> tuple[TrackerConfig, list[str]]:
+    """The config with a token secret and an ingest key, made up where none was given.
+
+    Also returns what the operator needs to hear about them: the made-up ingest key (a
+    configured one is theirs already, and is not echoed to logs).
+    """
+    notes = []
+    changes: dict[str, str] = {}
+    if not config.token_secret_list:
+        changes["token_secrets"] = new_secret()
+    if not config.ingest_key_list:
+        changes["ingest_keys"] = new_secret()
+        notes.append(
+            f"tracker: ingest key (send it as X-Ingest-Key; --ingest-keys sets your own): "
+            f"{changes['ingest_keys']}"
+        )
+    return msgspec.structs.replace(config, **changes), notes
+
+
+def _admin_lines(config: TrackerConfig, url: str) -> list[str]:
+    """How to look at the feeds: an admin URL with a token, or the open feed."""
+    feed = f"{url}/feed?bbox={EXAMPLE_BBOX}&format=json"
+    if config.open_feeds:
+        return [f"tracker: feeds are open to anyone:  curl -N '{feed}'"]
+    token = _keyring(config).mint(ttl_s=ADMIN_TOKEN_TTL_S)
+    return [
+        "tracker: feeds need a token; this admin token sees every area for 7 days (keep it "
+        "secret; tracker token mints narrower ones):",
+        f"  {url}/?token={token}",
+        f"  curl -N '{feed}&token={token}'",
+    ]
+
+
+def _keyring(config: TrackerConfig) -> Keyring:
+    return Keyring(
+        config.token_secret_list,
+        resolution=config.h3_resolution,
+        max_cells=config.max_feed_cells,
+    )
+
+
 async def _serve_until_signalled(config: TrackerConfig) -> None:
+    config, notes = _secured(config)
     shutdown = trio.Event()
     async with trio.open_nursery() as main_nursery:
         main_nursery.start_soon(_wait_for_signal, shutdown)
         binds = await main_nursery.start(serve, config, shutdown)
         for url in binds:
             print(f"tracker: serving on {url}  (feeds: {url}/feed?bbox=..., ingest: {url}/ingest)")
+        for line in [*_admin_lines(config, binds[0]), *notes]:
+            print(line)
         print("tracker: press Ctrl-C to stop", flush=True)
     print("tracker: stopped", flush=True)
 
@@ -163,6 +243,7 @@ async def _run_until(shutdown: trio.Event, job: Callable[[], Awaitable[None]]) -
 
 
 async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> None:
+    config, _ = _secured(config)
     shutdown = trio.Event()
     async with trio.open_nursery() as demo_nursery:
         demo_nursery.start_soon(_wait_for_signal, shutdown)
@@ -171,8 +252,11 @@ async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> 
         print(f"tracker demo: serving on {url} with {fleet.vehicles} simulated vehicles")
         print(f"  watch them:  curl -N '{url}/feed?lat={lat}&lon={lon}&radius_m=3000&format=json'")
         print(f"  health:      {url}/healthz   metrics: {url}/metrics")
+        if not config.open_feeds:
+            print("\n".join(_admin_lines(config, url)))
         print("tracker demo: press Ctrl-C to stop", flush=True)
-        sender = Sender(fleet, msgspec.structs.replace(send, url=url))
+        key = config.ingest_key_list[0]
+        sender = Sender(fleet, msgspec.structs.replace(send, url=url, ingest_key=key))
         demo_nursery.start_soon(_run_until, shutdown, sender.run)
     print("tracker demo: stopped", flush=True)
 
@@ -193,6 +277,38 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+_TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _parse_ttl(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``1h`` or ``7d``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise ConfigError(f"ttl {text!r} is not a duration like 90s, 30m, 1h or 7d")
+    return float(match[1]) * _TTL_UNITS[match[2]]
+
+
+def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """``tracker token``: a token for an area and the URLs that use it."""
+    config = load_config(_values(TrackerConfig, args, environ))
+    if not config.token_secret_list:
+        raise ConfigError(
+            "no token secret: set TRACKER_TOKEN_SECRETS (or --token-secrets) to the "
+            "server's secret; a secret made up by tracker serve dies with the server"
+        )
+    area = urllib.parse.parse_qs(args.area, keep_blank_values=True) if args.area else None
+    try:
+        token = _keyring(config).mint(ttl_s=_parse_ttl(args.ttl), area=area)
+    except TrackerError as exc:
+        raise ConfigError(f"area {args.area!r}: {exc.message}") from exc
+    base = args.base_url.rstrip("/")
+    query = f"{args.area}&" if args.area else f"bbox={EXAMPLE_BBOX}&"
+    print(token)
+    print(f"feed:   {base}/feed?{query}token={token}")
+    print(f"embed:  {base}/embed?{query}token={token}")
+    print(f'iframe: <iframe src="{base}/embed?{query}token={token}" width="600" height="400">')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tracker`` console script."""
     args = build_parser().parse_args(argv)
@@ -203,8 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "simulate":
             fleet = _struct_from(FleetConfig, args, os.environ)
             trio.run(_simulate_until_signalled, fleet, _struct_from(SendConfig, args, os.environ))
+        elif args.command == "token":
+            _mint(args, os.environ)
         else:
-            environ = {f"{ENV_PREFIX}VEHICLES": str(DEMO_VEHICLES), **os.environ}
+            environ = {ENV_PREFIX + k: v for k, v in DEMO_DEFAULTS.items()} | dict(os.environ)
             trio.run(
                 _demo,
                 config_from(args, environ),

@@ -91,12 +91,71 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     backlog: Annotated[
         int, describe("Connections waiting to be accepted (many feeds reconnect at once).", ge=1)
     ] = 4096
+    open_feeds: Annotated[
+        bool,
+        describe("Serve feeds without a token: anyone who reaches the port sees every vehicle."),
+    ] = False
+    token_secrets: Annotated[
+        str,
+        describe(
+            "Comma-separated secrets of feed tokens: the first signs, every one verifies "
+            "(key rotation). Empty: a random secret per start."
+        ),
+    ] = ""
+    ingest_keys: Annotated[
+        str,
+        describe("Comma-separated keys accepted in the X-Ingest-Key header of POST /ingest."),
+    ] = ""
+    ingest_rate_per_key: Annotated[
+        float,
+        describe("Pings per second one ingest key may post (1 s of burst); 0: no limit.", ge=0),
+    ] = 250_000.0
+    max_streams_per_token: Annotated[
+        int, describe("Feeds one token may hold open at once; 0: no limit.", ge=0)
+    ] = 8
+    max_streams_per_address: Annotated[
+        int, describe("Feeds one client address may hold open at once; 0: no limit.", ge=0)
+    ] = 64
+    cors_origins: Annotated[
+        str,
+        describe(
+            "Comma-separated origins whose pages may read feeds (CORS); * for any. "
+            "Empty: same origin only."
+        ),
+    ] = ""
+    frame_ancestors: Annotated[
+        str,
+        describe("Who may put /embed in a frame: a CSP frame-ancestors source list."),
+    ] = "*"
 
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:
             raise ConfigError("remove_after_s must be greater than stale_after_s")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("certfile and keyfile go together")
+        if any(len(secret) < 32 for secret in self.token_secret_list):
+            raise ConfigError("each token secret needs at least 32 characters (256 bits)")
+        if any(c in self.frame_ancestors for c in ";,\r\n"):
+            raise ConfigError("frame_ancestors is one CSP source list: no ';', ',' or newline")
+
+    @property
+    def token_secret_list(self) -> list[str]:
+        """``token_secrets`` split; the first one signs."""
+        return _split(self.token_secrets)
+
+    @property
+    def ingest_key_list(self) -> list[str]:
+        """``ingest_keys`` split."""
+        return _split(self.ingest_keys)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``cors_origins`` split."""
+        return _split(self.cors_origins)
+
+
+def _split(values: str) -> list[str]:
+    return [value.strip() for value in values.split(",") if value.strip()]
 
 
 class ConfigError(ValueError):

@@ -8,22 +8,29 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
     * BadArea (400) -- a feed area that is malformed, inverted, or too large
     * BadBody (400) -- an ingest body that is not valid msgpack/JSON of the expected shape
     * BadLastEventId is not an error: a bad resume id falls back to a snapshot.
+  * Unauthorized (401) -- no, a forged or an expired feed token; a missing or wrong ingest key
+  * ForbiddenArea (403) -- a feed asking for more than its token allows
   * PayloadTooLarge (413)
   * UnsupportedMediaType (415)
   * NothingAccepted (422) -- every ping in a batch was rejected
+  * TooManyRequests (429) -- too many open feeds, or ingest over the key's rate
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 __all__ = [
     "BadArea",
     "BadBody",
     "BadRequest",
+    "ForbiddenArea",
     "NothingAccepted",
     "PayloadTooLarge",
+    "TooManyRequests",
     "TrackerError",
+    "Unauthorized",
     "UnsupportedMediaType",
 ]
 
@@ -42,6 +49,10 @@ class TrackerError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON error body: a stable ``error`` code, a readable ``message``, details."""
         return {"error": self.code, "message": self.message, **self.details}
+
+    def headers(self) -> dict[str, str]:
+        """Response headers the status calls for (``WWW-Authenticate``, ``Retry-After``)."""
+        return {}
 
 
 class BadRequest(TrackerError):
@@ -82,3 +93,34 @@ class NothingAccepted(TrackerError):
 
     status = 422
     code = "nothing_accepted"
+
+
+class Unauthorized(TrackerError):
+    """No credentials, or ones that do not verify: a feed token or an ingest key."""
+
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="tracker"'}
+
+
+class ForbiddenArea(TrackerError):
+    """A feed asking for cells outside the area its token grants."""
+
+    status = 403
+    code = "forbidden_area"
+
+
+class TooManyRequests(TrackerError):
+    """Over a limit that frees up with time: open feeds, or the ingest rate of a key."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}

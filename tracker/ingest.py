@@ -8,6 +8,7 @@ in the index before the reply is sent, so nothing acknowledged is lost. Owns no 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import msgspec
 
@@ -70,8 +71,13 @@ def ingest_body(
     config: TrackerConfig,
     metrics: Metrics,
     now: float,
+    admit: Callable[[int], None] = lambda pings: None,
 ) -> IngestReply:
-    """Decode, check and apply one batch; raise a TrackerError if nothing could be taken."""
+    """Decode, check and apply one batch; raise a TrackerError if nothing could be taken.
+
+    ``admit(n)`` is asked before anything is applied and may refuse the batch by raising
+    (the ingest rate limit): a batch is taken whole or not at all.
+    """
     is_json = media_is_json(content_type)
     if len(body) > config.ingest_max_bytes:
         raise PayloadTooLarge(
@@ -88,6 +94,7 @@ def ingest_body(
             f"batch has {len(pings)} pings; at most {config.ingest_max_pings}",
             limit=config.ingest_max_pings,
         )
+    admit(len(pings))
     accepted = ignored = 0
     for position, ping in enumerate(pings):
         if ping is None:

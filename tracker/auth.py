@@ -1,0 +1,153 @@
+"""Who may read which feed, and who may post pings.
+
+Feeds are read with **feed tokens**: JWTs (HS256, signed with one of the configured
+secrets) whose claims bound what the holder sees:
+
+* ``exp``: when the token stops working (always set); ``jti``: a random id, so every
+  minted token is distinct (per-token limits count tokens, not areas);
+* ``area`` (optional): the area the holder may watch, written like a feed query
+  (``{"bbox": ["w,s,e,n"], "cells": [...], "lat": [...], ...}``). Without it the token
+  sees everything (an admin token).
+
+EventSource cannot set headers, so a token is accepted as ``?token=`` (feed and embed URLs),
+as ``Authorization: Bearer``, or from the HttpOnly cookie ``POST /session`` sets. Several
+secrets verify at once (key rotation); the first signs, and its ``kid`` header says which
+secret to try first. A token's area is turned into index cells exactly as a feed query is,
+so a feed may ask for any part of it and is refused (403) beyond it.
+
+Ingest is guarded by **ingest keys**: shared secrets sent as ``X-Ingest-Key``.
+See ``docs/security.md`` for the threat model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import jwt
+
+from tracker.errors import ForbiddenArea, Unauthorized
+from tracker.regions import parse_area
+
+__all__ = [
+    "COOKIE",
+    "Grant",
+    "Keyring",
+    "check_ingest_key",
+    "new_secret",
+]
+
+ALGORITHM = "HS256"
+COOKIE = "tracker_token"
+"""Name of the HttpOnly cookie that carries a feed token (set by ``POST /session``)."""
+
+
+def new_secret() -> str:
+    """A random secret for tokens or ingest keys (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def _kid(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a verified token allows: ``cells`` (None: everywhere), until ``expires``."""
+
+    cells: frozenset[int] | None
+    expires: float
+    holder: str
+    """Identifies the token (a hash of it) for per-token limits; never the token itself."""
+
+    def check(self, cells: frozenset[int]) -> None:
+        """Refuse a feed that asks for anything beyond the grant."""
+        if self.cells is not None and not cells <= self.cells:
+            outside = len(cells - self.cells)
+            raise ForbiddenArea(
+                f"the token allows a smaller area: {outside} of the {len(cells)} cells asked "
+                "for are outside it (ask for less, or leave the area out to get the "
+                "token's whole area)",
+                cells_outside=outside,
+            )
+
+
+class Keyring:
+    """The secrets that sign and verify feed tokens: the first signs, all verify."""
+
+    def __init__(self, secrets_: Sequence[str], *, resolution: int, max_cells: int) -> None:
+        if not secrets_:
+            raise ValueError("a keyring needs at least one secret")
+        self._by_kid = {_kid(secret): secret for secret in secrets_}
+        self._signing = secrets_[0]
+        self._resolution = resolution
+        self._max_cells = max_cells
+        self._grant = lru_cache(maxsize=1024)(self._verify)
+
+    def mint(self, *, ttl_s: float, area: Mapping[str, Sequence[str]] | None = None) -> str:
+        """A token valid for ``ttl_s`` seconds, for ``area`` (a feed query) or everywhere.
+
+        The area is checked now (a token must never carry an area no feed could use).
+        """
+        now = int(time.time())
+        claims: dict[str, Any] = {"exp": now + int(ttl_s), "iat": now, "jti": secrets.token_hex(8)}
+        if area is not None:
+            parse_area(area, resolution=self._resolution, max_cells=self._max_cells)
+            claims["area"] = {name: list(values) for name, values in area.items()}
+        return jwt.encode(claims, self._signing, ALGORITHM, headers={"kid": _kid(self._signing)})
+
+    def grant(self, token: str) -> Grant:
+        """Verify a token (401 if it does not) and what it allows; cached per token."""
+        grant = self._grant(token)
+        if grant.expires <= time.time():
+            raise Unauthorized("the token has expired; ask for a new one")
+        return grant
+
+    def _verify(self, token: str) -> Grant:
+        claims = self._claims(token)
+        area = claims.get("area")
+        cells = None
+        if area is not None:
+            if not isinstance(area, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, str) for x in v) for v in area.values()
+            ):
+                raise Unauthorized("the token's area claim is malformed")
+            cells = parse_area(area, resolution=self._resolution, max_cells=self._max_cells)
+        holder = hashlib.sha256(token.encode()).hexdigest()[:16]
+        return Grant(cells, float(claims["exp"]), holder)
+
+    def _claims(self, token: str) -> dict[str, Any]:
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"the token is not a JWT: {exc}") from exc
+        first = self._by_kid.get(kid) if isinstance(kid, str) else None
+        candidates = [first] if first else list(self._by_kid.values())
+        for secret in candidates:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token, secret, algorithms=[ALGORITHM], options={"require": ["exp"]}
+                )
+            except jwt.ExpiredSignatureError as exc:
+                raise Unauthorized("the token has expired; ask for a new one") from exc
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError as exc:
+                raise Unauthorized(f"the token is not valid: {exc}") from exc
+            return claims
+        raise Unauthorized("the token's signature does not verify (forged, or its key retired)")
+
+
+def check_ingest_key(presented: str | None, keys: Sequence[str]) -> str:
+    """The ingest key presented, if it is one of ``keys`` (compared in constant time)."""
+    if not presented:
+        raise Unauthorized("POST /ingest needs an ingest key in the X-Ingest-Key header")
+    if not any(hmac.compare_digest(presented.encode(), key.encode()) for key in keys):
+        raise Unauthorized("the X-Ingest-Key is not one of this tracker's ingest keys")
+    return presented

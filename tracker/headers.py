@@ -1,0 +1,72 @@
+"""Response headers that keep browsers safe: CORS for feeds, framing, referrers, sniffing.
+
+Applied to every response by one ``after_request`` hook (``app.py``):
+
+* **CORS** (``cors_origins``): a page on another origin may read ``/feed`` only if its
+  origin is listed (or the list is ``*``). A listed origin is echoed with
+  ``Access-Control-Allow-Credentials`` so the session cookie works across origins; ``*``
+  allows anyone but never with credentials (browsers forbid it, and tokens in URLs do not
+  need it). Preflights (``OPTIONS /feed``) are answered here too.
+* **Framing**: ``/embed`` may be framed by ``frame_ancestors``; nothing else may be framed.
+* ``Referrer-Policy: no-referrer``: feed and embed URLs carry tokens; a page must not leak
+  them to the sites it links to. ``X-Content-Type-Options: nosniff`` everywhere.
+"""
+
+from __future__ import annotations
+
+from werkzeug.datastructures import Headers
+
+from tracker.config import TrackerConfig
+
+__all__ = ["CORS_PATHS", "EMBED_PATH", "cors_headers", "preflight_headers", "security_headers"]
+
+CORS_PATHS = frozenset({"/feed", "/healthz"})
+"""Paths other origins may read when allowed; ingest is for servers, not browsers."""
+
+EMBED_PATH = "/embed"
+
+_ALLOW_HEADERS = "Authorization, Last-Event-ID, Cache-Control"
+
+
+def cors_headers(origin: str | None, path: str, config: TrackerConfig) -> dict[str, str]:
+    """The CORS headers a response to ``origin`` gets (none if it is not allowed)."""
+    allowed = config.cors_origin_list
+    if origin is None or path not in CORS_PATHS or not allowed:
+        return {}
+    if origin in allowed:
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Credentials": "true",
+            "Vary": "Origin",
+        }
+    if "*" in allowed:
+        return {"Access-Control-Allow-Origin": "*"}
+    return {"Vary": "Origin"}
+
+
+def preflight_headers(origin: str | None, path: str, config: TrackerConfig) -> dict[str, str]:
+    """The answer to a CORS preflight: what an allowed origin may send, cached 10 minutes."""
+    headers = cors_headers(origin, path, config)
+    if "Access-Control-Allow-Origin" in headers:
+        headers |= {
+            "Access-Control-Allow-Methods": "GET, OPTIONS",
+            "Access-Control-Allow-Headers": _ALLOW_HEADERS,
+            "Access-Control-Max-Age": "600",
+        }
+    return headers
+
+
+def security_headers(
+    headers: Headers,
+    path: str,
+    method: str,
+    origin: str | None,
+    config: TrackerConfig,
+) -> None:
+    """Add this module's headers to a response's ``headers`` (preflights included)."""
+    cors = preflight_headers if method == "OPTIONS" else cors_headers
+    headers.update(cors(origin, path, config))
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+    ancestors = config.frame_ancestors if path == EMBED_PATH else "'none'"
+    headers["Content-Security-Policy"] = f"frame-ancestors {ancestors}"
