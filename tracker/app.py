@@ -28,6 +28,7 @@ from tracker.ingest import ingest_body, media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.regions import AREA_PARAMS, parse_area
 from tracker.service import Tracker
+from tracker.web import add_web_routes
 
 __all__ = ["create_app"]
 
@@ -208,6 +209,8 @@ def create_app(tracker: Tracker) -> QuartTrio:
         response = _json_response({"closed": True})
         response.delete_cookie(COOKIE, httponly=True, samesite="Strict")
         return response
+
+    add_web_routes(app, config)
 
     @app.get("/healthz")
     async def healthz() -> Response:

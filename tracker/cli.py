@@ -189,7 +189,7 @@ def _admin_lines(config: TrackerConfig, url: str) -> list[str]:
     """How to look at the feeds: an admin URL with a token, or the open feed."""
     feed = f"{url}/feed?bbox={EXAMPLE_BBOX}&format=json"
     if config.open_feeds:
-        return [f"tracker: feeds are open to anyone:  curl -N '{feed}'"]
+        return [f"tracker: feeds are open to anyone: the map {url}/   curl -N '{feed}'"]
     token = _keyring(config).mint(ttl_s=ADMIN_TOKEN_TTL_S)
     return [
         "tracker: feeds need a token; this admin token sees every area for 7 days (keep it "
@@ -250,6 +250,7 @@ async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> 
         (url, *_) = await demo_nursery.start(serve, config, shutdown)
         lat, lon = fleet.center_lat, fleet.center_lon
         print(f"tracker demo: serving on {url} with {fleet.vehicles} simulated vehicles")
+        print(f"  the map:     {url}/")
         print(f"  watch them:  curl -N '{url}/feed?lat={lat}&lon={lon}&radius_m=3000&format=json'")
         print(f"  health:      {url}/healthz   metrics: {url}/metrics")
         if not config.open_feeds:

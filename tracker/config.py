@@ -123,6 +123,22 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "Empty: same origin only."
         ),
     ] = ""
+    tile_url: Annotated[
+        str,
+        describe(
+            "Map tile URL template for the map page ({z}/{x}/{y}); empty: a plain background."
+        ),
+    ] = ""
+    tile_attribution: Annotated[str, describe("Attribution shown for the tiles (HTML).")] = ""
+    map_center: Annotated[str, describe("Where the map page opens without an area: 'lat,lon'.")] = (
+        "52.52,13.405"
+    )
+    map_zoom: Annotated[
+        int, describe("Zoom the map page opens at without an area.", ge=3, le=19)
+    ] = 12
+    web_dir: Annotated[
+        str, describe("Directory of the map page's files (default: web/ of the source tree).")
+    ] = ""
     frame_ancestors: Annotated[
         str,
         describe("Who may put /embed in a frame: a CSP frame-ancestors source list."),
@@ -133,6 +149,12 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ConfigError("remove_after_s must be greater than stale_after_s")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("certfile and keyfile go together")
+        try:
+            lat, lon = (float(v) for v in self.map_center.split(","))
+        except ValueError:
+            raise ConfigError("map_center is 'lat,lon', e.g. '52.52,13.405'") from None
+        if not (-85 <= lat <= 85 and -180 <= lon <= 180):
+            raise ConfigError("map_center is outside the served band")
         if any(len(secret) < 32 for secret in self.token_secret_list):
             raise ConfigError("each token secret needs at least 32 characters (256 bits)")
         if any(c in self.frame_ancestors for c in ";,\r\n"):

@@ -1,0 +1,112 @@
+"""Real-browser helpers: a tracker demo in a child process, and Debian's Chromium.
+
+Browser tests are plain (synchronous) tests: Playwright's API is synchronous or asyncio,
+and the server under test is a separate process either way. Chromium is the system one
+(``apt-get install chromium``); Playwright's own browser download is never used.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from playwright.sync_api import Browser, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def demo(port: int, *options: str) -> Iterator[str]:
+    """``tracker demo`` on ``port`` until the block ends; its URL. Waits for a clean exit."""
+    command = [sys.executable, "-m", "tracker", "demo", "--port", str(port), "--quiet"]
+    process = subprocess.Popen(
+        [*command, "--tick", "0.5", *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert process.stdout is not None
+    output = b""
+    try:
+        while b"Ctrl-C" not in output:
+            line = process.stdout.readline()
+            assert line, output.decode()
+            output += line
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=30)
+    assert process.returncode == 0 and b"Traceback" not in rest, rest.decode()
+
+
+@contextmanager
+def static_server(directory: Path) -> Iterator[str]:
+    """``directory`` served on a loopback port of its own: another origin than the tracker.
+
+    (A page that Playwright makes up for an invented host would count as a public site, and
+    Chromium blocks public pages from framing loopback ones.)
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*command, "--directory", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(url).raise_for_status()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the static server did not start"
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def screenshot(path: str) -> None:
+    """The README's picture: the live map of the default demo fleet, in Chromium."""
+    with demo(free_port()) as url, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1200, "height": 760})
+        page.goto(f"{url}/?bbox=13.25,52.45,13.56,52.59")
+        page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 1000")
+        page.check("#show-cells")
+        page.wait_for_timeout(3000)
+        page.screenshot(path=path)
+
+
+if __name__ == "__main__":
+    screenshot(sys.argv[1] if len(sys.argv) > 1 else "docs/img/live-map.png")

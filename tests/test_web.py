@@ -1,0 +1,241 @@
+"""The map page, the embed page and the browser feed client, in a real Chromium.
+
+Each test drives Debian's Chromium (Playwright) against ``tracker demo`` in a child
+process, with its simulated fleet moving: what a user sees, not a mock of it.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page
+
+from tests.browser import chromium, demo, free_port, static_server
+
+BBOX = "13.33,52.48,13.47,52.56"
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with demo(free_port(), "--vehicles", "1500") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1000, "height": 700})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert errors == []
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(rf"^tracker_{name} (\S+)$", text, re.MULTILINE)
+    assert match, name
+    return float(match[1])
+
+
+def vehicles(page: Page) -> int:
+    count: int = page.evaluate("() => window.trackerMap?.feed?.table.vehicles.size ?? 0")
+    return count
+
+
+def test_markers_appear_move_and_tell_what_they_are(page: Page, url: str) -> None:
+    page.goto(f"{url}/?bbox={BBOX}")
+    page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 100")
+    assert page.locator("#status .state").get_attribute("data-state") == "live"
+    before = page.evaluate(
+        "() => Object.fromEntries([...trackerMap.feed.table.vehicles.values()]"
+        ".slice(0, 50).map(v => [v.id, [v.lat, v.lon]]))"
+    )
+    page.wait_for_function(
+        """before => [...trackerMap.feed.table.vehicles.values()].filter(v => before[v.id]
+            && (before[v.id][0] !== v.lat || before[v.id][1] !== v.lon)).length >= 10""",
+        arg=before,
+        timeout=15_000,
+    )
+    page.wait_for_function("() => +document.getElementById('in-view').textContent > 0")
+    # Click the first vehicle: a popup names it.
+    point = page.evaluate(
+        """() => { const v = trackerMap.feed.table.vehicles.values().next().value;
+            const p = trackerMap.map.latLngToContainerPoint([v.lat, v.lon]);
+            return {x: p.x, y: p.y, id: v.id}; }"""
+    )
+    page.mouse.click(point["x"], point["y"])
+    popup = page.locator(".vehicle-popup")
+    popup.wait_for()
+    assert "km/h" in popup.inner_text() or "not reported" in popup.inner_text()
+    assert "s ago" in popup.inner_text()
+
+
+def test_the_feed_follows_the_view_without_flicker(page: Page, url: str) -> None:
+    page.goto(f"{url}/?bbox={BBOX}")
+    page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 100")
+    wide = metric(url, "watched_cells")
+    page.evaluate(
+        """() => { window.smallest = Infinity;
+            trackerMap.feed.onUpdate((c, table) =>
+                window.smallest = Math.min(window.smallest, table.vehicles.size)); }"""
+    )
+    page.evaluate("() => trackerMap.map.setView([52.52, 13.405], 15)")
+    page.wait_for_function(f"() => !trackerMap.feed.url.includes('{BBOX}')")
+    page.wait_for_function(
+        "() => new URL(trackerMap.feed.url).searchParams.get('bbox') === "
+        "new URLSearchParams(location.search).get('bbox')"
+    )
+    page.wait_for_function(
+        "() => [...trackerMap.feed.table.vehicles.values()].every(v => "
+        "v.lon > 13.3 && v.lon < 13.5)",
+    )
+    page.wait_for_timeout(1000)
+    assert metric(url, "watched_cells") < wide
+    assert page.evaluate("() => window.smallest") > 0  # old markers stayed until the snapshot
+
+
+def test_a_link_reopens_the_same_view(page: Page, url: str) -> None:
+    page.goto(f"{url}/?bbox=13.39,52.51,13.42,52.53")
+    page.wait_for_function("() => window.trackerMap?.feed")
+    bounds = page.evaluate("() => trackerMap.map.getBounds().toBBoxString()")
+    west, south, east, north = (float(v) for v in bounds.split(","))
+    assert west <= 13.39 and east >= 13.42 and south <= 52.51 and north >= 52.53
+
+
+def test_too_large_a_view_asks_to_zoom_in(page: Page, url: str) -> None:
+    page.goto(f"{url}/?bbox=-20,30,40,70")
+    page.wait_for_function("() => document.getElementById('notice').textContent.includes('zoom')")
+
+
+def test_cells_toggle_draws_the_subscribed_cells(page: Page, url: str) -> None:
+    page.goto(f"{url}/?bbox={BBOX}")
+    page.wait_for_function("() => window.trackerMap?.feed")
+    page.check("#show-cells")
+    page.wait_for_function(
+        "() => document.querySelectorAll('path.leaflet-interactive, svg path').length > 10"
+    )
+
+
+def test_reconnecting_then_recovering_with_the_right_vehicles(browser: Browser) -> None:
+    port = free_port()
+    context = browser.new_context()
+    page = context.new_page()
+    state = page.locator("#status .state")
+    with demo(port, "--vehicles", "300") as url:
+        page.goto(f"{url}/?bbox={BBOX}")
+        page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 20")
+    page.wait_for_function(
+        "() => document.querySelector('#status .state').dataset.state === 'reconnecting'",
+        timeout=15_000,
+    )
+    with demo(port, "--vehicles", "120", "--seed", "9") as url:
+        page.wait_for_function(
+            "() => document.querySelector('#status .state').dataset.state === 'live'",
+            timeout=20_000,
+        )
+        page.wait_for_function("() => trackerMap.feed.table.vehicles.size > 0")
+        page.wait_for_timeout(1500)
+        shown = page.evaluate("() => [...trackerMap.feed.table.vehicles.values()].map(v => v.id)")
+        area = page.evaluate("() => trackerMap.area.bbox")
+        with httpx.stream("GET", f"{url}/feed?bbox={area}&format=json", timeout=10) as feed:
+            snapshot = next(line for line in feed.iter_lines() if line.startswith("data:"))
+        on_server = set(re.findall(r'"id":"([^"]+)"', snapshot))
+        # The new fleet (120 vehicles) only, nothing left over from the old one (300).
+        assert shown and all(int(vid.split("-")[1]) < 120 for vid in shown)
+        assert len(set(shown) ^ on_server) <= max(3, len(on_server) // 10)  # a few moved
+        assert state.get_attribute("data-state") == "live"
+    context.close()
+
+
+def test_embed_works_in_an_iframe_on_another_origin(page: Page, url: str, tmp_path: Path) -> None:
+    """A portal on another origin (another port) frames /embed; the map comes alive."""
+    (tmp_path / "index.html").write_text(
+        f"""<!doctype html><title>Portal</title><h1>Our fleet</h1>
+        <iframe id="fleet" src="{url}/embed?bbox={BBOX}" width="600" height="400"></iframe>"""
+    )
+    with static_server(tmp_path) as portal:
+        page.goto(portal)
+        frame = page.frame_locator("#fleet")
+        frame.locator("#badge[data-state='live']").wait_for(timeout=15_000)
+        embedded = next(f for f in page.frames if "/embed" in f.url)
+        embedded.wait_for_function("() => window.trackerMap.feed.table.vehicles.size > 10")
+        assert embedded.evaluate("() => document.getElementById('status')") is None
+
+
+def test_tabs_share_one_feed_connection(browser: Browser, url: str) -> None:
+    context = browser.new_context()
+    first, second = context.new_page(), context.new_page()
+    base = metric(url, "subscribers")
+    for tab in (first, second):
+        tab.goto(f"{url}/?bbox={BBOX}")
+        tab.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 100")
+    assert metric(url, "subscribers") == base + 1
+    events = second.evaluate("() => trackerMap.feed.stats.events")
+    first.close()  # the leader goes: the other tab takes over the feed
+    second.wait_for_function(f"() => trackerMap.feed.stats.events > {events + 3}", timeout=15_000)
+    assert metric(url, "subscribers") == base + 1
+    assert vehicles(second) > 100
+    context.close()
+
+
+APPLY_BENCHMARK = """async () => {
+    const { VehicleTable } = await import('/web/wire.js');
+    const { Encoder } = await import('/web/vendor/msgpack/index.mjs');
+    const encoder = new Encoder({ useBigInt64: true });
+    const n = 5000;
+    const positions = new DataView(new ArrayBuffer(n * 12));
+    const moves = new DataView(new ArrayBuffer(n * 8));
+    const names = [];
+    for (let i = 0; i < n; i++) {
+        positions.setUint32(i * 12, i + 1, true);
+        positions.setInt16(i * 12 + 4, (i % 600) - 300, true);
+        positions.setInt16(i * 12 + 6, (i % 900) - 450, true);
+        positions.setUint16(i * 12 + 8, 10, true);
+        positions.setUint8(i * 12 + 10, 20); positions.setUint8(i * 12 + 11, 45);
+        moves.setUint16(i * 8, i + 1, true);
+        moves.setInt8(i * 8 + 3, 3); moves.setInt8(i * 8 + 4, -2);
+        names.push([i + 1, `van-${i}`]);
+    }
+    const line = (fields) => btoa(String.fromCharCode(...new Uint8Array(encoder.encode(fields))));
+    const cell = 0x871f1d489ffffffn, empty = new Uint8Array(0);
+    const snapshot = line([cell, 1764000000000n, 5252000, 1340500,
+        new Uint8Array(positions.buffer), names, empty, empty, empty, empty]);
+    const batch = line([cell, 1764000001000n, 5252000, 1340500,
+        empty, [], empty, empty, empty, new Uint8Array(moves.buffer)]);
+    const table = new VehicleTable();
+    const timings = { snapshot: [], batch: [] };
+    for (let run = 0; run < 30; run++) {
+        let t = performance.now();
+        table.applyEvent('snapshot', snapshot);
+        timings.snapshot.push(performance.now() - t);
+        t = performance.now();
+        table.applyEvent('batch', batch);
+        timings.batch.push(performance.now() - t);
+    }
+    const v = table.vehicles.get(1);
+    return { ...timings, size: table.vehicles.size, lat: v.lat, lon: v.lon };
+}"""
+
+
+def test_applying_5000_positions_takes_well_under_a_frame(page: Page, url: str) -> None:
+    page.goto(f"{url}/web/config.json")
+    result = page.evaluate(APPLY_BENCHMARK)
+    assert result["size"] == 5000
+    assert (result["lat"], result["lon"]) == (52.51703, 13.40048)  # (-300 + 3, -450 - 2) e-5
+    snapshot = statistics.median(result["snapshot"])
+    batch = statistics.median(result["batch"])
+    print(f"apply 5000 positions: snapshot {snapshot:.2f} ms, batch of moves {batch:.2f} ms")
+    assert snapshot < 16 and batch < 16

@@ -1,0 +1,211 @@
+// The live map (`/`) and the embed page (`/embed`): Leaflet, vehicles drawn on one canvas,
+// a feed that follows the view. `window.trackerMap` exposes the state to tests.
+
+import { areaFromQuery, bboxQuery, boundsOf, cellsOf, cellToBoundary, estimatedCells } from "./area.js";
+import { FeedClient } from "./feed-client.js";
+
+const L = window.L;
+const embed = document.body.dataset.embed === "true";
+const params = new URLSearchParams(location.search);
+const token = params.get("token");
+const fixedArea = embed ? areaFromQuery(params) : null; // an embed shows what it was given
+const config = await (await fetch("/web/config.json")).json();
+
+const map = L.map("map", { zoomControl: !embed, worldCopyJump: false, minZoom: 3 });
+if (config.tile_url) {
+  L.tileLayer(config.tile_url, { attribution: config.tile_attribution, maxZoom: 19 }).addTo(map);
+}
+const start = areaFromQuery(params);
+if (start) map.fitBounds(boundsOf(start));
+else map.setView(config.map_center, config.map_zoom);
+
+// --- vehicles on a canvas ---------------------------------------------------------------
+
+const COLORS = { van: "#2563eb", truck: "#c2410c", stale: "#9aa5b1" };
+
+const VehicleLayer = L.Layer.extend({
+  onAdd(leafletMap) {
+    this._canvas = L.DomUtil.create("canvas", "vehicles leaflet-zoom-hide");
+    leafletMap.getPanes().overlayPane.appendChild(this._canvas);
+    leafletMap.on("move zoom resize viewreset", this.redraw, this);
+    this.redraw();
+  },
+  onRemove(leafletMap) {
+    this._canvas.remove();
+    leafletMap.off("move zoom resize viewreset", this.redraw, this);
+  },
+  redraw() {
+    if (this._frame) return;
+    this._frame = requestAnimationFrame(() => {
+      this._frame = null;
+      this._draw();
+    });
+  },
+  _draw() {
+    const size = map.getSize();
+    const ratio = window.devicePixelRatio || 1;
+    const canvas = this._canvas;
+    canvas.width = size.x * ratio;
+    canvas.height = size.y * ratio;
+    canvas.style.width = `${size.x}px`;
+    canvas.style.height = `${size.y}px`;
+    L.DomUtil.setPosition(canvas, map.containerPointToLayerPoint([0, 0]));
+    const ctx = canvas.getContext("2d");
+    ctx.scale(ratio, ratio);
+    const vehicles = feed ? feed.table.vehicles.values() : [];
+    const zoom = map.getZoom();
+    const r = zoom >= 15 ? 6 : zoom >= 13 ? 4.5 : 3;
+    for (const v of vehicles) {
+      const p = map.latLngToContainerPoint([v.lat, v.lon]);
+      if (p.x < -r || p.y < -r || p.x > size.x + r || p.y > size.y + r) continue;
+      ctx.fillStyle = v.stale ? COLORS.stale : v.id.startsWith("truck") ? COLORS.truck : COLORS.van;
+      if (v.heading === null) {
+        ctx.beginPath();
+        ctx.arc(p.x, p.y, r * 0.8, 0, 2 * Math.PI);
+        ctx.fill();
+        continue;
+      }
+      const a = (v.heading * Math.PI) / 180; // clockwise from north
+      const sin = Math.sin(a);
+      const cos = Math.cos(a);
+      ctx.beginPath();
+      ctx.moveTo(p.x + sin * r * 1.6, p.y - cos * r * 1.6);
+      ctx.lineTo(p.x - sin * r - cos * r, p.y + cos * r - sin * r);
+      ctx.lineTo(p.x - sin * r * 0.4, p.y + cos * r * 0.4);
+      ctx.lineTo(p.x - sin * r + cos * r, p.y + cos * r + sin * r);
+      ctx.closePath();
+      ctx.fill();
+    }
+  },
+});
+const vehicleLayer = new VehicleLayer().addTo(map);
+
+// Click a vehicle: id, speed, heading, last seen.
+map.on("click", (e) => {
+  if (!feed) return;
+  let best = null;
+  let bestDistance = 12;
+  for (const v of feed.table.vehicles.values()) {
+    const d = map.latLngToContainerPoint([v.lat, v.lon]).distanceTo(e.containerPoint);
+    if (d < bestDistance) [best, bestDistance] = [v, d];
+  }
+  if (!best) return;
+  const age = Math.max(0, Date.now() / 1000 - best.ts);
+  const rows = [
+    ["vehicle", best.id],
+    ["speed", best.speed === null ? "not reported" : `${(best.speed * 3.6).toFixed(0)} km/h`],
+    ["heading", best.heading === null ? "not reported" : `${best.heading.toFixed(0)}°`],
+    ["last seen", `${age.toFixed(0)} s ago${best.stale ? " (stale)" : ""}`],
+  ];
+  const table = document.createElement("table");
+  table.className = "vehicle-popup";
+  for (const [name, value] of rows) {
+    const row = table.insertRow();
+    row.insertCell().textContent = name;
+    row.insertCell().textContent = value;
+  }
+  L.popup().setLatLng([best.lat, best.lon]).setContent(table).openOn(map);
+});
+
+// --- the feed follows the view ------------------------------------------------------------
+
+let feed = null;
+let area = null;
+const cellLayer = L.layerGroup().addTo(map);
+const showCells = document.getElementById("show-cells");
+
+function feedUrl(query) {
+  const search = new URLSearchParams(query);
+  if (token) search.set("token", token);
+  return `/feed?${search}`;
+}
+
+function subscribe() {
+  area = fixedArea ?? bboxQuery(map.getBounds());
+  if (estimatedCells(area, config.h3_resolution) > config.max_feed_cells) {
+    notice("zoom in to see vehicles: this view is larger than one feed may cover");
+    area = null;
+    drawCells();
+    return;
+  }
+  notice("");
+  if (feed) feed.setUrl(feedUrl(area));
+  else startFeed(feedUrl(area));
+  if (!embed) {
+    const page = new URLSearchParams(area);
+    if (token) page.set("token", token);
+    history.replaceState(null, "", `?${page}`);
+  }
+  drawCells();
+}
+
+function startFeed(url) {
+  feed = new FeedClient(url);
+  feed.onUpdate(() => vehicleLayer.redraw());
+  feed.onState(showState);
+  showState(feed.state);
+}
+
+function drawCells() {
+  cellLayer.clearLayers();
+  if (!showCells?.checked || !area) return;
+  const cells = cellsOf(area, config.h3_resolution).slice(0, 3000);
+  for (const cell of cells) {
+    L.polygon(cellToBoundary(cell), {
+      color: "#7c3aed", weight: 1, fill: false, interactive: false,
+    }).addTo(cellLayer);
+  }
+}
+
+let pending = null;
+map.on("moveend", () => {
+  clearTimeout(pending);
+  pending = setTimeout(subscribe, 250); // debounced: one switch per gesture
+});
+showCells?.addEventListener("change", drawCells);
+subscribe();
+
+// --- status ---------------------------------------------------------------------------------
+
+function showState(state) {
+  for (const el of document.querySelectorAll(".state")) {
+    el.dataset.state = state;
+    el.querySelector(".text").textContent = state;
+  }
+}
+
+function notice(text) {
+  const el = document.getElementById("notice");
+  if (el) el.textContent = text;
+}
+
+function formatBytes(n) {
+  return n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : n >= 1e3 ? `${(n / 1e3).toFixed(1)} kB` : `${n.toFixed(0)} B`;
+}
+
+function vehiclesInView() {
+  if (!feed) return 0;
+  const bounds = map.getBounds();
+  let count = 0;
+  for (const v of feed.table.vehicles.values()) if (bounds.contains([v.lat, v.lon])) count++;
+  return count;
+}
+
+if (!embed) {
+  setInterval(() => {
+    document.getElementById("in-view").textContent = vehiclesInView().toLocaleString("en");
+    document.getElementById("updates").textContent = (feed?.stats.updatesPerSecond ?? 0).toFixed(0);
+    document.getElementById("bytes").textContent = formatBytes(feed?.stats.bytesPerSecond ?? 0);
+  }, 1000);
+}
+
+window.trackerMap = {
+  map,
+  get feed() {
+    return feed;
+  },
+  get area() {
+    return area;
+  },
+  vehiclesInView,
+};
