@@ -29,6 +29,7 @@ from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.regions import AREA_PARAMS, parse_area
 from tracker.service import Tracker
 from tracker.web import add_web_routes
+from tracker.wire import Ping
 
 __all__ = ["create_app"]
 
@@ -137,6 +138,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         g.body_read = True
         assert isinstance(body, bytes)
+        forwarded: list[Ping] | None = [] if tracker.bus.forwards else None
         reply = ingest_body(
             body,
             request.content_type,
@@ -145,7 +147,9 @@ def create_app(tracker: Tracker) -> QuartTrio:
             metrics=tracker.metrics,
             now=time.time(),
             admit=functools.partial(ingest_rate.admit, key),
+            accepted_pings=forwarded,
         )
+        tracker.bus.forward(forwarded or ())
         return _json_response(reply)
 
     @app.get("/feed")
@@ -176,6 +180,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
             retry_ms=config.retry_ms,
             heartbeat_s=config.heartbeat_s,
             metrics=tracker.metrics,
+            bus=tracker.bus,
         )
         response = Response(held_while_streaming(stream, slot), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"

@@ -91,6 +91,17 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     backlog: Annotated[
         int, describe("Connections waiting to be accepted (many feeds reconnect at once).", ge=1)
     ] = 4096
+    bus: Annotated[
+        str,
+        describe(
+            "How instances share pings: empty for one instance (in-process), or "
+            "redis://host:port/db to scale out over Redis Pub/Sub."
+        ),
+    ] = ""
+    bus_shard_resolution: Annotated[
+        int,
+        describe("H3 resolution of the bus's shards (one Redis channel each).", ge=0, le=10),
+    ] = 5
     open_feeds: Annotated[
         bool,
         describe("Serve feeds without a token: anyone who reaches the port sees every vehicle."),
@@ -147,6 +158,10 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:
             raise ConfigError("remove_after_s must be greater than stale_after_s")
+        if self.bus and not self.bus.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("bus is empty (in-process) or a redis:// URL")
+        if self.bus_shard_resolution > self.h3_resolution:
+            raise ConfigError("bus_shard_resolution must not be finer than h3_resolution")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("certfile and keyfile go together")
         try:

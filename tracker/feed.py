@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
+from tracker.bus import Bus
 from tracker.hub import Batch, FeedHub, Frame, Resume, Subscription
 from tracker.metrics import Metrics
 
@@ -70,12 +71,19 @@ async def feed_stream(
     retry_ms: int,
     heartbeat_s: float,
     metrics: Metrics,
+    bus: Bus,
 ) -> AsyncIterator[bytes]:
     """Yield the SSE byte stream of one feed; unsubscribes however it ends.
 
     Subscribes on the first step, not before, so a response that is never sent
-    never leaves a subscription behind.
+    never leaves a subscription behind. With a Redis bus, the first step also makes sure
+    the area's vehicles are here before the snapshot is taken.
     """
+    try:
+        await bus.watch(cells)
+    except BaseException:
+        bus.unwatch(cells)
+        raise
     sub = hub.subscribe(cells, is_json=is_json)
     try:
         metrics.feeds_opened += 1
@@ -97,6 +105,7 @@ async def feed_stream(
             chunk = render(owed, sub, hub) or HEARTBEAT
     finally:
         hub.unsubscribe(sub)
+        bus.unwatch(cells)
 
 
 def _count(metrics: Metrics, resume: Resume) -> None:

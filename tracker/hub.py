@@ -105,6 +105,13 @@ class Subscription:
             self._outbox_bytes += size
         self._wakeup.set()
 
+    def owe_snapshot(self) -> None:
+        """Drop the queue and send a snapshot next (the state may have jumped)."""
+        self.owes_snapshot = True
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        self._wakeup.set()
+
     def close(self) -> None:
         """Ask the connection to finish (server shutdown)."""
         self.closed = True
@@ -173,6 +180,11 @@ class FeedHub:
             watchers.discard(sub)
             if not watchers:
                 del self._by_cell[cell]
+
+    def resnapshot_all(self) -> None:
+        """Give every feed a fresh snapshot (the bus reconnected: batches may be missing)."""
+        for sub in self._subscriptions:
+            sub.owe_snapshot()
 
     def close_all(self) -> None:
         """Tell every subscription to finish (server shutdown)."""

@@ -72,11 +72,13 @@ def ingest_body(
     metrics: Metrics,
     now: float,
     admit: Callable[[int], None] = lambda pings: None,
+    accepted_pings: list[Ping] | None = None,
 ) -> IngestReply:
     """Decode, check and apply one batch; raise a TrackerError if nothing could be taken.
 
     ``admit(n)`` is asked before anything is applied and may refuse the batch by raising
-    (the ingest rate limit): a batch is taken whole or not at all.
+    (the ingest rate limit): a batch is taken whole or not at all. ``accepted_pings``, if
+    given, receives every ping applied (for the bus to forward).
     """
     is_json = media_is_json(content_type)
     if len(body) > config.ingest_max_bytes:
@@ -104,6 +106,8 @@ def ingest_body(
             rejected.append(Rejection(position, problem))
         elif index.apply(ping, now):
             accepted += 1
+            if accepted_pings is not None:
+                accepted_pings.append(ping)
         else:
             ignored += 1
     rejected.sort(key=lambda r: r.index)

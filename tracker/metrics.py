@@ -32,6 +32,12 @@ class Metrics:
     replays: int = _counter("Resumes served from the replay buffer.")
     conflations: int = _counter("Times a lagging feed's queue was replaced by a snapshot.")
     feeds_opened: int = _counter("Feed connections opened.")
+    bus_forwarded_pings: int = _counter("Pings forwarded to other instances (Redis bus).")
+    bus_received_pings: int = _counter("Pings received from other instances (Redis bus).")
+    bus_loaded_pings: int = _counter("Vehicle states loaded from Redis for newly watched shards.")
+    bus_dropped_pings: int = _counter("Pings that could not be forwarded (Redis down or slow).")
+    bus_reconnects: int = _counter("Times the Redis subscriber lost its connection.")
+    bus_bad_messages: int = _counter("Bus messages that did not decode.")
     tick_seconds_sum: float = 0.0
     tick_seconds_max: float = 0.0
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)

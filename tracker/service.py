@@ -1,8 +1,9 @@
-"""The tracker's core, wired: geo-index, feed hub, metrics, and the ticker task.
+"""The tracker's core, wired: geo-index, feed hub, bus, metrics, and the ticker task.
 
-``Tracker`` owns exactly one long-running task, :meth:`Tracker.run`, started by the app's
-lifespan into its nursery (see ``docs/architecture.md``). It publishes one tick every
-``tick_s`` on an absolute schedule (no drift) until :meth:`Tracker.stop` cancels it.
+``Tracker`` owns one long-running task, :meth:`Tracker.run`, started by the app's lifespan
+into its nursery (see ``docs/architecture.md``). Inside its own ``tracker_nursery`` it runs
+the bus's tasks (none for the in-process bus) and the ticker, which publishes one tick
+every ``tick_s`` on an absolute schedule (no drift) until :meth:`Tracker.stop` cancels it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 
 import trio
 
+from tracker.bus import Bus, LocalBus, RedisBus
 from tracker.config import TrackerConfig
 from tracker.geoindex import GeoIndex
 from tracker.hub import FeedHub
@@ -32,6 +34,18 @@ class Tracker:
             forget_after_ticks=config.replay_ticks,
         )
         self.hub = FeedHub(config, self.index, self.metrics)
+        self.bus: Bus = LocalBus()
+        if config.bus:
+            self.bus = RedisBus(
+                config.bus,
+                index=self.index,
+                metrics=self.metrics,
+                shard_resolution=config.bus_shard_resolution,
+                remove_after_s=config.remove_after_s,
+                resnapshot_all=self.hub.resnapshot_all,
+                next_tick=self.next_tick,
+            )
+        self._ticked = trio.Event()
         self._cancel_scope = trio.CancelScope()
         self.metrics.gauges.update(
             vehicles=("Vehicles tracked, stale ones included.", lambda: self.index.vehicle_count),
@@ -42,21 +56,33 @@ class Tracker:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Publish a tick every ``tick_s`` until stopped; a late tick is not made up twice."""
+        """Run the bus and publish a tick every ``tick_s`` until stopped."""
         with self._cancel_scope:
-            task_status.started()
-            next_at = trio.current_time()
-            while True:
-                next_at += self.config.tick_s
-                await trio.sleep_until(next_at)
-                self.tick()
-                next_at = max(next_at, trio.current_time() - self.config.tick_s)
+            async with trio.open_nursery() as tracker_nursery:
+                await tracker_nursery.start(self.bus.run)
+                task_status.started()
+                await self._tick_forever()
+
+    async def _tick_forever(self) -> None:
+        """One tick every ``tick_s``; a late tick is not made up twice."""
+        next_at = trio.current_time()
+        while True:
+            next_at += self.config.tick_s
+            await trio.sleep_until(next_at)
+            self.tick()
+            next_at = max(next_at, trio.current_time() - self.config.tick_s)
 
     def tick(self) -> None:
         """Publish everything ingested since the last tick to the feeds."""
         started = time.perf_counter()
         self.hub.publish(self.index.advance(time.time()))
         self.metrics.observe_tick(time.perf_counter() - started)
+        self._ticked.set()
+        self._ticked = trio.Event()
+
+    async def next_tick(self) -> None:
+        """Wait until the next tick has been published."""
+        await self._ticked.wait()
 
     def stop(self) -> None:
         """End every feed and the ticker (server shutdown)."""
