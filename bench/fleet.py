@@ -2,6 +2,7 @@
 
     python -m bench.fleet --vehicles 50000 --subscribers 2000 --seconds 20
     python -m bench.fleet --idle 5000          # server memory per idle connection
+    python -m bench.fleet --instances 2        # two trackers sharing a private Redis
 
 Three kinds of process, so that none measures itself: the tracker (``tracker serve``), the
 simulator (``tracker simulate``, every vehicle pinging once a second), and ``--clients``
@@ -33,6 +34,7 @@ import trio
 import trio.lowlevel
 
 from bench.common import INGEST_KEY, cpu_seconds, rss_bytes, start_tracker, viewport
+from tests.redis_server import RedisServer
 
 EMPTY_AREA = "bbox=-30.01,-30.01,-30.0,-30.0"
 """A spot in the South Atlantic: a feed that never receives a vehicle."""
@@ -43,6 +45,7 @@ class FleetFigures:
     """One fan-out run, aggregated over every load client."""
 
     server: str
+    instances: int
     vehicles: int
     subscribers: int
     seconds: float
@@ -106,18 +109,39 @@ def percentile_ms(histogram: np.ndarray, q: float) -> float:
 
 
 async def fan_out(args: argparse.Namespace) -> FleetFigures:
-    """Fleet, tracker and subscribers together; figures over the measured window."""
+    """Fleet, tracker(s) and subscribers together; figures over the measured window.
+
+    With ``--instances N`` (or ``--redis``) the trackers share a private redis-server
+    (``--bus``); the simulator posts to the first, subscribers are spread over all.
+    """
+    redis = RedisServer() if args.instances > 1 or args.redis else None
+    if redis is not None:
+        redis.start()
+    try:
+        return await _fan_out(args, redis)
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+async def _fan_out(args: argparse.Namespace, redis: RedisServer | None) -> FleetFigures:
     rng = random.Random(args.seed)
     smallest, largest = (float(km) for km in args.viewport_km.split(","))
     queries = [viewport(rng, smallest, largest) for _ in range(args.subscribers)]
     async with trio.open_nursery() as bench_nursery:
-        options = (
+        options: tuple[str, ...] = (
             ()
             if args.baseline
             else ("--tick", str(args.tick), "--h3-resolution", str(args.h3_resolution))
         )
-        tracker, url = await start_tracker(bench_nursery, *options, baseline=args.baseline)
-        simulate = [sys.executable, "-m", "tracker", "simulate", "--url", url, "--quiet"]
+        if redis is not None:
+            options += ("--bus", redis.url)
+        trackers = [
+            await start_tracker(bench_nursery, *options, baseline=args.baseline)
+            for _ in range(args.instances)
+        ]
+        urls = [url for _, url in trackers]
+        simulate = [sys.executable, "-m", "tracker", "simulate", "--url", urls[0], "--quiet"]
         simulate += ["--ingest-key", INGEST_KEY]
         simulate += ["--vehicles", str(args.vehicles), "--seed", str(args.seed)]
         simulate += ["--ping-interval-min-s", "1", "--ping-interval-max-s", "1"]
@@ -126,28 +150,40 @@ async def fan_out(args: argparse.Namespace) -> FleetFigures:
             functools.partial(trio.run_process, simulate, stdout=subprocess.DEVNULL, check=False)
         )
         with trio.fail_after(60):
-            await wait_for_metric(url, "tracker_vehicles", args.vehicles * 0.95)
+            await wait_for_metric(urls[0], "tracker_vehicles", args.vehicles * 0.95)
         clients_done = trio.Event()
         window: dict[str, float] = {}
+        pids = [process.pid for process, _ in trackers]
 
-        async def sample_tracker() -> None:
+        async def sample_trackers() -> None:
             await trio.sleep(args.warmup)
-            window["cpu"] = cpu_seconds(tracker.pid)
+            window["cpu"] = sum(map(cpu_seconds, pids))
             window["start"] = trio.current_time()
             await clients_done.wait()
-            window["cpu"] = cpu_seconds(tracker.pid) - window["cpu"]
+            window["cpu"] = sum(map(cpu_seconds, pids)) - window["cpu"]
             window["wall"] = trio.current_time() - window["start"]
-            window["rss"] = rss_bytes(tracker.pid)
+            window["rss"] = sum(map(rss_bytes, pids))
 
-        bench_nursery.start_soon(sample_tracker)
-        results = await run_clients(url, queries, args.clients, args.warmup, args.seconds)
+        bench_nursery.start_soon(sample_trackers)
+        results: list[dict[str, Any]] = []
+
+        async def clients_of(number: int) -> None:
+            share = queries[number :: args.instances]
+            results.extend(
+                await run_clients(urls[number], share, args.clients, args.warmup, args.seconds)
+            )
+
+        async with trio.open_nursery() as clients_nursery:
+            for number in range(args.instances):
+                clients_nursery.start_soon(clients_of, number)
         clients_done.set()
         await trio.lowlevel.checkpoint()
         bench_nursery.cancel_scope.cancel()
     histogram = np.sum([np.array(r["latency_ms"]) for r in results], axis=0)
     positions = sum(r["positions"] for r in results)
     return FleetFigures(
-        server="baseline" if args.baseline else "tracker",
+        server="baseline" if args.baseline else ("tracker+redis" if redis else "tracker"),
+        instances=args.instances,
         vehicles=args.vehicles,
         subscribers=args.subscribers,
         seconds=args.seconds,
@@ -201,6 +237,12 @@ def main() -> None:
         "--viewport-km", default="0.5,5", help="smallest,largest viewport height in km"
     )
     parser.add_argument("--idle", type=int, default=0, help="measure N idle feeds instead")
+    parser.add_argument(
+        "--instances", type=int, default=1, help="trackers sharing a private Redis (--bus)"
+    )
+    parser.add_argument(
+        "--redis", action="store_true", help="use the Redis bus with one instance too"
+    )
     parser.add_argument(
         "--baseline", action="store_true", help="serve with the naive JSON-per-ping baseline"
     )
