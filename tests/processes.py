@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -56,3 +57,11 @@ async def tracker_process(*args: str, timeout: float = 30) -> AsyncIterator[Trac
     finally:
         process.kill()
         await process.wait()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server that must keep its port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

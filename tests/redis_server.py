@@ -9,19 +9,14 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.processes import free_port
 
 
 @dataclass
 class RedisServer:
     """``redis-server`` on a loopback port; :meth:`stop` and :meth:`start` keep the port."""
 
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -51,6 +51,19 @@ async def instances(redis: RedisServer, count: int) -> AsyncIterator[list[str]]:
             assert b"Traceback" not in process.output, process.output.decode()
 
 
+@asynccontextmanager
+async def clients_of_two(
+    redis: RedisServer,
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Two instances; a client posting to the first and one reading from the second."""
+    async with (
+        instances(redis, 2) as (a, b),
+        httpx.AsyncClient(base_url=a, headers=KEY) as to_a,
+        httpx.AsyncClient(base_url=b) as to_b,
+    ):
+        yield to_a, to_b
+
+
 def shard_channel(lat: float, lon: float) -> str:
     return f"trk:pings:{h3i.latlng_to_cell(lat, lon, 5):x}"
 
@@ -63,10 +76,8 @@ async def numsub(redis: RedisServer, channel: str) -> int:
 
 async def test_a_feed_on_any_instance_sees_pings_ingested_on_another(redis: RedisServer) -> None:
     async with (
-        instances(redis, 2) as (a, b),
-        httpx.AsyncClient(base_url=a, headers=KEY) as to_a,
-        httpx.AsyncClient(base_url=b) as to_b,
-        httpx.AsyncClient(base_url=a) as watch_a,
+        clients_of_two(redis) as (to_a, to_b),
+        httpx.AsyncClient(base_url=to_a.base_url) as watch_a,
         open_feed(to_b, f"bbox={BERLIN_BBOX}") as on_b,
         open_feed(watch_a, f"bbox={BERLIN_BBOX}") as on_a,
     ):
@@ -111,9 +122,7 @@ async def test_a_snapshot_on_any_instance_is_complete(redis: RedisServer) -> Non
     """Pings ingested on A before anyone watched are in B's first snapshot."""
     now = time.time()
     async with (
-        instances(redis, 2) as (a, b),
-        httpx.AsyncClient(base_url=a, headers=KEY) as to_a,
-        httpx.AsyncClient(base_url=b) as to_b,
+        clients_of_two(redis) as (to_a, to_b),
     ):
         pings = [ping(f"v{n}", BERLIN[0] + n * 1e-3, BERLIN[1], now) for n in range(20)]
         assert (await post_pings(to_a, pings)).json()["accepted"] == 20
@@ -128,9 +137,7 @@ async def test_a_snapshot_on_any_instance_is_complete(redis: RedisServer) -> Non
 async def test_resuming_on_another_instance_gets_a_snapshot(redis: RedisServer) -> None:
     now = time.time()
     async with (
-        instances(redis, 2) as (a, b),
-        httpx.AsyncClient(base_url=a, headers=KEY) as to_a,
-        httpx.AsyncClient(base_url=b) as to_b,
+        clients_of_two(redis) as (to_a, to_b),
     ):
         async with open_feed(to_a, f"bbox={BERLIN_BBOX}") as feed:
             await feed.next_event()
@@ -153,9 +160,7 @@ async def test_resuming_on_another_instance_gets_a_snapshot(redis: RedisServer) 
 async def test_instances_survive_a_redis_restart_and_resync(redis: RedisServer) -> None:
     now = time.time()
     async with (
-        instances(redis, 2) as (a, b),
-        httpx.AsyncClient(base_url=a, headers=KEY) as to_a,
-        httpx.AsyncClient(base_url=b) as to_b,
+        clients_of_two(redis) as (to_a, to_b),
         open_feed(to_b, f"bbox={BERLIN_BBOX}") as feed,
     ):
         await feed.next_event()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 
 import httpx
 import trio
@@ -11,23 +10,16 @@ import trio
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
 from tests.conftest import StartServer
-from tests.processes import tracker_process
+from tests.processes import free_port, tracker_process
 from tests.sse import open_feed
 
 CITY = "bbox=13.2,52.4,13.6,52.65"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 async def test_sender_survives_a_tracker_that_starts_late(
     start_server: StartServer, nursery: trio.Nursery
 ) -> None:
-    port = _free_port()
+    port = free_port()
     sender = Sender(
         FleetConfig(seed=3, vehicles=200),
         SendConfig(
@@ -53,9 +45,7 @@ async def test_sender_survives_a_tracker_that_starts_late(
 async def test_sender_queue_is_bounded_while_the_tracker_is_down() -> None:
     sender = Sender(
         FleetConfig(seed=3, vehicles=2000),
-        SendConfig(
-            url=f"http://127.0.0.1:{_free_port()}", speedup=10, max_pending=1000, quiet=True
-        ),
+        SendConfig(url=f"http://127.0.0.1:{free_port()}", speedup=10, max_pending=1000, quiet=True),
     )
     with trio.move_on_after(2):
         await sender.run()

@@ -15,7 +15,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo, free_port, static_server
+from tests.browser import chromium, demo, static_server
+from tests.processes import free_port
 
 BBOX = "13.33,52.48,13.47,52.56"
 
