@@ -2,12 +2,14 @@
 
 The pages are static: ``web/map.js`` reads ``/web/config.json`` (tiles, index resolution,
 feed limits, where to start) and opens feeds itself, passing on any ``token`` from the
-page's URL. Files come from the repository's ``web/`` directory (``web_dir`` to serve
-another copy), with JavaScript served as such: browsers refuse ES modules otherwise.
+page's URL. Files come from the repository's ``web/`` directory, or from
+``<prefix>/share/tracker/web`` where a wheel installs them (``web_dir`` to serve another
+copy), with JavaScript served as such: browsers refuse ES modules otherwise.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from quart import Response, send_from_directory
@@ -17,8 +19,9 @@ from tracker.config import TrackerConfig
 
 __all__ = ["WEB_DIR", "add_web_routes"]
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-"""``web/`` beside the ``tracker`` package: where an editable install finds the pages."""
+_SOURCE_WEB = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = _SOURCE_WEB if _SOURCE_WEB.is_dir() else Path(sys.prefix) / "share" / "tracker" / "web"
+"""``web/`` of the source tree (an editable install), else where a wheel installed it."""
 
 _MIME = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css"}
 
