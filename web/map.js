@@ -45,36 +45,54 @@ const VehicleLayer = L.Layer.extend({
     const size = map.getSize();
     const ratio = window.devicePixelRatio || 1;
     const canvas = this._canvas;
-    canvas.width = size.x * ratio;
-    canvas.height = size.y * ratio;
-    canvas.style.width = `${size.x}px`;
-    canvas.style.height = `${size.y}px`;
+    if (canvas.width !== size.x * ratio || canvas.height !== size.y * ratio) {
+      canvas.width = size.x * ratio; // reallocates the bitmap: only when the size changes
+      canvas.height = size.y * ratio;
+      canvas.style.width = `${size.x}px`;
+      canvas.style.height = `${size.y}px`;
+    }
     L.DomUtil.setPosition(canvas, map.containerPointToLayerPoint([0, 0]));
     const ctx = canvas.getContext("2d");
-    ctx.scale(ratio, ratio);
-    const vehicles = feed ? feed.table.vehicles.values() : [];
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    if (!feed) return;
+    // Web Mercator by hand: Leaflet's per-point projection allocates, and this loop is
+    // the whole cost of a frame at 10,000 vehicles.
+    const scale = 256 * 2 ** map.getZoom();
+    const corner = map.containerPointToLayerPoint([0, 0]);
+    const origin = map.getPixelOrigin();
+    const ox = origin.x + corner.x;
+    const oy = origin.y + corner.y;
     const zoom = map.getZoom();
     const r = zoom >= 15 ? 6 : zoom >= 13 ? 4.5 : 3;
-    for (const v of vehicles) {
-      const p = map.latLngToContainerPoint([v.lat, v.lon]);
-      if (p.x < -r || p.y < -r || p.x > size.x + r || p.y > size.y + r) continue;
-      ctx.fillStyle = v.stale ? COLORS.stale : v.id.startsWith("truck") ? COLORS.truck : COLORS.van;
-      if (v.heading === null) {
+    // Colour by colour, so the fill style changes three times a frame, not per vehicle.
+    const groups = { van: [], truck: [], stale: [] };
+    for (const v of feed.table.vehicles.values()) {
+      groups[v.stale ? "stale" : v.id.startsWith("truck") ? "truck" : "van"].push(v);
+    }
+    for (const [kind, group] of Object.entries(groups)) {
+      ctx.fillStyle = COLORS[kind];
+      for (const v of group) {
+        const x = ((v.lon + 180) / 360) * scale - ox;
+        const sinLat = Math.sin((v.lat * Math.PI) / 180);
+        const y = (0.5 - Math.log((1 + sinLat) / (1 - sinLat)) / (4 * Math.PI)) * scale - oy;
+        if (x < -r || y < -r || x > size.x + r || y > size.y + r) continue;
         ctx.beginPath();
-        ctx.arc(p.x, p.y, r * 0.8, 0, 2 * Math.PI);
+        if (v.heading === null) {
+          ctx.arc(x, y, r * 0.8, 0, 2 * Math.PI);
+        } else {
+          const a = (v.heading * Math.PI) / 180; // clockwise from north
+          const sin = Math.sin(a);
+          const cos = Math.cos(a);
+          ctx.moveTo(x + sin * r * 1.6, y - cos * r * 1.6);
+          ctx.lineTo(x - sin * r - cos * r, y + cos * r - sin * r);
+          ctx.lineTo(x - sin * r * 0.4, y + cos * r * 0.4);
+          ctx.lineTo(x - sin * r + cos * r, y + cos * r + sin * r);
+          ctx.closePath();
+        }
         ctx.fill();
-        continue;
       }
-      const a = (v.heading * Math.PI) / 180; // clockwise from north
-      const sin = Math.sin(a);
-      const cos = Math.cos(a);
-      ctx.beginPath();
-      ctx.moveTo(p.x + sin * r * 1.6, p.y - cos * r * 1.6);
-      ctx.lineTo(p.x - sin * r - cos * r, p.y + cos * r - sin * r);
-      ctx.lineTo(p.x - sin * r * 0.4, p.y + cos * r * 0.4);
-      ctx.lineTo(p.x - sin * r + cos * r, p.y + cos * r + sin * r);
-      ctx.closePath();
-      ctx.fill();
     }
   },
 });
@@ -201,6 +219,12 @@ if (!embed) {
 
 window.trackerMap = {
   map,
+  /** Draw now; the milliseconds it took (tests measure the canvas with 10,000 vehicles). */
+  drawNow() {
+    const started = performance.now();
+    vehicleLayer._draw();
+    return performance.now() - started;
+  },
   get feed() {
     return feed;
   },
