@@ -19,8 +19,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from tracker.auth import COOKIE, Grant, Keyring, check_ingest_key, new_secret
-from tracker.config import TrackerConfig
+from tracker.auth import COOKIE, Grant, Keyring, check_ingest_key
 from tracker.errors import BadRequest, PayloadTooLarge, TrackerError, Unauthorized
 from tracker.feed import feed_stream
 from tracker.headers import security_headers
@@ -69,21 +68,13 @@ def _presented_token() -> str | None:
     )
 
 
-def _keyring(config: TrackerConfig) -> Keyring:
-    return Keyring(
-        config.token_secret_list or [new_secret()],
-        resolution=config.h3_resolution,
-        max_cells=config.max_feed_cells,
-    )
-
-
 def create_app(tracker: Tracker) -> QuartTrio:
     """The ASGI app serving ``tracker``; run it with ``tracker.server.serve``."""
     config = tracker.config
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.ingest_max_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # feeds are endless; see docs/architecture.md
-    keyring = _keyring(config)
+    keyring = Keyring.for_config(config)
     slots = StreamSlots(
         per_token=config.max_streams_per_token,
         per_address=config.max_streams_per_address,

@@ -32,6 +32,7 @@ from typing import Any
 
 import jwt
 
+from tracker.config import TrackerConfig
 from tracker.errors import ForbiddenArea, Unauthorized
 from tracker.regions import parse_area
 
@@ -89,6 +90,15 @@ class Keyring:
         self._resolution = resolution
         self._max_cells = max_cells
         self._grant = lru_cache(maxsize=1024)(self._verify)
+
+    @classmethod
+    def for_config(cls, config: TrackerConfig) -> Keyring:
+        """The configured secrets, or a random one (tokens then die with the process)."""
+        return cls(
+            config.token_secret_list or [new_secret()],
+            resolution=config.h3_resolution,
+            max_cells=config.max_feed_cells,
+        )
 
     def mint(self, *, ttl_s: float, area: Mapping[str, Sequence[str]] | None = None) -> str:
         """A token valid for ``ttl_s`` seconds, for ``area`` (a feed query) or everywhere.

@@ -190,21 +190,13 @@ def _admin_lines(config: TrackerConfig, url: str) -> list[str]:
     feed = f"{url}/feed?bbox={EXAMPLE_BBOX}&format=json"
     if config.open_feeds:
         return [f"tracker: feeds are open to anyone: the map {url}/   curl -N '{feed}'"]
-    token = _keyring(config).mint(ttl_s=ADMIN_TOKEN_TTL_S)
+    token = Keyring.for_config(config).mint(ttl_s=ADMIN_TOKEN_TTL_S)
     return [
         "tracker: feeds need a token; this admin token sees every area for 7 days (keep it "
         "secret; tracker token mints narrower ones):",
         f"  {url}/?token={token}",
         f"  curl -N '{feed}&token={token}'",
     ]
-
-
-def _keyring(config: TrackerConfig) -> Keyring:
-    return Keyring(
-        config.token_secret_list,
-        resolution=config.h3_resolution,
-        max_cells=config.max_feed_cells,
-    )
 
 
 async def _serve_until_signalled(config: TrackerConfig) -> None:
@@ -291,7 +283,7 @@ def _parse_ttl(text: str) -> float:
 
 def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     """``tracker token``: a token for an area and the URLs that use it."""
-    config = load_config(_values(TrackerConfig, args, environ))
+    config = config_from(args, environ)
     if not config.token_secret_list:
         raise ConfigError(
             "no token secret: set TRACKER_TOKEN_SECRETS (or --token-secrets) to the "
@@ -299,7 +291,7 @@ def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         )
     area = urllib.parse.parse_qs(args.area, keep_blank_values=True) if args.area else None
     try:
-        token = _keyring(config).mint(ttl_s=_parse_ttl(args.ttl), area=area)
+        token = Keyring.for_config(config).mint(ttl_s=_parse_ttl(args.ttl), area=area)
     except TrackerError as exc:
         raise ConfigError(f"area {args.area!r}: {exc.message}") from exc
     base = args.base_url.rstrip("/")

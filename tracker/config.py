@@ -165,7 +165,7 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("certfile and keyfile go together")
         try:
-            lat, lon = (float(v) for v in self.map_center.split(","))
+            lat, lon = self.map_center_latlon
         except ValueError:
             raise ConfigError("map_center is 'lat,lon', e.g. '52.52,13.405'") from None
         if not (-85 <= lat <= 85 and -180 <= lon <= 180):
@@ -174,6 +174,12 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ConfigError("each token secret needs at least 32 characters (256 bits)")
         if any(c in self.frame_ancestors for c in ";,\r\n"):
             raise ConfigError("frame_ancestors is one CSP source list: no ';', ',' or newline")
+
+    @property
+    def map_center_latlon(self) -> tuple[float, float]:
+        """``map_center`` as numbers (ValueError if it is not two of them)."""
+        lat, lon = (float(v) for v in self.map_center.split(","))
+        return lat, lon
 
     @property
     def token_secret_list(self) -> list[str]:

@@ -96,17 +96,18 @@ class Subscription:
             len(self._outbox) >= config.outbox_max_ticks
             or self._outbox_bytes + size > config.outbox_max_bytes
         ):
-            self._outbox.clear()
-            self._outbox_bytes = 0
-            self.owes_snapshot = True
             self._hub.metrics.conflations += 1
-        else:
-            self._outbox.append(batch)
-            self._outbox_bytes += size
+            self.owe_snapshot()
+            return
+        self._outbox.append(batch)
+        self._outbox_bytes += size
         self._wakeup.set()
 
     def owe_snapshot(self) -> None:
-        """Drop the queue and send a snapshot next (the state may have jumped)."""
+        """Drop the queue and send a snapshot next (conflation, or the state jumped).
+
+        While a snapshot is owed the outbox stays empty (``push`` queues nothing).
+        """
         self.owes_snapshot = True
         self._outbox.clear()
         self._outbox_bytes = 0
@@ -127,8 +128,6 @@ class Subscription:
         """Everything owed now: queued batches, or a snapshot replacing them."""
         if self.owes_snapshot:
             self.owes_snapshot = False
-            self._outbox.clear()
-            self._outbox_bytes = 0
             return Resume(self._hub.snapshot(self.cells), [])
         batches = list(self._outbox)
         self._outbox.clear()

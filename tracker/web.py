@@ -29,13 +29,12 @@ _MIME = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css"
 def add_web_routes(app: QuartTrio, config: TrackerConfig) -> None:
     """Serve the pages and files of ``web/`` on ``app``."""
     root = Path(config.web_dir) if config.web_dir else WEB_DIR
-    lat, lon = (float(v) for v in config.map_center.split(","))
     page_config = {
         "tile_url": config.tile_url,
         "tile_attribution": config.tile_attribution,
         "h3_resolution": config.h3_resolution,
         "max_feed_cells": config.max_feed_cells,
-        "map_center": [lat, lon],
+        "map_center": list(config.map_center_latlon),
         "map_zoom": config.map_zoom,
     }
 
