@@ -27,8 +27,8 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from tracker.pings import Ping
 from tracker.regions import parse_area
-from tracker.wire import Ping
 
 RESOLUTION = 7
 OUTBOX = 10_000

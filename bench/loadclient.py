@@ -26,7 +26,8 @@ import numpy as np
 import trio
 import trio.lowlevel
 
-from tracker.wire import MOVE_DTYPE, RECORD_DTYPE, Ping, decode_frame
+from tracker.pings import Ping
+from tracker.wire import MOVE_DTYPE, RECORD_DTYPE, decode_frame
 
 _ping_json = msgspec.json.Decoder(Ping)
 

@@ -1,1 +1,1 @@
-"""Fleet simulator (placeholder until the simulator issue lands; see README)."""
+"""Fleet simulator: a deterministic delivery fleet that drives the tracker (docs/simulator.md)."""

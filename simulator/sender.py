@@ -34,7 +34,7 @@ import trio
 
 from simulator.fleet import Fleet, FleetConfig, PingBatch
 from tracker.config import describe as _help
-from tracker.wire import Ping
+from tracker.pings import Ping
 
 __all__ = ["SendConfig", "SendStats", "Sender"]
 

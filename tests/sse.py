@@ -10,7 +10,7 @@ import httpx
 import trio
 from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 
-from tracker.wire import FeedView
+from tracker.client import FeedView
 
 
 @dataclass

@@ -10,7 +10,8 @@ import numpy as np
 
 from bench.ingest import BodyMaker
 from bench.loadclient import ClientStats, Dechunker, record_event
-from tracker.wire import MOVE, Ping, Position, encode_frame
+from tracker.pings import Ping
+from tracker.wire import MOVE, Position, encode_frame
 
 CELL = 0x871F1D489FFFFFF
 

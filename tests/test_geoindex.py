@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import h3.api.basic_int as h3i
 
+from tracker.client import FeedView
 from tracker.geoindex import GeoIndex
-from tracker.wire import FeedView, Ping, decode_frame, decode_vids, iter_moves, iter_positions
+from tracker.pings import Ping
+from tracker.wire import decode_frame, decode_vids, iter_moves, iter_positions
 
 RES = 7
 A = h3i.latlng_to_cell(52.52, 13.405, RES)

@@ -12,6 +12,8 @@ import msgspec
 import numpy as np
 import pytest
 
+from tracker.client import FeedView
+from tracker.pings import decode_pings
 from tracker.wire import (
     LATLON_SCALE,
     MAX_ABS_LAT,
@@ -19,12 +21,10 @@ from tracker.wire import (
     MOVE,
     RECORD,
     CellFrame,
-    FeedView,
     Position,
     PositionColumns,
     cell_origin,
     decode_frame,
-    decode_pings,
     decode_vids,
     encode_frame,
     frame_to_json,

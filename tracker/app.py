@@ -25,10 +25,10 @@ from tracker.feed import feed_stream
 from tracker.headers import security_headers
 from tracker.ingest import ingest_body, media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
+from tracker.pings import Ping
 from tracker.regions import AREA_PARAMS, parse_area
 from tracker.service import Tracker
 from tracker.web import add_web_routes
-from tracker.wire import Ping
 
 __all__ = ["create_app"]
 

@@ -47,7 +47,7 @@ from coredis.retry import NoRetryPolicy
 
 from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
-from tracker.wire import Ping
+from tracker.pings import Ping
 
 __all__ = ["Bus", "LocalBus", "RedisBus"]
 

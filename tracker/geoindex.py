@@ -19,8 +19,8 @@ import h3.api.basic_int as h3i
 import numpy as np
 import numpy.typing as npt
 
+from tracker.pings import Ping
 from tracker.wire import (
-    Ping,
     Position,
     PositionColumns,
     cell_origin,

@@ -16,7 +16,8 @@ from tracker.config import TrackerConfig
 from tracker.errors import BadBody, NothingAccepted, PayloadTooLarge, UnsupportedMediaType
 from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
-from tracker.wire import MAX_ABS_LAT, IngestReply, Ping, Rejection, decode_pings
+from tracker.pings import IngestReply, Ping, Rejection, decode_pings
+from tracker.wire import MAX_ABS_LAT
 
 __all__ = ["MEDIA_TYPES", "check_ping", "ingest_body", "media_is_json"]
 

@@ -1,24 +1,25 @@
-"""The reference encoder and decoder of everything that crosses the wire.
+"""The cell-frame format: its reference encoder and decoder.
 
-Owns three formats, specified in ``docs/wire-format.md`` and pinned by
-``tests/test_wire.py``:
+Specified in ``docs/wire-format.md`` and pinned by ``tests/test_wire.py``:
 
-* ingest: :class:`Ping` batches in (msgpack or JSON), :class:`IngestReply` out;
 * cell frames: one :class:`CellFrame` per H3 cell per tick, msgpack, array-like, with
-  positions packed as fixed-point 12-byte records relative to the cell centre;
+  positions packed as fixed-point 12-byte records relative to the cell centre (packed a
+  whole tick at a time with NumPy);
 * the JSON rendering of a cell frame, for ``format=json`` feeds.
+
+The ingest format lives in :mod:`tracker.pings`, the reference client in
+:mod:`tracker.client`.
 
 Encoders and decoders are built once at import. Everything here is pure and synchronous.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from typing import Annotated, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import h3.api.basic_int as h3i
 import msgspec
@@ -37,17 +38,11 @@ __all__ = [
     "SPEED_STEP_MS",
     "UNKNOWN",
     "CellFrame",
-    "FeedView",
-    "IngestReply",
     "Move",
-    "Ping",
     "Position",
     "PositionColumns",
-    "Rejection",
-    "SeenVehicle",
     "cell_origin",
     "decode_frame",
-    "decode_pings",
     "decode_vids",
     "encode_frame",
     "encode_vids",
@@ -106,79 +101,8 @@ MOVE_DTYPE: Final = np.dtype(
 MAX_MOVE_VID: Final = 2**24 - 1
 """Vehicles numbered above this always travel as full records."""
 
-VID: Final = struct.Struct("<I")
 _MAX_AGE: Final = 0xFFFF
 _MAX_SPEED: Final = 254
-
-
-# --- ingest -------------------------------------------------------------------------------
-
-
-class Ping(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, gc=False):
-    """One GPS report from a vehicle, as posted to ``/ingest``.
-
-    ``gc=False``: a ping holds only strings and numbers, so it can never be part of a
-    reference cycle, and the collector need not track the hundreds of thousands of them
-    decoded per second.
-    """
-
-    vehicle_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    lat: float
-    lon: float
-    ts: float
-    speed: float | None = None
-    heading: float | None = None
-
-
-class Rejection(msgspec.Struct, frozen=True):
-    """Why the ping at ``index`` of the batch was not accepted."""
-
-    index: int
-    error: str
-
-
-class IngestReply(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer to an ingest batch: counts, and each rejected ping with its reason."""
-
-    accepted: int
-    ignored: int
-    rejected: list[Rejection]
-
-
-_raw_list_msgpack = msgspec.msgpack.Decoder(list[msgspec.Raw])
-_raw_list_json = msgspec.json.Decoder(list[msgspec.Raw])
-_ping_msgpack = msgspec.msgpack.Decoder(Ping)
-_ping_json = msgspec.json.Decoder(Ping)
-_pings_msgpack = msgspec.msgpack.Decoder(list[Ping])
-_pings_json = msgspec.json.Decoder(list[Ping])
-
-
-def decode_pings(body: bytes, *, json: bool) -> tuple[list[Ping | None], list[Rejection]]:
-    """Decode a batch, keeping every well-typed ping even when others are not.
-
-    Returns one entry per ping (``None`` where it did not decode) and the rejections.
-    The fast path decodes the whole batch at once; only a batch with a bad ping pays for
-    decoding its items one by one, so that one bad ping costs nobody else theirs.
-    Raises ``msgspec.DecodeError`` if the body is not a msgpack/JSON array at all.
-    """
-    try:
-        pings: list[Ping | None] = list(
-            _pings_json.decode(body) if json else _pings_msgpack.decode(body)
-        )
-        return pings, []
-    except msgspec.ValidationError:
-        pass
-    raws = _raw_list_json.decode(body) if json else _raw_list_msgpack.decode(body)
-    item = _ping_json if json else _ping_msgpack
-    result: list[Ping | None] = []
-    rejected: list[Rejection] = []
-    for index, raw in enumerate(raws):
-        try:
-            result.append(item.decode(raw))
-        except msgspec.DecodeError as exc:
-            result.append(None)
-            rejected.append(Rejection(index, str(exc).replace("`$", "`ping")))
-    return result, rejected
 
 
 # --- cell frames --------------------------------------------------------------------------
@@ -497,63 +421,3 @@ def frame_to_json(frame: CellFrame, name_of: Callable[[int], str | None]) -> byt
         "removed": [ident(v) for v in decode_vids(frame.removed)],
     }
     return _json_encoder.encode(doc)
-
-
-# --- the receiving side ---------------------------------------------------------------------
-
-
-class SeenVehicle(NamedTuple):
-    """A vehicle as a feed client knows it."""
-
-    vehicle_id: str
-    cell: int
-    position: Position
-    stale: bool
-
-
-class FeedView:
-    """The reference client: the table of vehicles a feed's events describe.
-
-    ``apply`` takes one SSE event (its ``event:`` name and ``data``). A ``snapshot``
-    replaces the table; a ``batch`` updates it. Applying the same batch twice is harmless.
-    """
-
-    def __init__(self) -> None:
-        self.names: dict[int, str] = {}
-        self.vehicles: dict[int, SeenVehicle] = {}
-
-    def apply(self, event: str, data: str) -> None:
-        """Apply one ``snapshot`` or ``batch`` event; other events are ignored."""
-        if event not in ("snapshot", "batch"):
-            return
-        if event == "snapshot":
-            self.vehicles.clear()
-        for line in data.split("\n"):
-            if line:
-                self.apply_frame(decode_frame(base64.b64decode(line, validate=True)))
-
-    def apply_frame(self, frame: CellFrame) -> None:
-        """Apply one cell frame, in the order the wire format prescribes."""
-        self.names.update(frame.names)
-        for position in iter_positions(frame):
-            name = self.names.get(position.vid, "")
-            self.vehicles[position.vid] = SeenVehicle(name, frame.cell, position, False)
-        for move in iter_moves(frame):
-            seen = self.vehicles.get(move.vid)
-            if seen is not None:
-                self.vehicles[move.vid] = seen._replace(
-                    cell=frame.cell, position=moved(seen.position, move), stale=False
-                )
-        for vid in decode_vids(frame.stale):
-            if vid in self.vehicles:
-                self.vehicles[vid] = self.vehicles[vid]._replace(stale=True)
-        for vid in decode_vids(frame.removed):
-            self.vehicles.pop(vid, None)
-        for vid in decode_vids(frame.gone):
-            seen = self.vehicles.get(vid)
-            if seen is not None and seen.cell == frame.cell:
-                del self.vehicles[vid]
-
-    def by_id(self) -> dict[str, SeenVehicle]:
-        """The table keyed by vehicle id."""
-        return {v.vehicle_id: v for v in self.vehicles.values()}
