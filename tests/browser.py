@@ -7,7 +7,6 @@ and the server under test is a separate process either way. Chromium is the syst
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 from playwright.sync_api import Browser, sync_playwright
 
-from tests.processes import free_port
+from tests.processes import free_port, tracker_child
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -33,22 +32,11 @@ CHROMIUM_ARGS = [
 @contextmanager
 def demo(port: int, *options: str) -> Iterator[str]:
     """``tracker demo`` on ``port`` until the block ends; its URL. Waits for a clean exit."""
-    command = [sys.executable, "-m", "tracker", "demo", "--port", str(port), "--quiet"]
-    process = subprocess.Popen(
-        [*command, "--tick", "0.5", *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    assert process.stdout is not None
-    output = b""
-    try:
-        while b"Ctrl-C" not in output:
-            line = process.stdout.readline()
-            assert line, output.decode()
-            output += line
+    args = ["demo", "--port", str(port), "--quiet", "--tick", "0.5", *options]
+    with tracker_child(*args) as child:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=30)
-    assert process.returncode == 0 and b"Traceback" not in rest, rest.decode()
+        code = child.interrupt(timeout=30)
+        assert code == 0 and b"Traceback" not in child.output, child.output.decode()
 
 
 @contextmanager

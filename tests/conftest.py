@@ -7,7 +7,7 @@ whole life; nothing is shared between tests.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,13 @@ class RunningServer:
     tracker: Tracker
     shutdown: trio.Event
     stopped: trio.Event
+
+    async def wait_for_ticks(self, ticks: int = 2) -> None:
+        """Let the server publish ``ticks`` more ticks (pings become visible on a tick)."""
+        target = self.tracker.index.tick + ticks
+        with trio.fail_after(5):
+            while self.tracker.index.tick < target:
+                await trio.sleep(0.01)
 
     async def stop(self) -> None:
         """Shut down gracefully and wait until the server has really exited."""
@@ -116,20 +123,6 @@ async def post_pings(http: httpx.AsyncClient, pings: list[dict[str, Any]]) -> ht
         content=msgspec.msgpack.encode(pings),
         headers={"Content-Type": "application/msgpack", **INGEST_KEY},
     )
-
-
-@pytest.fixture
-def clock() -> Iterator[Callable[[], float]]:
-    """Increasing fake ping timestamps near real time (pings must not be in the future)."""
-    import time
-
-    now = [time.time() - 100]
-
-    def tick() -> float:
-        now[0] += 0.01
-        return now[0]
-
-    yield tick
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -1,62 +1,129 @@
-"""The ``tracker`` command as a child process, for tests of the real program end to end."""
+"""The ``tracker`` command as a child process, for tests of the real program end to end.
+
+One implementation, :class:`TrackerChild`, starts ``python -m tracker ...``, reads its
+output until it serves and stops it; every read has a deadline, so a child that hangs or
+dies fails the test instead of hanging it. Two front ends: :func:`tracker_child` for plain
+(synchronous) tests and fixtures, :func:`tracker_process` for Trio tests (the blocking
+parts run in a worker thread, each still under its own deadline).
+"""
 
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
 READY = b"press Ctrl-C"
 """What every long-running ``tracker`` command prints once it is serving."""
 
+CHUNK = 65536
 
-@dataclass
+
+class TrackerChild:
+    """A running ``python -m tracker *args``: its first URL, and its output so far.
+
+    Output (stdout and stderr together) is read only by :meth:`wait_ready` and
+    :meth:`interrupt`, each with a deadline; ``output`` holds everything read so far.
+    """
+
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tracker", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.process.stdout is not None
+        self._stdout = self.process.stdout
+        self.output = b""
+        self.url = ""
+
+    def wait_ready(self, timeout: float) -> str:
+        """Read output until the child says it serves; its first URL (AssertionError if not)."""
+        deadline = time.monotonic() + timeout
+        while READY not in self.output:
+            chunk = self._read(deadline)
+            assert chunk is not None, f"not serving after {timeout} s: {self.output.decode()}"
+            assert chunk, f"exited before serving: {self.output.decode()}"
+            self.output += chunk
+        url = next(w for w in self.output.decode().split() if w.startswith("http://127.0.0.1:"))
+        self.url = url.split("/feed")[0].rstrip("/")
+        return self.url
+
+    def interrupt(self, timeout: float = 20) -> int:
+        """Ctrl-C it, read the rest of its output and wait for it to exit; its exit code."""
+        deadline = time.monotonic() + timeout
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        while chunk := self._read(deadline):
+            self.output += chunk
+        assert chunk is not None, f"still running {timeout} s after SIGINT: {self.output.decode()}"
+        return self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+
+    def kill(self) -> None:
+        """Kill it if it still runs, and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self._stdout.close()
+
+    def _read(self, deadline: float) -> bytes | None:
+        """The next bytes of output; b"" at its end, None if nothing came before ``deadline``."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._stdout, selectors.EVENT_READ)
+            if not selector.select(max(0.0, deadline - time.monotonic())):
+                return None
+        return os.read(self._stdout.fileno(), CHUNK)
+
+
+@contextmanager
+def tracker_child(*args: str, timeout: float = 30) -> Iterator[TrackerChild]:
+    """Start ``python -m tracker *args`` and wait until it serves; killed on exit if alive."""
+    child = TrackerChild(*args)
+    try:
+        child.wait_ready(timeout)
+        yield child
+    finally:
+        child.kill()
+
+
 class TrackerProcess:
-    """A running ``python -m tracker ...``: its first URL, and its output so far."""
+    """A :class:`TrackerChild` seen from Trio: the same data, an awaitable ``interrupt``."""
 
-    process: trio.Process
-    stdout: trio.abc.ReceiveStream
-    url: str
-    output: bytes
+    def __init__(self, child: TrackerChild) -> None:
+        self.child = child
+
+    @property
+    def url(self) -> str:
+        return self.child.url
+
+    @property
+    def output(self) -> bytes:
+        return self.child.output
 
     async def interrupt(self, timeout: float = 20) -> int:
         """Ctrl-C it, read the rest of its output and wait for it to exit; its exit code."""
-        self.process.send_signal(signal.SIGINT)
-        with trio.fail_after(timeout):
-            while chunk := await self.stdout.receive_some():
-                self.output += chunk
-            return await self.process.wait()
+        return await trio.to_thread.run_sync(self.child.interrupt, timeout)
 
 
 @asynccontextmanager
 async def tracker_process(*args: str, timeout: float = 30) -> AsyncIterator[TrackerProcess]:
     """Start ``python -m tracker *args`` and wait until it serves; killed on exit if alive."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tracker", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stdout is not None
-    output = b""
+    child = TrackerChild(*args)
     try:
-        with trio.fail_after(timeout):
-            while READY not in output:
-                chunk = await process.stdout.receive_some()
-                assert chunk, output
-                output += chunk
-        url = next(w for w in output.decode().split() if w.startswith("http://127.0.0.1:"))
-        yield TrackerProcess(process, process.stdout, url.split("/feed")[0].rstrip("/"), output)
+        await trio.to_thread.run_sync(child.wait_ready, timeout)
+        yield TrackerProcess(child)
     finally:
-        process.kill()
-        await process.wait()
+        child.kill()
 
 
 def free_port() -> int:

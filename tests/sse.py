@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import trio
@@ -50,6 +51,14 @@ class Feed:
     def last_id(self) -> str:
         """The id of the last event read (what a reconnect sends as Last-Event-ID)."""
         return next(e.id for e in reversed(self.events) if e.id)
+
+
+async def feed_head(http: httpx.AsyncClient, url: str, **kwargs: Any) -> httpx.Response:
+    """The head of a feed response: a 200's endless body is not read, any other body is."""
+    async with http.stream("GET", url, **kwargs) as response:
+        if response.status_code != 200:
+            await response.aread()
+        return response
 
 
 @asynccontextmanager

@@ -10,34 +10,16 @@ import jwt
 import pytest
 
 from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, MUNICH, StartServer, ping, post_pings
-from tests.sse import open_feed
+from tests.credentials import OLD_SECRET, SECRET, SECURE, mint_token
+from tests.sse import feed_head, open_feed
 from tracker.auth import Keyring
 from tracker.config import ConfigError, TrackerConfig
-
-SECRET = "s" * 32
-OLD_SECRET = "o" * 32
-SECURE = {"open_feeds": False, "token_secrets": SECRET}
-"""The secure default (feeds need tokens), with a secret the test can sign with."""
-
-
-def _mint(secret: str = SECRET, ttl_s: float = 60, **area: list[str]) -> str:
-    return Keyring([secret], resolution=7, max_cells=4000).mint(
-        ttl_s=ttl_s, area=area if area else None
-    )
-
-
-async def _status(client: httpx.AsyncClient, url: str, **kwargs: object) -> httpx.Response:
-    """The head of a feed response (the body of a 200 is endless: not read)."""
-    async with client.stream("GET", url, **kwargs) as response:  # type: ignore[arg-type]
-        if response.status_code != 200:
-            await response.aread()
-        return response
 
 
 async def test_feeds_need_a_token_by_default(start_server: StartServer) -> None:
     server = await start_server(open_feeds=False)
     async with httpx.AsyncClient(base_url=server.url) as client:
-        response = await _status(client, f"/feed?bbox={BERLIN_BBOX}")
+        response = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}")
     assert response.status_code == 401
     assert response.json()["error"] == "unauthorized"
     assert "token" in response.json()["message"]
@@ -47,7 +29,7 @@ async def test_feeds_need_a_token_by_default(start_server: StartServer) -> None:
 @pytest.mark.parametrize("how", ["query", "bearer", "cookie"])
 async def test_a_token_is_accepted_three_ways(start_server: StartServer, how: str) -> None:
     server = await start_server(**SECURE)
-    token = _mint()
+    token = mint_token()
     query, headers, cookies = f"bbox={BERLIN_BBOX}", {}, {}
     if how == "query":
         query += f"&token={token}"
@@ -81,8 +63,8 @@ async def test_deleting_the_session_clears_the_cookie(start_server: StartServer)
 @pytest.mark.parametrize(
     ("token", "says"),
     [
-        (_mint(ttl_s=-10), "expired"),
-        (_mint(secret="f" * 32), "signature"),
+        (mint_token(ttl_s=-10), "expired"),
+        (mint_token(secret="f" * 32), "signature"),
         ("not-a-jwt", "not a JWT"),
         (jwt.encode({"area": {}}, SECRET, "HS256"), "not valid"),  # no exp
         (jwt.encode({"exp": time.time() + 60}, None, "none"), "not valid"),  # alg: none
@@ -93,7 +75,7 @@ async def test_expired_forged_and_malformed_tokens_get_401(
 ) -> None:
     server = await start_server(**SECURE)
     async with httpx.AsyncClient(base_url=server.url) as client:
-        response = await _status(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
+        response = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
         session = await client.post("/session", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 401 and session.status_code == 401
     assert says in response.json()["message"]
@@ -104,8 +86,8 @@ async def test_rotation_accepts_old_and_new_secrets_and_signs_with_the_first(
 ) -> None:
     server = await start_server(open_feeds=False, token_secrets=f"{SECRET},{OLD_SECRET}")
     async with httpx.AsyncClient(base_url=server.url) as client:
-        for token in (_mint(SECRET), _mint(OLD_SECRET)):
-            response = await _status(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
+        for token in (mint_token(SECRET), mint_token(OLD_SECRET)):
+            response = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
             assert response.status_code == 200
     rotated = Keyring([SECRET, OLD_SECRET], resolution=7, max_cells=10).mint(ttl_s=9)
     assert jwt.decode(rotated, SECRET, algorithms=["HS256"])["exp"] > time.time()
@@ -113,10 +95,10 @@ async def test_rotation_accepts_old_and_new_secrets_and_signs_with_the_first(
 
 async def test_a_feed_beyond_the_token_area_gets_403(start_server: StartServer) -> None:
     server = await start_server(**SECURE)
-    token = _mint(bbox=["13.38,52.51,13.42,52.53"])
+    token = mint_token(bbox=["13.38,52.51,13.42,52.53"])
     async with httpx.AsyncClient(base_url=server.url) as client:
-        wider = await _status(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
-        inside = await _status(client, f"/feed?lat=52.52&lon=13.40&radius_m=50&token={token}")
+        wider = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
+        inside = await feed_head(client, f"/feed?lat=52.52&lon=13.40&radius_m=50&token={token}")
     assert wider.status_code == 403
     assert wider.json()["error"] == "forbidden_area" and wider.json()["cells_outside"] > 0
     assert inside.status_code == 200
@@ -128,7 +110,7 @@ async def test_a_token_for_area_a_never_receives_a_vehicle_outside_a(
     """Even when the client asks for more, or for nothing (then it gets the token's area)."""
     server = await start_server(**SECURE)
     area_a = h3i.latlng_to_cell(*BERLIN, 7)
-    token = _mint(cells=[h3i.int_to_str(area_a)])
+    token = mint_token(cells=[h3i.int_to_str(area_a)])
     now = time.time()
     neighbour = h3i.cell_to_latlng(next(c for c in h3i.grid_disk(area_a, 1) if c != area_a))
     async with httpx.AsyncClient(base_url=server.url, headers=INGEST_KEY) as client:
@@ -140,7 +122,7 @@ async def test_a_token_for_area_a_never_receives_a_vehicle_outside_a(
                 ping("far", *MUNICH, now),
             ],
         )
-        asks_for_more = await _status(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
+        asks_for_more = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
         assert asks_for_more.status_code == 403
         async with open_feed(client, f"token={token}") as feed:
             await feed.until(lambda view: view.vehicles)
@@ -155,10 +137,10 @@ async def test_open_feeds_need_no_token_but_a_given_one_still_binds(
     start_server: StartServer,
 ) -> None:
     server = await start_server(open_feeds=True, token_secrets=SECRET)
-    token = _mint(bbox=["13.38,52.51,13.42,52.53"])
+    token = mint_token(bbox=["13.38,52.51,13.42,52.53"])
     async with httpx.AsyncClient(base_url=server.url) as client:
-        assert (await _status(client, f"/feed?bbox={BERLIN_BBOX}")).status_code == 200
-        bound = await _status(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
+        assert (await feed_head(client, f"/feed?bbox={BERLIN_BBOX}")).status_code == 200
+        bound = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}&token={token}")
         assert bound.status_code == 403
 
 

@@ -7,9 +7,6 @@ time. The server must still be healthy, and exit cleanly, at the end.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import httpx
@@ -18,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_auth import SECRET, _mint
+from tests.credentials import SECRET, mint_token
+from tests.processes import tracker_child
 
 KEY = "fuzz-ingest-key"
 FUZZ = settings(
@@ -31,19 +29,12 @@ FUZZ = settings(
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    command = [sys.executable, "-m", "tracker", "serve", "--port", "0", "--tick", "0.1"]
-    command += ["--ingest-keys", KEY, "--token-secrets", SECRET, "--max-streams-per-address", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert process.stdout is not None
-    output = b""
-    while b"Ctrl-C" not in output:
-        line = process.stdout.readline()
-        assert line, output
-        output += line
-    yield next(w for w in output.decode().split() if w.startswith("http://127.0.0.1:"))
-    process.send_signal(signal.SIGINT)
-    rest, _ = process.communicate(timeout=30)
-    assert process.returncode == 0 and b"Traceback" not in output + rest, rest.decode()
+    args = ["serve", "--port", "0", "--tick", "0.1", "--ingest-keys", KEY]
+    args += ["--token-secrets", SECRET, "--max-streams-per-address", "0"]
+    with tracker_child(*args) as child:
+        yield child.url
+        code = child.interrupt(timeout=30)
+        assert code == 0 and b"Traceback" not in child.output, child.output.decode()
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +51,13 @@ VALUES = st.one_of(
     st.sampled_from(
         ["13.3,52.4,13.5,52.6", "871f1d489ffffff", "52.52", "-1e309", "nan", "json", "msgpack"]
     ),
-    st.just(_mint()),
-    st.just(_mint(bbox=["13.38,52.51,13.42,52.53"])),
+    st.just(mint_token()),
+    st.just(mint_token(bbox=["13.38,52.51,13.42,52.53"])),
     st.floats().map(str),
 )
 HEADER_VALUES = st.text(
     alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60
-) | st.just(f"Bearer {_mint()}")
+) | st.just(f"Bearer {mint_token()}")
 
 
 def _check(response: httpx.Response) -> None:

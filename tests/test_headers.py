@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from tests.conftest import BERLIN_BBOX, RunningServer, StartServer
-from tests.test_auth import _status
+from tests.sse import feed_head
 
 APP = "https://app.example"
 
@@ -13,8 +13,8 @@ APP = "https://app.example"
 async def test_cors_allows_listed_origins_only(start_server: StartServer) -> None:
     server = await start_server(cors_origins=f"{APP}, https://other.example")
     async with httpx.AsyncClient(base_url=server.url) as client:
-        listed = await _status(client, f"/feed?bbox={BERLIN_BBOX}", headers={"Origin": APP})
-        stranger = await _status(
+        listed = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}", headers={"Origin": APP})
+        stranger = await feed_head(
             client, f"/feed?bbox={BERLIN_BBOX}", headers={"Origin": "https://evil.example"}
         )
         ingest = await client.post("/ingest", json=[], headers={"Origin": APP})
@@ -28,14 +28,14 @@ async def test_cors_allows_listed_origins_only(start_server: StartServer) -> Non
 async def test_cors_star_allows_anyone_without_credentials(start_server: StartServer) -> None:
     server = await start_server(cors_origins="*")
     async with httpx.AsyncClient(base_url=server.url) as client:
-        response = await _status(client, f"/feed?bbox={BERLIN_BBOX}", headers={"Origin": APP})
+        response = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}", headers={"Origin": APP})
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "Access-Control-Allow-Credentials" not in response.headers
 
 
 async def test_no_cors_by_default(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
-        response = await _status(client, f"/feed?bbox={BERLIN_BBOX}", headers={"Origin": APP})
+        response = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}", headers={"Origin": APP})
     assert "Access-Control-Allow-Origin" not in response.headers
 
 

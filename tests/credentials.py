@@ -1,0 +1,22 @@
+"""Feed tokens for tests: a known secret, the secure server config, and a minting helper.
+
+Shared by every test that needs credentials (test modules never import each other).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tracker.auth import Keyring
+
+SECRET = "s" * 32
+OLD_SECRET = "o" * 32
+SECURE: dict[str, Any] = {"open_feeds": False, "token_secrets": SECRET}
+"""The secure default (feeds need tokens), with a secret the test can sign with."""
+
+
+def mint_token(secret: str = SECRET, ttl_s: float = 60, **area: list[str]) -> str:
+    """A feed token signed with ``secret``, for ``area`` (a feed query) or everywhere."""
+    return Keyring([secret], resolution=7, max_cells=4000).mint(
+        ttl_s=ttl_s, area=area if area else None
+    )
