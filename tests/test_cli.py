@@ -69,6 +69,32 @@ async def test_tracker_serve_is_secure_by_default_and_stops_cleanly_on_sigint() 
     assert b"Traceback" not in tracker.output
 
 
+async def test_tracker_serve_with_configured_secrets_prints_no_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A printed token would land in system logs, revocable only by rotating the secret."""
+    secret = "c" * 40
+    monkeypatch.setenv("TRACKER_TOKEN_SECRETS", secret)
+    async with tracker_process("serve", "--port", "0", "--tick", "0.1", timeout=20) as tracker:
+        text = tracker.output.decode()
+        assert "tracker token" in text, text
+        assert "token=" not in text and "eyJ" not in text, text  # no JWT anywhere
+        # What it says to run works against it.
+        assert main(["token", "--ttl", "5m", "--base-url", tracker.url]) == 0
+        token = capsys.readouterr().out.split()[0]
+        async with (
+            httpx.AsyncClient(base_url=tracker.url) as client,
+            client.stream(
+                "GET",
+                "/feed?bbox=13.3,52.4,13.5,52.6",
+                headers={"Authorization": f"Bearer {token}"},
+            ) as feed,
+        ):
+            assert feed.status_code == 200
+        assert await tracker.interrupt(timeout=15) == 0
+    assert "eyJ" not in tracker.output.decode()
+
+
 def test_token_command_mints_a_token_for_an_area(capsys: pytest.CaptureFixture[str]) -> None:
     secret = "k" * 40
     area = "bbox=13.38,52.51,13.42,52.53"

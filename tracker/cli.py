@@ -10,7 +10,8 @@ watcher, the server, and the simulator, which is cancelled first when shutdown b
 
 Secure by default: ``serve`` with no token secret or ingest key makes them up, prints an
 admin URL with a token (as Jupyter does) and the ingest key; feeds need a token unless
-``--open``. ``demo`` is open (it is for looking at) but its ingest still takes a key.
+``--open``. With the operator's own secrets nothing secret is printed: ``tracker token``
+mints tokens. ``demo`` is open (it is for looking at) but its ingest still takes a key.
 """
 
 from __future__ import annotations
@@ -185,21 +186,33 @@ def _secured(config: TrackerConfig) -> tuple[TrackerConfig, list[str]]:
     return msgspec.structs.replace(config, **changes), notes
 
 
-def _admin_lines(config: TrackerConfig, url: str) -> list[str]:
-    """How to look at the feeds: an admin URL with a token, or the open feed."""
+def _admin_lines(config: TrackerConfig, url: str, *, secret_made_up: bool) -> list[str]:
+    """How to look at the feeds: the open feed, an admin token, or how to mint one.
+
+    An admin token is printed only for a secret this process made up (development): such
+    a token dies with the process. With the operator's own secrets it would land in system
+    logs and stay valid for days, revocable only by rotating the secret; they are told how
+    to mint one instead.
+    """
     feed = f"{url}/feed?bbox={EXAMPLE_BBOX}&format=json"
     if config.open_feeds:
         return [f"tracker: feeds are open to anyone: the map {url}/   curl -N '{feed}'"]
+    if not secret_made_up:
+        return [
+            "tracker: feeds need a token; mint one with the same TRACKER_TOKEN_SECRETS:",
+            f"  tracker token --area 'bbox={EXAMPLE_BBOX}' --ttl 1h --base-url {url}",
+        ]
     token = Keyring.for_config(config).mint(ttl_s=ADMIN_TOKEN_TTL_S)
     return [
-        "tracker: feeds need a token; this admin token sees every area for 7 days (keep it "
-        "secret; tracker token mints narrower ones):",
+        "tracker: feeds need a token; this admin token sees every area for 7 days or until "
+        "the server stops (keep it secret; tracker token mints narrower ones):",
         f"  {url}/?token={token}",
         f"  curl -N '{feed}&token={token}'",
     ]
 
 
 async def _serve_until_signalled(config: TrackerConfig) -> None:
+    secret_made_up = not config.token_secret_list
     config, notes = _secured(config)
     shutdown = trio.Event()
     async with trio.open_nursery() as main_nursery:
@@ -207,7 +220,7 @@ async def _serve_until_signalled(config: TrackerConfig) -> None:
         binds = await main_nursery.start(serve, config, shutdown)
         for url in binds:
             print(f"tracker: serving on {url}  (feeds: {url}/feed?bbox=..., ingest: {url}/ingest)")
-        for line in [*_admin_lines(config, binds[0]), *notes]:
+        for line in [*_admin_lines(config, binds[0], secret_made_up=secret_made_up), *notes]:
             print(line)
         print("tracker: press Ctrl-C to stop", flush=True)
     print("tracker: stopped", flush=True)
@@ -235,6 +248,7 @@ async def _run_until(shutdown: trio.Event, job: Callable[[], Awaitable[None]]) -
 
 
 async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> None:
+    secret_made_up = not config.token_secret_list
     config, _ = _secured(config)
     shutdown = trio.Event()
     async with trio.open_nursery() as demo_nursery:
@@ -246,7 +260,7 @@ async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> 
         print(f"  watch them:  curl -N '{url}/feed?lat={lat}&lon={lon}&radius_m=3000&format=json'")
         print(f"  health:      {url}/healthz   metrics: {url}/metrics")
         if not config.open_feeds:
-            print("\n".join(_admin_lines(config, url)))
+            print("\n".join(_admin_lines(config, url, secret_made_up=secret_made_up)))
         print("tracker demo: press Ctrl-C to stop", flush=True)
         key = config.ingest_key_list[0]
         sender = Sender(fleet, msgspec.structs.replace(send, url=url, ingest_key=key))
