@@ -80,8 +80,13 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ingest_max_bytes: Annotated[int, describe("Largest accepted ingest body.", ge=1024)] = 8 * MIB
     ingest_max_pings: Annotated[int, describe("Most pings in one ingest batch.", ge=1)] = 50_000
     max_future_s: Annotated[
-        float, describe("Reject pings timestamped further ahead of server time than this.", ge=0)
-    ] = 300.0
+        float,
+        describe(
+            "Reject pings timestamped further ahead of server time than this; accepted "
+            "ones are clamped to server time (a fast clock cannot freeze a vehicle).",
+            ge=0,
+        ),
+    ] = 10.0
     max_age_s: Annotated[
         float, describe("Reject pings timestamped further behind server time than this.", gt=0)
     ] = 86_400.0

@@ -19,7 +19,7 @@ from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejection, decode_pings
 from tracker.wire import MAX_ABS_LAT
 
-__all__ = ["MEDIA_TYPES", "check_ping", "ingest_body", "media_is_json"]
+__all__ = ["MEDIA_TYPES", "check_ping", "clamp_to", "ingest_body", "media_is_json"]
 
 MEDIA_TYPES = {
     "application/msgpack": False,
@@ -51,6 +51,17 @@ def check_ping(ping: Ping, now: float, config: TrackerConfig) -> str | None:
     if ping.heading is not None and not (math.isfinite(ping.heading) and 0 <= ping.heading <= 360):
         return "heading must be degrees in 0..360"
     return None
+
+
+def clamp_to(ping: Ping, now: float) -> Ping:
+    """``ping`` stamped ``now`` instead of its (future) time.
+
+    Vehicles are ordered by ``ts``: a ping stamped ahead of server time, kept as it is,
+    would make every real ping after it look old until the clock caught up (a device
+    with a fast clock, or one bad ping, would freeze its vehicle). Clamped, it is simply
+    the newest ping so far, and the next one is applied as usual.
+    """
+    return msgspec.structs.replace(ping, ts=now)
 
 
 def media_is_json(content_type: str | None) -> bool:
@@ -105,7 +116,10 @@ def ingest_body(
         problem = check_ping(ping, now, config)
         if problem is not None:
             rejected.append(Rejection(position, problem))
-        elif index.apply(ping, now):
+            continue
+        if ping.ts > now:
+            ping = clamp_to(ping, now)
+        if index.apply(ping, now):
             accepted += 1
             if accepted_pings is not None:
                 accepted_pings.append(ping)
