@@ -5,6 +5,9 @@ Shared by every test that needs credentials (test modules never import each othe
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from typing import Any
 
 from tracker.auth import Keyring
@@ -20,3 +23,20 @@ def mint_token(secret: str = SECRET, ttl_s: float = 60, **area: list[str]) -> st
     return Keyring([secret], resolution=7, max_cells=4000).mint(
         ttl_s=ttl_s, area=area if area else None
     )
+
+
+HEADER = b'{"alg":"HS256","typ":"JWT"}'
+
+
+def sign_claims(payload: str, secret: str = SECRET) -> str:
+    """A correctly signed HS256 token whose payload is ``payload`` verbatim (JSON text).
+
+    For claims no JWT library would write: ``{"exp": 1e400}``, ``NaN``, 400-digit integers.
+    """
+    signing_input = f"{_b64(HEADER)}.{_b64(payload.encode())}"
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

@@ -10,10 +10,11 @@ import jwt
 import pytest
 
 from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, MUNICH, StartServer, ping, post_pings
-from tests.credentials import OLD_SECRET, SECRET, SECURE, mint_token
+from tests.credentials import OLD_SECRET, SECRET, SECURE, mint_token, sign_claims
 from tests.sse import feed_head, open_feed
 from tracker.auth import Keyring
 from tracker.config import ConfigError, TrackerConfig
+from tracker.errors import Unauthorized
 
 
 async def test_feeds_need_a_token_by_default(start_server: StartServer) -> None:
@@ -171,3 +172,24 @@ async def test_an_unread_body_never_poisons_the_next_request(start_server: Start
 def test_short_token_secrets_are_refused() -> None:
     with pytest.raises(ConfigError, match="32 characters"):
         TrackerConfig(token_secrets="short")
+
+
+def test_every_spelling_of_a_token_is_one_holder() -> None:
+    """``<token>`` and ``<token>=`` both verify: they must count as one token."""
+    keyring = Keyring([SECRET], resolution=7, max_cells=4000)
+    exp = int(time.time()) + 60
+    for token in (mint_token(), sign_claims(f'{{"exp": {exp}}}')):  # with and without a jti
+        padded = token + "="
+        assert keyring.grant(padded).holder == keyring.grant(token).holder
+    assert keyring.grant(mint_token()).holder != keyring.grant(mint_token()).holder
+    assert (
+        keyring.grant(sign_claims(f'{{"exp": {exp}}}')).holder
+        != keyring.grant(sign_claims(f'{{"exp": {exp + 1}}}')).holder
+    )
+
+
+@pytest.mark.parametrize("token", ["\udcff.a.b", "é" * 10, "a." * 5000])
+def test_tokens_that_cannot_be_jwts_are_refused_before_parsing(token: str) -> None:
+    keyring = Keyring([SECRET], resolution=7, max_cells=4000)
+    with pytest.raises(Unauthorized, match="not a JWT"):
+        keyring.grant(token)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.credentials import SECRET, mint_token
+from tests.credentials import SECRET, mint_token, sign_claims
 from tests.processes import tracker_child
 
 KEY = "fuzz-ingest-key"
@@ -118,6 +118,51 @@ def test_ingest_never_fails_on_any_body(
 ) -> None:
     headers = {"Content-Type": content_type, "X-Ingest-Key": key}
     response = client.post("/ingest", content=body, headers=headers)
+    _check(response)
+
+
+NUMBERS = st.one_of(
+    st.integers(),
+    st.integers(min_value=10**300, max_value=10**500),
+    st.sampled_from(["1e400", "NaN", "-Infinity", "1e300", "true", '"soon"', "[1]"]),
+)
+
+
+def _nested(depth: int, leaf: str) -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+SIGNED_CLAIMS = st.builds(
+    lambda exp, field, value: sign_claims(f'{{"exp": {exp}, "{field}": {value}}}'),
+    NUMBERS,
+    st.sampled_from(["iat", "nbf", "jti", "area", "x"]),
+    NUMBERS.map(str) | st.builds(_nested, st.integers(0, 2000), st.just("1")),
+)
+SESSION_BODIES = st.one_of(
+    st.binary(max_size=300),
+    JSONISH.map(msgspec.json.encode),
+    st.builds(lambda depth: _nested(depth, "").encode(), st.integers(0, 5000)),
+    st.builds(lambda t: msgspec.json.encode({"token": t}), SIGNED_CLAIMS),
+    st.builds(lambda raw: b'{"token": "' + raw + b'"}', st.binary(max_size=40)),
+)
+
+
+@FUZZ
+@given(
+    body=SESSION_BODIES,
+    content_type=st.sampled_from(["application/json", "text/plain", "", "application/x-msgpack"]),
+    origin=st.sampled_from([None, "null", "https://evil.example", "http://x:99999", "http://[::1"]),
+    bearer=st.none() | SIGNED_CLAIMS,
+)
+def test_session_never_fails_on_any_body_or_claims(
+    client: httpx.Client, body: bytes, content_type: str, origin: str | None, bearer: str | None
+) -> None:
+    headers = {"Content-Type": content_type}
+    if origin is not None:
+        headers["Origin"] = origin
+    if bearer is not None:
+        headers["Authorization"] = f"Bearer {bearer}"
+    response = client.post("/session", content=body, headers=headers)
     _check(response)
 
 

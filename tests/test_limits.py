@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.parse
 from contextlib import AsyncExitStack
 
 import httpx
@@ -35,6 +36,25 @@ async def test_streams_per_token_are_limited_and_freed_on_close(
         with trio.fail_after(5):  # closing feeds frees their slots
             while (await feed_head(client, f"/feed?{query}")).status_code != 200:
                 await trio.sleep(0.05)
+
+
+async def test_streams_per_token_count_every_spelling_of_a_token_once(
+    start_server: StartServer,
+) -> None:
+    """``<token>=`` verifies like ``<token>``; it must not get a budget of its own."""
+    server = await start_server(**SECURE, max_streams_per_token=1)
+    token = mint_token()
+    async with (
+        httpx.AsyncClient(base_url=server.url) as client,
+        open_feed(client, f"bbox={BERLIN_BBOX}&token={token}"),
+    ):
+        for spelling in (token + "=", token):
+            query = urllib.parse.urlencode({"bbox": BERLIN_BBOX, "token": spelling})
+            refused = await feed_head(client, f"/feed?{query}")
+            assert refused.status_code == 429, spelling
+            bearer = {"Authorization": f"Bearer {spelling}"}
+            refused = await feed_head(client, f"/feed?bbox={BERLIN_BBOX}", headers=bearer)
+            assert refused.status_code == 429, spelling
 
 
 async def test_streams_per_address_are_limited(start_server: StartServer) -> None:

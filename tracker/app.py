@@ -19,8 +19,14 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from tracker.auth import COOKIE, Grant, Keyring, check_ingest_key
-from tracker.errors import BadRequest, PayloadTooLarge, TrackerError, Unauthorized
+from tracker.auth import COOKIE, Grant, Keyring, check_ingest_key, check_session_origin
+from tracker.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    TrackerError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from tracker.feed import feed_stream
 from tracker.headers import security_headers
 from tracker.ingest import ingest_body, media_is_json
@@ -33,6 +39,10 @@ from tracker.web import add_web_routes
 __all__ = ["create_app"]
 
 FEED_FORMATS = {"msgpack": False, "json": True}
+SESSION_MAX_BYTES = 16 * 1024
+"""Largest ``POST /session`` body: a token is a few hundred bytes (at most 8 KiB)."""
+COOKIE_MAX_AGE_S = 400 * 86_400
+"""Longest session cookie: browsers keep none longer (a token may outlive it)."""
 _json = msgspec.json.Encoder()
 
 
@@ -181,19 +191,26 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.post("/session")
     async def open_session() -> Response:
-        """Trade a token for an HttpOnly cookie, so pages need not keep it in URLs."""
+        """Trade a token for an HttpOnly cookie, so pages need not keep it in URLs.
+
+        Only from this tracker's own pages or a listed origin (login CSRF), and a body
+        token only as ``application/json``, which no cross-site form can send.
+        """
+        check_session_origin(
+            request.headers.get("Origin"),
+            scheme=request.scheme,
+            host=request.headers.get("Host"),
+            allowed=config.cors_origin_list,
+        )
         token = _bearer(request.headers.get("Authorization"))
         if token is None:
-            body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-            g.body_read = True
-            assert isinstance(body, bytes)
-            token = _session_token(body)
+            token = _session_token(await _small_body(request.mimetype, SESSION_MAX_BYTES))
         grant = keyring.grant(token)
         response = _json_response({"expires": grant.expires, "area": grant.cells is not None})
         response.set_cookie(
             COOKIE,
             token,
-            max_age=max(0, int(grant.expires - time.time())),
+            max_age=max(0, min(COOKIE_MAX_AGE_S, int(grant.expires - time.time()))),
             httponly=True,
             secure=request.scheme == "https",
             samesite="Strict",
@@ -232,10 +249,32 @@ class _SessionBody(msgspec.Struct):
     token: str
 
 
+async def _small_body(mimetype: str, limit: int) -> bytes:
+    """The request's JSON body, refused (415, 413) unless JSON and at most ``limit`` bytes."""
+    if mimetype != "application/json":
+        raise UnsupportedMediaType(
+            f"POST /session takes a token as application/json, not {mimetype or '(none)'!r} "
+            "(or send it as Authorization: Bearer)",
+            allowed=["application/json"],
+        )
+    too_large = PayloadTooLarge(f"body is larger than {limit} bytes", limit=limit)
+    if (request.content_length or 0) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.body:
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    g.body_read = True
+    return bytes(body)
+
+
 def _session_token(body: bytes) -> str:
     try:
         return msgspec.json.decode(body, type=_SessionBody).token
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        # msgspec raises RecursionError for deep nesting and UnicodeDecodeError (a
+        # ValueError) for invalid UTF-8 in a string: both are bad input, not our fault.
         raise Unauthorized(
             'POST /session needs a token: Authorization: Bearer <token>, or {"token": ...}'
         ) from exc

@@ -3,8 +3,10 @@
 Feeds are read with **feed tokens**: JWTs (HS256, signed with one of the configured
 secrets) whose claims bound what the holder sees:
 
-* ``exp``: when the token stops working (always set); ``jti``: a random id, so every
-  minted token is distinct (per-token limits count tokens, not areas);
+* ``exp``: when the token stops working (always set, before the year 10000); ``jti``: a
+  random id, so every minted token is distinct. Per-token limits count ``jti`` values (or,
+  for a token without one, its signature's bytes), never the token's spelling: ``<token>``
+  and ``<token>=`` verify alike and are one token;
 * ``area`` (optional): the area the holder may watch, written like a feed query
   (``{"bbox": ["w,s,e,n"], "cells": [...], "lat": [...], ...}``). Without it the token
   sees everything (an admin token).
@@ -14,6 +16,9 @@ as ``Authorization: Bearer``, or from the HttpOnly cookie ``POST /session`` sets
 secrets verify at once (key rotation); the first signs, and its ``kid`` header says which
 secret to try first. A token's area is turned into index cells exactly as a feed query is,
 so a feed may ask for any part of it and is refused (403) beyond it.
+
+``POST /session`` is open to login CSRF (a cross-site form planting an attacker's token in
+the cookie) unless its ``Origin`` is checked: :func:`check_session_origin`.
 
 Ingest is guarded by **ingest keys**: shared secrets sent as ``X-Ingest-Key``.
 See ``docs/security.md`` for the threat model.
@@ -25,15 +30,17 @@ import hashlib
 import hmac
 import secrets
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import jwt
+from jwt.utils import base64url_decode
 
 from tracker.config import TrackerConfig
-from tracker.errors import ForbiddenArea, Unauthorized
+from tracker.errors import ForbiddenArea, ForbiddenOrigin, Unauthorized
 from tracker.regions import parse_area
 
 __all__ = [
@@ -41,12 +48,18 @@ __all__ = [
     "Grant",
     "Keyring",
     "check_ingest_key",
+    "check_session_origin",
     "new_secret",
 ]
 
 ALGORITHM = "HS256"
 COOKIE = "tracker_token"
 """Name of the HttpOnly cookie that carries a feed token (set by ``POST /session``)."""
+MAX_TOKEN_CHARS = 8192
+"""Longest token even looked at: a real one is a few hundred characters."""
+LATEST_EXP = 253_402_300_799
+"""9999-12-31T23:59:59Z. A later ``exp`` (even correctly signed) is refused: neither floats,
+dates nor cookies can carry it."""
 
 
 def new_secret() -> str:
@@ -65,7 +78,8 @@ class Grant:
     cells: frozenset[int] | None
     expires: float
     holder: str
-    """Identifies the token (a hash of it) for per-token limits; never the token itself."""
+    """Identifies the token for per-token limits (a hash of its ``jti``, or of its signature
+    for a token without one); never the token itself, nor its spelling."""
 
     def check(self, cells: frozenset[int]) -> None:
         """Refuse a feed that asks for anything beyond the grant."""
@@ -114,6 +128,8 @@ class Keyring:
 
     def grant(self, token: str) -> Grant:
         """Verify a token (401 if it does not) and what it allows; cached per token."""
+        if len(token) > MAX_TOKEN_CHARS or not token.isascii():
+            raise Unauthorized("the token is not a JWT: too long, or not ASCII")
         grant = self._grant(token)
         if grant.expires <= time.time():
             raise Unauthorized("the token has expired; ask for a new one")
@@ -129,8 +145,7 @@ class Keyring:
             ):
                 raise Unauthorized("the token's area claim is malformed")
             cells = parse_area(area, resolution=self._resolution, max_cells=self._max_cells)
-        holder = hashlib.sha256(token.encode()).hexdigest()[:16]
-        return Grant(cells, float(claims["exp"]), holder)
+        return Grant(cells, float(claims["exp"]), _holder(token, claims))
 
     def _claims(self, token: str) -> dict[str, Any]:
         try:
@@ -150,8 +165,68 @@ class Keyring:
                 continue
             except jwt.PyJWTError as exc:
                 raise Unauthorized(f"the token is not valid: {exc}") from exc
+            if not claims["exp"] <= LATEST_EXP:  # PyJWT checked that it is an integer
+                raise Unauthorized("the token is not valid: its exp is after the year 9999")
             return claims
         raise Unauthorized("the token's signature does not verify (forged, or its key retired)")
+
+
+def _holder(token: str, claims: Mapping[str, Any]) -> str:
+    """What per-token limits count: the ``jti``, else the signature's bytes (hashed).
+
+    Not the token's text: base64url has several spellings of the same bytes (``<token>``
+    and ``<token>=`` both verify), and each spelling would get a limit of its own.
+    """
+    jti = claims.get("jti")
+    if isinstance(jti, str):
+        ident = b"jti:" + jti.encode()
+    else:
+        ident = b"sig:" + base64url_decode(token.rpartition(".")[2])
+    return hashlib.sha256(ident).hexdigest()[:16]
+
+
+def check_session_origin(
+    origin: str | None, *, scheme: str, host: str | None, allowed: Sequence[str]
+) -> None:
+    """Refuse (403) a ``POST /session`` sent by a page of another origin than listed.
+
+    Browsers send ``Origin`` on every POST, and a page cannot forge it: a request from this
+    tracker's own origin (``scheme`` and ``Host``) or from an origin listed in
+    ``cors_origins`` passes; any other is refused, which stops a cross-site form from
+    planting its token in the cookie. ``*`` does not count: it opens reading feeds, never
+    credentials. Requests without ``Origin`` (curl, servers) pass: no browser sent them.
+    """
+    if origin is None:
+        return
+    accepted = {_origin(o) for o in allowed if o != "*"}
+    if host:
+        accepted.add(_origin(f"{scheme}://{host}"))
+    asked = _origin(origin)
+    if asked is None or asked not in accepted:
+        raise ForbiddenOrigin(
+            f"POST /session from the origin {origin[:100]!r} is refused: only this tracker's "
+            "own pages and the origins in cors_origins may open a session",
+            origin=origin[:100],
+        )
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(text: str) -> str | None:
+    """``scheme://host[:port]`` in one spelling (lower case, no default port); None for
+    anything that is not an origin (``null``, garbage)."""
+    try:
+        parts = urllib.parse.urlsplit(text.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        host += f":{port}"
+    return f"{parts.scheme}://{host}"
 
 
 def check_ingest_key(presented: str | None, keys: Sequence[str]) -> str:

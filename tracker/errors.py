@@ -10,6 +10,7 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
     * BadLastEventId is not an error: a bad resume id falls back to a snapshot.
   * Unauthorized (401) -- no, a forged or an expired feed token; a missing or wrong ingest key
   * ForbiddenArea (403) -- a feed asking for more than its token allows
+  * ForbiddenOrigin (403) -- POST /session from a page of an origin that is not allowed
   * PayloadTooLarge (413)
   * UnsupportedMediaType (415)
   * NothingAccepted (422) -- every ping in a batch was rejected
@@ -26,6 +27,7 @@ __all__ = [
     "BadBody",
     "BadRequest",
     "ForbiddenArea",
+    "ForbiddenOrigin",
     "NothingAccepted",
     "PayloadTooLarge",
     "TooManyRequests",
@@ -110,6 +112,13 @@ class ForbiddenArea(TrackerError):
 
     status = 403
     code = "forbidden_area"
+
+
+class ForbiddenOrigin(TrackerError):
+    """``POST /session`` sent by a page of another origin than this tracker or cors_origins."""
+
+    status = 403
+    code = "forbidden_origin"
 
 
 class TooManyRequests(TrackerError):
