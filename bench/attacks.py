@@ -117,13 +117,15 @@ async def area_attack() -> dict[str, Any]:
 
 
 def garbage_bodies(size: int) -> dict[str, tuple[bytes, str]]:
-    """An ``size``-byte msgpack array of 1-byte integers, and a JSON ``[1,1,...]``."""
+    """``size``-byte arrays of garbage: msgpack 1-byte integers, JSON ``[1,1,...]``, and
+    JSON ``[[1,1],...]`` (which the JSON byte scan cannot count: the worst case left)."""
     count = size - 5  # the array32 header
     msgpack = b"\xdd" + count.to_bytes(4, "big") + b"\x01" * count
     json_count = size // 2
     return {
         "msgpack": (msgpack, "application/msgpack"),
         "json": (b"[" + b"1," * (json_count - 1) + b"1]", "application/json"),
+        "json pairs": (b"[" + b"[1,1]," * (size // 6 - 1) + b"[1]]", "application/json"),
     }
 
 

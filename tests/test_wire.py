@@ -202,8 +202,9 @@ def test_decode_pings_keeps_good_pings_and_reports_bad_ones() -> None:
     )
     pings, rejected = decode_pings(body, json=False)
     assert [p.vehicle_id if p else None for p in pings] == ["a", None, None, "d"]
-    assert [r.index for r in rejected] == [1, 2]
-    assert "ping.lat" in rejected[0].error and "lat" in rejected[1].error
+    listed = rejected.listed()
+    assert [r.index for r in listed] == [1, 2] and rejected.total == 2
+    assert "ping.lat" in listed[0].error and "lat" in listed[1].error
 
 
 def test_decode_pings_keeps_nan_for_the_range_check() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -16,7 +17,7 @@ from tracker.config import TrackerConfig
 from tracker.errors import BadBody, NothingAccepted, PayloadTooLarge, UnsupportedMediaType
 from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
-from tracker.pings import IngestReply, Ping, Rejection, decode_pings
+from tracker.pings import IngestReply, Ping, TooManyPings, decode_pings
 from tracker.wire import MAX_ABS_LAT
 
 __all__ = ["MEDIA_TYPES", "check_ping", "clamp_to", "ingest_body", "media_is_json"]
@@ -99,15 +100,12 @@ def ingest_body(
             limit=config.ingest_max_bytes,
         )
     try:
-        pings, rejected = decode_pings(body, json=is_json)
+        pings, rejections = decode_pings(body, json=is_json, max_pings=config.ingest_max_pings)
     except msgspec.DecodeError as exc:
         kind = "JSON" if is_json else "msgpack"
         raise BadBody(f"body is not a {kind} array of pings: {exc}") from exc
-    if len(pings) > config.ingest_max_pings:
-        raise PayloadTooLarge(
-            f"batch has {len(pings)} pings; at most {config.ingest_max_pings}",
-            limit=config.ingest_max_pings,
-        )
+    except TooManyPings as exc:
+        raise PayloadTooLarge(str(exc), limit=exc.limit) from exc
     admit(len(pings))
     accepted = ignored = 0
     for position, ping in enumerate(pings):
@@ -115,7 +113,7 @@ def ingest_body(
             continue
         problem = check_ping(ping, now, config)
         if problem is not None:
-            rejected.append(Rejection(position, problem))
+            rejections.add(position, problem)
             continue
         if ping.ts > now:
             ping = clamp_to(ping, now)
@@ -125,13 +123,19 @@ def ingest_body(
                 accepted_pings.append(ping)
         else:
             ignored += 1
-    rejected.sort(key=lambda r: r.index)
     metrics.pings_accepted += accepted
     metrics.pings_ignored += ignored
-    metrics.pings_rejected += len(rejected)
-    reply = IngestReply(accepted=accepted, ignored=ignored, rejected=rejected)
-    if rejected and not accepted and not ignored:
+    metrics.pings_rejected += rejections.total
+    cut: dict[str, Any] = (
+        {"rejected_total": rejections.total, "rejected_truncated": True}
+        if rejections.truncated
+        else {}
+    )
+    reply = IngestReply(accepted=accepted, ignored=ignored, rejected=rejections.listed(), **cut)
+    if rejections.total and not accepted and not ignored:
         raise NothingAccepted(
-            "no ping in the batch was accepted", rejected=msgspec.to_builtins(rejected)
+            "no ping in the batch was accepted",
+            rejected=msgspec.to_builtins(reply.rejected),
+            **cut,
         )
     return reply
