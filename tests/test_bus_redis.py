@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 
 import coredis
 import h3.api.basic_int as h3i
@@ -17,8 +17,7 @@ import pytest
 import trio
 
 from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, MUNICH, ping, post_pings
-from tests.processes import TrackerProcess, tracker_process
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, tracker_instances
 from tests.sse import open_feed
 
 KEY = INGEST_KEY  # what post_pings sends
@@ -37,18 +36,8 @@ def redis() -> Iterator[RedisServer]:
 @asynccontextmanager
 async def instances(redis: RedisServer, count: int) -> AsyncIterator[list[str]]:
     """``count`` trackers on one Redis; their URLs."""
-    options = ["--port", "0", "--tick", "0.2", "--open", "--ingest-keys", KEY["X-Ingest-Key"]]
-    async with AsyncExitStack() as stack:
-        running: list[TrackerProcess] = [
-            await stack.enter_async_context(
-                tracker_process("serve", *options, "--bus", redis.url, timeout=30)
-            )
-            for _ in range(count)
-        ]
+    async with tracker_instances(redis, count) as running:
         yield [process.url for process in running]
-        for process in running:
-            assert await process.interrupt(timeout=20) == 0
-            assert b"Traceback" not in process.output, process.output.decode()
 
 
 @asynccontextmanager
@@ -65,7 +54,7 @@ async def clients_of_two(
 
 
 def shard_channel(lat: float, lon: float) -> str:
-    return f"trk:pings:{h3i.latlng_to_cell(lat, lon, 5):x}"
+    return f"trk:pings:{h3i.cell_to_parent(h3i.latlng_to_cell(lat, lon, 7), 5):x}"
 
 
 async def numsub(redis: RedisServer, channel: str) -> int:

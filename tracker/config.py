@@ -107,6 +107,23 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         int,
         describe("H3 resolution of the bus's shards (one Redis channel each).", ge=0, le=10),
     ] = 5
+    bus_timeout_s: Annotated[
+        float,
+        describe(
+            "Deadline of every Redis call; past it the bus is degraded (served locally) "
+            "until Redis answers again.",
+            gt=0,
+            le=60,
+        ),
+    ] = 2.0
+    bus_queue_max_pings: Annotated[
+        int,
+        describe(
+            "Pings waiting to be forwarded to Redis; beyond, the oldest batches are dropped "
+            "(counted; the latest position of every vehicle is republished after an outage).",
+            ge=1,
+        ),
+    ] = 100_000
     open_feeds: Annotated[
         bool,
         describe("Serve feeds without a token: anyone who reaches the port sees every vehicle."),

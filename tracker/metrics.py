@@ -38,6 +38,15 @@ class Metrics:
     bus_dropped_pings: int = _counter("Pings that could not be forwarded (Redis down or slow).")
     bus_reconnects: int = _counter("Times the Redis subscriber lost its connection.")
     bus_bad_messages: int = _counter("Bus messages that did not decode.")
+    bus_bad_pings: int = _counter(
+        "Pings from Redis (messages or state) that /ingest would reject; skipped."
+    )
+    bus_newer_messages: int = _counter(
+        "Bus messages of a newer version (read by their known fields: a mixed-version fleet)."
+    )
+    bus_republished_pings: int = _counter(
+        "Vehicle positions published again after a Redis outage (Redis had none newer)."
+    )
     tick_seconds_sum: float = 0.0
     tick_seconds_max: float = 0.0
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)

@@ -40,8 +40,7 @@ class Tracker:
                 config.bus,
                 index=self.index,
                 metrics=self.metrics,
-                shard_resolution=config.bus_shard_resolution,
-                remove_after_s=config.remove_after_s,
+                config=config,
                 resnapshot_all=self.hub.resnapshot_all,
                 next_tick=self.next_tick,
             )

@@ -5,7 +5,9 @@ Specified in ``docs/wire-format.md`` and pinned by ``tests/test_wire.py``:
 * cell frames: one :class:`CellFrame` per H3 cell per tick, msgpack, array-like, with
   positions packed as fixed-point 12-byte records relative to the cell centre (packed a
   whole tick at a time with NumPy);
-* the JSON rendering of a cell frame, for ``format=json`` feeds.
+* the JSON rendering of a cell frame, for ``format=json`` feeds;
+* the bus message between instances (:class:`BusMessage`, versioned, array-like), and the
+  vehicle state kept in Redis (:class:`BusPing`).
 
 The ingest format lives in :mod:`tracker.pings`, the reference client in
 :mod:`tracker.client`.
@@ -19,7 +21,7 @@ import functools
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final, NamedTuple
+from typing import Annotated, Final, NamedTuple
 
 import h3.api.basic_int as h3i
 import msgspec
@@ -27,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "BUS_VERSION",
     "HEADING_STEP_DEG",
     "LATLON_SCALE",
     "MAX_ABS_LAT",
@@ -37,13 +40,19 @@ __all__ = [
     "RECORD_DTYPE",
     "SPEED_STEP_MS",
     "UNKNOWN",
+    "BusMessage",
+    "BusPing",
     "CellFrame",
     "Move",
     "Position",
     "PositionColumns",
     "cell_origin",
+    "decode_bus_message",
+    "decode_bus_ping",
     "decode_frame",
     "decode_vids",
+    "encode_bus_message",
+    "encode_bus_ping",
     "encode_frame",
     "encode_vids",
     "frame_to_json",
@@ -421,3 +430,77 @@ def frame_to_json(frame: CellFrame, name_of: Callable[[int], str | None]) -> byt
         "removed": [ident(v) for v in decode_vids(frame.removed)],
     }
     return _json_encoder.encode(doc)
+
+
+# --- bus messages (between instances, through Redis) ----------------------------------------
+
+BUS_VERSION: Final = 1
+"""Version of the bus message this code writes. Newer versions only append fields (to the
+message or to its pings), so this code reads them by their known prefix; see
+``docs/wire-format.md`` ("Bus messages")."""
+
+
+class BusPing(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A ping as instances pass it on, and as Redis keeps a vehicle's latest state.
+
+    ``[vehicle_id, lat, lon, ts, speed, heading]``: the six elements the unversioned bus
+    used too, so a state entry written by either version reads in both. Only the types are
+    checked here; the values are checked like ``/ingest`` input by whoever applies it.
+    """
+
+    vehicle_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    lat: float
+    lon: float
+    ts: float
+    speed: float | None
+    heading: float | None
+
+
+class BusMessage(msgspec.Struct, array_like=True, frozen=True):
+    """One bus message: ``[version, origin, pings]``, msgpack, published per shard per batch.
+
+    ``origin`` identifies the sending process (it skips its own messages). A reader
+    ignores fields it does not know at the end of the message and of each ping.
+    """
+
+    version: int
+    origin: bytes
+    pings: list[BusPing]
+
+
+_bus_encoder = msgspec.msgpack.Encoder()
+_bus_message_decoder = msgspec.msgpack.Decoder(BusMessage)
+_bus_legacy_decoder = msgspec.msgpack.Decoder(tuple[bytes, list[BusPing]])
+_bus_ping_decoder = msgspec.msgpack.Decoder(BusPing)
+
+
+def encode_bus_message(origin: bytes, pings: list[BusPing]) -> bytes:
+    """A bus message of the current version."""
+    return _bus_encoder.encode(BusMessage(BUS_VERSION, origin, pings))
+
+
+def decode_bus_message(data: bytes) -> BusMessage:
+    """A bus message of any version; the unversioned ``[origin, pings]`` reads as version 0.
+
+    Raises ``msgspec.DecodeError`` if it is neither.
+    """
+    try:
+        return _bus_message_decoder.decode(data)
+    except msgspec.DecodeError:
+        try:
+            origin, pings = _bus_legacy_decoder.decode(data)
+        except msgspec.DecodeError:
+            pass
+        else:
+            return BusMessage(0, origin, pings)
+        raise
+
+
+def encode_bus_ping(ping: BusPing) -> bytes:
+    """A vehicle's state entry in Redis."""
+    return _bus_encoder.encode(ping)
+
+
+def decode_bus_ping(data: bytes) -> BusPing:
+    """A state entry read from Redis; raises ``msgspec.DecodeError`` if it is not one."""
+    return _bus_ping_decoder.decode(data)
