@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 
 import trio
@@ -34,13 +34,13 @@ class TrackerChild:
     :meth:`interrupt`, each with a deadline; ``output`` holds everything read so far.
     """
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
         self.args = args
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tracker", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         assert self.process.stdout is not None
         self._stdout = self.process.stdout
@@ -116,9 +116,14 @@ class TrackerProcess:
 
 
 @asynccontextmanager
-async def tracker_process(*args: str, timeout: float = 30) -> AsyncIterator[TrackerProcess]:
-    """Start ``python -m tracker *args`` and wait until it serves; killed on exit if alive."""
-    child = TrackerChild(*args)
+async def tracker_process(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30
+) -> AsyncIterator[TrackerProcess]:
+    """Start ``python -m tracker *args`` and wait until it serves; killed on exit if alive.
+
+    ``env`` adds to (or overrides) this process's environment.
+    """
+    child = TrackerChild(*args, env=env)
     try:
         await trio.to_thread.run_sync(child.wait_ready, timeout)
         yield TrackerProcess(child)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -121,3 +122,23 @@ def test_token_command_explains_what_is_wrong(
 ) -> None:
     assert main(argv) == 2
     assert "tracker: bad configuration" in capsys.readouterr().err
+
+
+async def test_tracker_serve_logs_json_startup_and_shutdown_without_secrets() -> None:
+    secret, key = "s" * 40, "the-ingest-key"
+    args = ("serve", "--port", "0", "--log-format", "json", "--access-log")
+    env = {"TRACKER_TOKEN_SECRETS": secret, "TRACKER_INGEST_KEYS": key}
+    async with tracker_process(*args, env=env, timeout=20) as tracker:
+        async with httpx.AsyncClient(base_url=tracker.url) as client:
+            assert (await client.get("/healthz")).status_code == 200
+        assert await tracker.interrupt(timeout=15) == 0
+    records = [json.loads(line) for line in tracker.output.decode().splitlines() if line[:1] == "{"]
+    by_message = {record["message"].split(" ")[0]: record for record in records}
+    started = by_message["serving"]
+    assert started["logger"] == "tracker.cli" and started["level"] == "info"
+    assert started["message"] == f"serving on {tracker.url}"
+    assert (started["port"], started["token_secrets"], started["ingest_keys"]) == (0, 1, 1)
+    assert by_message["127.0.0.1"]["path"] == "/healthz"  # the access log
+    assert by_message["SIGINT"]["message"] == "SIGINT received: shutting down"
+    assert records[-1]["message"] == "stopped"
+    assert secret not in tracker.output.decode() and key not in tracker.output.decode()

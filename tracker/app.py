@@ -11,6 +11,7 @@ browser-safety headers to every response.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from tracker.auth import COOKIE, Grant, Keyring, check_ingest_key, check_session_origin
 from tracker.errors import (
     BadRequest,
+    ForbiddenArea,
     PayloadTooLarge,
     TrackerError,
     Unauthorized,
@@ -31,6 +33,7 @@ from tracker.feed import feed_stream
 from tracker.headers import security_headers
 from tracker.ingest import ingest_body, media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
+from tracker.logs import Throttle
 from tracker.pings import Ping
 from tracker.regions import AREA_PARAMS, parse_area
 from tracker.service import Tracker
@@ -38,11 +41,15 @@ from tracker.web import add_web_routes
 
 __all__ = ["create_app"]
 
+logger = logging.getLogger(__name__)
+
 FEED_FORMATS = {"msgpack": False, "json": True}
 SESSION_MAX_BYTES = 16 * 1024
 """Largest ``POST /session`` body: a token is a few hundred bytes (at most 8 KiB)."""
 COOKIE_MAX_AGE_S = 400 * 86_400
 """Longest session cookie: browsers keep none longer (a token may outlive it)."""
+REFUSAL_LOG_INTERVAL_S = 10.0
+"""At most one INFO record this often about refused credentials (anyone can cause them)."""
 _json = msgspec.json.Encoder()
 
 
@@ -91,6 +98,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
         retry_after_s=max(1.0, config.retry_ms / 1000),
     )
     ingest_rate = IngestRate(config.ingest_rate_per_key)
+    refusals = Throttle(logger, interval_s=REFUSAL_LOG_INTERVAL_S)
 
     def feed_grant() -> Grant | None:
         """What the request's token allows; None for an anonymous reader of open feeds."""
@@ -114,6 +122,15 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.errorhandler(TrackerError)
     async def tracker_error(error: TrackerError) -> Response:
+        if error.status in (Unauthorized.status, ForbiddenArea.status):
+            refusals.log(
+                "refused %s %s: %s",
+                request.method,
+                request.path,
+                error.message,
+                address=request.remote_addr,
+                code=error.code,
+            )
         return _error_response(error.body(), error.status, error.headers())
 
     @app.errorhandler(HTTPException)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import re
 import signal
@@ -33,11 +34,14 @@ import trio
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
 from tracker.auth import Keyring, new_secret
-from tracker.config import ConfigError, TrackerConfig, load_config
+from tracker.config import ConfigError, LogConfig, TrackerConfig, config_summary, load_config
 from tracker.errors import TrackerError
+from tracker.logs import configure_logging
 from tracker.server import serve
 
 __all__ = ["build_parser", "config_from", "main"]
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "TRACKER_"
 DEMO_DEFAULTS = {"VEHICLES": "2000", "OPEN_FEEDS": "true", "CORS_ORIGINS": "*"}
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the tracker HTTP service", description="Run the tracker service."
     )
     _add_options(serve_parser, TrackerConfig)
+    _add_options(serve_parser, LogConfig)
     simulate_parser = commands.add_parser(
         "simulate",
         help="drive a simulated delivery fleet against a tracker",
@@ -104,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_options(simulate_parser, FleetConfig)
     _add_options(simulate_parser, SendConfig)
+    _add_options(simulate_parser, LogConfig)
     demo_parser = commands.add_parser(
         "demo",
         help="run a tracker and a simulated fleet together (no configuration needed)",
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(demo_parser, TrackerConfig)
     _add_options(demo_parser, FleetConfig)
     _add_options(demo_parser, SendConfig, skip=("url", "ingest_key"))
+    _add_options(demo_parser, LogConfig)
     token_parser = commands.add_parser(
         "token",
         help="mint a feed token and print feed and embed URLs with it",
@@ -162,7 +169,8 @@ def _struct_from(
 
 async def _wait_for_signal(shutdown: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
+        async for signum in signals:
+            logger.info("%s received: shutting down", signal.Signals(signum).name)
             shutdown.set()
             return
 
@@ -218,11 +226,13 @@ async def _serve_until_signalled(config: TrackerConfig) -> None:
     async with trio.open_nursery() as main_nursery:
         main_nursery.start_soon(_wait_for_signal, shutdown)
         binds = await main_nursery.start(serve, config, shutdown)
+        logger.info("serving on %s", " ".join(binds), extra=config_summary(config))
         for url in binds:
             print(f"tracker: serving on {url}  (feeds: {url}/feed?bbox=..., ingest: {url}/ingest)")
         for line in [*_admin_lines(config, binds[0], secret_made_up=secret_made_up), *notes]:
             print(line)
         print("tracker: press Ctrl-C to stop", flush=True)
+    logger.info("stopped")
     print("tracker: stopped", flush=True)
 
 
@@ -254,6 +264,7 @@ async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> 
     async with trio.open_nursery() as demo_nursery:
         demo_nursery.start_soon(_wait_for_signal, shutdown)
         (url, *_) = await demo_nursery.start(serve, config, shutdown)
+        logger.info("serving on %s", url, extra=config_summary(config))
         lat, lon = fleet.center_lat, fleet.center_lon
         print(f"tracker demo: serving on {url} with {fleet.vehicles} simulated vehicles")
         print(f"  the map:     {url}/")
@@ -265,6 +276,7 @@ async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> 
         key = config.ingest_key_list[0]
         sender = Sender(fleet, msgspec.structs.replace(send, url=url, ingest_key=key))
         demo_nursery.start_soon(_run_until, shutdown, sender.run)
+    logger.info("stopped")
     print("tracker demo: stopped", flush=True)
 
 
@@ -321,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _tune_garbage_collector()
     try:
+        if args.command != "token":
+            logs = _struct_from(LogConfig, args, os.environ)
+            configure_logging(level=logs.log_level, log_format=logs.log_format)
         if args.command == "serve":
             trio.run(_serve_until_signalled, config_from(args, os.environ))
         elif args.command == "simulate":

@@ -8,12 +8,15 @@ the environment and the validation cannot drift apart. Units are in the field na
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping
 from typing import Annotated, Any
 
 import msgspec
 
-__all__ = ["ConfigError", "TrackerConfig", "describe", "load_config"]
+from tracker.logs import LOG_FORMATS, LOG_LEVELS
+
+__all__ = ["ConfigError", "LogConfig", "TrackerConfig", "config_summary", "describe", "load_config"]
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -96,6 +99,13 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     backlog: Annotated[
         int, describe("Connections waiting to be accepted (many feeds reconnect at once).", ge=1)
     ] = 4096
+    access_log: Annotated[
+        bool,
+        describe(
+            "Log every request on the tracker.access logger (client, method, path without "
+            "the query, status, duration)."
+        ),
+    ] = False
     bus: Annotated[
         str,
         describe(
@@ -217,6 +227,52 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def cors_origin_list(self) -> list[str]:
         """``cors_origins`` split."""
         return _split(self.cors_origins)
+
+
+SECRET_FIELDS = ("token_secrets", "ingest_keys")
+"""Fields never written to a log or an error message (only how many values they hold)."""
+
+
+def config_summary(config: TrackerConfig) -> dict[str, Any]:
+    """What differs from the defaults, for the startup log: secrets counted, not shown."""
+    summary: dict[str, Any] = {}
+    defaults = TrackerConfig()
+    for name in config.__struct_fields__:
+        value = getattr(config, name)
+        if value == getattr(defaults, name) and name not in SECRET_FIELDS:
+            continue
+        if name in SECRET_FIELDS:
+            value = len(_split(value))
+        elif name == "bus":
+            value = _without_password(value)
+        summary[name] = value
+    return summary
+
+
+def _without_password(url: str) -> str:
+    """A URL with any password in it replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the process logs (``tracker.logs.configure_logging``); every command has these."""
+
+    log_level: Annotated[
+        str, describe("Least severe records logged: debug, info, warning or error.")
+    ] = "info"
+    log_format: Annotated[
+        str, describe("text: readable lines on stderr; json: one JSON object per line.")
+    ] = "text"
+
+    def __post_init__(self) -> None:
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level is one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format is one of {', '.join(LOG_FORMATS)}")
 
 
 def _split(values: str) -> list[str]:

@@ -13,6 +13,7 @@ Listening sockets get two options that every accepted connection inherits:
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import trio
@@ -22,6 +23,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from tracker.app import create_app
 from tracker.config import TrackerConfig
+from tracker.logs import AccessLog
 from tracker.service import Tracker
 
 __all__ = ["serve"]
@@ -37,8 +39,8 @@ class _TunedHypercornConfig(HypercornConfig):
         self.bind = [f"{host}:{config.port}"]
         self.graceful_timeout = config.shutdown_grace_s
         self.backlog = config.backlog
-        self.accesslog = None
-        self.errorlog = "-"
+        self.accesslog = None  # tracker.logs.AccessLog logs requests (config.access_log)
+        self.errorlog = logging.getLogger("hypercorn.error")  # no handler of its own
         if config.certfile:
             self.certfile = config.certfile
             self.keyfile = config.keyfile
@@ -74,7 +76,7 @@ async def serve(
         tracker.hub.close_all()
 
     await hypercorn_serve(
-        app,
+        AccessLog(app) if config.access_log else app,
         _TunedHypercornConfig(config),
         shutdown_trigger=end_feeds_then_stop,
         task_status=task_status,
