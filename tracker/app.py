@@ -1,11 +1,12 @@
-"""The HTTP face of the tracker: routes, error bodies, and the lifespan that runs the core.
+"""The HTTP face of the tracker: routes and error bodies, mapped onto the core's API.
 
-``create_app`` builds a Quart-Trio app around one :class:`~tracker.service.Tracker`. The
-app's lifespan nursery (``app.nursery``, owned by Quart-Trio for the life of the server)
-holds the ticker task; ``after_serving`` stops it. Every :class:`TrackerError` and every
-HTTP error becomes a JSON body ``{"error", "message", ...}``. Who may do what is decided
-by ``auth.py`` (tokens, ingest keys) and ``limits.py``; ``headers.py`` adds CORS and the
-browser-safety headers to every response.
+``create_app`` builds a Quart-Trio app around one :class:`~tracker.service.Tracker`, and
+only maps HTTP onto the core's API (``ingest``, ``open_feed``, ``health``, ``ready``); the
+core's tasks are run by ``tracker.server.serve``, not by the app's lifespan. Every
+:class:`TrackerError` and every HTTP error becomes a JSON body
+``{"error", "message", ...}``. Who may do what is decided by ``auth.py`` (tokens, ingest
+keys) and ``limits.py``; ``headers.py`` adds CORS and the browser-safety headers to every
+response.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -29,12 +31,10 @@ from tracker.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from tracker.feed import feed_stream
 from tracker.headers import security_headers
-from tracker.ingest import ingest_body, media_is_json
+from tracker.ingest import media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.logs import Throttle
-from tracker.pings import Ping
 from tracker.regions import AREA_PARAMS, parse_area
 from tracker.service import Tracker
 from tracker.web import add_web_routes
@@ -112,14 +112,6 @@ def create_app(tracker: Tracker) -> QuartTrio:
             "cookie (POST /session)"
         )
 
-    @app.before_serving
-    async def start_core() -> None:
-        await app.nursery.start(tracker.run)
-
-    @app.after_serving
-    async def stop_core() -> None:
-        tracker.stop()
-
     @app.errorhandler(TrackerError)
     async def tracker_error(error: TrackerError) -> Response:
         if error.status in (Unauthorized.status, ForbiddenArea.status):
@@ -156,18 +148,9 @@ def create_app(tracker: Tracker) -> QuartTrio:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         g.body_read = True
         assert isinstance(body, bytes)
-        forwarded: list[Ping] | None = [] if tracker.bus.forwards else None
-        reply = ingest_body(
-            body,
-            request.content_type,
-            index=tracker.index,
-            config=config,
-            metrics=tracker.metrics,
-            now=time.time(),
-            admit=functools.partial(ingest_rate.admit, key),
-            accepted_pings=forwarded,
+        reply = tracker.ingest(
+            body, request.content_type, admit=functools.partial(ingest_rate.admit, key)
         )
-        tracker.bus.forward(forwarded or ())
         return _json_response(reply)
 
     @app.get("/feed")
@@ -190,16 +173,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
             token=grant.holder if grant else None, address=request.remote_addr or "unknown"
         )
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-        stream = feed_stream(
-            tracker.hub,
-            cells,
-            is_json=FEED_FORMATS[fmt],
-            last_event_id=last_event_id,
-            retry_ms=config.retry_ms,
-            heartbeat_s=config.heartbeat_s,
-            metrics=tracker.metrics,
-            bus=tracker.bus,
-        )
+        stream = _feed_body(tracker, cells, is_json=FEED_FORMATS[fmt], last_event_id=last_event_id)
         response = Response(held_while_streaming(stream, slot), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -244,14 +218,15 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return _json_response(
-            {
-                "status": "ok",
-                "tick": tracker.index.tick,
-                "vehicles": tracker.index.vehicle_count,
-                "subscribers": tracker.hub.subscriber_count,
-            }
-        )
+        """Liveness: 200 while the core does its job, 503 saying what is wrong."""
+        health = tracker.health()
+        return _json_response(health, 200 if health.ok else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness for load balancers: 503 while starting and once shutdown began."""
+        body = {"ready": tracker.ready, "state": tracker.lifecycle.value}
+        return _json_response(body, 200 if tracker.ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -260,6 +235,20 @@ def create_app(tracker: Tracker) -> QuartTrio:
         )
 
     return app
+
+
+async def _feed_body(
+    tracker: Tracker,
+    cells: frozenset[int],
+    *,
+    is_json: bool,
+    last_event_id: str | None,
+) -> AsyncIterator[bytes]:
+    """A feed as a response body: opened on its first step, so that a response never sent
+    leaves nothing behind, and closed however the response ends."""
+    async with tracker.open_feed(cells, is_json=is_json, last_event_id=last_event_id) as feed:
+        async for chunk in feed:
+            yield chunk
 
 
 class _SessionBody(msgspec.Struct):

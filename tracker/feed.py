@@ -1,24 +1,25 @@
 """One SSE feed connection: framing events and streaming them until the client leaves.
 
-The stream is an async generator handed to Quart as the response body. It lives exactly
-as long as the HTTP response: when the client disconnects, Quart cancels it and closes
-it, and the ``finally`` drops the subscription at once. Each wake-up yields one joined
-bytes object (all owed batches together), because each yield costs a socket send.
+The stream is an async generator of one subscription's events; the core
+(:meth:`tracker.service.Tracker.open_feed`) subscribes before it and unsubscribes after,
+and a front end hands it on as the response body. It lives exactly as long as the HTTP
+response: when the client disconnects, Quart cancels and closes it, and the core drops
+the subscription at once. Each wake-up yields one joined bytes object (all owed batches
+together), because each yield costs a socket send.
 A peer that stops acknowledging is cut by the kernel (TCP_USER_TIMEOUT, see
 ``tracker.server``), which ends the response the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import trio
 
-from tracker.bus import Bus
 from tracker.hub import Batch, FeedHub, Frame, Resume, Subscription
 from tracker.metrics import Metrics
 
-__all__ = ["HEARTBEAT", "SHUTDOWN_EVENT", "feed_stream", "render"]
+__all__ = ["HEARTBEAT", "SHUTDOWN_EVENT", "feed_events", "render"]
 
 HEARTBEAT = b": keep-alive\n\n"
 SHUTDOWN_EVENT = b"event: shutdown\ndata: server is restarting; reconnect\n\n"
@@ -62,50 +63,36 @@ def _batch_event(batch: Batch, sub: Subscription, hub: FeedHub, name_of: NameOf)
     return _event(b"batch", hub.event_id(batch.tick, sub), _data_lines(batch.frames, sub, name_of))
 
 
-async def feed_stream(
+async def feed_events(
     hub: FeedHub,
-    cells: frozenset[int],
+    sub: Subscription,
+    first: Resume,
     *,
-    is_json: bool,
-    last_event_id: str | None,
     retry_ms: int,
     heartbeat_s: float,
     metrics: Metrics,
-    bus: Bus,
-) -> AsyncIterator[bytes]:
-    """Yield the SSE byte stream of one feed; unsubscribes however it ends.
+) -> AsyncGenerator[bytes, None]:
+    """Yield the SSE byte stream of one subscribed feed, starting with ``first``.
 
-    Subscribes on the first step, not before, so a response that is never sent
-    never leaves a subscription behind. With a Redis bus, the first step also makes sure
-    the area's vehicles are here before the snapshot is taken.
+    Ends after the ``shutdown`` event once the hub closes the subscription; otherwise
+    it is endless. Subscribing and unsubscribing are the caller's
+    (:meth:`tracker.service.Tracker.open_feed`).
     """
-    try:
-        await bus.watch(cells)
-    except BaseException:
-        bus.unwatch(cells)
-        raise
-    sub = hub.subscribe(cells, is_json=is_json)
-    try:
-        metrics.feeds_opened += 1
-        first = hub.start(sub, last_event_id)
-        # retry: shares the first event's block (a block of its own is an empty event).
-        chunk = b"retry: %d\n" % retry_ms + (render(first, sub, hub) or b"\n")
-        _count(metrics, first)
-        while True:
-            metrics.bytes_sent += len(chunk)
-            yield chunk
-            with trio.move_on_after(heartbeat_s):
-                await sub.wait()
-            if sub.closed:
-                metrics.bytes_sent += len(SHUTDOWN_EVENT)
-                yield SHUTDOWN_EVENT
-                return
-            owed = sub.take()
-            _count(metrics, owed)
-            chunk = render(owed, sub, hub) or HEARTBEAT
-    finally:
-        hub.unsubscribe(sub)
-        bus.unwatch(cells)
+    # retry: shares the first event's block (a block of its own is an empty event).
+    chunk = b"retry: %d\n" % retry_ms + (render(first, sub, hub) or b"\n")
+    _count(metrics, first)
+    while True:
+        metrics.bytes_sent += len(chunk)
+        yield chunk
+        with trio.move_on_after(heartbeat_s):
+            await sub.wait()
+        if sub.closed:
+            metrics.bytes_sent += len(SHUTDOWN_EVENT)
+            yield SHUTDOWN_EVENT
+            return
+        owed = sub.take()
+        _count(metrics, owed)
+        chunk = render(owed, sub, hub) or HEARTBEAT
 
 
 def _count(metrics: Metrics, resume: Resume) -> None:

@@ -158,12 +158,15 @@ class FeedHub:
         self._replay: deque[tuple[int, dict[int, Frame], int]] = deque()
         self._replay_bytes = 0
         self._snapshot_cache: dict[int, Frame | None] = {}
+        self._closed = False
 
     # --- subscriptions -------------------------------------------------------------------
 
     def subscribe(self, cells: frozenset[int], *, is_json: bool) -> Subscription:
         """Register interest in ``cells``; every later tick touching them is queued."""
         sub = Subscription(cells, is_json=is_json, tag=_area_tag(cells, is_json), hub=self)
+        if self._closed:
+            sub.close()  # shutdown began: it gets its first event, then the final one
         for cell in cells:
             self._by_cell.setdefault(cell, set()).add(sub)
         self._subscriptions.add(sub)
@@ -186,7 +189,8 @@ class FeedHub:
             sub.owe_snapshot()
 
     def close_all(self) -> None:
-        """Tell every subscription to finish (server shutdown)."""
+        """Tell every subscription, and any opened later, to finish (server shutdown)."""
+        self._closed = True
         for sub in self._subscriptions:
             sub.close()
 

@@ -1,7 +1,11 @@
 """Serving the app with Hypercorn's Trio worker, in this process, with a deadline shutdown.
 
-:func:`serve` runs until ``shutdown`` is set; then it ends every feed with a final event,
-stops accepting, and gives open responses ``shutdown_grace_s`` before they are cancelled.
+:func:`serve` starts the core (:meth:`Tracker.run`) and then Hypercorn, both in its
+``service_nursery``, and runs until ``shutdown`` is set; then it begins the core's shutdown
+(:meth:`Tracker.shutdown`: not ready, every feed ends with a final event), stops
+accepting, gives open responses ``shutdown_grace_s`` before they are cancelled, and only
+then stops the core. If a core task crashes, the nursery cancels Hypercorn and the error
+is raised out of :func:`serve`: the process exits non-zero rather than stay half-alive.
 Listening sockets get two options that every accepted connection inherits:
 
 * ``TCP_USER_TIMEOUT = write_timeout_s``: bytes (heartbeats included) that a peer does not
@@ -67,17 +71,23 @@ async def serve(
     tracker: Tracker | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown`` is set; reports the bound URLs through ``task_status``."""
-    tracker = tracker or Tracker(config)
-    app = create_app(tracker)
+    """Serve until ``shutdown`` is set; reports the bound URLs through ``task_status``.
 
-    async def end_feeds_then_stop() -> None:
+    Raises whatever crashed the core (see the module docstring).
+    """
+    core = tracker or Tracker(config)
+    app = create_app(core)
+
+    async def shutdown_core_then_stop() -> None:
         await shutdown.wait()
-        tracker.hub.close_all()
+        core.shutdown()
 
-    await hypercorn_serve(
-        AccessLog(app) if config.access_log else app,
-        _TunedHypercornConfig(config),
-        shutdown_trigger=end_feeds_then_stop,
-        task_status=task_status,
-    )
+    async with trio.open_nursery() as service_nursery:
+        await service_nursery.start(core.run)
+        await hypercorn_serve(
+            AccessLog(app) if config.access_log else app,
+            _TunedHypercornConfig(config),
+            shutdown_trigger=shutdown_core_then_stop,
+            task_status=task_status,
+        )
+        service_nursery.cancel_scope.cancel()

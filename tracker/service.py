@@ -1,30 +1,92 @@
-"""The tracker's core, wired: geo-index, feed hub, bus, metrics, and the ticker task.
+"""The tracker's core and its API: ingest, feeds, health and shutdown, apart from HTTP.
 
-``Tracker`` owns one long-running task, :meth:`Tracker.run`, started by the app's lifespan
-into its nursery (see ``docs/architecture.md``). Inside its own ``tracker_nursery`` it runs
-the bus's tasks (none for the in-process bus) and the ticker, which publishes one tick
-every ``tick_s`` on an absolute schedule (no drift) until :meth:`Tracker.stop` cancels it.
+:class:`Tracker` holds the geo-index, the feed hub, the bus and the metrics, and is the one
+thing a front end talks to (``tracker.app`` maps HTTP onto it; a test or a benchmark can
+drive it without any server):
+
+* :meth:`Tracker.ingest` decodes, checks and applies a batch, and hands it to the bus;
+* :meth:`Tracker.open_feed` opens one feed: the bus watches its area, the hub subscribes
+  it, and it yields the encoded SSE chunks; leaving the block undoes all three;
+* :meth:`Tracker.health` and :attr:`Tracker.ready` say whether it can do its job;
+* :meth:`Tracker.shutdown` begins shutdown: every feed gets its final event.
+
+Tasks: :meth:`Tracker.run` (started by ``tracker.server.serve`` into its
+``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks and the ticker.
+It runs until its owner cancels it. It never swallows a crash: an exception from the
+ticker or a bus task is logged once and propagates, so the server goes down with it
+(non-zero exit) instead of answering requests with a dead core.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
+import msgspec
 import trio
 
 from tracker.bus import Bus, LocalBus, RedisBus
 from tracker.config import TrackerConfig
+from tracker.feed import feed_events
 from tracker.geoindex import GeoIndex
 from tracker.hub import FeedHub
+from tracker.ingest import ingest_body
 from tracker.metrics import Metrics
+from tracker.pings import IngestReply, Ping
 
-__all__ = ["Tracker"]
+__all__ = ["Health", "Lifecycle", "Tracker"]
+
+logger = logging.getLogger(__name__)
+
+STUCK_AFTER_TICKS = 5
+"""The ticker counts as stuck once its last tick is this many ticks old..."""
+STUCK_AFTER_MIN_S = 2.0
+"""...and at least this many seconds old (short test ticks must not flap)."""
+
+
+class Lifecycle(enum.Enum):
+    """Where the core is in its life; only ``RUNNING`` is ready for traffic."""
+
+    STARTING = "starting"  # constructed; the ticker has not published a tick yet
+    RUNNING = "running"  # ticking; ready
+    STOPPING = "stopping"  # shutdown() was called: feeds are told to leave
+    FAILED = "failed"  # a core task crashed; the process is going down
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``/healthz`` reports: ``status`` is "ok" unless ``problems`` lists something.
+
+    A degraded bus is not a problem of this instance (it keeps serving what it has), so
+    it shows in ``bus`` and ``warnings`` but leaves ``status`` "ok".
+    """
+
+    status: str
+    problems: list[str]
+    warnings: list[str]
+    state: str
+    last_tick_age_s: float | None
+    tick: int
+    bus: str
+    vehicles: int
+    subscribers: int
+
+    @property
+    def ok(self) -> bool:
+        """Whether the instance can do its job (``/healthz`` answers 200)."""
+        return not self.problems
+
+
+def _admit_all(pings: int) -> None:
+    """The default admission: no rate limit."""
 
 
 class Tracker:
     """Everything one tracker process holds, and the ticker that moves it forward."""
 
-    def __init__(self, config: TrackerConfig) -> None:
+    def __init__(self, config: TrackerConfig, *, bus: Bus | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
         self.index = GeoIndex(
@@ -34,18 +96,10 @@ class Tracker:
             forget_after_ticks=config.replay_ticks,
         )
         self.hub = FeedHub(config, self.index, self.metrics)
-        self.bus: Bus = LocalBus()
-        if config.bus:
-            self.bus = RedisBus(
-                config.bus,
-                index=self.index,
-                metrics=self.metrics,
-                config=config,
-                resnapshot_all=self.hub.resnapshot_all,
-                next_tick=self.next_tick,
-            )
+        self.bus: Bus = bus or self._make_bus()
+        self.lifecycle = Lifecycle.STARTING
         self._ticked = trio.Event()
-        self._cancel_scope = trio.CancelScope()
+        self._last_tick_at: float | None = None  # trio clock of the last tick (or of run())
         self.metrics.gauges.update(
             vehicles=("Vehicles tracked, stale ones included.", lambda: self.index.vehicle_count),
             vehicles_stale=("Vehicles marked stale.", lambda: self.index.stale_count),
@@ -54,13 +108,37 @@ class Tracker:
             tick=("Number of the last published tick.", lambda: self.index.tick),
         )
 
+    def _make_bus(self) -> Bus:
+        if not self.config.bus:
+            return LocalBus()
+        return RedisBus(
+            self.config.bus,
+            index=self.index,
+            metrics=self.metrics,
+            config=self.config,
+            resnapshot_all=self.hub.resnapshot_all,
+            next_tick=self.next_tick,
+        )
+
+    # --- tasks ---------------------------------------------------------------------------
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the bus and publish a tick every ``tick_s`` until stopped."""
-        with self._cancel_scope:
+        """Run the bus and publish a tick every ``tick_s`` until cancelled.
+
+        Reports started once the bus runs. A crash of any of its tasks marks the core
+        failed (``/healthz`` 503), is logged, and is raised to the caller.
+        """
+        self._last_tick_at = trio.current_time()  # a ticker that never ticks is stuck too
+        try:
             async with trio.open_nursery() as tracker_nursery:
                 await tracker_nursery.start(self.bus.run)
                 task_status.started()
                 await self._tick_forever()
+        except BaseException as exc:
+            if not _is_cancellation(exc):
+                self.lifecycle = Lifecycle.FAILED
+                logger.critical("a core task crashed; the tracker stops", exc_info=exc)
+            raise
 
     async def _tick_forever(self) -> None:
         """One tick every ``tick_s``; a late tick is not made up twice."""
@@ -76,6 +154,9 @@ class Tracker:
         started = time.perf_counter()
         self.hub.publish(self.index.advance(time.time()))
         self.metrics.observe_tick(time.perf_counter() - started)
+        self._last_tick_at = trio.current_time()
+        if self.lifecycle is Lifecycle.STARTING:
+            self.lifecycle = Lifecycle.RUNNING
         self._ticked.set()
         self._ticked = trio.Event()
 
@@ -83,7 +164,119 @@ class Tracker:
         """Wait until the next tick has been published."""
         await self._ticked.wait()
 
-    def stop(self) -> None:
-        """End every feed and the ticker (server shutdown)."""
+    # --- the API -------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        body: bytes,
+        content_type: str | None,
+        *,
+        admit: Callable[[int], None] = _admit_all,
+        now: float | None = None,
+    ) -> IngestReply:
+        """Decode, check and apply one posted batch, and forward what was taken to the bus.
+
+        ``admit(n)`` may refuse the batch by raising (a rate limit) before anything is
+        applied. Raises a :class:`~tracker.errors.TrackerError` when the batch is refused
+        or nothing in it could be taken; accepted pings are in the index on return.
+        """
+        forwarded: list[Ping] | None = [] if self.bus.forwards else None
+        reply = ingest_body(
+            body,
+            content_type,
+            index=self.index,
+            config=self.config,
+            metrics=self.metrics,
+            now=time.time() if now is None else now,
+            admit=admit,
+            accepted_pings=forwarded,
+        )
+        if forwarded:
+            self.bus.forward(forwarded)
+        return reply
+
+    @asynccontextmanager
+    async def open_feed(
+        self, cells: frozenset[int], *, is_json: bool, last_event_id: str | None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Open one feed of ``cells``; yields its SSE byte chunks, endless until shutdown.
+
+        The bus first makes sure the area's vehicles are here (Redis bus), then the hub
+        subscribes the feed and decides its first event (replay of ``last_event_id`` or a
+        snapshot) in the same synchronous step. Leaving the block, however, unsubscribes
+        and unwatches at once. After :meth:`shutdown` a feed still opens, and ends after
+        its first event with the ``shutdown`` event.
+        """
+        try:
+            await self.bus.watch(cells)
+        except BaseException:
+            self.bus.unwatch(cells)
+            raise
+        try:
+            sub = self.hub.subscribe(cells, is_json=is_json)
+            try:
+                first = self.hub.start(sub, last_event_id)
+                self.metrics.feeds_opened += 1
+                events = feed_events(
+                    self.hub,
+                    sub,
+                    first,
+                    retry_ms=self.config.retry_ms,
+                    heartbeat_s=self.config.heartbeat_s,
+                    metrics=self.metrics,
+                )
+                try:
+                    yield events
+                finally:
+                    await events.aclose()
+            finally:
+                self.hub.unsubscribe(sub)
+        finally:
+            self.bus.unwatch(cells)
+
+    def health(self) -> Health:
+        """Whether this instance can do its job, and if not, what is wrong."""
+        problems: list[str] = []
+        warnings: list[str] = []
+        age = None if self._last_tick_at is None else trio.current_time() - self._last_tick_at
+        stuck_after = max(STUCK_AFTER_TICKS * self.config.tick_s, STUCK_AFTER_MIN_S)
+        if self.lifecycle is Lifecycle.FAILED:
+            problems.append("a core task crashed; the process is going down")
+        elif age is not None and age > stuck_after:
+            problems.append(f"the ticker is stuck: last tick {age:.1f} s ago")
+        bus = self.bus.state
+        if bus == "degraded":
+            warnings.append("the bus is degraded: serving this instance's vehicles only")
+        return Health(
+            status="ok" if not problems else "failing",
+            problems=problems,
+            warnings=warnings,
+            state=self.lifecycle.value,
+            last_tick_age_s=None if age is None else round(age, 3),
+            tick=self.index.tick,
+            bus=bus,
+            vehicles=self.index.vehicle_count,
+            subscribers=self.hub.subscriber_count,
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Whether to send traffic here: running, and not shutting down (``/readyz``)."""
+        return self.lifecycle is Lifecycle.RUNNING
+
+    def shutdown(self) -> None:
+        """Begin shutdown: not ready any more, and every feed ends with a final event.
+
+        The one place feeds are closed. Idempotent. The tasks of :meth:`run` keep going
+        (ingest and open requests finish normally) until the owner cancels them.
+        """
+        if self.lifecycle is not Lifecycle.FAILED:
+            self.lifecycle = Lifecycle.STOPPING
         self.hub.close_all()
-        self._cancel_scope.cancel()
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is only cancellation (the owner stopping us), not a crash."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)

@@ -1,0 +1,184 @@
+"""The core's API driven directly, without Quart or sockets: ingest, feeds, health, shutdown.
+
+Time that matters runs on Trio's ``autojump_clock`` (MockClock, autojump threshold 0), so
+ticks of a second cost microseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from tracker.client import FeedView
+from tracker.config import TrackerConfig
+from tracker.errors import NothingAccepted, TooManyRequests
+from tracker.feed import SHUTDOWN_EVENT
+from tracker.regions import parse_area
+from tracker.service import Lifecycle, Tracker
+
+BERLIN = (52.52, 13.405)
+MSGPACK = "application/msgpack"
+
+
+def _tracker(**overrides: Any) -> Tracker:
+    return Tracker(TrackerConfig(**{"tick_s": 1.0, "heartbeat_s": 30.0, **overrides}))
+
+
+def _batch(*pings: tuple[str, float, float]) -> bytes:
+    now = time.time()
+    return msgspec.msgpack.encode(
+        [{"vehicle_id": v, "lat": lat, "lon": lon, "ts": now - 1} for v, lat, lon in pings]
+    )
+
+
+def _berlin(tracker: Tracker) -> frozenset[int]:
+    args = {"bbox": ["13.30,52.48,13.50,52.56"]}
+    return parse_area(args, resolution=tracker.config.h3_resolution, max_cells=100)
+
+
+def _events(chunk: bytes) -> list[tuple[str, str]]:
+    """(event, data) pairs of an SSE chunk (data lines joined as a client joins them)."""
+    events = []
+    for block in chunk.decode().split("\n\n"):
+        fields: dict[str, list[str]] = {}
+        for line in block.splitlines():
+            name, _, value = line.partition(": ")
+            fields.setdefault(name, []).append(value)
+        if "event" in fields:
+            events.append((fields["event"][0], "\n".join(fields.get("data", []))))
+    return events
+
+
+async def _next(feed: AsyncIterator[bytes]) -> bytes:
+    with trio.fail_after(5):
+        return await feed.__anext__()
+
+
+async def test_ingest_applies_and_replies_without_http() -> None:
+    tracker = _tracker()
+    reply = tracker.ingest(_batch(("a", *BERLIN), ("b", 91.0, 0.0)), MSGPACK)
+    assert (reply.accepted, reply.ignored, len(reply.rejected)) == (1, 0, 1)
+    assert tracker.health().vehicles == 1
+
+
+async def test_ingest_admit_refuses_the_whole_batch() -> None:
+    tracker = _tracker()
+
+    def refuse(pings: int) -> None:
+        raise TooManyRequests("slow down", retry_after_s=1)
+
+    with pytest.raises(TooManyRequests):
+        tracker.ingest(_batch(("a", *BERLIN)), MSGPACK, admit=refuse)
+    assert tracker.health().vehicles == 0
+    with pytest.raises(NothingAccepted):
+        tracker.ingest(_batch(("", *BERLIN)), MSGPACK)
+
+
+async def test_open_feed_snapshot_then_batches_then_unsubscribed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = _tracker()
+    area = _berlin(tracker)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tracker.run)
+        tracker.ingest(_batch(("a", *BERLIN)), MSGPACK)
+        await tracker.next_tick()
+        view = FeedView()
+        async with tracker.open_feed(area, is_json=False, last_event_id=None) as feed:
+            assert tracker.health().subscribers == 1
+            (first,) = _events(await _next(feed))
+            view.apply(*first)
+            assert first[0] == "snapshot" and set(view.by_id()) == {"a"}
+            tracker.ingest(_batch(("b", BERLIN[0] + 0.01, BERLIN[1])), MSGPACK)
+            (second,) = _events(await _next(feed))
+            view.apply(*second)
+            assert second[0] == "batch" and set(view.by_id()) == {"a", "b"}
+        assert tracker.health().subscribers == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_open_feed_closed_by_shutdown_ends_with_the_shutdown_event(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = _tracker()
+    area = _berlin(tracker)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tracker.run)
+        await tracker.next_tick()
+        async with tracker.open_feed(area, is_json=True, last_event_id=None) as feed:
+            await _next(feed)
+            tracker.shutdown()
+            assert await _next(feed) == SHUTDOWN_EVENT
+            with pytest.raises(StopAsyncIteration):
+                await _next(feed)
+        # A feed opened after shutdown began gets its first event, then the final one.
+        async with tracker.open_feed(area, is_json=True, last_event_id=None) as feed:
+            assert b"retry:" in await _next(feed)
+            assert await _next(feed) == SHUTDOWN_EVENT
+        nursery.cancel_scope.cancel()
+
+
+async def test_lifecycle_starting_running_stopping(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = _tracker()
+    assert not tracker.ready and tracker.lifecycle is Lifecycle.STARTING
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tracker.run)
+        assert not tracker.ready  # no tick published yet
+        await tracker.next_tick()
+        assert tracker.ready and tracker.health().ok
+        tracker.shutdown()
+        assert not tracker.ready and tracker.lifecycle is Lifecycle.STOPPING
+        assert tracker.health().ok  # alive while it drains
+        nursery.cancel_scope.cancel()
+
+
+async def test_health_reports_a_stuck_ticker(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tracker = _tracker(tick_s=0.1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tracker.run)
+        await tracker.next_tick()
+        health = tracker.health()
+        assert health.ok and health.status == "ok" and health.bus == "local"
+        assert health.last_tick_age_s is not None and health.last_tick_age_s < 0.2
+        monkeypatch.setattr(tracker, "tick", lambda: None)  # alive, but publishes nothing
+        await trio.sleep(1.9)
+        assert tracker.health().ok  # max(5 ticks, 2 s) has not passed yet
+        await trio.sleep(0.2)
+        health = tracker.health()
+        assert not health.ok and health.status == "failing"
+        assert "stuck" in health.problems[0] and health.last_tick_age_s >= 2.0  # type: ignore[operator]
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_raises_a_crashed_tick_and_reports_failed(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracker = _tracker()
+
+    def crash(now: float) -> None:
+        raise RuntimeError("index exploded")
+
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RuntimeError, match="index exploded"), flatten_subgroups=True
+    ):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tracker.run)
+            await tracker.next_tick()
+            monkeypatch.setattr(tracker.index, "advance", crash)
+            await trio.sleep(10)
+    assert tracker.lifecycle is Lifecycle.FAILED
+    assert not tracker.health().ok and not tracker.ready
+    (record,) = [r for r in caplog.records if r.name == "tracker.service"]
+    assert record.levelname == "CRITICAL" and "crashed" in record.getMessage()
