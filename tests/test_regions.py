@@ -8,9 +8,11 @@ import time
 import h3
 import h3.api.basic_int as h3i
 import pytest
+import trio
+import trio.testing
 
-from tracker.errors import BadArea
-from tracker.regions import parse_area
+from tracker.errors import BadArea, TooManyRequests
+from tracker.regions import MAX_AREA_TERMS, parse_area, parse_area_async, plan_area
 
 RES = 7
 MAX = 4000
@@ -155,3 +157,144 @@ def test_parse_area_rejects_too_many_cells_in_total() -> None:
     centre = h3i.latlng_to_cell(52.52, 13.405, RES)
     many = ",".join(h3i.int_to_str(c) for c in h3i.grid_disk(centre, 40))  # 4921 cells
     _bad(("at most 4000",), cells=many)
+
+
+# --- bounded work (issue 13): estimates from the extent, chunks, budgets -----------------
+
+
+def _slowest_chunk_ms(params: dict[str, list[str]]) -> float:
+    """The longest a chunk of an accepted area takes (what a feed holds the loop for).
+
+    The best of three runs, so that a busy CI machine's pauses are not counted.
+    """
+    slowest = []
+    for _ in range(3):
+        chunks = plan_area(params, resolution=RES, max_cells=MAX).chunks()
+        times = [0.0]
+        while True:
+            started = time.perf_counter()
+            if next(chunks, None) is None:
+                break
+            times.append((time.perf_counter() - started) * 1000)
+        slowest.append(max(times))
+    return min(slowest)
+
+
+@pytest.mark.parametrize(
+    "bbox",
+    [
+        "-89,0,89,1e-5",  # the issue's thin strip: ~0 km2, 10k cells
+        "0,-89,1e-5,89",
+        "-179.99,-1e-5,179.99,0",
+        "12,51,14.5,53.5",
+    ],
+)
+def test_parse_area_refuses_thin_strips_before_computing(bbox: str) -> None:
+    started = time.perf_counter()
+    _bad(("about", "at most 4000"), bbox=bbox)
+    assert time.perf_counter() - started < 0.005  # was 100-190 ms each
+
+
+def test_parse_area_refuses_many_strips_at_once_quickly() -> None:
+    strips = [f"-89,0,89,{1 + i / 100:.2f}e-5" for i in range(60)]
+    started = time.perf_counter()
+    _bad(("too many area terms", str(MAX_AREA_TERMS)), bbox=strips)
+    few = strips[:MAX_AREA_TERMS]
+    _bad(("about",), bbox=few)
+    assert time.perf_counter() - started < 0.01  # was 9 s for the 60
+
+
+def test_parse_area_drops_repeated_terms() -> None:
+    berlin = "13.30,52.48,13.50,52.56"
+    assert _area(bbox=[berlin] * 100) == _area(bbox=berlin)
+
+
+def test_parse_area_union_budget_stops_overlapping_big_boxes() -> None:
+    boxes = [f"12.4,51.9,14.4,{53.1 + i * 1e-6}" for i in range(3)]  # ~4,100 cells each
+    _bad(("more than 4000",), bbox=boxes[:1])
+    _bad(("at most 4000",), bbox=boxes)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"bbox": ["0,0,1e-5,30"]},  # a tall strip within the estimate
+        {"bbox": ["-40,0,-20,1e-5"]},
+        {"bbox": ["12.45,51.9,14.4,53.1"]},  # a big box (~3,900 cells)
+        {"bbox": [f"{lon},0,{lon + 1e-5},2.4" for lon in range(MAX_AREA_TERMS)]},
+        {"lat": ["52.5"], "lon": ["13.4"], "radius_m": ["35000"]},
+    ],
+)
+def test_parse_area_computes_in_chunks_of_a_few_ms(params: dict[str, list[str]]) -> None:
+    assert _slowest_chunk_ms(params) < 10  # ~1-4 ms on an idle core
+
+
+@pytest.mark.parametrize(
+    "bbox", ["13.30,52.48,13.50,52.56", "12.45,51.9,14.4,53.1", "0,0,1e-5,10", "-0.5,-0.3,0.5,0.3"]
+)
+def test_parse_area_bbox_tiles_cover_exactly_the_whole_box(bbox: str) -> None:
+    west, south, east, north = (float(v) for v in bbox.split(","))
+    ring = [(south, west), (south, east), (north, east), (north, west)]
+    whole = h3i.h3shape_to_cells_experimental(h3.LatLngPoly(ring), RES, contain="overlap")
+    assert _area(bbox=bbox) == set(whole)
+
+
+def test_parse_area_bbox_wider_than_180_degrees_covers_its_own_side() -> None:
+    cells = parse_area({"bbox": ["-170,10,170,20"]}, resolution=2, max_cells=MAX)
+    inside = [(15.0, 0.0), (15.0, 90.0), (15.0, -90.0), (15.0, 169.0), (15.0, -169.0)]
+    for point in inside:
+        assert h3i.latlng_to_cell(*point, 2) in cells, point
+    for point in [(15.0, 178.0), (15.0, -178.0), (30.0, 0.0)]:  # H3 alone: just these
+        assert h3i.latlng_to_cell(*point, 2) not in cells, point
+
+
+@pytest.mark.parametrize(
+    "token", ["1" * 17, "f" * 40, "-1", "0x872a1072bffffff", "872a1072bfff ff"]
+)
+def test_parse_area_rejects_overlong_or_odd_cells_with_bad_area(token: str) -> None:
+    _bad(("not a valid h3 cell",), cells=token)
+
+
+async def test_parse_area_async_yields_between_chunks() -> None:
+    ticks = 0
+    done = trio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    params = {"bbox": ["12.45,51.9,14.4,53.1"]}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        before = ticks
+        cells = await parse_area_async(
+            params, resolution=RES, max_cells=MAX, limiter=trio.CapacityLimiter(1)
+        )
+        done.set()
+    assert cells == _area(bbox="12.45,51.9,14.4,53.1")
+    assert ticks - before >= 10  # the other task ran between chunks
+
+
+async def test_parse_area_async_waits_its_turn_then_gives_up_with_429(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = trio.CapacityLimiter(1)
+    small = {"bbox": ["13.30,52.48,13.50,52.56"]}
+    big = {"bbox": ["12.45,51.9,14.4,53.1"]}
+    held = trio.Event()
+
+    async def hold_the_turn() -> None:
+        async with limiter:
+            held.set()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold_the_turn)
+        await held.wait()
+        assert await parse_area_async(small, resolution=RES, max_cells=MAX, limiter=limiter)
+        with pytest.raises(TooManyRequests):
+            await parse_area_async(big, resolution=RES, max_cells=MAX, limiter=limiter)
+        nursery.cancel_scope.cancel()

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -35,7 +36,7 @@ from tracker.headers import security_headers
 from tracker.ingest import media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.logs import Throttle
-from tracker.regions import AREA_PARAMS, parse_area
+from tracker.regions import AREA_CONCURRENCY, AREA_PARAMS, MAX_QUERY_BYTES, parse_area_async
 from tracker.service import Tracker
 from tracker.web import add_web_routes
 
@@ -99,6 +100,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
     )
     ingest_rate = IngestRate(config.ingest_rate_per_key)
     refusals = Throttle(logger, interval_s=REFUSAL_LOG_INTERVAL_S)
+    area_limiter = trio.CapacityLimiter(AREA_CONCURRENCY)
 
     def feed_grant() -> Grant | None:
         """What the request's token allows; None for an anonymous reader of open feeds."""
@@ -155,6 +157,8 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.get("/feed")
     async def feed() -> Response:
+        if len(request.query_string) > MAX_QUERY_BYTES:
+            raise BadRequest(f"the query is longer than {MAX_QUERY_BYTES} bytes")
         grant = feed_grant()
         args = request.args.to_dict(flat=False)
         args.pop("token", None)
@@ -164,8 +168,11 @@ def create_app(tracker: Tracker) -> QuartTrio:
         if grant is not None and grant.cells is not None and not args.keys() & set(AREA_PARAMS):
             cells = grant.cells  # no area asked for: the token's whole area
         else:
-            cells = parse_area(
-                args, resolution=config.h3_resolution, max_cells=config.max_feed_cells
+            cells = await parse_area_async(
+                args,
+                resolution=config.h3_resolution,
+                max_cells=config.max_feed_cells,
+                limiter=area_limiter,
             )
         if grant is not None:
             grant.check(cells)
