@@ -5,6 +5,10 @@ tick publishes it (``advance``). Between ticks the published state, which snapsh
 built from, does not change; that is what makes an event id name one exact state and
 lets a snapshot be followed by the batches after it with nothing lost or doubled.
 
+The index keeps state only: ``advance`` says what changed in each cell
+(:class:`CellChange`) and ``cell_state`` what a cell holds (:class:`CellState`), as plain
+records; :mod:`tracker.frames` encodes them into frames.
+
 Pure and synchronous: time comes in as arguments, so tests control it. Owns no tasks.
 """
 
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import h3.api.basic_int as h3i
@@ -20,16 +23,15 @@ import numpy as np
 import numpy.typing as npt
 
 from tracker.pings import Ping
-from tracker.wire import (
-    Position,
-    PositionColumns,
-    cell_origin,
-    encode_frame,
-    pack_moves,
-    pack_records,
-)
+from tracker.wire import Position, PositionColumns
 
-__all__ = ["CellChanges", "GeoIndex", "TickFrames", "Vehicle"]
+__all__ = ["CellChange", "CellState", "GeoIndex", "TickChanges", "Vehicle"]
+
+NOWHERE = (math.nan, math.nan)
+"""The previous position of a vehicle that no subscriber of its cell has yet."""
+
+_NO_POSITIONS = PositionColumns.of(())
+_NO_PREVIOUS = np.empty((0, 2), dtype=np.float64)
 
 
 class Vehicle:
@@ -49,16 +51,18 @@ class Vehicle:
 
 
 @dataclass
-class CellChanges:
-    """What one tick changed in one cell, before encoding.
+class CellChange:
+    """What one tick changed in one cell: a plain record, before any encoding.
 
-    ``records`` and ``moves`` are what the frame carries; ``long_records`` (set only when
-    there are moves) has every position as a full record, for the long form.
+    ``positions`` are the vehicles published into the cell this tick, in the order their
+    pings were applied, as columns; ``previous`` (one row of lat, lon per position) holds
+    the position every subscriber of the cell already has for the vehicle, or NaN where
+    there is none (it entered the cell). Columns, because the frame step packs a whole
+    tick at once with NumPy.
     """
 
-    records: bytes = b""
-    moves: bytes = b""
-    long_records: bytes = b""
+    positions: PositionColumns = field(default_factory=lambda: _NO_POSITIONS)
+    previous: npt.NDArray[np.float64] = field(default_factory=lambda: _NO_PREVIOUS)
     names: list[tuple[int, str]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
@@ -66,17 +70,23 @@ class CellChanges:
 
 
 @dataclass(frozen=True)
-class TickFrames:
-    """One published tick: its number, its time, and the encoded frame of each changed cell.
-
-    ``long`` holds, for each frame with moves, the same frame with every position as a
-    full record: what renders it for clients that do not follow the stream (JSON feeds).
-    """
+class TickChanges:
+    """One published tick: its number, its time, and what changed in each cell."""
 
     tick: int
     t_ms: int
-    frames: dict[int, bytes]
-    long: dict[int, bytes] = field(default_factory=dict)
+    cells: dict[int, CellChange]
+
+
+@dataclass(frozen=True)
+class CellState:
+    """Everything a cell holds now (what a snapshot of it carries)."""
+
+    cell: int
+    t_ms: int
+    positions: list[Position]
+    names: list[tuple[int, str]]
+    stale: list[int]
 
 
 class GeoIndex:
@@ -137,50 +147,33 @@ class GeoIndex:
 
     # --- tick side -----------------------------------------------------------------------
 
-    def advance(self, now: float) -> TickFrames:
+    def advance(self, now: float) -> TickChanges:
         """Publish everything since the last tick and expire silent vehicles.
 
-        Returns the encoded frame of every cell that changed. A vehicle that moved from A
-        to B is a ``gone`` in A's frame and a position (with its name) in B's frame, in the
-        same tick, so a view covering only A loses it and a view covering both keeps it.
+        Returns what changed in every cell that changed. A vehicle that moved from A to B
+        is a ``gone`` in A and a position (with its name) in B, in the same tick, so a
+        view covering only A loses it and a view covering both keeps it.
         """
         self.tick += 1
         self.t_ms = round(now * 1000)
-        changes: dict[int, CellChanges] = {}
-        self._publish_moves(changes)
+        changes: dict[int, CellChange] = {}
+        self._publish_pending(changes)
         self._expire(now, changes)
         self._forget_old_names()
-        frames = {cell: self._encode(cell, c, c.records, c.moves) for cell, c in changes.items()}
-        long = {
-            cell: self._encode(cell, c, c.long_records, b"")
-            for cell, c in changes.items()
-            if c.moves
-        }
-        return TickFrames(self.tick, self.t_ms, frames, long)
+        return TickChanges(self.tick, self.t_ms, changes)
 
-    def _encode(self, cell: int, changes: CellChanges, records: bytes, moves: bytes) -> bytes:
-        return encode_frame(
-            cell,
-            self.t_ms,
-            records=records,
-            names=changes.names,
-            gone=changes.gone,
-            stale=changes.stale,
-            removed=changes.removed,
-            moves=moves,
-        )
-
-    def _publish_moves(self, changes: dict[int, CellChanges]) -> None:
-        """Publish every pending ping: cell membership now, records packed in one go.
+    def _publish_pending(self, changes: dict[int, CellChange]) -> None:
+        """Publish every pending ping: cell membership now, then each cell's positions.
 
         A vehicle that stays in its cell has its previous position with every subscriber
-        of the cell (from the cell's snapshot or last frame), so it may travel as a move.
+        of the cell (from the cell's snapshot or last frame): it is listed as ``previous``.
+        The positions are gathered in one pass and split by cell with NumPy (a Python list
+        per cell costs a fifth of the tick at 50k vehicles).
         """
         resolution = self.resolution
         moved: list[Position] = []
         cells: list[int] = []
         previous: list[tuple[float, float]] = []
-        nowhere = (math.nan, math.nan)
         for vehicle in self._dirty.values():
             ping = vehicle.pending
             assert ping is not None
@@ -189,13 +182,13 @@ class GeoIndex:
             cell = h3i.latlng_to_cell(ping.lat, ping.lon, resolution)
             before = vehicle.published
             previous.append(
-                (before.lat, before.lon) if before is not None and cell == vehicle.cell else nowhere
+                (before.lat, before.lon) if before is not None and cell == vehicle.cell else NOWHERE
             )
             vehicle.published = position
             moved.append(position)
             cells.append(cell)
             if cell != vehicle.cell:
-                into = changes.get(cell) or changes.setdefault(cell, CellChanges())
+                into = changes.get(cell) or changes.setdefault(cell, CellChange())
                 into.names.append((vehicle.vid, vehicle.vehicle_id))
                 if vehicle.cell:
                     self._leave(vehicle, changes).gone.append(vehicle.vid)
@@ -203,53 +196,38 @@ class GeoIndex:
                 vehicle.cell = cell
         self._dirty.clear()
         if moved:
-            self._pack_by_cell(
-                PositionColumns.of(moved),
-                np.array(previous, dtype=np.float64).reshape(-1, 2),
-                np.array(cells, dtype=np.uint64),
-                changes,
-            )
+            self._split_by_cell(moved, previous, cells, changes)
 
-    def _pack_by_cell(
-        self,
-        columns: PositionColumns,
-        previous: npt.NDArray[np.float64],
-        cells: npt.NDArray[np.uint64],
-        changes: dict[int, CellChanges],
+    @staticmethod
+    def _split_by_cell(
+        moved: list[Position],
+        previous: list[tuple[float, float]],
+        cells: list[int],
+        changes: dict[int, CellChange],
     ) -> None:
-        """Pack all records and moves of the tick at once, then hand each cell its slices."""
-        order = np.argsort(cells, kind="stable")
-        distinct, starts, counts = np.unique(cells[order], return_index=True, return_counts=True)
-        origins = np.array([cell_origin(cell) for cell in distinct.tolist()], dtype=np.int64)
-        columns, previous = columns.take(order), previous[order]
-        records = pack_records(
-            columns,
-            np.repeat(origins[:, 0], counts),
-            np.repeat(origins[:, 1], counts),
-            self.t_ms,
-        )
-        fits, moves = pack_moves(columns, previous[:, 0], previous[:, 1], records)
+        """Hand each cell its rows (in applied order); cells new to ``changes`` in cell order."""
+        cell_of = np.array(cells, dtype=np.uint64)
+        order = np.argsort(cell_of, kind="stable")
+        distinct, starts, counts = np.unique(cell_of[order], return_index=True, return_counts=True)
+        columns = PositionColumns.of(moved).take(order)
+        before = np.array(previous, dtype=np.float64).reshape(-1, 2)[order]
         for cell, start, count in zip(
             distinct.tolist(), starts.tolist(), counts.tolist(), strict=True
         ):
-            into = changes.get(cell) or changes.setdefault(cell, CellChanges())
+            into = changes.get(cell) or changes.setdefault(cell, CellChange())
             rows = slice(start, start + count)
-            if fits[rows].any():
-                into.records = records[rows][~fits[rows]].tobytes()
-                into.moves = moves[rows][fits[rows]].tobytes()
-                into.long_records = records[rows].tobytes()
-            else:
-                into.records = records[rows].tobytes()
+            into.positions = _rows(columns, rows)
+            into.previous = before[rows]
 
-    def _leave(self, vehicle: Vehicle, changes: dict[int, CellChanges]) -> CellChanges:
+    def _leave(self, vehicle: Vehicle, changes: dict[int, CellChange]) -> CellChange:
         """Take a vehicle out of its published cell; returns that cell's changes."""
         members = self._cells[vehicle.cell]
         del members[vehicle.vid]
         if not members:
             del self._cells[vehicle.cell]
-        return changes.get(vehicle.cell) or changes.setdefault(vehicle.cell, CellChanges())
+        return changes.get(vehicle.cell) or changes.setdefault(vehicle.cell, CellChange())
 
-    def _expire(self, now: float, changes: dict[int, CellChanges]) -> None:
+    def _expire(self, now: float, changes: dict[int, CellChange]) -> None:
         stale_before = now - self.stale_after_s
         while self._fresh:
             vehicle = next(iter(self._fresh.values()))
@@ -258,7 +236,7 @@ class GeoIndex:
             del self._fresh[vehicle.vid]
             vehicle.stale = True
             self._stale[vehicle.vid] = vehicle
-            changes.setdefault(vehicle.cell, CellChanges()).stale.append(vehicle.vid)
+            changes.setdefault(vehicle.cell, CellChange()).stale.append(vehicle.vid)
         remove_before = now - self.remove_after_s
         while self._stale:
             vehicle = next(iter(self._stale.values()))
@@ -282,23 +260,19 @@ class GeoIndex:
 
     # --- read side -----------------------------------------------------------------------
 
-    def snapshot_frame(self, cell: int) -> bytes | None:
-        """A frame holding every published vehicle of ``cell`` (None for an empty cell)."""
+    def cell_state(self, cell: int) -> CellState | None:
+        """Every published vehicle of ``cell`` (None for an empty cell)."""
         members = self._cells.get(cell)
         if not members:
             return None
         vehicles = list(members.values())
-        return encode_frame(
+        return CellState(
             cell,
             self.t_ms,
             positions=[v.published for v in vehicles if v.published is not None],
             names=[(v.vid, v.vehicle_id) for v in vehicles],
             stale=[v.vid for v in vehicles if v.stale],
         )
-
-    def count_in(self, cells: Iterable[int]) -> int:
-        """How many published vehicles the cells hold (sizes a snapshot before building it)."""
-        return sum(len(self._cells.get(cell, ())) for cell in cells)
 
     def name_of(self, vid: int) -> str | None:
         """The vehicle id behind a number, also for recently removed vehicles."""
@@ -314,3 +288,11 @@ class GeoIndex:
     def stale_count(self) -> int:
         """Vehicles currently marked stale."""
         return len(self._stale)
+
+
+def _rows(columns: PositionColumns, rows: slice) -> PositionColumns:
+    """A run of rows of ``columns``, as views (no copy)."""
+    c = columns
+    return PositionColumns(
+        c.vid[rows], c.lat[rows], c.lon[rows], c.ts[rows], c.speed[rows], c.heading[rows]
+    )

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import trio
 
 from tracker.config import TrackerConfig
-from tracker.geoindex import GeoIndex, TickFrames
+from tracker.frames import TickFrames, encode_snapshot
+from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
 from tracker.wire import decode_frame, frame_to_json
 
@@ -284,8 +285,9 @@ class FeedHub:
             if cell in self._snapshot_cache:
                 frame = self._snapshot_cache[cell]
             else:
-                data = self.index.snapshot_frame(cell)
-                frame = self._snapshot_cache[cell] = None if data is None else Frame(cell, data)
+                state = self.index.cell_state(cell)
+                frame = None if state is None else Frame(cell, encode_snapshot(state))
+                self._snapshot_cache[cell] = frame
             if frame is not None:
                 result.append(frame)
         return result

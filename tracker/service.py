@@ -31,6 +31,7 @@ import trio
 from tracker.bus import Bus, LocalBus, RedisBus
 from tracker.config import TrackerConfig
 from tracker.feed import feed_events
+from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
 from tracker.hub import FeedHub
 from tracker.ingest import ingest_body
@@ -152,7 +153,7 @@ class Tracker:
     def tick(self) -> None:
         """Publish everything ingested since the last tick to the feeds."""
         started = time.perf_counter()
-        self.hub.publish(self.index.advance(time.time()))
+        self.hub.publish(encode_tick(self.index.advance(time.time())))
         self.metrics.observe_tick(time.perf_counter() - started)
         self._last_tick_at = trio.current_time()
         if self.lifecycle is Lifecycle.STARTING:

@@ -404,7 +404,7 @@ def frame_to_json(frame: CellFrame, name_of: Callable[[int], str | None]) -> byt
 
     Takes a frame in long form (no ``moves``): a move means nothing without the previous
     position, which only a client that followed the stream has. The tick keeps a long
-    form of every frame with moves for this (see ``TickFrames.long``).
+    form of every frame with moves for this (see ``tracker.frames.TickFrames.long``).
     """
     names = dict(frame.names)
 
