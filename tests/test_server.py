@@ -1,7 +1,8 @@
-"""The served core over real sockets: supervision, liveness and readiness.
+"""The served core over real sockets: supervision, liveness, readiness, shutdown deadline.
 
 A dead or stuck core must never look healthy: a crashed tick takes ``serve`` down with the
 error (the process exits non-zero), a stuck ticker makes ``/healthz`` answer 503.
+Shutdown keeps its deadline (the grace period) whatever the clients do.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import BERLIN_BBOX, FAST, RunningServer, StartServer
+from tests.conftest import BERLIN_BBOX, FAST, INGEST_KEY, RunningServer, StartServer
+from tests.rawhttp import connect, move_fleet
 from tests.sse import open_feed
 from tracker.config import TrackerConfig
 from tracker.server import serve
@@ -109,3 +111,50 @@ async def test_a_crashing_tick_takes_serve_down_and_never_looks_healthy(
             await trio.sleep(5)  # the crash must end this nursery long before
     # Only a poll already answered when the tick crashed may still read 200.
     assert statuses[crashed_after[0] + 1 :].count(200) == 0
+
+
+# --- shutdown against clients that do not read ---------------------------------------------
+
+GRACE_S = 0.5
+MARGIN_S = 1.5  # scheduling on a loaded CI machine
+
+
+async def test_shutdown_ends_within_grace_while_a_feed_client_never_reads(
+    start_server: StartServer,
+) -> None:
+    # A write timeout far beyond the test: only the grace period may end the stalled write.
+    server = await start_server(shutdown_grace_s=GRACE_S, write_timeout_s=60, sndbuf_bytes=4096)
+    metrics = server.tracker.metrics
+    stalled = await connect(server, rcvbuf=4096)
+    await stalled.send_all(f"GET /feed?bbox={BERLIN_BBOX} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    async with httpx.AsyncClient(base_url=server.url, headers=INGEST_KEY) as http:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(move_fleet, http, 1000)
+                while metrics.conflations < 1:  # the feed is stuck in a socket write
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    started = trio.current_time()
+    server.shutdown.set()
+    with trio.fail_after(GRACE_S + MARGIN_S):
+        await server.stopped.wait()
+    assert trio.current_time() - started >= GRACE_S * 0.9  # it did wait for the grace
+    await stalled.aclose()
+
+
+async def test_shutdown_is_prompt_when_every_client_reads(start_server: StartServer) -> None:
+    server = await start_server(shutdown_grace_s=5)
+    async with (
+        httpx.AsyncClient(base_url=server.url) as http,
+        http.stream("GET", f"/feed?bbox={BERLIN_BBOX}") as feed,
+    ):
+        lines = feed.aiter_lines()
+        await lines.__anext__()
+        started = trio.current_time()
+        server.shutdown.set()
+        with trio.fail_after(3):
+            async for line in lines:
+                if line == "event: shutdown":
+                    break
+            await server.stopped.wait()
+    assert trio.current_time() - started < 3

@@ -24,6 +24,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from tracker.auth import COOKIE, Grant, Keyring, check_ingest_key, check_session_origin
+from tracker.bodies import BodyReads
 from tracker.errors import (
     BadRequest,
     ForbiddenArea,
@@ -101,6 +102,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
     ingest_rate = IngestRate(config.ingest_rate_per_key)
     refusals = Throttle(logger, interval_s=REFUSAL_LOG_INTERVAL_S)
     area_limiter = trio.CapacityLimiter(AREA_CONCURRENCY)
+    body_reads = BodyReads(config, tracker.metrics)
 
     def feed_grant() -> Grant | None:
         """What the request's token allows; None for an anonymous reader of open feeds."""
@@ -147,9 +149,8 @@ def create_app(tracker: Tracker) -> QuartTrio:
     async def ingest() -> Response:
         key = check_ingest_key(request.headers.get("X-Ingest-Key"), config.ingest_key_list)
         media_is_json(request.content_type)  # 415 before reading the body
-        body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        body = await body_reads.read(request.body)
         g.body_read = True
-        assert isinstance(body, bytes)
         reply = tracker.ingest(
             body, request.content_type, admit=functools.partial(ingest_rate.admit, key)
         )
@@ -202,7 +203,9 @@ def create_app(tracker: Tracker) -> QuartTrio:
         )
         token = _bearer(request.headers.get("Authorization"))
         if token is None:
-            token = _session_token(await _small_body(request.mimetype, SESSION_MAX_BYTES))
+            token = _session_token(
+                await _small_body(body_reads, request.mimetype, SESSION_MAX_BYTES)
+            )
         grant = keyring.grant(token)
         response = _json_response({"expires": grant.expires, "area": grant.cells is not None})
         response.set_cookie(
@@ -262,7 +265,7 @@ class _SessionBody(msgspec.Struct):
     token: str
 
 
-async def _small_body(mimetype: str, limit: int) -> bytes:
+async def _small_body(reads: BodyReads, mimetype: str, limit: int) -> bytes:
     """The request's JSON body, refused (415, 413) unless JSON and at most ``limit`` bytes."""
     if mimetype != "application/json":
         raise UnsupportedMediaType(
@@ -273,13 +276,9 @@ async def _small_body(mimetype: str, limit: int) -> bytes:
     too_large = PayloadTooLarge(f"body is larger than {limit} bytes", limit=limit)
     if (request.content_length or 0) > limit:
         raise too_large
-    body = bytearray()
-    async for chunk in request.body:
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    body = await reads.read(request.body, limit=limit)
     g.body_read = True
-    return bytes(body)
+    return body
 
 
 def _session_token(body: bytes) -> str:

@@ -63,6 +63,14 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "Abort a connection whose sent bytes stay unacknowledged this long (dead peer).", gt=0
         ),
     ] = 30.0
+    idle_timeout_s: Annotated[
+        float,
+        describe(
+            "Close a connection with no request in flight for this long: an idle keep-alive, "
+            "or a client slow to send its request headers.",
+            gt=0,
+        ),
+    ] = 5.0
     sndbuf_bytes: Annotated[
         int,
         describe("Kernel send buffer per connection; bounds memory of a stalled client.", ge=4096),
@@ -81,6 +89,20 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ] = 64 * MIB
     max_feed_cells: Annotated[int, describe("Most index cells one feed may cover.", ge=1)] = 4000
     ingest_max_bytes: Annotated[int, describe("Largest accepted ingest body.", ge=1024)] = 8 * MIB
+    body_timeout_s: Annotated[
+        float,
+        describe(
+            "A request body must arrive within this, plus 1 s per body_min_rate_bytes_s "
+            "bytes received (else 408).",
+            gt=0,
+        ),
+    ] = 10.0
+    body_min_rate_bytes_s: Annotated[
+        int, describe("Slowest accepted request-body upload, in bytes per second.", ge=1)
+    ] = 64 * KIB
+    max_body_reads: Annotated[
+        int, describe("Request bodies read at once; beyond it 503 (slow-upload floods).", ge=1)
+    ] = 128
     ingest_max_pings: Annotated[int, describe("Most pings in one ingest batch.", ge=1)] = 50_000
     max_future_s: Annotated[
         float,
@@ -106,6 +128,14 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "the query, status, duration)."
         ),
     ] = False
+    max_connections: Annotated[
+        int,
+        describe(
+            "Open connections at most; beyond it an idle one is closed, else the new one. "
+            "0: the file limit (RLIMIT_NOFILE) less an eighth for the rest of the process.",
+            ge=0,
+        ),
+    ] = 0
     bus: Annotated[
         str,
         describe(

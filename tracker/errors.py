@@ -11,10 +11,12 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
   * Unauthorized (401) -- no, a forged or an expired feed token; a missing or wrong ingest key
   * ForbiddenArea (403) -- a feed asking for more than its token allows
   * ForbiddenOrigin (403) -- POST /session from a page of an origin that is not allowed
+  * RequestTimeout (408) -- a request body that arrives too slowly
   * PayloadTooLarge (413)
   * UnsupportedMediaType (415)
   * NothingAccepted (422) -- every ping in a batch was rejected
   * TooManyRequests (429) -- too many open feeds, or ingest over the key's rate
+  * ServiceBusy (503) -- too many request bodies being read at once
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = [
     "ForbiddenOrigin",
     "NothingAccepted",
     "PayloadTooLarge",
+    "RequestTimeout",
+    "ServiceBusy",
     "TooManyRequests",
     "TrackerError",
     "Unauthorized",
@@ -126,6 +130,27 @@ class TooManyRequests(TrackerError):
 
     status = 429
     code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class RequestTimeout(TrackerError):
+    """A request body that did not arrive in time (``body_timeout_s``, minimum rate)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class ServiceBusy(TrackerError):
+    """A capacity of the whole service is in use (``max_body_reads``); retry shortly."""
+
+    status = 503
+    code = "busy"
 
     def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **details)

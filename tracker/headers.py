@@ -18,7 +18,14 @@ from werkzeug.datastructures import Headers
 
 from tracker.config import TrackerConfig
 
-__all__ = ["CORS_PATHS", "EMBED_PATH", "cors_headers", "preflight_headers", "security_headers"]
+__all__ = [
+    "BASELINE_HEADERS",
+    "CORS_PATHS",
+    "EMBED_PATH",
+    "cors_headers",
+    "preflight_headers",
+    "security_headers",
+]
 
 CORS_PATHS = frozenset({"/feed", "/healthz"})
 """Paths other origins may read when allowed; ingest is for servers, not browsers."""
@@ -26,6 +33,14 @@ CORS_PATHS = frozenset({"/feed", "/healthz"})
 EMBED_PATH = "/embed"
 
 _ALLOW_HEADERS = "Authorization, Last-Event-ID, Cache-Control"
+
+BASELINE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
+"""What every response carries, including the ones the HTTP server makes up itself
+(``tracker.transport`` adds them to Hypercorn's own 400, 431, ... responses)."""
 
 
 def cors_headers(origin: str | None, path: str, config: TrackerConfig) -> dict[str, str]:
@@ -66,7 +81,6 @@ def security_headers(
     """Add this module's headers to a response's ``headers`` (preflights included)."""
     cors = preflight_headers if method == "OPTIONS" else cors_headers
     headers.update(cors(origin, path, config))
-    headers["X-Content-Type-Options"] = "nosniff"
-    headers["Referrer-Policy"] = "no-referrer"
-    ancestors = config.frame_ancestors if path == EMBED_PATH else "'none'"
-    headers["Content-Security-Policy"] = f"frame-ancestors {ancestors}"
+    headers.update(BASELINE_HEADERS)
+    if path == EMBED_PATH:
+        headers["Content-Security-Policy"] = f"frame-ancestors {config.frame_ancestors}"

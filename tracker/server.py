@@ -1,58 +1,65 @@
-"""Serving the app with Hypercorn's Trio worker, in this process, with a deadline shutdown.
+"""Serving the app on Hypercorn's Trio machinery, in this process, with a deadline shutdown.
 
-:func:`serve` starts the core (:meth:`Tracker.run`) and then Hypercorn, both in its
+:func:`serve` starts the core (:meth:`Tracker.run`) and then the HTTP server, both in its
 ``service_nursery``, and runs until ``shutdown`` is set; then it begins the core's shutdown
 (:meth:`Tracker.shutdown`: not ready, every feed ends with a final event), stops
-accepting, gives open responses ``shutdown_grace_s`` before they are cancelled, and only
-then stops the core. If a core task crashes, the nursery cancels Hypercorn and the error
-is raised out of :func:`serve`: the process exits non-zero rather than stay half-alive.
+accepting, and gives open responses ``shutdown_grace_s``: after that everything left is
+cancelled and every socket write still blocked (a client that stopped reading) is
+abandoned, so the process exits within the grace period whatever clients do. Only then
+is the core stopped. If a core task crashes, the nursery cancels the HTTP server and the
+error is raised out of :func:`serve`: the process exits non-zero rather than stay
+half-alive.
+
+The HTTP server is Hypercorn's ``worker_serve`` (0.18) cut down to what we use (TCP, no
+QUIC, one worker) and built from ``tracker.transport``'s connections, which add the
+connection cap, abortable writes, bounded HTTP/2 flow control and secured error
+responses. Its nurseries: ``lifespan_nursery`` (the ASGI lifespan), ``server_nursery``
+(one task per connection), ``accept_nursery`` (the accept loop, until shutdown).
+
 Listening sockets get two options that every accepted connection inherits:
 
 * ``TCP_USER_TIMEOUT = write_timeout_s``: bytes (heartbeats included) that a peer does not
   acknowledge within this time make the kernel abort the connection. This is the write
-  timeout that reaps dead peers (half-open TCP), which Hypercorn's shielded sends cannot
-  be given from the application.
+  timeout that reaps dead peers (half-open TCP); HTTP/2 streams that get no window are
+  reaped after the same time by ``tracker.h2flow``.
 * ``SO_SNDBUF = sndbuf_bytes``: bounds the kernel memory a stalled client can pin.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import socket
 
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState, LifespanState
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from tracker.app import create_app
 from tracker.config import TrackerConfig
 from tracker.logs import AccessLog
 from tracker.service import Tracker
+from tracker.transport import (
+    Connection,
+    ConnectionGate,
+    TransportConfig,
+    WriteAborts,
+    connection_limit,
+)
 
 __all__ = ["serve"]
 
 
-class _TunedHypercornConfig(HypercornConfig):
-    """Hypercorn's config, plus our socket options on every listening socket."""
-
-    def __init__(self, config: TrackerConfig) -> None:
-        super().__init__()
-        self._tracker_config = config
-        host = f"[{config.host}]" if ":" in config.host else config.host
-        self.bind = [f"{host}:{config.port}"]
-        self.graceful_timeout = config.shutdown_grace_s
-        self.backlog = config.backlog
-        self.accesslog = None  # tracker.logs.AccessLog logs requests (config.access_log)
-        self.errorlog = logging.getLogger("hypercorn.error")  # no handler of its own
-        if config.certfile:
-            self.certfile = config.certfile
-            self.keyfile = config.keyfile
+class _TunedConfig(TransportConfig):
+    """The transport config, plus our socket options on every listening socket."""
 
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-            _tune_socket(sock, self._tracker_config)
+            _tune_socket(sock, self.tracker)
+            sock.listen(self.backlog)
         return sockets
 
 
@@ -64,6 +71,23 @@ def _tune_socket(sock: socket.socket, config: TrackerConfig) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.sndbuf_bytes)
 
 
+def _listeners(config: _TunedConfig) -> tuple[list[trio.abc.Listener[trio.abc.Stream]], list[str]]:
+    """Listeners on every configured address (TLS ones if a certificate is set), and URLs."""
+    sockets = config.create_sockets()
+    ssl_context = config.create_ssl_context()
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+    binds = []
+    for sock in sockets.secure_sockets:
+        plain = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        assert ssl_context is not None
+        listeners.append(trio.SSLListener(plain, ssl_context, https_compatible=True))
+        binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
+    for sock in sockets.insecure_sockets:
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    return listeners, binds
+
+
 async def serve(
     config: TrackerConfig,
     shutdown: trio.Event,
@@ -73,21 +97,68 @@ async def serve(
 ) -> None:
     """Serve until ``shutdown`` is set; reports the bound URLs through ``task_status``.
 
-    Raises whatever crashed the core (see the module docstring).
+    Returns at most ``shutdown_grace_s`` after ``shutdown`` (plus the app's own shutdown);
+    raises whatever crashed the core (see the module docstring).
     """
     core = tracker or Tracker(config)
     app = create_app(core)
-
-    async def shutdown_core_then_stop() -> None:
-        await shutdown.wait()
-        core.shutdown()
-
     async with trio.open_nursery() as service_nursery:
         await service_nursery.start(core.run)
-        await hypercorn_serve(
+        await _serve_http(
             AccessLog(app) if config.access_log else app,
-            _TunedHypercornConfig(config),
-            shutdown_trigger=shutdown_core_then_stop,
+            core,
+            shutdown,
             task_status=task_status,
         )
         service_nursery.cancel_scope.cancel()
+
+
+async def _serve_http(
+    app: ASGIFramework,
+    core: Tracker,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """Hypercorn's worker loop: accept until ``shutdown``, then the grace, then cancel."""
+    config = core.config
+    transport = _TunedConfig(config, core.metrics)
+    asgi = wrap_app(app, transport.wsgi_max_body_size, "asgi")
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(asgi, transport, lifespan_state)
+    context = WorkerContext(None)
+    aborts = WriteAborts()
+    gate = ConnectionGate(connection_limit(config), core.metrics)
+    core.metrics.gauges["connections"] = ("Open client connections.", lambda: gate.open_count)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            listeners, binds = _listeners(transport)
+            handler = functools.partial(
+                Connection,
+                asgi,
+                transport,
+                context,
+                ConnectionState(lifespan_state.copy()),
+                gate=gate,
+                aborts=aborts,
+            )
+            task_status.started(binds)
+            try:
+                async with trio.open_nursery() as accept_nursery:
+                    accept_nursery.start_soon(
+                        functools.partial(
+                            trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                        )
+                    )
+                    await shutdown.wait()
+                    core.shutdown()  # not ready; every feed sends its final event and ends
+                    accept_nursery.cancel_scope.cancel()
+            finally:
+                await context.terminated.set()
+                deadline = trio.current_time() + config.shutdown_grace_s
+                server_nursery.cancel_scope.deadline = deadline
+                aborts.abort_at(deadline)
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
