@@ -55,6 +55,8 @@ from tracker.metrics import Metrics
 __all__ = [
     "Connection",
     "ConnectionGate",
+    "SecureH2Protocol",
+    "SecureH11Protocol",
     "TransportConfig",
     "WriteAborts",
     "connection_limit",
