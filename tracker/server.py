@@ -144,6 +144,8 @@ async def _serve_http(
                 gate=gate,
                 aborts=aborts,
             )
+            for bind in binds:  # as Hypercorn logs it (on the hypercorn.error logger)
+                await transport.log.info(f"Running on {bind} (CTRL + C to quit)")
             task_status.started(binds)
             try:
                 async with trio.open_nursery() as accept_nursery:
