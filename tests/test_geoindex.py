@@ -145,3 +145,21 @@ def test_advance_with_nothing_pending_changes_nothing() -> None:
     index = _index()
     assert index.advance(100).cells == {}
     assert index.tick == 1
+
+
+def test_advance_reports_the_published_pings_timestamps() -> None:
+    index = _index()
+    index.apply(_ping("a", A_POINT, 100), now=100)
+    index.apply(_ping("b", B_POINT, 99.5), now=100)
+    assert sorted(index.advance(100.5).ping_ts.tolist()) == [99.5, 100]
+    assert index.advance(101).ping_ts.tolist() == []
+
+
+def test_vehicle_reads_the_latest_accepted_state() -> None:
+    index = _index()
+    index.apply(_ping("v", A_POINT, 100), now=100)
+    vehicle = index.vehicle("v")
+    assert vehicle is not None and vehicle.pending is not None and vehicle.last_ts == 100
+    index.advance(100.5)
+    assert vehicle.pending is None and vehicle.cell == A
+    assert index.vehicle("nobody") is None

@@ -44,7 +44,7 @@ def test_ingest_body_clamps_a_future_ping_so_the_next_real_one_applies() -> None
 
     assert post(NOW + config.max_future_s - 1, MUNICH, NOW) == (1, 0)  # ahead, accepted
     assert post(NOW + 1, BERLIN, NOW + 1) == (1, 0)  # the real one a second later applies
-    assert index._by_id["v"].pending.lat == BERLIN[0]  # type: ignore[union-attr]
+    assert index.vehicle("v").pending.lat == BERLIN[0]  # type: ignore[union-attr]
 
 
 async def test_ingest_future_ping_beyond_tolerance_is_rejected_and_never_freezes(
@@ -60,7 +60,7 @@ async def test_ingest_future_ping_beyond_tolerance_is_rejected_and_never_freezes
         real_ts = time.time()
         response = await post_pings(client, [ping("v", *BERLIN, real_ts)])
         assert response.json() == {"accepted": 1, "ignored": 0, "rejected": []}
-        assert server.tracker.index._by_id["v"].last_ts == real_ts
+        assert server.tracker.index.vehicle("v").last_ts == real_ts  # type: ignore[union-attr]
 
 
 def _ingest(body: bytes, media: str = MSGPACK, **overrides: float) -> IngestReply:

@@ -55,10 +55,11 @@ async def test_stalled_client_is_conflated_and_bounded_without_delaying_others(
                 await trio.sleep(server.tracker.config.tick_s)
         assert server.tracker.metrics.conflations >= 1
         await _until(lambda: hub.subscriber_count == 1, 5)  # the healthy reader left
-        (stalled_sub,) = hub._subscriptions
-        limit = server.tracker.config.outbox_max_bytes
-        assert stalled_sub.queued_bytes <= limit
-        assert stalled_sub.owes_snapshot or len(stalled_sub._outbox) <= 4
+        (stalled_sub,) = hub.subscriptions()
+        stats = stalled_sub.statistics()
+        assert stats.conflations >= 1
+        assert stats.queued_bytes <= stats.max_bytes == server.tracker.config.outbox_max_bytes
+        assert stats.owes_snapshot or stats.queued_batches <= stats.max_batches == 4
         await stalled.aclose()
         await _until(lambda: hub.subscriber_count == 0, 5)
 

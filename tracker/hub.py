@@ -26,7 +26,15 @@ from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
 from tracker.wire import decode_frame, frame_to_json
 
-__all__ = ["Batch", "FeedHub", "Frame", "Resume", "Subscription"]
+__all__ = [
+    "Batch",
+    "FeedHub",
+    "Frame",
+    "HubStatistics",
+    "Resume",
+    "Subscription",
+    "SubscriptionStatistics",
+]
 
 
 class Frame:
@@ -73,6 +81,41 @@ class Resume:
     batches: list[Batch]
 
 
+@dataclass(frozen=True)
+class SubscriptionStatistics:
+    """A subscription's state at one moment (like trio's ``MemoryChannel.statistics()``).
+
+    ``queued_batches``/``queued_bytes`` are what waits in the outbox, bounded by
+    ``max_batches``/``max_bytes``; beyond, the subscription is conflated: the outbox is
+    dropped (``conflations`` counts how often) and it ``owes_snapshot`` instead.
+    """
+
+    cells: int
+    is_json: bool
+    queued_batches: int
+    queued_bytes: int
+    max_batches: int
+    max_bytes: int
+    owes_snapshot: bool
+    conflations: int
+    closed: bool
+
+
+@dataclass(frozen=True)
+class HubStatistics:
+    """The hub's state at one moment: subscriptions, watched cells, outboxes, replay log."""
+
+    subscribers: int
+    watched_cells: int
+    owing_snapshot: int
+    queued_batches: int  # over every outbox
+    queued_bytes: int
+    deepest_outbox_batches: int
+    replay_ticks: int
+    replay_bytes: int
+    closed: bool
+
+
 class Subscription:
     """One feed connection's interest (a set of cells) and its bounded outbox."""
 
@@ -85,6 +128,7 @@ class Subscription:
         self._hub = hub
         self._outbox: deque[Batch] = deque()
         self._outbox_bytes = 0
+        self._conflations = 0
         self._wakeup = trio.Event()
 
     def push(self, batch: Batch) -> None:
@@ -98,6 +142,7 @@ class Subscription:
             or self._outbox_bytes + size > config.outbox_max_bytes
         ):
             self._hub.metrics.conflations += 1
+            self._conflations += 1
             self.owe_snapshot()
             return
         self._outbox.append(batch)
@@ -139,6 +184,21 @@ class Subscription:
     def queued_bytes(self) -> int:
         """Base64 bytes waiting in the outbox (bounded by ``outbox_max_bytes``)."""
         return self._outbox_bytes
+
+    def statistics(self) -> SubscriptionStatistics:
+        """A frozen record of this subscription's state now (for tests and /metrics)."""
+        config = self._hub.config
+        return SubscriptionStatistics(
+            cells=len(self.cells),
+            is_json=self.is_json,
+            queued_batches=len(self._outbox),
+            queued_bytes=self._outbox_bytes,
+            max_batches=config.outbox_max_ticks,
+            max_bytes=config.outbox_max_bytes,
+            owes_snapshot=self.owes_snapshot,
+            conflations=self._conflations,
+            closed=self.closed,
+        )
 
 
 class FeedHub:
@@ -194,6 +254,25 @@ class FeedHub:
         self._closed = True
         for sub in self._subscriptions:
             sub.close()
+
+    def subscriptions(self) -> list[Subscription]:
+        """The open subscriptions (read their :meth:`Subscription.statistics`)."""
+        return list(self._subscriptions)
+
+    def statistics(self) -> HubStatistics:
+        """A frozen record of the hub's state now (for tests, health and /metrics)."""
+        subs = [sub.statistics() for sub in self._subscriptions]
+        return HubStatistics(
+            subscribers=len(subs),
+            watched_cells=len(self._by_cell),
+            owing_snapshot=sum(s.owes_snapshot for s in subs),
+            queued_batches=sum(s.queued_batches for s in subs),
+            queued_bytes=sum(s.queued_bytes for s in subs),
+            deepest_outbox_batches=max((s.queued_batches for s in subs), default=0),
+            replay_ticks=len(self._replay),
+            replay_bytes=self._replay_bytes,
+            closed=self._closed,
+        )
 
     @property
     def subscriber_count(self) -> int:
