@@ -63,7 +63,7 @@ async def timed_ingest(http: httpx.AsyncClient, vehicle: str) -> float:
 
 
 async def test_a_redis_that_never_answers_leaves_feeds_and_ingest_served(
-    nursery: trio.Nursery, start_server: StartServer
+    nursery: trio.Nursery, start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = await nursery.start(serve_black_hole)
     with trio.fail_after(20):
@@ -80,10 +80,14 @@ async def test_a_redis_that_never_answers_leaves_feeds_and_ingest_served(
             assert ingest_s < TIMEOUT_S
             assert server.tracker.bus.state == "degraded"
             assert (await http.get("/healthz")).status_code == 200
+    startup = [r for r in caplog.records if r.name == "tracker.bus"]
+    assert len(startup) == 1  # once, not once per failed call
+    assert "unreachable at startup" in startup[0].getMessage()
+    assert f"redis://127.0.0.1:{port}/0" in startup[0].getMessage()
 
 
 async def test_a_redis_that_stops_answering_degrades_the_bus_then_recovers(
-    redis: RedisServer, start_server: StartServer
+    redis: RedisServer, start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     with trio.fail_after(20):
         server = await start_server(bus=redis.url, bus_timeout_s=TIMEOUT_S)
@@ -115,3 +119,7 @@ async def test_a_redis_that_stops_answering_degrades_the_bus_then_recovers(
             await post_pings(http, [ping("v2", *MUNICH, time.time() - 1)])
             async with open_feed(http, f"bbox={MUNICH_BBOX}") as munich:
                 await munich.until(lambda view: "v2" in view.by_id(), timeout=5)
+    logged = [r.getMessage() for r in caplog.records if r.name == "tracker.bus"]
+    assert len(logged) == 2, logged  # the outage: once when it starts, once when it ends
+    assert "unavailable" in logged[0]
+    assert "back after" in logged[1]

@@ -11,14 +11,20 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import coredis
+import h3.api.basic_int as h3i
 import httpx
 import pytest
 import trio
 
-from tests.conftest import BERLIN, BERLIN_BBOX, ping, post_pings
+from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, StartServer, ping, post_pings
 from tests.feed_reader import keep_reading, seen_within
 from tests.redis_server import RedisServer, tracker_instances
 from tests.sse import open_feed
+from tracker.wire import decode_bus_ping
+
+BERLIN_SHARD = h3i.cell_to_parent(h3i.latlng_to_cell(*BERLIN, 7), 5)
+BERLIN_STATE = f"trk:state:{BERLIN_SHARD:x}"
 
 
 @pytest.fixture
@@ -88,3 +94,35 @@ async def test_a_redis_restarted_empty_is_refilled_by_every_instance(redis: Redi
         print(instance.output.decode())
         assert instance.output.count(b"unavailable (") == 1
         assert instance.output.count(b"back after") == 1
+
+
+async def test_publishing_again_never_replaces_a_newer_state(
+    redis: RedisServer, start_server: StartServer
+) -> None:
+    """A holds v's newest position, B (not watching v's shard) an older one: whichever
+    instance publishes again first after a restart, Redis ends with the newest."""
+    a = await start_server(bus=redis.url)
+    b = await start_server(bus=redis.url)
+    now = time.time() - 5
+    with trio.fail_after(15):
+        async with (
+            httpx.AsyncClient(base_url=a.url, headers=INGEST_KEY, timeout=10) as to_a,
+            httpx.AsyncClient(base_url=b.url, headers=INGEST_KEY, timeout=10) as to_b,
+        ):
+            for bus in (a.tracker.bus, b.tracker.bus):
+                while bus.state != "connected":
+                    await trio.sleep(0.01)
+            await post_pings(to_b, [ping("v", *BERLIN, now)])
+            await post_pings(to_a, [ping("v", BERLIN[0] + 1e-3, BERLIN[1], now + 1)])
+            redis.stop()
+            redis.start()  # empty
+            metrics = (a.tracker.metrics, b.tracker.metrics)
+            while sum(m.bus_republished_pings for m in metrics) < 1 or any(
+                bus.state != "connected" for bus in (a.tracker.bus, b.tracker.bus)
+            ):
+                await trio.sleep(0.02)
+            await trio.sleep(0.5)  # both have had their turn
+            async with coredis.Redis(host="127.0.0.1", port=redis.port) as client:
+                (packed,) = (await client.hgetall(BERLIN_STATE)).values()
+                assert decode_bus_ping(packed).ts == now + 1
+                assert await client.hget("trk:where", "v") == str(BERLIN_SHARD).encode()
