@@ -17,7 +17,6 @@ from tracker.busplan import (
     Backoff,
     LatestPings,
     Link,
-    Outage,
     Watchers,
     accept_bus_ping,
     plan_publish,
@@ -212,20 +211,17 @@ async def test_backoff_sleeps_add_up_under_a_mock_clock(
     assert trio.current_time() - started == pytest.approx(11.3)
 
 
-def test_link_reports_an_outage_once_when_it_starts_and_once_when_it_ends() -> None:
+def test_link_reports_only_the_transitions() -> None:
     link = Link()
     assert link.state == CONNECTED
-    assert link.up(1.0) is None  # already connected: nothing to report
-    assert link.down(10.0) is True
-    assert link.down(11.0) is False  # the same outage
-    link.dropped(40)
-    link.dropped(10)
+    assert link.up() is False  # already connected: nothing to report
+    assert link.down() is True
+    assert link.down() is False  # the same outage
     assert link.state == DEGRADED
-    assert link.up(13.5) == Outage(seconds=3.5, dropped_pings=50)
-    assert link.up(14.0) is None
+    assert link.up() is True
+    assert link.up() is False
     assert link.outages == 1
-    assert link.down(20.0) is True
-    assert link.up(21.0) == Outage(seconds=1.0, dropped_pings=0)
+    assert link.down() is True
     assert link.outages == 2
 
 

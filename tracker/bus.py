@@ -62,6 +62,7 @@ from coredis.retry import NoRetryPolicy
 
 from tracker.busplan import (
     CONNECTED,
+    DEGRADED,
     Backoff,
     LatestPings,
     Link,
@@ -75,6 +76,7 @@ from tracker.busplan import (
 )
 from tracker.config import TrackerConfig
 from tracker.geoindex import GeoIndex
+from tracker.logs import Episode
 from tracker.metrics import Metrics
 from tracker.pings import Ping
 from tracker.wire import (
@@ -89,6 +91,13 @@ from tracker.wire import (
 __all__ = ["REPUBLISH_CHUNK", "Bus", "BusUnavailable", "LocalBus", "RedisBus"]
 
 logger = logging.getLogger(__name__)
+
+_coredis_logger = logging.getLogger("coredis")
+if _coredis_logger.level == logging.NOTSET:
+    # coredis logs a traceback for every failed connection attempt (every retry of an
+    # outage); the bus reports an outage itself, once when it starts (with the reason) and
+    # once when it ends. An operator who sets coredis's level explicitly keeps theirs.
+    _coredis_logger.setLevel(logging.CRITICAL)
 
 WHERE_KEY: Final = "trk:where"
 STATE_PREFIX: Final = "trk:state:"
@@ -233,6 +242,19 @@ class RedisBus:
         self._next_tick = next_tick
         self._origin = secrets.token_bytes(8)  # our own pings come back: skip them
         self._link = Link()
+        self._startup_outage = Episode(
+            logger,
+            "Redis bus unreachable at startup: serving this instance's own pings until it answers",
+            "Redis bus reachable",
+            unit="pings not forwarded",
+        )
+        self._outage = Episode(
+            logger,
+            "Redis bus unavailable: serving what this instance has; pings are not forwarded "
+            "until it answers",
+            "Redis bus back",
+            unit="pings not forwarded",
+        )
         self._latest = LatestPings()
         self._outgoing: deque[Sequence[Ping]] = deque()
         self._queued_pings = 0
@@ -266,13 +288,8 @@ class RedisBus:
             try:
                 await self._redis("PING", self._client.ping)
             except BusUnavailable as exc:
-                self._link.down(trio.current_time())
-                logger.warning(
-                    "bus %s is unreachable at startup (%s): serving this instance's own "
-                    "pings until it answers",
-                    self._url,
-                    exc,
-                )
+                self._link.down()
+                self._startup_outage.happened(0, url=self._url, error=str(exc))
             bus_nursery.start_soon(self._publish_forever, name="bus publisher")
             bus_nursery.start_soon(self._republish_forever, name="bus republisher")
             bus_nursery.start_soon(self._probe_forever, name="bus probe")
@@ -298,27 +315,18 @@ class RedisBus:
 
         await self._redis(what, send)
 
+    def _episode(self) -> Episode:
+        """The outage going on: the one since startup, or a later one."""
+        return self._startup_outage if self._startup_outage.active else self._outage
+
     def _down(self, exc: BaseException) -> None:
-        if self._link.down(trio.current_time()):
-            logger.warning(
-                "Redis bus %s unavailable (%s): serving what this instance has; pings are "
-                "not forwarded until it answers",
-                self._url,
-                exc,
-            )
+        if self._link.down():
+            self._outage.happened(0, url=self._url, error=str(exc))
 
     def _up(self) -> None:
-        outage = self._link.up(trio.current_time())
-        if outage is None:
+        if not self._link.up():
             return
-        logger.warning(
-            "Redis bus %s back after %.1f s; %d pings could not be forwarded meanwhile; "
-            "publishing the latest position of %d vehicles again",
-            self._url,
-            outage.seconds,
-            outage.dropped_pings,
-            len(self._latest),
-        )
+        self._episode().over(url=self._url, republishing=len(self._latest))
         self._republish_wanted.set()
         if self._session_scope is not None and self._session_outages < self._link.outages:
             self._session_scope.cancel()  # it predates the outage: resubscribe and reload
@@ -361,7 +369,8 @@ class RedisBus:
 
     def _drop(self, pings: int) -> None:
         self._metrics.bus_dropped_pings += pings
-        self._link.dropped(pings)
+        if self._link.state == DEGRADED:
+            self._episode().happened(pings)
 
     async def _publish_forever(self) -> None:
         while True:

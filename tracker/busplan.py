@@ -3,9 +3,9 @@
 What :class:`tracker.bus.RedisBus` decides before and after each Redis call lives here:
 which shard a ping goes to and which old shard must hear that it left
 (:func:`plan_publish`), which shards to (un)subscribe (:class:`Watchers`), how long to wait
-before retrying (:class:`Backoff`), whether Redis is up and what an outage cost
-(:class:`Link`), which vehicles to publish again after one (:class:`LatestPings`), and
-whether a ping that came through Redis may enter the index (:func:`accept_bus_ping`).
+before retrying (:class:`Backoff`), whether Redis is up (:class:`Link`), which vehicles to
+publish again after an outage (:class:`LatestPings`), and whether a ping that came
+through Redis may enter the index (:func:`accept_bus_ping`).
 
 Owns no tasks, does no I/O and reads no clock: callers pass the time in.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, NamedTuple
+from typing import Final, Literal
 
 import h3.api.basic_int as h3i
 
@@ -30,7 +30,6 @@ __all__ = [
     "BusState",
     "LatestPings",
     "Link",
-    "Outage",
     "PublishPlan",
     "Watchers",
     "accept_bus_ping",
@@ -223,47 +222,32 @@ class Backoff:
         self._delay = self._first
 
 
-class Outage(NamedTuple):
-    """An outage that has ended: how long it lasted and how many pings it cost."""
-
-    seconds: float
-    dropped_pings: int
-
-
 class Link:
-    """Whether Redis answers, and what the current outage has cost so far.
+    """Whether Redis answers: only transitions matter (the caller logs and resyncs on them).
 
-    Every Redis call reports its outcome; only transitions matter, so an outage is logged
-    once when it starts and once when it ends (the caller logs what this returns).
+    Every Redis call reports its outcome; :attr:`outages` lets a task that began before
+    the current outage know that it has missed it.
     """
 
     def __init__(self) -> None:
         self.state: BusState = CONNECTED
         self.outages = 0
-        """Outages so far; a task started before the current one has missed it."""
-        self._since = 0.0
-        self._dropped = 0
+        """Outages so far."""
 
-    def down(self, now: float) -> bool:
+    def down(self) -> bool:
         """A call failed; True if this starts an outage."""
         if self.state == DEGRADED:
             return False
         self.state = DEGRADED
         self.outages += 1
-        self._since = now
-        self._dropped = 0
         return True
 
-    def up(self, now: float) -> Outage | None:
-        """A call succeeded; the outage this ends, if any."""
+    def up(self) -> bool:
+        """A call succeeded; True if this ends an outage."""
         if self.state == CONNECTED:
-            return None
+            return False
         self.state = CONNECTED
-        return Outage(now - self._since, self._dropped)
-
-    def dropped(self, pings: int) -> None:
-        """Pings that could not be forwarded during this outage."""
-        self._dropped += pings
+        return True
 
 
 class LatestPings:
