@@ -1,7 +1,7 @@
 """Attacks on the transport, measured against a real ``tracker serve`` child process.
 
     python -m bench.abuse h2stall --connections 10 --streams 5 --seconds 30
-    python -m bench.abuse slowbody --connections 300 --nofile 256 --seconds 20
+    python -m bench.abuse slowbody --connections 1100 --nofile 1024 --seconds 20 [--phase headers]
     python -m bench.abuse shutdown --write-timeout 26
 
 * ``h2stall``: h2c connections whose streams never get flow-control window
@@ -9,8 +9,9 @@
   no WINDOW_UPDATE), each opening ``--streams`` feeds while a fleet moves. The client
   reads every byte the server sends (so TCP never stalls), it just never grants window.
   Prints the server's RSS over time, and conflations from /metrics.
-* ``slowbody``: ``--connections`` POST /session requests whose body arrives one byte
-  every 3 s, against a server whose file limit is ``--nofile``; meanwhile /healthz is
+* ``slowbody``: ``--connections`` POST /session requests whose body (``--phase headers``:
+  whose request head) arrives one byte every 3 s, against a server whose file limit is
+  ``--nofile``; meanwhile /healthz is
   asked every second. Prints how many slow connections the server still holds and the
   /healthz latency (or timeout) over time.
 * ``shutdown``: one HTTP/1.1 feed client that never reads (small SO_RCVBUF), a fleet
@@ -160,8 +161,11 @@ async def h2stall(args: argparse.Namespace) -> dict[str, Any]:
 # --- slowbody ----------------------------------------------------------------------------
 
 
-async def slow_body(url: str, held: list[int], gap_s: float) -> None:
-    """POST /session announcing a 1 KiB body, then send it one byte every ``gap_s``."""
+async def slow_body(url: str, held: list[int], gap_s: float, phase: str) -> None:
+    """POST /session announcing a 1 KiB body, then send it one byte every ``gap_s``.
+
+    With ``phase="headers"`` the request head itself trickles in, a byte every ``gap_s``.
+    """
     host, port = url.removeprefix("http://").rsplit(":", 1)
     try:
         stream = await trio.open_tcp_stream(host, int(port))
@@ -173,9 +177,12 @@ async def slow_body(url: str, held: list[int], gap_s: float) -> None:
             f"POST /session HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             "Content-Length: 1024\r\n\r\n"
         )
-        await stream.send_all(head.encode())
-        for _ in range(1024):
-            await stream.send_all(b" ")
+        trickle = head.encode() + b" " * 1024
+        if phase == "body":
+            await stream.send_all(trickle[: len(head)])
+            trickle = trickle[len(head) :]
+        for byte in trickle:
+            await stream.send_all(bytes([byte]))
             with trio.move_on_after(gap_s):
                 if not await stream.receive_some(4096):
                     return  # the server answered and closed
@@ -195,7 +202,7 @@ async def slowbody(args: argparse.Namespace) -> dict[str, Any]:
             await client.get("/healthz")  # warm up: lazy imports must not meet EMFILE
         async with trio.open_nursery() as nursery:
             for _ in range(args.connections):
-                nursery.start_soon(slow_body, url, held, 3.0)
+                nursery.start_soon(slow_body, url, held, 3.0, args.phase)
             started = time.monotonic()
             while (elapsed := time.monotonic() - started) < args.seconds:
                 async with httpx.AsyncClient(base_url=url) as client:
@@ -260,6 +267,7 @@ def main() -> None:
     parser.add_argument("--tick", type=float, default=0.2)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--nofile", type=int, default=None)
+    parser.add_argument("--phase", choices=["body", "headers"], default="body")
     parser.add_argument("--write-timeout", type=float, default=26.0)
     parser.add_argument("--fill-s", type=float, default=3.0)
     parser.add_argument("--server-options", nargs=argparse.REMAINDER, default=[])
