@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import time
 
 import msgspec
 import numpy as np
+import trio
 
+import bench.core
 from bench.ingest import BodyMaker
 from bench.loadclient import ClientStats, Dechunker, record_event
 from tracker.pings import Ping
@@ -53,3 +56,11 @@ def test_load_client_counts_positions_and_their_latency() -> None:
     )
     record_event(baseline, stats, received=now + 0.1, measuring=True)
     assert stats.positions == 9
+
+
+async def test_core_bench_drives_the_core_without_http() -> None:
+    args = argparse.Namespace(vehicles=300, feeds=3, ticks=2, batch=100)
+    with trio.fail_after(10):
+        figures = await bench.core.measure(args)
+    assert figures["tick_ms_median"] > 0 and figures["feed_bytes_per_tick"] > 0
+    assert figures["ingest_pings_per_s_median"] > 0
