@@ -145,10 +145,10 @@ async def test_healthz_and_metrics(server: RunningServer, client: httpx.AsyncCli
     assert health["status"] == "ok" and health["vehicles"] == 1
     text = (await client.get("/metrics")).text
     for line in (
-        "tracker_pings_accepted_total 1",
-        "tracker_pings_rejected_total 1",
-        "tracker_vehicles 1",
-        "tracker_subscribers 0",
+        "tracker_pings_accepted_total 1.0",
+        "tracker_pings_rejected_total 1.0",
+        "tracker_vehicles 1.0",
+        "tracker_subscribers 0.0",
     ):
         assert line in text.splitlines(), line
     for name in ("events_sent", "bytes_sent", "conflations", "tick_duration_seconds_count"):

@@ -37,6 +37,7 @@ from tracker.headers import security_headers
 from tracker.ingest import media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.logs import Throttle
+from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tracker.regions import AREA_CONCURRENCY, AREA_PARAMS, MAX_QUERY_BYTES, parse_area_async
 from tracker.service import Tracker
 from tracker.web import add_web_routes
@@ -240,9 +241,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(
-            tracker.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        return Response(tracker.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     return app
 

@@ -123,6 +123,7 @@ def ingest_body(
                 accepted_pings.append(ping)
         else:
             ignored += 1
+    metrics.batch_pings.observe(len(pings))
     metrics.pings_accepted += accepted
     metrics.pings_ignored += ignored
     metrics.pings_rejected += rejections.total

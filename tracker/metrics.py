@@ -1,16 +1,120 @@
-"""Service counters and their Prometheus text rendering for ``GET /metrics``.
+"""The service's metrics, and their Prometheus exposition (``GET /metrics``) by prometheus-client.
 
-Plain attributes bumped inline on the hot paths (no locks: one Trio thread); gauges are
-read from their owners at scrape time. Owns no tasks.
+The hot paths pay what they paid before: a counter is a plain ``int`` attribute bumped
+inline (no locks: one Trio thread), a histogram is a list of bucket counts
+(:meth:`Histogram.observe` is one bisect; :meth:`Histogram.observe_many` takes a tick's
+worth of values in one NumPy call), and gauges are functions read only when scraped. At
+scrape time one collector turns all of it into metric families, and prometheus-client
+writes the text format (version 0.0.4).
+
+Each :class:`Metrics` has its own ``CollectorRegistry``, never the library's global one
+(a process may hold several trackers: tests do), holding:
+
+* ``tracker_*_total`` counters, ``tracker_<gauge>`` gauges (names that bench/ and the
+  docs rely on), the ``tracker_tick_duration_seconds`` histogram and its
+  ``tracker_tick_duration_max_seconds``;
+* histograms of ingest batch size (``tracker_ingest_batch_pings``) and ping-to-send delay
+  (``tracker_ping_delay_seconds``: from a ping's ``ts`` to the tick that publishes it);
+* per-feed outbox depth as gauge histograms over the open feeds
+  (``tracker_feed_outbox_batches``, ``tracker_feed_outbox_bytes``): one series per
+  bucket, not per feed, so ten thousand feeds do not make ten thousand series;
+* ``tracker_bus_state{state=...}``: 1 for the bus's current state, 0 for the others;
+* process metrics (``process_cpu_seconds_total``, ``process_resident_memory_bytes``,
+  ``process_open_fds``, ...) and the Python runtime's (``python_gc_*``).
+
+Owns no tasks and raises nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Final, Protocol
 
-__all__ = ["Metrics"]
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+__all__ = ["BUS_STATES", "CONTENT_TYPE", "FeedDepth", "Histogram", "Metrics"]
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+"""Media type of :meth:`Metrics.render`'s output (the classic Prometheus text format)."""
+
+BUS_STATES: Final = ("local", "connected", "degraded")
+"""Every state ``tracker_bus_state`` reports (``tracker.bus.Bus.state``)."""
+
+TICK_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS: Final = (1, 10, 100, 1_000, 10_000, 50_000)  # pings; 50,000 is the default cap
+DELAY_BUCKETS_S: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+OUTBOX_BATCH_BUCKETS: Final = (0, 1, 2, 5, 10, 20)  # outbox_max_ticks is 10 by default
+OUTBOX_BYTE_BUCKETS: Final = (0, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)
+
+
+class Histogram:
+    """Counts of observations per bucket (``value <= bound``), with their sum.
+
+    Cheaper than prometheus-client's own (no lock, no per-observation objects) and able
+    to take a whole array at once; exported by the collector at scrape time.
+    """
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self._edges = np.array(self.bounds, dtype=np.float64)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    @property
+    def count(self) -> int:
+        """How many values were observed."""
+        return sum(self.counts)
+
+    def observe(self, value: float) -> None:
+        """Count one value."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def observe_many(self, values: npt.NDArray[np.float64]) -> None:
+        """Count every value of an array, in one pass (a tick's pings)."""
+        if not len(values):
+            return
+        slots = np.searchsorted(self._edges, values, side="left")
+        for slot, n in enumerate(np.bincount(slots, minlength=len(self.counts)).tolist()):
+            self.counts[slot] += n
+        self.sum += float(values.sum())
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: ``(le, observations <= le)``, ending with ``+Inf``."""
+        totals = itertools.accumulate(self.counts)
+        labels = [*(repr(b) for b in self.bounds), "+Inf"]  # 1 -> "1.0", as the library
+        return [(label, float(total)) for label, total in zip(labels, totals, strict=True)]
+
+
+class FeedDepth(Protocol):
+    """How much one open feed has queued (``tracker.hub.SubscriptionStatistics`` is one)."""
+
+    @property
+    def queued_batches(self) -> int:
+        """Batches waiting in its outbox."""
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes (base64) waiting in its outbox."""
 
 
 def _counter(help_text: str) -> Any:
@@ -18,9 +122,18 @@ def _counter(help_text: str) -> Any:
     return field(default=0, metadata={"help": help_text})
 
 
+def _no_feeds() -> Iterable[FeedDepth]:
+    return ()
+
+
+def _local_bus() -> str:
+    return "local"
+
+
 @dataclass
 class Metrics:
-    """Counters of the service; ``gauges`` are sampled when scraped."""
+    """Counters and histograms of the service; ``gauges``, ``feeds`` and ``bus_state`` are
+    read when scraped (their owners set them: see ``tracker.service``)."""
 
     pings_accepted: int = _counter("Pings accepted into the geo-index.")
     pings_rejected: int = _counter("Pings rejected as invalid.")
@@ -52,47 +165,98 @@ class Metrics:
     bus_republished_pings: int = _counter(
         "Vehicle positions published again after a Redis outage (Redis had none newer)."
     )
-    tick_seconds_sum: float = 0.0
     tick_seconds_max: float = 0.0
+    tick_seconds: Histogram = field(default_factory=lambda: Histogram(TICK_BUCKETS_S))
+    batch_pings: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    ping_delay_s: Histogram = field(default_factory=lambda: Histogram(DELAY_BUCKETS_S))
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+    feeds: Callable[[], Iterable[FeedDepth]] = _no_feeds
+    bus_state: Callable[[], str] = _local_bus
+    registry: CollectorRegistry = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_TrackerCollector(self))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def observe_tick(self, seconds: float) -> None:
         """Record how long one tick's work took."""
         self.ticks += 1
-        self.tick_seconds_sum += seconds
+        self.tick_seconds.observe(seconds)
         self.tick_seconds_max = max(self.tick_seconds_max, seconds)
 
-    def render(self) -> str:
-        """The Prometheus text exposition (version 0.0.4) of every metric."""
-        lines: list[str] = []
-        for counter in fields(self):
+    def observe_published(self, now: float, ping_ts: npt.NDArray[np.float64]) -> None:
+        """Record the delay of every ping a tick published at ``now`` (seconds since ts)."""
+        self.ping_delay_s.observe_many(now - ping_ts)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (version 0.0.4, :data:`CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
+
+
+class _TrackerCollector(Collector):
+    """Turns a :class:`Metrics` into metric families, at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        for counter in fields(m):
             if "help" in counter.metadata:
-                value = getattr(self, counter.name)
-                _emit(
-                    lines,
-                    f"tracker_{counter.name}_total",
-                    "counter",
-                    counter.metadata["help"],
-                    value,
+                value = getattr(m, counter.name)
+                yield CounterMetricFamily(
+                    f"tracker_{counter.name}", counter.metadata["help"], value
                 )
-        lines += [
-            "# HELP tracker_tick_duration_seconds Time spent publishing each tick.",
-            "# TYPE tracker_tick_duration_seconds summary",
-            f"tracker_tick_duration_seconds_sum {self.tick_seconds_sum:.6f}",
-            f"tracker_tick_duration_seconds_count {self.ticks}",
-        ]
-        _emit(
-            lines,
-            "tracker_tick_duration_max_seconds",
-            "gauge",
-            "Longest tick since start.",
-            self.tick_seconds_max,
+        yield _histogram(
+            "tracker_tick_duration_seconds", "Time spent publishing each tick.", m.tick_seconds
         )
-        for name, (help_text, read) in self.gauges.items():
-            _emit(lines, f"tracker_{name}", "gauge", help_text, read())
-        return "\n".join(lines) + "\n"
+        yield GaugeMetricFamily(
+            "tracker_tick_duration_max_seconds", "Longest tick since start.", m.tick_seconds_max
+        )
+        yield _histogram(
+            "tracker_ingest_batch_pings",
+            "Pings per ingest batch (all, valid or not).",
+            m.batch_pings,
+        )
+        yield _histogram(
+            "tracker_ping_delay_seconds",
+            "From a ping's timestamp to the tick that published it (device clock, network, "
+            "queueing and the tick interval together).",
+            m.ping_delay_s,
+        )
+        yield from _feed_depths(list(m.feeds()))
+        state = m.bus_state()
+        bus = GaugeMetricFamily(
+            "tracker_bus_state",
+            "1 for the bus's current state, 0 for the others.",
+            labels=["state"],
+        )
+        for known in dict.fromkeys([*BUS_STATES, state]):
+            bus.add_metric([known], 1.0 if known == state else 0.0)
+        yield bus
+        for name, (help_text, read) in m.gauges.items():
+            yield GaugeMetricFamily(f"tracker_{name}", help_text, read())
 
 
-def _emit(lines: list[str], name: str, kind: str, help_text: str, value: float) -> None:
-    shown = str(value) if isinstance(value, int) else repr(float(value))
-    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {shown}"]
+def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        name, help_text, buckets=histogram.cumulative(), sum_value=histogram.sum
+    )
+
+
+def _feed_depths(depths: list[FeedDepth]) -> Iterator[Metric]:
+    """How full the open feeds' outboxes are, as gauge histograms over the feeds."""
+    batches, sizes = Histogram(OUTBOX_BATCH_BUCKETS), Histogram(OUTBOX_BYTE_BUCKETS)
+    for depth in depths:
+        batches.observe(depth.queued_batches)
+        sizes.observe(depth.queued_bytes)
+    for unit, spread in (("batches", batches), ("bytes", sizes)):
+        yield GaugeHistogramMetricFamily(
+            f"tracker_feed_outbox_{unit}",
+            f"Open feeds by the {unit} queued in their outbox (sampled at scrape time).",
+            buckets=spread.cumulative(),
+            gsum_value=spread.sum,
+        )

@@ -108,6 +108,8 @@ class Tracker:
             watched_cells=("Index cells with a subscriber.", lambda: self.hub.watched_cells),
             tick=("Number of the last published tick.", lambda: self.index.tick),
         )
+        self.metrics.feeds = lambda: [sub.statistics() for sub in self.hub.subscriptions()]
+        self.metrics.bus_state = lambda: self.bus.state
 
     def _make_bus(self) -> Bus:
         if not self.config.bus:
@@ -153,8 +155,11 @@ class Tracker:
     def tick(self) -> None:
         """Publish everything ingested since the last tick to the feeds."""
         started = time.perf_counter()
-        self.hub.publish(encode_tick(self.index.advance(time.time())))
+        now = time.time()
+        changes = self.index.advance(now)
+        self.hub.publish(encode_tick(changes))
         self.metrics.observe_tick(time.perf_counter() - started)
+        self.metrics.observe_published(now, changes.ping_ts)
         self._last_tick_at = trio.current_time()
         if self.lifecycle is Lifecycle.STARTING:
             self.lifecycle = Lifecycle.RUNNING
