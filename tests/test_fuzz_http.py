@@ -2,11 +2,17 @@
 
 Hypothesis drives a plain (synchronous) HTTP client against a real ``tracker serve``
 child process, shared by the module; derandomized, so CI runs the same examples every
-time. The server must still be healthy, and exit cleanly, at the end.
+time. Besides plausible values it sends hostile ones (issue 13): nesting thousands deep,
+invalid UTF-8 (raw and percent-encoded), numbers like 2**70 and 10**400, long strings,
+batches around the item limit; each must be answered 4xx within 2 s. The server must
+still be healthy, and exit cleanly, at the end.
 """
 
 from __future__ import annotations
 
+import struct
+import time
+import urllib.parse
 from collections.abc import Iterator
 
 import httpx
@@ -164,6 +170,122 @@ def test_session_never_fails_on_any_body_or_claims(
         headers["Authorization"] = f"Bearer {bearer}"
     response = client.post("/session", content=body, headers=headers)
     _check(response)
+
+
+# --- hostile values, not plausible ones (issue 13): nesting, bad UTF-8, huge numbers, length
+
+
+def _percent(raw: bytes) -> str:
+    return urllib.parse.quote_from_bytes(raw, safe="")
+
+
+HUGE_NUMBERS = st.sampled_from(
+    [str(2**70), "1" + "0" * 400, "9" * 5000, "1e400", "-1e400", "1e-400", "-0", "0x1f", "1_0"]
+)
+AREA_NAMES = st.sampled_from(["bbox", "cells", "lat", "lon", "radius_m", "format"])
+HOSTILE_QUERY_VALUES = st.one_of(
+    st.binary(max_size=60).map(_percent),  # invalid UTF-8, percent-encoded
+    st.builds(lambda d: _percent(_nested(d, "1").encode()), st.integers(0, 3000)),
+    HUGE_NUMBERS,
+    st.lists(HUGE_NUMBERS | st.floats().map(str), min_size=1, max_size=5).map(",".join),
+    st.text(alphabet="0123456789abcdefABCDEF", min_size=15, max_size=60),  # long "cells"
+    st.integers(1, 4000).map(lambda n: "a" * n),
+    st.builds(
+        lambda w, s, h, d: f"{w},{s},{w + d},{s + h}",
+        st.floats(-180, 180),
+        st.floats(-90, 90),
+        st.sampled_from([1e-9, 1e-5, 0.01, 1.0, 30.0, 179.0]),
+        st.sampled_from([1e-9, 1e-5, 0.5, 10.0, 90.0, 200.0, 359.0]),
+    ),
+)
+
+
+@FUZZ
+@given(
+    terms=st.lists(
+        st.tuples(AREA_NAMES, HOSTILE_QUERY_VALUES),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_feed_answers_hostile_queries_with_4xx_quickly(
+    client: httpx.Client, terms: list[tuple[str, str]]
+) -> None:
+    query = "&".join(f"{name}={value}" for name, value in terms)
+    started = time.perf_counter()
+    with client.stream("GET", f"/feed?{query}") as response:
+        if response.status_code != 200:
+            response.read()
+            _check(response)
+    assert time.perf_counter() - started < 2
+
+
+def _mp_str(raw: bytes) -> bytes:
+    """A msgpack str of any bytes (str8 or str16), valid UTF-8 or not."""
+    if len(raw) < 256:
+        return b"\xd9" + bytes([len(raw)]) + raw
+    return b"\xda" + len(raw).to_bytes(2, "big") + raw
+
+
+def _mp_ping(vehicle_id: bytes, extra: bytes = b"") -> bytes:
+    fields = _mp_str(b"vehicle_id") + _mp_str(vehicle_id)
+    for name in (b"lat", b"lon", b"ts"):
+        fields += _mp_str(name) + b"\xcb" + struct.pack(">d", 1.0)
+    return bytes([0x84 + (1 if extra else 0)]) + fields + extra
+
+
+def _json_ping(vehicle_id: bytes, lat: str = "1", extra: bytes = b"") -> bytes:
+    head = b'{"vehicle_id":"' + vehicle_id + b'","lat":' + lat.encode()
+    return head + b',"lon":1,"ts":1' + extra + b"}"
+
+
+MP, JS = "application/msgpack", "application/json"
+
+
+def _mp_deep_in_field(depth: int) -> tuple[bytes, str]:
+    return b"\x91" + _mp_ping(b"v", _mp_str(b"x") + b"\x91" * depth + b"\xc0"), MP
+
+
+def _json_deep_in_field(depth: int) -> tuple[bytes, str]:
+    return b"[" + _json_ping(b"v", extra=b',"x":' + _nested(depth, "").encode()) + b"]", JS
+
+
+def _mp_garbage(count: int) -> tuple[bytes, str]:
+    """An array announcing ``count`` items, holding at most 70,000 one-byte integers."""
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x01" * min(count, 70_000), MP
+
+
+DEPTHS = st.integers(0, 5000)
+HOSTILE_BODIES = st.one_of(
+    # nesting, at the top and inside an unknown field
+    st.builds(lambda d: (b"\x91" * d + b"\xc0", MP), DEPTHS),
+    st.builds(lambda d: (_nested(d, "").encode(), JS), DEPTHS),
+    st.builds(_mp_deep_in_field, DEPTHS),
+    st.builds(_json_deep_in_field, DEPTHS),
+    # strings that are not UTF-8, and long ones
+    st.builds(lambda raw: (b"\x91" + _mp_ping(raw), MP), st.binary(max_size=300)),
+    st.builds(lambda raw: (b"[" + _json_ping(raw) + b"]", JS), st.binary(max_size=300)),
+    st.builds(lambda n: (b"\x91" + _mp_ping(b"v" * n), MP), st.integers(0, 60_000)),
+    # numbers beyond every range
+    st.builds(lambda n: (b"[" + _json_ping(b"v", n) + b"]", JS), HUGE_NUMBERS),
+    # garbage items, around the item limit (50,000)
+    st.builds(_mp_garbage, st.integers(0, 70_000) | st.just(2**32 - 1)),
+    st.builds(lambda n: (b"[" + b",".join([b"1"] * n) + b"]", JS), st.integers(1, 70_000)),
+)
+
+
+@FUZZ
+@given(body=HOSTILE_BODIES)
+def test_ingest_answers_hostile_bodies_with_4xx_quickly(
+    client: httpx.Client, body: tuple[bytes, str]
+) -> None:
+    content, media = body
+    started = time.perf_counter()
+    response = client.post(
+        "/ingest", content=content, headers={"Content-Type": media, "X-Ingest-Key": KEY}
+    )
+    _check(response)
+    assert time.perf_counter() - started < 2
 
 
 def test_the_server_is_healthy_after_the_fuzzing(client: httpx.Client) -> None:

@@ -300,18 +300,18 @@ def _bbox(value: str, resolution: int, max_cells: int) -> _Term:
         -180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90
     ):
         raise BadArea(
-            f"bbox={value!r} is out of range: longitudes -180..180, latitudes -90..90",
+            f"bbox={value[:80]!r} is out of range: longitudes -180..180, latitudes -90..90",
             param="bbox",
         )
     if west >= east or south >= north:
         raise BadArea(
-            f"bbox={value!r} is inverted or empty: need west < east and south < north "
+            f"bbox={value[:80]!r} is inverted or empty: need west < east and south < north "
             "(split a box crossing the antimeridian into two bbox= parameters)",
             param="bbox",
         )
     box = _Box(west, south, east, north)
     extent = _extent(box, resolution)
-    _check_estimate(extent.estimate, max_cells, f"bbox={value}")
+    _check_estimate(extent.estimate, max_cells, f"bbox={value[:80]}")
     return _Term(extent.estimate, lambda: _tile_cells(box, extent, resolution))
 
 
