@@ -8,6 +8,7 @@ the environment and the validation cannot drift apart. Units are in the field na
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.parse
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -189,6 +190,14 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_streams_per_address: Annotated[
         int, describe("Feeds one client address may hold open at once; 0: no limit.", ge=0)
     ] = 64
+    trusted_proxies: Annotated[
+        str,
+        describe(
+            "Comma-separated addresses or CIDR networks of reverse proxies whose "
+            "X-Forwarded-For and X-Forwarded-Proto are believed (client address, https). "
+            "Empty: believe no one."
+        ),
+    ] = ""
     cors_origins: Annotated[
         str,
         describe(
@@ -234,6 +243,10 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ConfigError("map_center is outside the served band")
         if any(len(secret) < 32 for secret in self.token_secret_list):
             raise ConfigError("each token secret needs at least 32 characters (256 bits)")
+        try:
+            self.trusted_proxy_list  # noqa: B018 -- parsing is the check
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies: {exc} (addresses or CIDR networks)") from None
         if any(c in self.frame_ancestors for c in ";,\r\n"):
             raise ConfigError("frame_ancestors is one CSP source list: no ';', ',' or newline")
 
@@ -252,6 +265,11 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def ingest_key_list(self) -> list[str]:
         """``ingest_keys`` split."""
         return _split(self.ingest_keys)
+
+    @property
+    def trusted_proxy_list(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``trusted_proxies`` as networks (a bare address is a network of one)."""
+        return [ipaddress.ip_network(value, strict=False) for value in _split(self.trusted_proxies)]
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -23,6 +23,9 @@ Listening sockets get two options that every accepted connection inherits:
   timeout that reaps dead peers (half-open TCP); HTTP/2 streams that get no window are
   reaped after the same time by ``tracker.h2flow``.
 * ``SO_SNDBUF = sndbuf_bytes``: bounds the kernel memory a stalled client can pin.
+
+The app runs behind :class:`~tracker.proxies.TrustedProxies`, which takes the client's
+address and scheme from the forwarded headers of ``trusted_proxies`` only.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from tracker.app import create_app
 from tracker.config import TrackerConfig
 from tracker.logs import AccessLog
+from tracker.proxies import TrustedProxies
 from tracker.service import Tracker
 from tracker.transport import (
     Connection,
@@ -101,11 +105,14 @@ async def serve(
     raises whatever crashed the core (see the module docstring).
     """
     core = tracker or Tracker(config)
-    app = create_app(core)
+    app: ASGIFramework = create_app(core)
+    if config.access_log:
+        app = AccessLog(app)
+    app = TrustedProxies(app, config.trusted_proxy_list)  # outermost: the log sees the client
     async with trio.open_nursery() as service_nursery:
         await service_nursery.start(core.run)
         await _serve_http(
-            AccessLog(app) if config.access_log else app,
+            app,
             core,
             shutdown,
             task_status=task_status,
