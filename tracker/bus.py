@@ -226,9 +226,11 @@ class RedisBus:
         config: TrackerConfig,
         resnapshot_all: Callable[[], None],
         next_tick: Callable[[], Awaitable[None]],
+        client: coredis.Redis[bytes] | None = None,
     ) -> None:
+        """``client`` replaces the one made from ``url`` (tests: a fake Redis, no socket)."""
         self._timeout = config.bus_timeout_s
-        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
+        self._client: coredis.Redis[bytes] = client or coredis.Redis.from_url(
             url,
             stream_timeout=self._timeout,
             connect_timeout=self._timeout,
