@@ -7,7 +7,9 @@ Each runs a ``tracker serve`` child process (``bench.common.start_tracker``), pr
 ``/healthz`` every 20 ms while the attack runs, and prints: how long the attack request
 took, the slowest ``/healthz`` answer during it (how long the event loop was held), and
 the tracker's peak resident memory (``VmHWM``) before and after. ``area`` first times
-``parse_area`` in this process on each adversarial query. ``--json`` prints one object.
+``parse_area`` in this process on each adversarial query, then sends the 60 strips, then
+8 feeds at once each asking for 16 tall strips (the costliest area still accepted).
+``--json`` prints one object.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tracker.errors import TrackerError
 from tracker.regions import parse_area
 
 PROBE_INTERVAL_S = 0.02
+CONCURRENT = 8
 STRIPS = 60
 """Thin strips along the equator in one query (each ~10k cells, estimated at ~0 by area)."""
 
@@ -112,6 +115,22 @@ async def area_attack() -> dict[str, Any]:
             return await http.get("/feed", params=query)
 
         results["http"] = await under_probe(url, process.pid, attack)
+        heavy = [("bbox", f"{lon},0,{lon + 1e-5},2.4") for lon in range(16)]
+
+        async def accepted(http: httpx.AsyncClient) -> httpx.Response:
+            """CONCURRENT feeds at once, each asking for the costliest area still accepted."""
+            responses: list[httpx.Response] = []
+
+            async def one() -> None:
+                async with http.stream("GET", "/feed", params=heavy) as response:
+                    responses.append(response)
+
+            async with trio.open_nursery() as attackers:
+                for _ in range(CONCURRENT):
+                    attackers.start_soon(one)
+            return responses[-1]
+
+        results["http_accepted_x8"] = await under_probe(url, process.pid, accepted)
         bench_nursery.cancel_scope.cancel()
     return results
 
