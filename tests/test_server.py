@@ -8,6 +8,8 @@ Shutdown keeps its deadline (the grace period) whatever the clients do.
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -158,3 +160,35 @@ async def test_shutdown_is_prompt_when_every_client_reads(start_server: StartSer
                     break
             await server.stopped.wait()
     assert trio.current_time() - started < 3
+
+
+CRASHING_TRACKER = """
+import sys
+
+import tracker.geoindex
+from tracker.cli import main
+
+publish = tracker.geoindex.GeoIndex.advance
+
+
+def advance(self, now):
+    if self.tick >= 5:
+        raise RuntimeError("index exploded")
+    return publish(self, now)
+
+
+tracker.geoindex.GeoIndex.advance = advance
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_crashing_tick_ends_the_tracker_process_with_a_non_zero_exit() -> None:
+    """The real program: ``tracker serve`` whose sixth tick raises exits on its own."""
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_TRACKER, "serve", "--port", "0", "--tick", "0.05"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert b"a core task crashed" in done.stderr and b"index exploded" in done.stderr
