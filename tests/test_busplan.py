@@ -225,12 +225,10 @@ def test_link_reports_only_the_transitions() -> None:
     assert link.outages == 2
 
 
-def test_latest_pings_keeps_the_newest_per_vehicle() -> None:
+def test_latest_pings_keeps_the_last_taken_per_vehicle() -> None:
     latest = LatestPings()
     old, new = Ping(vehicle_id="a", lat=1, lon=1, ts=10), Ping(vehicle_id="a", lat=2, lon=2, ts=11)
-    latest.offer(new)
-    latest.offer(old)  # late and older: ignored
-    latest.offer(Ping(vehicle_id="b", lat=1, lon=1, ts=5))
+    latest.taken([old, Ping(vehicle_id="b", lat=1, lon=1, ts=5), new])
     assert len(latest) == 2
     assert [p for chunk in latest.chunks(10) for p in chunk if p.vehicle_id == "a"] == [new]
     assert latest.prune(horizon=6) == 1
@@ -239,10 +237,9 @@ def test_latest_pings_keeps_the_newest_per_vehicle() -> None:
 
 def test_latest_pings_come_in_bounded_chunks() -> None:
     latest = LatestPings()
-    for n in range(1001):
-        latest.offer(Ping(vehicle_id=f"v{n}", lat=1, lon=1, ts=n))
+    latest.taken([Ping(vehicle_id=f"v{n}", lat=1, lon=1, ts=n) for n in range(1001)])
     assert [len(chunk) for chunk in latest.chunks(500)] == [500, 500, 1]
     chunks = latest.chunks(500)
     next(chunks)
-    latest.offer(Ping(vehicle_id="late", lat=1, lon=1, ts=1))  # safe while iterating
+    latest.taken([Ping(vehicle_id="late", lat=1, lon=1, ts=1)])  # safe while iterating
     assert sum(len(chunk) for chunk in chunks) == 501

@@ -356,8 +356,7 @@ class RedisBus:
     def forward(self, pings: Sequence[Ping]) -> None:
         if not pings:
             return
-        for ping in pings:
-            self._latest.offer(ping)
+        self._latest.taken(pings)
         if self._link.state != CONNECTED:
             self._drop(len(pings))  # their latest positions are republished on recovery
             return
@@ -488,7 +487,8 @@ class RedisBus:
                 channels = [_channel(shard) for shard in new]
                 await self._redis("SUBSCRIBE", partial(pubsub.subscribe, *channels))
                 await self._load(new)
-                await self._next_tick()
+                with trio.move_on_after(self._timeout):  # a stuck ticker is the core's matter
+                    await self._next_tick()
         except BusUnavailable as exc:
             self._down(exc)  # recovery resubscribes, reloads and resnapshots
         finally:
@@ -526,8 +526,8 @@ class RedisBus:
                 elif (ping := accept_bus_ping(wire, now, self._config)) is None:
                     self._metrics.bus_bad_pings += 1
                 else:
-                    self._index.apply(ping, now)
-                    self._latest.offer(ping)
+                    if self._index.apply(ping, now):
+                        self._latest.taken((ping,))
                     self._metrics.bus_loaded_pings += 1
             if dead:
                 await self._redis("HDEL", partial(self._client.hdel, key, dead))
@@ -600,8 +600,8 @@ class RedisBus:
             if ping is None:
                 self._metrics.bus_bad_pings += 1
                 continue
-            self._index.apply(ping, now)
-            self._latest.offer(ping)
+            if self._index.apply(ping, now):
+                self._latest.taken((ping,))
             self._metrics.bus_received_pings += 1
 
 

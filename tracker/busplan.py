@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Final, Literal
 
 import h3.api.basic_int as h3i
@@ -46,6 +47,8 @@ CONNECTED: Final[BusState] = "connected"
 DEGRADED: Final[BusState] = "degraded"
 """Redis refused, broke or did not answer a call within ``bus_timeout_s``: the instance
 serves what it has, and pings are not forwarded until Redis answers again."""
+
+_vehicle_id = attrgetter("vehicle_id")
 
 BACKOFF_FIRST_S: Final = 0.1
 BACKOFF_MAX_S: Final = 5.0
@@ -253,19 +256,22 @@ class Link:
 class LatestPings:
     """The latest ping of every vehicle this instance holds, to publish again after an outage.
 
-    One entry per vehicle (bounded by the fleet), replaced only by a newer ``ts``; entries
-    older than the removal horizon are pruned, as the index removes those vehicles too.
-    Holds the :class:`Ping` objects the index holds (no copies, no conversion on ingest).
+    One entry per vehicle (bounded by the fleet); entries older than the removal horizon
+    are pruned, as the index removes those vehicles too. Holds the :class:`Ping` objects
+    the index holds (no copies, no conversion on ingest).
     """
 
     def __init__(self) -> None:
         self._by_id: dict[str, Ping] = {}
 
-    def offer(self, ping: Ping) -> None:
-        """Keep ``ping`` if it is the vehicle's newest."""
-        known = self._by_id.get(ping.vehicle_id)
-        if known is None or ping.ts > known.ts:
-            self._by_id[ping.vehicle_id] = ping
+    def taken(self, pings: Sequence[Ping]) -> None:
+        """Pings the index has just accepted, in order.
+
+        The index accepts only a ping newer than its vehicle's last one, so each of these
+        is its vehicle's newest: stored without comparing (a C-level dict update, a few
+        ms for a 50,000-ping batch on the ingest path).
+        """
+        self._by_id.update(zip(map(_vehicle_id, pings), pings, strict=False))
 
     def prune(self, horizon: float) -> int:
         """Forget vehicles silent since before ``horizon``; how many were forgotten."""
