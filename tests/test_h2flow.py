@@ -147,3 +147,31 @@ async def test_stalled_h2_streams_are_conflated_bounded_and_reaped(
             assert metrics.h2_streams_reaped == 5
             assert all(h[b":status"] == b"200" for h in stingy.headers.values())
             nursery.cancel_scope.cancel()
+
+
+async def test_shutdown_keeps_its_grace_with_stalled_h2_streams(start_server: StartServer) -> None:
+    server = await start_server(outbox_max_ticks=4, write_timeout_s=60, shutdown_grace_s=0.5)
+    metrics = server.tracker.metrics
+    host = urlsplit(server.url).hostname
+    assert host is not None
+    async with trio.open_nursery() as client_nursery:
+        stingy = StingyClient(
+            await trio.open_tcp_stream(host, urlsplit(server.url).port or 80), zero_window=True
+        )
+        client_nursery.start_soon(stingy.read_forever)
+        await stingy.open_feeds(3, host)
+        async with (
+            httpx.AsyncClient(base_url=server.url, headers=INGEST_KEY) as http,
+            trio.open_nursery() as fleet_nursery,
+        ):
+            fleet_nursery.start_soon(move_fleet, http)
+            with trio.fail_after(5):
+                while metrics.conflations < 3:  # all three feeds are blocked in a write
+                    await trio.sleep(0.05)
+            fleet_nursery.cancel_scope.cancel()
+        started = trio.current_time()
+        server.shutdown.set()
+        with trio.fail_after(0.5 + 1.5):
+            await server.stopped.wait()
+        assert trio.current_time() - started >= 0.45
+        client_nursery.cancel_scope.cancel()

@@ -117,18 +117,16 @@ async def _raw_error(start_server: StartServer, request: bytes) -> tuple[int, di
     await stream.send_all(request)
     response = await read_response(stream)
     await stream.aclose()
-    assert response.json() == {
-        "error": "bad_request",
-        "message": f"malformed HTTP request ({response.status})",
-    }
-    return response.status, response.headers
+    body = response.json()
+    assert isinstance(body, dict) and body["message"].startswith("malformed HTTP request")
+    return response.status, {**response.headers, "error": body["error"]}
 
 
 async def test_a_malformed_request_line_gets_400_with_our_headers_and_a_json_body(
     start_server: StartServer,
 ) -> None:
     status, headers = await _raw_error(start_server, b"GET /healthz HTTP/1.1 nonsense\r\n\r\n")
-    assert status == 400
+    assert status == 400 and headers["error"] == "bad_request"
     for name, value in BASELINE_HEADERS.items():
         assert headers[name.lower()] == value
     assert headers["content-type"] == "application/json"
@@ -139,6 +137,6 @@ async def test_oversized_headers_get_431_with_our_headers(start_server: StartSer
     # Beyond Hypercorn's 16 KiB for an incomplete request head (the head never ends).
     request = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 40_000
     status, headers = await _raw_error(start_server, request)
-    assert status == 431
+    assert status == 431 and headers["error"] == "request_header_fields_too_large"
     for name, value in BASELINE_HEADERS.items():
         assert headers[name.lower()] == value

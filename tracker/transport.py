@@ -29,6 +29,7 @@ import math
 import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -175,9 +176,9 @@ class SecureH11Protocol(H11Protocol):
 
     async def _send_error_response(self, status_code: int) -> None:
         # Hypercorn 0.18 sends an empty body here (malformed request: 400, headers too large: 431).
-        body = msgspec.json.encode(
-            {"error": "bad_request", "message": f"malformed HTTP request ({status_code})"}
-        )
+        code = HTTPStatus(status_code).phrase.lower().replace(" ", "_")
+        message = f"malformed HTTP request: {HTTPStatus(status_code).phrase}"
+        body = msgspec.json.encode({"error": code, "message": message})
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
