@@ -131,6 +131,20 @@ async def tracker_process(
         child.kill()
 
 
+def run_tracker(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m tracker *args`` to its end (a command expected to stop by itself)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tracker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now (for a server that must keep its port)."""
     with socket.socket() as sock:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
+from pathlib import Path
 
 import httpx
 import jwt
 import pytest
 
-from tests.processes import tracker_process
+from tests.processes import run_tracker, tracker_process
 from tracker.cli import build_parser, config_from, main
 from tracker.config import ConfigError, TrackerConfig
 
@@ -142,3 +144,92 @@ async def test_tracker_serve_logs_json_startup_and_shutdown_without_secrets() ->
     assert by_message["SIGINT"]["message"] == "SIGINT received: shutting down"
     assert records[-1]["message"] == "stopped"
     assert secret not in tracker.output.decode() and key not in tracker.output.decode()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"TRACKER_TICK_S": "0.001"},
+            "--tick must be at least 0.01 s (TRACKER_TICK_S); got '0.001'",
+        ),
+        ({"TRACKER_TICK_S": "soon"}, "--tick must be a number from 0.01 to 10 s (TRACKER_TICK_S)"),
+        ({"TRACKER_PORT": "http"}, "--port must be a whole number from 0 to 65535 (TRACKER_PORT)"),
+        ({"TRACKER_PORT": "1e400"}, "--port must be at most 65535 (TRACKER_PORT)"),
+        ({"TRACKER_HEARTBEAT_S": "0"}, "--heartbeat must be more than 0 s (TRACKER_HEARTBEAT_S)"),
+        (
+            {"TRACKER_OPEN_FEEDS": "maybe"},
+            "--open-feeds must be one of true/false/1/0/yes/no (TRACKER_OPEN_FEEDS); got 'maybe'",
+        ),
+        (
+            {"TRACKER_STALE_AFTER_S": "100", "TRACKER_REMOVE_AFTER_S": "50"},
+            "--remove-after must be greater than --stale-after "
+            "(TRACKER_REMOVE_AFTER_S, TRACKER_STALE_AFTER_S)",
+        ),
+        ({"TRACKER_CERTFILE": "cert.pem"}, "--certfile and --keyfile go together"),
+        ({"TRACKER_BUS": "redis://:pw@h:port/0"}, "'redis://:***@h:port/0': the port is not a"),
+        ({"TRACKER_BUS": "http://redis"}, "the scheme 'http' is not redis, rediss or unix"),
+        ({"TRACKER_BUS": "redis://h/x"}, "the database 'x' is not a number (TRACKER_BUS)"),
+        ({"TRACKER_TOKEN_SECRETS": "short-secret"}, "--token-secrets needs at least 32 characters"),
+    ],
+)
+def test_config_errors_name_the_flag_and_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        config_from(build_parser().parse_args(["serve"]), env)
+    assert message in str(error.value)
+    assert "$." not in str(error.value) and "\n" not in str(error.value)
+    assert "pw" not in str(error.value) and "short-secret" not in str(error.value)
+
+
+@pytest.mark.parametrize("word", ["yes", "YES", "true", "1"])
+def test_config_booleans_take_yes_as_well_as_true(word: str) -> None:
+    config = config_from(build_parser().parse_args(["serve"]), {"TRACKER_OPEN_FEEDS": word})
+    assert config.open_feeds is True
+
+
+def test_serve_help_lists_what_a_boolean_takes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "TRACKER_OPEN_FEEDS: true/false/1/0/yes/no" in " ".join(capsys.readouterr().out.split())
+
+
+def test_tracker_serve_on_a_busy_port_says_so_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_tracker("serve", "--port", str(port))
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("tracker:")]
+    assert line == (
+        f"tracker: cannot listen on 127.0.0.1 port {port}: it is in use (--port, TRACKER_PORT); "
+        "stop the other server or choose another port (--port 0 takes any free one)"
+    )
+    assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
+
+
+def test_tracker_serve_with_missing_certificate_files_names_the_option(tmp_path: Path) -> None:
+    missing = str(tmp_path / "cert.pem")
+    result = run_tracker("serve", "--certfile", missing, "--keyfile", missing)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"tracker: bad configuration: --certfile '{missing}': no such file (TRACKER_CERTFILE)\n"
+    )
+
+
+def test_tracker_serve_with_a_host_that_does_not_resolve_names_the_option() -> None:
+    result = run_tracker("serve", "--host", "no-such-host.invalid", "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "tracker: bad configuration: --host 'no-such-host.invalid' is neither an IP address "
+        "nor a name this machine resolves (TRACKER_HOST)"
+    )
+    assert result.stderr.count("\n") == 1
+
+
+def test_tracker_serve_with_a_bad_environment_value_exits_2() -> None:
+    result = run_tracker("serve", env={"TRACKER_TICK_S": "0.001"})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "tracker: bad configuration: --tick must be at least 0.01 s (TRACKER_TICK_S); got '0.001'\n"
+    )

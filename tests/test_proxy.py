@@ -64,7 +64,7 @@ def test_trusted_proxies_config_takes_addresses_and_networks() -> None:
         "192.168.1.7/32",
     ]
     assert TrackerConfig().trusted_proxy_list == []
-    with pytest.raises(ConfigError, match="trusted_proxies"):
+    with pytest.raises(ConfigError, match=r"--trusted-proxies .*\(TRACKER_TRUSTED_PROXIES\)"):
         TrackerConfig(trusted_proxies="10.0.0.0/8,proxy.example")
 
 

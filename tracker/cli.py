@@ -12,16 +12,24 @@ Secure by default: ``serve`` with no token secret or ingest key makes them up, p
 admin URL with a token (as Jupyter does) and the ingest key; feeds need a token unless
 ``--open``. With the operator's own secrets nothing secret is printed: ``tracker token``
 mints tokens. ``demo`` is open (it is for looking at) but its ingest still takes a key.
+
+Errors a person can act on are one line on stderr, never a traceback: the option, what
+is wrong and how to fix it. Exit status 2: the options are wrong (a bad value, missing
+certificate files, a host that does not resolve); 1: the service could not start
+(the port is in use, the address is not on this machine) or crashed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import os
 import re
 import signal
+import socket
+import ssl
 import sys
 import types
 import urllib.parse
@@ -34,16 +42,26 @@ import trio
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
 from tracker.auth import Keyring, new_secret
-from tracker.config import ConfigError, LogConfig, TrackerConfig, config_summary, load_config
+from tracker.config import (
+    BOOLEAN_WORDS,
+    ENV_PREFIX,
+    ConfigError,
+    LogConfig,
+    TrackerConfig,
+    config_summary,
+    convert,
+    env_name,
+    flag,
+    load_config,
+)
 from tracker.errors import TrackerError
 from tracker.logs import configure_logging
 from tracker.server import serve
 
-__all__ = ["build_parser", "config_from", "main"]
+__all__ = ["StartupError", "build_parser", "check_startup", "config_from", "main"]
 
 logger = logging.getLogger(__name__)
 
-ENV_PREFIX = "TRACKER_"
 DEMO_DEFAULTS = {"VEHICLES": "2000", "OPEN_FEEDS": "true", "CORS_ORIGINS": "*"}
 """What ``demo`` changes from the defaults: a fleet to look at, readable by any page."""
 ADMIN_TOKEN_TTL_S = 7 * 86_400
@@ -79,7 +97,8 @@ def _add_options(
             flags.append("--" + name[:-2].replace("_", "-"))
         if name == "open_feeds":
             flags.append("--open")
-        help_text = f"{description} [env {ENV_PREFIX}{name.upper()}; default {default!r}]"
+        accepted = f": {'/'.join(BOOLEAN_WORDS)}" if kind is bool else ""
+        help_text = f"{description} [env {env_name(name)}{accepted}; default {default!r}]"
         if kind is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const=True, help=help_text)
         else:
@@ -145,7 +164,7 @@ def _values(
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, *_ in _options(struct):
-        env_value = environ.get(ENV_PREFIX + name.upper())
+        env_value = environ.get(env_name(name))
         if env_value is not None:
             values[name] = env_value
         if getattr(args, name, None) is not None:
@@ -161,10 +180,95 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Tracker
 def _struct_from(
     struct: type[msgspec.Struct], args: argparse.Namespace, environ: Mapping[str, str]
 ) -> Any:
+    return convert(struct, _values(struct, args, environ))
+
+
+class StartupError(Exception):
+    """The service could not start for a reason outside its options (exit status 1)."""
+
+
+def check_startup(config: TrackerConfig) -> None:
+    """What can be checked before starting: the host resolves, TLS files load as a pair.
+
+    Raises :class:`ConfigError` naming the option, so that a typo ends in one line
+    instead of a traceback from deep inside the server.
+    """
     try:
-        return msgspec.convert(_values(struct, args, environ), struct, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(str(exc)) from exc
+        socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError(
+            f"{flag('host')} {config.host!r} is neither an IP address nor a name this machine "
+            f"resolves ({env_name('host')}); 127.0.0.1 serves this machine only, 0.0.0.0 "
+            "every interface"
+        ) from None
+    if not config.certfile:
+        return
+    for name in ("certfile", "keyfile"):
+        path = getattr(config, name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{flag(name)} {path!r}: no such file ({env_name(name)})")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(
+                f"{flag(name)} {path!r}: this user may not read it ({env_name(name)})"
+            )
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            config.certfile, config.keyfile
+        )
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{flag('certfile')} and {flag('keyfile')} must be a PEM certificate and its "
+            f"private key ({env_name('certfile')}, {env_name('keyfile')}): "
+            f"{exc.reason or exc}"
+        ) from None
+
+
+def _startup_failure(exc: BaseException, config: TrackerConfig) -> str | None:
+    """One line saying why the server could not listen, if that is what ``exc`` is."""
+    where = f"{config.host} port {config.port}"
+    port, host = (
+        f"({flag('port')}, {env_name('port')})",
+        f"({flag('host')}, {env_name('host')})",
+    )
+    for leaf in _leaves(exc):
+        if not isinstance(leaf, OSError):
+            continue
+        if leaf.errno == errno.EADDRINUSE:
+            return (
+                f"cannot listen on {where}: it is in use {port}; stop the other server or "
+                f"choose another port ({flag('port')} 0 takes any free one)"
+            )
+        if leaf.errno == errno.EADDRNOTAVAIL:
+            return (
+                f"cannot listen on {where}: {config.host} is not an address of this machine "
+                f"{host}; use 127.0.0.1, 0.0.0.0 or one of its addresses"
+            )
+        if leaf.errno == errno.EACCES:
+            return (
+                f"cannot listen on {where}: permission denied {port}; ports below 1024 need "
+                "privileges, choose 1024 or above (the default is 8000)"
+            )
+    return None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _run_service(config: TrackerConfig, main: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """``trio.run(main, config, *args)`` after :func:`check_startup`; failures to listen
+    become a :class:`StartupError`."""
+    check_startup(config)
+    try:
+        trio.run(main, config, *args)
+    except (OSError, BaseExceptionGroup) as exc:
+        reason = _startup_failure(exc, config)
+        if reason is None:
+            raise
+        raise StartupError(reason) from None
 
 
 async def _wait_for_signal(shutdown: trio.Event) -> None:
@@ -337,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs = _struct_from(LogConfig, args, os.environ)
             configure_logging(level=logs.log_level, log_format=logs.log_format)
         if args.command == "serve":
-            trio.run(_serve_until_signalled, config_from(args, os.environ))
+            _run_service(config_from(args, os.environ), _serve_until_signalled)
         elif args.command == "simulate":
             fleet = _struct_from(FleetConfig, args, os.environ)
             trio.run(_simulate_until_signalled, fleet, _struct_from(SendConfig, args, os.environ))
@@ -345,15 +449,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             _mint(args, os.environ)
         else:
             environ = {ENV_PREFIX + k: v for k, v in DEMO_DEFAULTS.items()} | dict(os.environ)
-            trio.run(
-                _demo,
+            _run_service(
                 config_from(args, environ),
+                _demo,
                 _struct_from(FleetConfig, args, environ),
                 _struct_from(SendConfig, args, environ),
             )
     except ConfigError as exc:
         print(f"tracker: bad configuration: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"tracker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,15 +9,31 @@ the environment and the validation cannot drift apart. Units are in the field na
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import urllib.parse
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 
 from tracker.logs import LOG_FORMATS, LOG_LEVELS
 
-__all__ = ["ConfigError", "LogConfig", "TrackerConfig", "config_summary", "describe", "load_config"]
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+__all__ = [
+    "BOOLEAN_WORDS",
+    "ENV_PREFIX",
+    "ConfigError",
+    "LogConfig",
+    "TrackerConfig",
+    "config_summary",
+    "convert",
+    "describe",
+    "env_name",
+    "flag",
+    "load_config",
+]
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -228,27 +244,45 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:
-            raise ConfigError("remove_after_s must be greater than stale_after_s")
-        if self.bus and not self.bus.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("bus is empty (in-process) or a redis:// URL")
+            raise _bad(
+                "remove_after_s", "must be greater than --stale-after", also=("stale_after_s",)
+            )
+        if self.bus and (problem := _bus_url_problem(self.bus)):
+            raise _bad(
+                "bus",
+                "must be empty (one instance) or redis://[:password@]host[:port][/db], "
+                f"rediss://... or unix://path; {_without_password(self.bus)!r}: {problem}",
+            )
         if self.bus_shard_resolution > self.h3_resolution:
-            raise ConfigError("bus_shard_resolution must not be finer than h3_resolution")
+            raise _bad(
+                "bus_shard_resolution",
+                f"must not be finer than --h3-resolution ({self.h3_resolution})",
+                also=("h3_resolution",),
+            )
         if bool(self.certfile) != bool(self.keyfile):
-            raise ConfigError("certfile and keyfile go together")
+            raise _bad(
+                "certfile",
+                "and --keyfile go together: both for HTTPS, or neither",
+                also=("keyfile",),
+            )
         try:
             lat, lon = self.map_center_latlon
         except ValueError:
-            raise ConfigError("map_center is 'lat,lon', e.g. '52.52,13.405'") from None
+            raise _bad("map_center", "must be 'lat,lon', e.g. '52.52,13.405'") from None
         if not (-85 <= lat <= 85 and -180 <= lon <= 180):
-            raise ConfigError("map_center is outside the served band")
+            raise _bad("map_center", "must be within latitude -85..85 and longitude -180..180")
         if any(len(secret) < 32 for secret in self.token_secret_list):
-            raise ConfigError("each token secret needs at least 32 characters (256 bits)")
+            raise _bad(
+                "token_secrets",
+                "needs at least 32 characters (256 bits) in each secret; "
+                "leave it empty and tracker serve makes one up",
+            )
         try:
             self.trusted_proxy_list  # noqa: B018 -- parsing is the check
         except ValueError as exc:
-            raise ConfigError(f"trusted_proxies: {exc} (addresses or CIDR networks)") from None
+            raise _bad("trusted_proxies", f"must be addresses or CIDR networks: {exc}") from None
         if any(c in self.frame_ancestors for c in ";,\r\n"):
-            raise ConfigError("frame_ancestors is one CSP source list: no ';', ',' or newline")
+            raise _bad("frame_ancestors", "is one CSP source list: no ';', ',' or newline")
 
     @property
     def map_center_latlon(self) -> tuple[float, float]:
@@ -299,7 +333,10 @@ def config_summary(config: TrackerConfig) -> dict[str, Any]:
 
 def _without_password(url: str) -> str:
     """A URL with any password in it replaced by ``***``."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not a URL: hide whatever may be credentials
+        return re.sub(r"(?<=://)[^@/]*@", "***@", url)
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
@@ -318,9 +355,11 @@ class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"log_level is one of {', '.join(LOG_LEVELS)}")
+            raise _bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}", got=self.log_level)
         if self.log_format not in LOG_FORMATS:
-            raise ConfigError(f"log_format is one of {', '.join(LOG_FORMATS)}")
+            raise _bad(
+                "log_format", f"must be one of {', '.join(LOG_FORMATS)}", got=self.log_format
+            )
 
 
 def _split(values: str) -> list[str]:
@@ -328,12 +367,152 @@ def _split(values: str) -> list[str]:
 
 
 class ConfigError(ValueError):
-    """A configuration value that is out of range or inconsistent."""
+    """A configuration value that is out of range or inconsistent.
+
+    Its message is one line for a person: the flag, what it must be, and the
+    ``TRACKER_*`` variable that sets it too (``--tick must be at least 0.01 s
+    (TRACKER_TICK_S); got '0.001'``).
+    """
+
+
+ENV_PREFIX: Final = "TRACKER_"
+BOOLEAN_WORDS: Final = {
+    "true": True,
+    "false": False,
+    "1": True,
+    "0": False,
+    "yes": True,
+    "no": False,
+}
+"""What a boolean option takes from the environment (any case)."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``tick_s`` -> ``--tick``."""
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a config field: ``tick_s`` -> ``TRACKER_TICK_S``."""
+    return ENV_PREFIX + name.upper()
+
+
+def _bad(name: str, problem: str, *, also: tuple[str, ...] = (), got: Any = None) -> ConfigError:
+    """``--flag <problem> (TRACKER_FLAG, ...); got '<value>'`` as a ConfigError."""
+    variables = ", ".join(env_name(n) for n in (name, *also))
+    shown = "" if got is None or name in SECRET_FIELDS else f"; got {str(got)!r}"
+    return ConfigError(f"{flag(name)} {problem} ({variables}){shown}")
+
+
+def _bus_url_problem(url: str) -> str | None:
+    """What is wrong with the form of a ``--bus`` URL (None: nothing)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        port = parts.port
+    except ValueError:
+        return "the port is not a number from 0 to 65535"
+    if parts.scheme == "unix":
+        return None if parts.path else "no socket path"
+    if parts.scheme not in ("redis", "rediss"):
+        return f"the scheme {parts.scheme or '(none)'!r} is not redis, rediss or unix"
+    if not parts.hostname:
+        return "no host"
+    if port == 0:
+        return "port 0"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"the database {db!r} is not a number"
+    return None
+
+
+def convert(struct: type[_S], values: Mapping[str, Any]) -> _S:
+    """A config Struct from field values (strings are converted, as from the environment).
+
+    Raises :class:`ConfigError` naming the flag and the variable of the first bad value.
+    """
+    booleans = _boolean_fields(struct)
+    values = {
+        k: BOOLEAN_WORDS.get(v.strip().lower(), v) if k in booleans and isinstance(v, str) else v
+        for k, v in values.items()
+    }
+    try:
+        return msgspec.convert(values, struct, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, struct, values) from exc
 
 
 def load_config(values: Mapping[str, Any]) -> TrackerConfig:
     """Build a validated config from field values (strings are converted, as from env)."""
+    return convert(TrackerConfig, values)
+
+
+def _field_types(struct: type[msgspec.Struct]) -> dict[str, msgspec.inspect.Type]:
+    """Each field's type (constraints included), with ``X | None`` read as ``X``."""
+    types: dict[str, msgspec.inspect.Type] = {}
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        kind = field.type
+        while True:
+            if isinstance(kind, msgspec.inspect.Metadata):
+                kind = kind.type
+            elif isinstance(kind, msgspec.inspect.UnionType):
+                kind = next(t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType))
+            else:
+                break
+        types[field.name] = kind
+    return types
+
+
+def _boolean_fields(struct: type[msgspec.Struct]) -> set[str]:
+    return {n for n, t in _field_types(struct).items() if isinstance(t, msgspec.inspect.BoolType)}
+
+
+def _explain(
+    exc: msgspec.ValidationError, struct: type[msgspec.Struct], values: Mapping[str, Any]
+) -> ConfigError:
+    """The ValidationError of one field in words: flag, requirement, variable, value."""
+    message = str(exc)
+    at = re.search(r" - at `\$\.(\w+)`$", message)
+    kind = _field_types(struct).get(at[1]) if at else None
+    if at is None or kind is None:
+        return ConfigError(message)  # a check across fields: its message names them
+    name, got = at[1], values.get(at[1])
+    if isinstance(kind, msgspec.inspect.BoolType):
+        return _bad(name, f"must be one of {'/'.join(BOOLEAN_WORDS)}", got=got)
+    if isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        return _bad(name, _number_requirement(name, kind, got), got=got)
+    return _bad(name, f"is not valid: {message[: at.start()]}", got=got)
+
+
+def _number_requirement(
+    name: str, kind: msgspec.inspect.IntType | msgspec.inspect.FloatType, got: Any
+) -> str:
+    """``must be at least 0.01 s`` for a value below the bound, else the whole range."""
+    unit = next((f" {u}" for s, u in _UNITS.items() if name.endswith(s)), "")
+    low = (kind.ge, "at least") if kind.ge is not None else (kind.gt, "more than")
+    high = (kind.le, "at most") if kind.le is not None else (kind.lt, "less than")
     try:
-        return msgspec.convert(dict(values), TrackerConfig, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(str(exc)) from exc
+        number = float(got)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if low[0] is not None and (number < low[0] or (kind.gt is not None and number == kind.gt)):
+        return f"must be {low[1]} {_number(low[0])}{unit}"
+    if high[0] is not None and (number > high[0] or (kind.lt is not None and number == kind.lt)):
+        return f"must be {high[1]} {_number(high[0])}{unit}"
+    what = "a whole number" if isinstance(kind, msgspec.inspect.IntType) else "a number"
+    if low[0] is not None and high[0] is not None:
+        return f"must be {what} from {_number(low[0])} to {_number(high[0])}{unit}"
+    if low[0] is not None:
+        return f"must be {what}, {low[1]} {_number(low[0])}{unit}"
+    return f"must be {what}{unit}"
+
+
+_UNITS: Final = {"_ms": "ms", "_s": "s", "_bytes": "bytes"}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
