@@ -65,6 +65,15 @@ async def test_connections_beyond_the_cap_are_closed_at_once_and_counted(
     assert server.tracker.metrics.connections_refused == 1
     for feed in feeds:
         await feed.aclose()
+    with trio.fail_after(5):
+        while True:  # until the server has seen the feeds go and has room again
+            try:
+                async with httpx.AsyncClient(base_url=server.url) as client:
+                    text = (await client.get("/metrics")).text
+                break
+            except httpx.TransportError:
+                await trio.sleep(0.05)
+    assert "tracker_connections_refused_total 1.0" in text.splitlines()
 
 
 async def read_response_head(stream: trio.SocketStream) -> bytes:
