@@ -12,9 +12,11 @@ import pytest
 from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, MUNICH, StartServer, ping, post_pings
 from tests.credentials import OLD_SECRET, SECRET, SECURE, mint_token, sign_claims
 from tests.sse import feed_head, open_feed
+from tracker import auth
 from tracker.auth import Keyring
 from tracker.config import ConfigError, TrackerConfig
 from tracker.errors import Unauthorized
+from tracker.regions import parse_area
 
 
 async def test_feeds_need_a_token_by_default(start_server: StartServer) -> None:
@@ -193,3 +195,23 @@ def test_tokens_that_cannot_be_jwts_are_refused_before_parsing(token: str) -> No
     keyring = Keyring([SECRET], resolution=7, max_cells=4000)
     with pytest.raises(Unauthorized, match="not a JWT"):
         keyring.grant(token)
+
+
+def test_an_area_shared_by_tokens_and_spellings_is_computed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[object] = []
+
+    def counting(query: object, **kwargs: int) -> frozenset[int]:
+        calls.append(query)
+        return parse_area(query, **kwargs)  # type: ignore[arg-type]
+
+    bbox = ["13.38,52.51,13.42,52.53"]
+    first, second = mint_token(bbox=bbox), mint_token(bbox=bbox)
+    other = mint_token(bbox=["13.38,52.51,13.42,52.54"])
+    monkeypatch.setattr(auth, "parse_area", counting)
+    keyring = Keyring([SECRET], resolution=7, max_cells=4000)
+    grants = [keyring.grant(t) for t in (first, first + "=", second)]
+    assert len(calls) == 1 and grants[0].cells == grants[1].cells == grants[2].cells
+    keyring.grant(other)
+    assert len(calls) == 2

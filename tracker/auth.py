@@ -104,6 +104,7 @@ class Keyring:
         self._resolution = resolution
         self._max_cells = max_cells
         self._grant = lru_cache(maxsize=1024)(self._verify)
+        self._cells = lru_cache(maxsize=256)(self._area_cells)
 
     @classmethod
     def for_config(cls, config: TrackerConfig) -> Keyring:
@@ -144,8 +145,14 @@ class Keyring:
                 isinstance(v, list) and all(isinstance(x, str) for x in v) for v in area.values()
             ):
                 raise Unauthorized("the token's area claim is malformed")
-            cells = parse_area(area, resolution=self._resolution, max_cells=self._max_cells)
+            cells = self._cells(tuple(sorted((name, tuple(v)) for name, v in area.items())))
         return Grant(cells, float(claims["exp"]), _holder(token, claims))
+
+    def _area_cells(self, area: tuple[tuple[str, tuple[str, ...]], ...]) -> frozenset[int]:
+        """The cells of a token's area; cached per area, as many tokens (and every spelling
+        of one token) share an area and computing it costs milliseconds."""
+        query = {name: list(values) for name, values in area}
+        return parse_area(query, resolution=self._resolution, max_cells=self._max_cells)
 
     def _claims(self, token: str) -> dict[str, Any]:
         try:
