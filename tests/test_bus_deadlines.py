@@ -80,7 +80,9 @@ async def test_a_redis_that_never_answers_leaves_feeds_and_ingest_served(
             assert feed_s < TIMEOUT_S * 3
             assert ingest_s < TIMEOUT_S
             assert server.tracker.bus.state == "degraded"
-            assert (await http.get("/healthz")).status_code == 200
+            health = await http.get("/healthz")
+            assert health.status_code == 200  # this instance still does its job
+            assert health.json()["bus"] == "degraded"
     startup = [r for r in caplog.records if r.name == "tracker.bus"]
     assert len(startup) == 1  # once, not once per failed call
     assert "unreachable at startup" in startup[0].getMessage()
@@ -119,6 +121,7 @@ async def test_a_redis_that_stops_answering_degrades_the_bus_then_recovers(
                 redis.thaw()
             while bus.state != "connected":
                 await trio.sleep(0.05)
+            assert (await http.get("/healthz")).json()["bus"] == "connected"
             await post_pings(http, [ping("v2", *MUNICH, time.time() - 1)])
             async with open_feed(http, f"bbox={MUNICH_BBOX}") as munich:
                 await munich.until(lambda view: "v2" in view.by_id(), timeout=5)
