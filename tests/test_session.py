@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ssl
 import time
+from pathlib import Path
 
 import httpx
 import msgspec
 import pytest
 import trio
+import trustme
 
 from tests.conftest import BERLIN_BBOX, RunningServer, StartServer
 from tests.credentials import SECURE, mint_token, sign_claims
@@ -181,3 +184,27 @@ async def test_a_token_valid_until_9999_gets_a_cookie_browsers_keep(
     assert response.status_code == 200
     max_age = int(response.headers["set-cookie"].split("Max-Age=")[1].split(";")[0])
     assert 0 < max_age <= 400 * 86_400
+
+
+async def test_session_over_https_and_http2_from_its_own_page(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Over HTTP/2 the host comes as :authority; the same-origin check must still see it."""
+    authority = trustme.CA()
+    cert = authority.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(certfile)
+    cert.private_key_pem.write_to_path(keyfile)
+    server = await start_server(**SECURE, certfile=str(certfile), keyfile=str(keyfile))
+    trust = ssl.create_default_context()
+    authority.configure_trust(trust)
+    async with httpx.AsyncClient(base_url=server.url, http2=True, verify=trust) as client:
+        own = await client.post(
+            "/session", json={"token": mint_token()}, headers={"Origin": server.url}
+        )
+        other = await client.post(
+            "/session", json={"token": mint_token()}, headers={"Origin": EVIL}
+        )
+    assert own.http_version == "HTTP/2"
+    assert own.status_code == 200 and "Secure" in own.headers["set-cookie"]
+    assert other.status_code == 403
