@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.conftest import BERLIN_BBOX, RunningServer, StartServer
-from tracker.logs import ACCESS_LOGGER, Episode, Throttle, configure_logging
+from tracker.logs import ACCESS_LOGGER, CHATTY_LOGGERS, Episode, Throttle, configure_logging
 
 logger = logging.getLogger("tracker.test_logs")
 
@@ -42,6 +42,8 @@ def restore_root_logger() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
     logging.captureWarnings(False)
 
 
@@ -81,6 +83,17 @@ def test_configure_logging_twice_replaces_its_handler() -> None:
     logger.warning("once")
     logger.info("filtered")
     assert first.getvalue() == "" and second.getvalue().count("\n") == 1
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_configure_logging_keeps_per_request_library_records_for_debug() -> None:
+    out = io.StringIO()
+    configure_logging(level="info", stream=out)
+    logging.getLogger("httpx").info("HTTP Request: POST /ingest")
+    assert out.getvalue() == ""
+    configure_logging(level="debug", stream=out)
+    logging.getLogger("httpx").info("HTTP Request: POST /ingest")
+    assert "POST /ingest" in out.getvalue()
 
 
 def test_configure_logging_rejects_unknown_values() -> None:

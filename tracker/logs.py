@@ -46,6 +46,7 @@ from hypercorn.typing import (
 
 __all__ = [
     "ACCESS_LOGGER",
+    "CHATTY_LOGGERS",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "AccessLog",
@@ -59,6 +60,9 @@ __all__ = [
 
 LOG_FORMATS: Final = ("text", "json")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+CHATTY_LOGGERS: Final = ("httpx", "httpcore")
+"""Libraries that log every request at INFO (the simulator's POSTs): WARNING unless debug."""
 
 _RECORD_ATTRIBUTES: Final = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
@@ -147,6 +151,8 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for chatty in CHATTY_LOGGERS:  # their INFO is one record per request: only in debug
+        logging.getLogger(chatty).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.captureWarnings(True)
 
 
