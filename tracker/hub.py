@@ -181,6 +181,11 @@ class Subscription:
         return Resume(None, batches)
 
     @property
+    def queued_batches(self) -> int:
+        """Batches waiting in the outbox (bounded by ``outbox_max_ticks``)."""
+        return len(self._outbox)
+
+    @property
     def queued_bytes(self) -> int:
         """Base64 bytes waiting in the outbox (bounded by ``outbox_max_bytes``)."""
         return self._outbox_bytes

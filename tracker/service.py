@@ -108,7 +108,7 @@ class Tracker:
             watched_cells=("Index cells with a subscriber.", lambda: self.hub.watched_cells),
             tick=("Number of the last published tick.", lambda: self.index.tick),
         )
-        self.metrics.feeds = lambda: [sub.statistics() for sub in self.hub.subscriptions()]
+        self.metrics.feeds = self.hub.subscriptions  # read at scrape time, no record each
         self.metrics.bus_state = lambda: self.bus.state
 
     def _make_bus(self) -> Bus:
