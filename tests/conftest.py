@@ -7,7 +7,7 @@ whole life; nothing is shared between tests.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import msgspec
 import pytest
 import trio
 
+from tests.redis_server import RedisServer
 from tracker.config import TrackerConfig
 from tracker.server import serve
 from tracker.service import Tracker
@@ -109,6 +110,17 @@ async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP/1.1 client bound to ``server``."""
     async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=INGEST_KEY) as http:
         yield http
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    """A private redis-server on a free port, stopped after the test."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def ping(vehicle_id: str, lat: float, lon: float, ts: float, **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -22,16 +21,6 @@ from tests.sse import open_feed
 
 TIMEOUT_S = 0.5
 MUNICH_BBOX = "11.50,48.10,11.65,48.17"
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def serve_black_hole(*, task_status: trio.TaskStatus[int]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,16 +27,6 @@ from tests.sse import Feed, open_feed
 BERLIN_CHANNEL = f"trk:pings:{h3i.cell_to_parent(h3i.latlng_to_cell(*BERLIN, 7), 5):x}"
 BERLIN_STATE = BERLIN_CHANNEL.replace("pings", "state")
 MUNICH_CELL = h3i.latlng_to_cell(*MUNICH, 7)
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @asynccontextmanager

@@ -8,13 +8,11 @@ within a few seconds (issue 13, "Redis outage").
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import coredis
 import h3.api.basic_int as h3i
 import httpx
-import pytest
 import trio
 
 from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, StartServer, ping, post_pings
@@ -25,16 +23,6 @@ from tracker.wire import decode_bus_ping
 
 BERLIN_SHARD = h3i.cell_to_parent(h3i.latlng_to_cell(*BERLIN, 7), 5)
 BERLIN_STATE = f"trk:state:{BERLIN_SHARD:x}"
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def fleet(prefix: str, count: int, ts: float) -> list[dict[str, Any]]:

@@ -7,13 +7,12 @@ talks to them over HTTP, as a load balancer's clients would.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import coredis
 import h3.api.basic_int as h3i
 import httpx
-import pytest
 import trio
 
 from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, MUNICH, ping, post_pings
@@ -21,16 +20,6 @@ from tests.redis_server import RedisServer, tracker_instances
 from tests.sse import open_feed
 
 KEY = INGEST_KEY  # what post_pings sends
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @asynccontextmanager

@@ -13,6 +13,7 @@ import trio
 
 from tests.conftest import RunningServer, StartServer, ping, post_pings
 from tests.credentials import SECRET
+from tests.probes import health_probe
 from tests.sse import feed_head, open_feed
 from tracker.auth import Keyring
 from tracker.cli import main
@@ -28,34 +29,23 @@ SIXTY_STRIPS = [f"-89,0,89,{1 + i / 100:.2f}e-5" for i in range(60)]  # the issu
 async def test_healthz_answers_while_feeds_ask_for_costly_areas(
     server: RunningServer, client: httpx.AsyncClient
 ) -> None:
-    worst = 0.0
     statuses: list[int] = []
-    done = trio.Event()
-
-    async def probe() -> None:
-        nonlocal worst
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as health:
-            while not done.is_set():
-                started = time.perf_counter()
-                assert (await health.get("/healthz")).status_code == 200
-                worst = max(worst, time.perf_counter() - started)
-                await trio.sleep(0.005)
 
     async def attack(query: list[tuple[str, str]]) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
             statuses.append((await feed_head(http, "/feed", params=query)).status_code)
 
     with trio.fail_after(10):
-        async with trio.open_nursery() as attack_nursery:
-            attack_nursery.start_soon(probe)
+        async with health_probe(server.url) as probe:
             await trio.sleep(0.02)
             async with trio.open_nursery() as attackers:
                 for _ in range(4):
                     attackers.start_soon(attack, [("bbox", b) for b in STRIPS])
                     attackers.start_soon(attack, [("bbox", b) for b in SIXTY_STRIPS])
-            done.set()
     assert sorted(statuses) == [200] * 4 + [400] * 4
-    assert worst < 0.25, worst  # the 60 strips alone held the loop for 9 s before
+    # Chunks hold the loop for a few ms; the bound leaves room for a loaded machine's
+    # scheduling and still fails the 9 s hold of the 60 strips before.
+    assert probe.worst < 1.0, probe.worst
 
 
 @pytest.mark.parametrize(
