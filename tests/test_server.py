@@ -21,7 +21,7 @@ from tests.rawhttp import connect, move_fleet
 from tests.sse import open_feed
 from tracker.config import TrackerConfig
 from tracker.server import serve
-from tracker.service import Tracker
+from tracker.service import CoreCrashed, Tracker
 
 
 async def test_healthz_reports_tick_age_and_bus(server: RunningServer) -> None:
@@ -99,7 +99,7 @@ async def test_a_crashing_tick_takes_serve_down_and_never_looks_healthy(
     with (
         trio.fail_after(10),
         pytest.RaisesGroup(
-            pytest.RaisesExc(RuntimeError, match="index exploded"), flatten_subgroups=True
+            pytest.RaisesExc(CoreCrashed, match="index exploded"), flatten_subgroups=True
         ),
     ):
         async with trio.open_nursery() as nursery:
@@ -190,5 +190,8 @@ def test_a_crashing_tick_ends_the_tracker_process_with_a_non_zero_exit() -> None
         timeout=30,
         check=False,
     )
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert b"a core task crashed" in done.stderr and b"index exploded" in done.stderr
+    # The traceback is logged once, then one line: no second, uncaught traceback.
+    assert done.stderr.count(b"RuntimeError: index exploded") == 1, done.stderr.decode()
+    assert done.stderr.strip().splitlines()[-1].startswith(b"tracker: stopped after a core")

@@ -20,7 +20,7 @@ from tracker.config import TrackerConfig
 from tracker.errors import NothingAccepted, TooManyRequests
 from tracker.feed import SHUTDOWN_EVENT
 from tracker.regions import parse_area
-from tracker.service import Lifecycle, Tracker
+from tracker.service import CoreCrashed, Lifecycle, Tracker
 
 BERLIN = (52.52, 13.405)
 MSGPACK = "application/msgpack"
@@ -171,7 +171,7 @@ async def test_run_raises_a_crashed_tick_and_reports_failed(
         raise RuntimeError("index exploded")
 
     with pytest.RaisesGroup(
-        pytest.RaisesExc(RuntimeError, match="index exploded"), flatten_subgroups=True
+        pytest.RaisesExc(CoreCrashed, match="index exploded"), flatten_subgroups=True
     ):
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.run)

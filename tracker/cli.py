@@ -57,6 +57,7 @@ from tracker.config import (
 from tracker.errors import TrackerError
 from tracker.logs import configure_logging
 from tracker.server import serve
+from tracker.service import CoreCrashed
 
 __all__ = ["StartupError", "build_parser", "check_startup", "config_from", "main"]
 
@@ -461,7 +462,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"tracker: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        return _crashed(group)
+    except CoreCrashed as exc:
+        return _crashed(exc)
     return 0
+
+
+def _crashed(error: BaseException) -> int:
+    """Exit status 1 for a core crash (its traceback is already logged); else re-raise."""
+    if isinstance(error, BaseExceptionGroup):
+        crashed, rest = error.split(CoreCrashed)
+        if crashed is None or rest is not None:
+            raise error
+    print("tracker: stopped after a core task crashed (the log above says why)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from tracker.ingest import ingest_body
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping
 
-__all__ = ["Health", "Lifecycle", "Tracker"]
+__all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ STUCK_AFTER_TICKS = 5
 """The ticker counts as stuck once its last tick is this many ticks old..."""
 STUCK_AFTER_MIN_S = 2.0
 """...and at least this many seconds old (short test ticks must not flap)."""
+
+
+class CoreCrashed(Exception):
+    """A core task crashed; the cause is chained and was logged with its traceback.
+
+    Raised out of :meth:`Tracker.run` so that the front end can exit non-zero without
+    printing the same traceback a second time.
+    """
 
 
 class Lifecycle(enum.Enum):
@@ -138,10 +146,11 @@ class Tracker:
                 task_status.started()
                 await self._tick_forever()
         except BaseException as exc:
-            if not _is_cancellation(exc):
-                self.lifecycle = Lifecycle.FAILED
-                logger.critical("a core task crashed; the tracker stops", exc_info=exc)
-            raise
+            if _is_cancellation(exc):
+                raise
+            self.lifecycle = Lifecycle.FAILED
+            logger.critical("a core task crashed; the tracker stops", exc_info=exc)
+            raise CoreCrashed(f"a core task crashed: {exc!r}") from exc
 
     async def _tick_forever(self) -> None:
         """One tick every ``tick_s``; a late tick is not made up twice."""
