@@ -47,7 +47,6 @@ import logging
 import math
 import secrets
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -74,7 +73,7 @@ from tracker.busplan import (
     shards_of,
     to_bus_ping,
 )
-from tracker.config import TrackerConfig
+from tracker.config import TrackerConfig, without_password
 from tracker.geoindex import GeoIndex
 from tracker.logs import Episode
 from tracker.metrics import Metrics
@@ -236,7 +235,7 @@ class RedisBus:
             connect_timeout=self._timeout,
             retry_policy=NoRetryPolicy(),  # we retry, with backoff and a log line
         )
-        self._url = _redacted(url)
+        self._url = without_password(url)
         self._index = index
         self._metrics = metrics
         self._config = config
@@ -523,11 +522,7 @@ class RedisBus:
                     continue
                 if wire.ts < horizon:
                     dead.append(vehicle_id)
-                elif (ping := accept_bus_ping(wire, now, self._config)) is None:
-                    self._metrics.bus_bad_pings += 1
-                else:
-                    if self._index.apply(ping, now):
-                        self._latest.taken((ping,))
+                elif self._apply(wire, now):
                     self._metrics.bus_loaded_pings += 1
             if dead:
                 await self._redis("HDEL", partial(self._client.hdel, key, dead))
@@ -596,13 +591,18 @@ class RedisBus:
             self._metrics.bus_newer_messages += 1
         now = time.time()
         for wire in message.pings:
-            ping = accept_bus_ping(wire, now, self._config)
-            if ping is None:
-                self._metrics.bus_bad_pings += 1
-                continue
-            if self._index.apply(ping, now):
-                self._latest.taken((ping,))
-            self._metrics.bus_received_pings += 1
+            if self._apply(wire, now):
+                self._metrics.bus_received_pings += 1
+
+    def _apply(self, wire: BusPing, now: float) -> bool:
+        """Apply a ping that came through Redis, if ``/ingest`` would take it (else counted)."""
+        ping = accept_bus_ping(wire, now, self._config)
+        if ping is None:
+            self._metrics.bus_bad_pings += 1
+            return False
+        if self._index.apply(ping, now):
+            self._latest.taken((ping,))
+        return True
 
 
 def _channel(shard: int) -> str:
@@ -626,12 +626,3 @@ def _parse_shard(value: object) -> int | None:
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     first: BaseException = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _redacted(url: str) -> str:
-    """The bus URL without its password, for logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

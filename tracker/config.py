@@ -33,6 +33,7 @@ __all__ = [
     "env_name",
     "flag",
     "load_config",
+    "without_password",
 ]
 
 KIB = 1024
@@ -251,7 +252,7 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise _bad(
                 "bus",
                 "must be empty (one instance) or redis://[:password@]host[:port][/db], "
-                f"rediss://... or unix://path; {_without_password(self.bus)!r}: {problem}",
+                f"rediss://... or unix://path; {without_password(self.bus)!r}: {problem}",
             )
         if self.bus_shard_resolution > self.h3_resolution:
             raise _bad(
@@ -326,12 +327,12 @@ def config_summary(config: TrackerConfig) -> dict[str, Any]:
         if name in SECRET_FIELDS:
             value = len(_split(value))
         elif name == "bus":
-            value = _without_password(value)
+            value = without_password(value)
         summary[name] = value
     return summary
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     """A URL with any password in it replaced by ``***``."""
     try:
         parts = urllib.parse.urlsplit(url)

@@ -15,8 +15,9 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
   * PayloadTooLarge (413)
   * UnsupportedMediaType (415)
   * NothingAccepted (422) -- every ping in a batch was rejected
-  * TooManyRequests (429) -- too many open feeds, or ingest over the key's rate
-  * ServiceBusy (503) -- too many request bodies being read at once
+  * RetryLater -- a limit that frees up with time; carries ``Retry-After``
+    * TooManyRequests (429) -- too many open feeds, or ingest over the key's rate
+    * ServiceBusy (503) -- too many request bodies being read at once
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "NothingAccepted",
     "PayloadTooLarge",
     "RequestTimeout",
+    "RetryLater",
     "ServiceBusy",
     "TooManyRequests",
     "TrackerError",
@@ -125,11 +127,8 @@ class ForbiddenOrigin(TrackerError):
     code = "forbidden_origin"
 
 
-class TooManyRequests(TrackerError):
-    """Over a limit that frees up with time: open feeds, or the ingest rate of a key."""
-
-    status = 429
-    code = "too_many_requests"
+class RetryLater(TrackerError):
+    """A refusal that time undoes: the body and ``Retry-After`` say when to try again."""
 
     def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **details)
@@ -137,6 +136,13 @@ class TooManyRequests(TrackerError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class TooManyRequests(RetryLater):
+    """Over a limit that frees up with time: open feeds, or the ingest rate of a key."""
+
+    status = 429
+    code = "too_many_requests"
 
 
 class RequestTimeout(TrackerError):
@@ -146,15 +152,8 @@ class RequestTimeout(TrackerError):
     code = "request_timeout"
 
 
-class ServiceBusy(TrackerError):
+class ServiceBusy(RetryLater):
     """A capacity of the whole service is in use (``max_body_reads``); retry shortly."""
 
     status = 503
     code = "busy"
-
-    def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
-        super().__init__(message, retry_after_s=retry_after_s, **details)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}

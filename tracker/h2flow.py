@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import h2.errors
@@ -106,9 +107,8 @@ class BoundedStreamBuffer:
         self._progress.set()
         self._progress = trio.Event()
 
-    async def _wait_until(self, done: object) -> None:
+    async def _wait_until(self, done: Callable[[], bool]) -> None:
         """Sleep until ``done()``, or raise StreamStalled after a write timeout without progress."""
-        assert callable(done)
         while not (done() or self._closed):
             progress = self._progress
             with trio.move_on_after(self._write_timeout_s):
