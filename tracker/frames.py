@@ -70,10 +70,7 @@ def encode_tick(changes: TickChanges) -> TickFrames:
 
 def pack_tick(changes: TickChanges) -> dict[int, PackedPositions]:
     """Pack every position of the tick in one go, then hand each cell its slice."""
-    moving = sorted(
-        ((cell, c) for cell, c in changes.cells.items() if len(c.positions.vid)),
-        key=lambda item: item[0],
-    )
+    moving = [(cell, c) for cell, c in changes.cells.items() if len(c.positions.vid)]
     if not moving:
         return {}
     counts = [len(change.positions.vid) for _, change in moving]
