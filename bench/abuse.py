@@ -43,7 +43,7 @@ import httpx
 import msgspec
 import trio
 
-from bench.common import INGEST_HEADERS, UNLIMITED, rss_bytes
+from bench.common import INGEST_HEADERS, UNLIMITED, rss_bytes, serving_url
 
 BBOX = "13.30,52.48,13.50,52.56"
 MIB = 1024 * 1024
@@ -61,12 +61,7 @@ async def start_server(*options: str, nofile: int | None = None) -> tuple[trio.P
     process = await trio.lowlevel.open_process(
         command, stdout=subprocess.PIPE, stderr=STDERR, preexec_fn=limit_files
     )
-    assert process.stdout is not None
-    output = b""
-    with trio.fail_after(20):
-        while b"Ctrl-C" not in output:
-            output += await process.stdout.receive_some()
-    url = next(word for word in output.decode().split() if word.startswith("http://"))
+    url = await serving_url(process)
     return process, url.split("/feed")[0].rstrip("/")
 
 

@@ -55,13 +55,17 @@ async def start_tracker(
         trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False
     )
     process: trio.Process = await nursery.start(run)
+    return process, await serving_url(process)
+
+
+async def serving_url(process: trio.Process) -> str:
+    """The first URL a starting tracker prints, once it says it serves (20 s at most)."""
     assert process.stdout is not None
     output = b""
     with trio.fail_after(20):
         while b"Ctrl-C" not in output:
             output += await process.stdout.receive_some()
-    url = next(word for word in output.decode().split() if word.startswith("http://"))
-    return process, url
+    return next(word for word in output.decode().split() if word.startswith("http://"))
 
 
 def viewport(rng: random.Random, smallest_km: float = 2.0, largest_km: float = 12.0) -> str:
