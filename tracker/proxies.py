@@ -111,6 +111,12 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str:
 
 def _address(hop: str) -> str | None:
     """The IP address in an ``X-Forwarded-For`` entry (ports and brackets allowed), or None."""
+    ip = _ip(hop)
+    return None if ip is None else str(ip)
+
+
+def _ip(hop: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """:func:`_address`, parsed (IPv4-mapped IPv6 as IPv4)."""
     hop = hop.strip().strip('"')
     if hop.startswith("["):  # [v6] or [v6]:port
         hop = hop[1:].partition("]")[0]
@@ -121,13 +127,10 @@ def _address(hop: str) -> str | None:
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
+        return address.ipv4_mapped
+    return address
 
 
 def _is_trusted(peer: str, trusted: Sequence[Network]) -> bool:
-    address = _address(peer)
-    if address is None:
-        return False
-    ip = ipaddress.ip_address(address)
-    return any(ip.version == network.version and ip in network for network in trusted)
+    ip = _ip(peer)
+    return ip is not None and any(ip.version == n.version and ip in n for n in trusted)
