@@ -1,0 +1,108 @@
+"""What a history store is and what it returns, apart from any database.
+
+A store is synchronous (SQLite's and psycopg's APIs are), and is only ever called from
+worker threads by :mod:`tracker.history.writer`: writes from one dedicated thread, in
+order; queries from other threads, concurrently with writes. Each implementation keeps
+its own connections per thread.
+
+Units: ``ts`` in Unix seconds (kept to the millisecond), ``lat``/``lon`` in degrees,
+``speed`` in m/s and ``heading`` in degrees, NaN where the ping did not report one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from tracker.pings import Ping
+
+__all__ = ["AreaPage", "HistoryStore", "StoreError", "StoreStats", "Track"]
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (unreachable, corrupt, wrong schema version)."""
+
+
+class Track(NamedTuple):
+    """One vehicle's stored positions as columns, in time order."""
+
+    vehicle_id: str
+    ts: npt.NDArray[np.float64]
+    lat: npt.NDArray[np.float64]
+    lon: npt.NDArray[np.float64]
+    speed: npt.NDArray[np.float64]
+    heading: npt.NDArray[np.float64]
+
+    def __len__(self) -> int:
+        """The number of positions (not of fields)."""
+        return len(self.ts)
+
+
+class AreaPage(NamedTuple):
+    """One page of an area query: tracks ordered by vehicle id, each in time order.
+
+    ``cursor`` is None on the last page; otherwise pass it back as ``after`` to continue
+    exactly after the last position returned (a vehicle's track may span pages).
+    """
+
+    tracks: list[Track]
+    cursor: tuple[str, float] | None
+
+
+class StoreStats(NamedTuple):
+    """What ``/metrics`` and the benchmark report about a store."""
+
+    positions: int
+    bytes_on_disk: int
+
+
+class HistoryStore(Protocol):
+    """Where accepted pings are kept; see the module docstring for threads and units."""
+
+    resolution: int
+    """H3 resolution of the cells a store indexes chunks by (fixed when it was created)."""
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema to this version; refuses a newer one."""
+
+    def append(self, pings: Sequence[Ping]) -> None:
+        """Keep ``pings`` durably in one commit (returns once committed)."""
+
+    def compact(self, before: float) -> int:
+        """Regroup what was appended before ``before`` into track chunks; positions moved."""
+
+    def expire(self, before: float, *, limit: int) -> int:
+        """Delete at most ``limit`` chunks or batches entirely older than ``before``.
+
+        Small steps, each its own short transaction: the caller repeats until it returns 0,
+        so retention never holds a long lock.
+        """
+
+    def track(
+        self, vehicle_id: str, start: float, end: float, *, limit: int, after: float | None = None
+    ) -> Track:
+        """At most ``limit`` positions of one vehicle with ``start <= ts < end``.
+
+        With ``after``, only those with ``ts > after`` (the continuation of a page).
+        """
+
+    def area(
+        self,
+        cells: Collection[int],
+        start: float,
+        end: float,
+        *,
+        limit: int,
+        after: tuple[str, float] | None = None,
+    ) -> AreaPage:
+        """Positions with ``start <= ts < end`` whose cell (at :attr:`resolution`) is in
+        ``cells``, at most ``limit`` of them, grouped by vehicle."""
+
+    def stats(self) -> StoreStats:
+        """Positions kept and bytes on disk."""
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
