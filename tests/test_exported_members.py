@@ -10,10 +10,10 @@ import tracker
 
 
 def test_every_public_class_and_function_is_exported_and_nothing_else() -> None:
-    for module_info in pkgutil.iter_modules(tracker.__path__):
-        if module_info.name.startswith("_"):
+    for module_info in pkgutil.walk_packages(tracker.__path__, "tracker."):
+        if module_info.name.rpartition(".")[2].startswith("_"):
             continue
-        module = importlib.import_module(f"tracker.{module_info.name}")
+        module = importlib.import_module(module_info.name)
         exported = set(module.__all__)
         defined = {
             name

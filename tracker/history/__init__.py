@@ -11,3 +11,5 @@
 
 ``docs/history.md`` explains the layout, the durability contract and the choices.
 """
+
+__all__: list[str] = []
