@@ -19,6 +19,7 @@ from tracker.client import FeedView
 from tracker.config import TrackerConfig
 from tracker.errors import NothingAccepted, TooManyRequests
 from tracker.feed import SHUTDOWN_EVENT
+from tracker.pings import Ping
 from tracker.regions import parse_area
 from tracker.service import CoreCrashed, Lifecycle, Tracker
 
@@ -65,6 +66,20 @@ async def test_ingest_applies_and_replies_without_http() -> None:
     reply = tracker.ingest(_batch(("a", *BERLIN), ("b", 91.0, 0.0)), MSGPACK)
     assert (reply.accepted, reply.ignored, len(reply.rejected)) == (1, 0, 1)
     assert tracker.health().vehicles == 1
+
+
+async def test_ingest_pings_takes_decoded_pings_through_the_same_checks() -> None:
+    tracker = _tracker()
+    now = time.time()
+    good = Ping(vehicle_id="phone-1", lat=BERLIN[0], lon=BERLIN[1], ts=now - 1)
+    old = Ping(vehicle_id="phone-2", lat=BERLIN[0], lon=BERLIN[1], ts=now - 10 * 86_400)
+    reply = tracker.ingest_pings([good, old, None], now=now)
+    assert (reply.accepted, reply.ignored) == (1, 0)
+    assert [r.index for r in reply.rejected] == [1]
+    assert "older than" in reply.rejected[0].error
+    assert tracker.metrics.pings_rejected == 1
+    with pytest.raises(NothingAccepted):
+        tracker.ingest_pings([old], now=now)
 
 
 async def test_ingest_admit_refuses_the_whole_batch() -> None:

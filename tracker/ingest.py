@@ -8,7 +8,7 @@ in the index before the reply is sent, so nothing acknowledged is lost. Owns no 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -17,10 +17,18 @@ from tracker.config import TrackerConfig
 from tracker.errors import BadBody, NothingAccepted, PayloadTooLarge, UnsupportedMediaType
 from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
-from tracker.pings import IngestReply, Ping, TooManyPings, decode_pings
+from tracker.pings import IngestReply, Ping, Rejections, TooManyPings, decode_pings
 from tracker.wire import MAX_ABS_LAT
 
-__all__ = ["MEDIA_TYPES", "check_ping", "clamp_to", "ingest_body", "media_is_json"]
+__all__ = [
+    "MEDIA_TYPES",
+    "apply_pings",
+    "check_ping",
+    "clamp_to",
+    "decode_body",
+    "ingest_body",
+    "media_is_json",
+]
 
 MEDIA_TYPES = {
     "application/msgpack": False,
@@ -76,22 +84,13 @@ def media_is_json(content_type: str | None) -> bool:
     return MEDIA_TYPES[media]
 
 
-def ingest_body(
-    body: bytes,
-    content_type: str | None,
-    *,
-    index: GeoIndex,
-    config: TrackerConfig,
-    metrics: Metrics,
-    now: float,
-    admit: Callable[[int], None] = lambda pings: None,
-    accepted_pings: list[Ping] | None = None,
-) -> IngestReply:
-    """Decode, check and apply one batch; raise a TrackerError if nothing could be taken.
+def decode_body(
+    body: bytes, content_type: str | None, config: TrackerConfig
+) -> tuple[list[Ping | None], Rejections]:
+    """Decode one posted batch: its pings (None where one did not decode) and rejections.
 
-    ``admit(n)`` is asked before anything is applied and may refuse the batch by raising
-    (the ingest rate limit): a batch is taken whole or not at all. ``accepted_pings``, if
-    given, receives every ping applied (for the bus to forward).
+    Raises 415 for another media type, 413 beyond the byte or ping limit, and 400 for a
+    body that is not a msgpack/JSON array at all.
     """
     is_json = media_is_json(content_type)
     if len(body) > config.ingest_max_bytes:
@@ -100,12 +99,34 @@ def ingest_body(
             limit=config.ingest_max_bytes,
         )
     try:
-        pings, rejections = decode_pings(body, json=is_json, max_pings=config.ingest_max_pings)
+        return decode_pings(body, json=is_json, max_pings=config.ingest_max_pings)
     except msgspec.DecodeError as exc:
         kind = "JSON" if is_json else "msgpack"
         raise BadBody(f"body is not a {kind} array of pings: {exc}") from exc
     except TooManyPings as exc:
         raise PayloadTooLarge(str(exc), limit=exc.limit) from exc
+
+
+def apply_pings(
+    pings: Sequence[Ping | None],
+    rejections: Rejections,
+    *,
+    index: GeoIndex,
+    config: TrackerConfig,
+    metrics: Metrics,
+    now: float,
+    admit: Callable[[int], None] = lambda pings: None,
+    accepted_pings: list[Ping] | None = None,
+) -> IngestReply:
+    """Check and apply decoded pings; raise a TrackerError if nothing could be taken.
+
+    Every ingest path ends here (``/ingest`` batches and the device protocols alike), so
+    every ping meets the same checks, reasons and metrics. ``pings`` holds None where a
+    ping did not decode (its reason already in ``rejections``). ``admit(n)`` is asked
+    before anything is applied and may refuse the batch by raising (the ingest rate
+    limit): a batch is taken whole or not at all. ``accepted_pings``, if given, receives
+    every ping applied (for the bus to forward).
+    """
     admit(len(pings))
     accepted = ignored = 0
     for position, ping in enumerate(pings):
@@ -140,3 +161,28 @@ def ingest_body(
             **cut,
         )
     return reply
+
+
+def ingest_body(
+    body: bytes,
+    content_type: str | None,
+    *,
+    index: GeoIndex,
+    config: TrackerConfig,
+    metrics: Metrics,
+    now: float,
+    admit: Callable[[int], None] = lambda pings: None,
+    accepted_pings: list[Ping] | None = None,
+) -> IngestReply:
+    """Decode, check and apply one batch: :func:`decode_body`, then :func:`apply_pings`."""
+    pings, rejections = decode_body(body, content_type, config)
+    return apply_pings(
+        pings,
+        rejections,
+        index=index,
+        config=config,
+        metrics=metrics,
+        now=now,
+        admit=admit,
+        accepted_pings=accepted_pings,
+    )

@@ -4,7 +4,8 @@
 thing a front end talks to (``tracker.app`` maps HTTP onto it; a test or a benchmark can
 drive it without any server):
 
-* :meth:`Tracker.ingest` decodes, checks and applies a batch, and hands it to the bus;
+* :meth:`Tracker.ingest` decodes a posted batch, and :meth:`Tracker.ingest_pings` checks
+  and applies decoded pings (any protocol's) and hands them to the bus;
 * :meth:`Tracker.open_feed` opens one feed: the bus watches its area, the hub subscribes
   it, and it yields the encoded SSE chunks; leaving the block undoes all three;
 * :meth:`Tracker.health` and :attr:`Tracker.ready` say whether it can do its job;
@@ -22,7 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import msgspec
@@ -34,9 +35,9 @@ from tracker.feed import feed_events
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
 from tracker.hub import FeedHub
-from tracker.ingest import ingest_body
+from tracker.ingest import apply_pings, decode_body
 from tracker.metrics import Metrics
-from tracker.pings import IngestReply, Ping
+from tracker.pings import IngestReply, Ping, Rejections
 
 __all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker"]
 
@@ -189,16 +190,35 @@ class Tracker:
         admit: Callable[[int], None] = _admit_all,
         now: float | None = None,
     ) -> IngestReply:
-        """Decode, check and apply one posted batch, and forward what was taken to the bus.
+        """Decode one posted batch, then take it as :meth:`ingest_pings` does.
 
-        ``admit(n)`` may refuse the batch by raising (a rate limit) before anything is
-        applied. Raises a :class:`~tracker.errors.TrackerError` when the batch is refused
-        or nothing in it could be taken; accepted pings are in the index on return.
+        Raises a :class:`~tracker.errors.TrackerError` when the body does not decode.
+        """
+        pings, rejections = decode_body(body, content_type, self.config)
+        return self.ingest_pings(pings, rejections=rejections, admit=admit, now=now)
+
+    def ingest_pings(
+        self,
+        pings: Sequence[Ping | None],
+        *,
+        rejections: Rejections | None = None,
+        admit: Callable[[int], None] = _admit_all,
+        now: float | None = None,
+    ) -> IngestReply:
+        """Check and apply decoded pings, and forward what was taken to the bus.
+
+        The one way in for pings, whoever decoded them (``/ingest``, the device
+        protocols, GTFS-realtime feeds): the same checks, reasons and metrics for all.
+        ``pings`` may hold None for one that did not decode (its reason in
+        ``rejections``). ``admit(n)`` may refuse the batch by raising (a rate limit)
+        before anything is applied. Raises a :class:`~tracker.errors.TrackerError` when
+        the batch is refused or nothing in it could be taken; accepted pings are in the
+        index on return.
         """
         forwarded: list[Ping] | None = [] if self.bus.forwards else None
-        reply = ingest_body(
-            body,
-            content_type,
+        reply = apply_pings(
+            pings,
+            rejections if rejections is not None else Rejections(),
             index=self.index,
             config=self.config,
             metrics=self.metrics,
