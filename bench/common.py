@@ -37,8 +37,10 @@ INGEST_KEY = "bench-ingest-key"
 INGEST_HEADERS = {"Content-Type": "application/msgpack", "X-Ingest-Key": INGEST_KEY}
 UNLIMITED = ["--open", "--ingest-keys", INGEST_KEY]
 UNLIMITED += ["--ingest-rate-per-key", "0", "--max-streams-per-address", "0"]
+UNLIMITED += ["--history", "off"]
 """Options of benchmarked trackers: feeds open, a known ingest key, and no limits, which
-are there to stop abuse and would otherwise cap what a benchmark measures."""
+are there to stop abuse and would otherwise cap what a benchmark measures; no history
+unless a benchmark passes ``--history`` (a later option wins)."""
 
 
 async def start_tracker(

@@ -31,10 +31,12 @@ FAST: dict[str, Any] = {
     "shutdown_grace_s": 0.5,
     "open_feeds": True,
     "ingest_keys": "test-ingest-key",
+    "history": "",
 }
 """Config of test servers: short ticks so tests wait milliseconds, not seconds; feeds open
 to anonymous readers and one known ingest key, so that tests of other features need no
-credentials (tests/test_auth.py and friends exercise the secure default)."""
+credentials (tests/test_auth.py and friends exercise the secure default). No history:
+a test that wants it passes ``history=str(tmp_path / "history.sqlite3")``."""
 
 INGEST_KEY = {"X-Ingest-Key": "test-ingest-key"}
 

@@ -24,6 +24,10 @@ import trio
 READY = b"press Ctrl-C"
 """What every long-running ``tracker`` command prints once it is serving."""
 
+QUIET_ENV = {"TRACKER_HISTORY": "off"}
+"""What child trackers get unless a test says otherwise: no history file in the working
+directory (``serve`` and ``demo`` keep one by default); pass ``--history PATH``."""
+
 CHUNK = 65536
 
 
@@ -40,7 +44,7 @@ class TrackerChild:
             [sys.executable, "-m", "tracker", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **QUIET_ENV, **(env or {})},
         )
         assert self.process.stdout is not None
         self._stdout = self.process.stdout
@@ -140,7 +144,7 @@ def run_tracker(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **QUIET_ENV, **(env or {})},
         check=False,
     )
 

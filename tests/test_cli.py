@@ -13,8 +13,8 @@ import jwt
 import pytest
 
 from tests.processes import run_tracker, tracker_process
-from tracker.cli import build_parser, config_from, main
-from tracker.config import ConfigError, TrackerConfig
+from tracker.cli import build_parser, command_environ, config_from, main
+from tracker.config import DEFAULT_HISTORY, ConfigError, TrackerConfig, config_summary
 
 
 def test_serve_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,6 +47,61 @@ def test_config_from_flags_over_environment_over_defaults() -> None:
 def test_config_from_rejects_bad_values(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         config_from(build_parser().parse_args(["serve"]), env)
+
+
+def test_config_from_takes_durations_for_every_seconds_option() -> None:
+    args = build_parser().parse_args(["serve", "--history-retention", "30d", "--tick", "0.5"])
+    config = config_from(args, {"TRACKER_STALE_AFTER_S": "2m", "TRACKER_REMOVE_AFTER_S": "1h"})
+    assert config.history_retention_s == 30 * 86_400 and config.tick_s == 0.5
+    assert (config.stale_after_s, config.remove_after_s) == (120, 3600)
+
+
+@pytest.mark.parametrize("value", ["soon", "-1d", "0", "1e999", "12x"])
+def test_config_from_explains_a_bad_duration(value: str) -> None:
+    args = build_parser().parse_args(["serve", f"--history-retention={value}"])
+    with pytest.raises(ConfigError, match=r"^--history-retention .*TRACKER_HISTORY_RETENTION_S"):
+        config_from(args, {})
+
+
+def test_history_is_a_local_file_for_serve_and_demo_and_off_elsewhere() -> None:
+    for command in ("serve", "demo"):
+        args = build_parser().parse_args([command])
+        config = config_from(args, command_environ(command, {}))
+        assert config.history_target == DEFAULT_HISTORY
+        off = config_from(args, command_environ(command, {"TRACKER_HISTORY": "off"}))
+        assert off.history_target == ""
+    assert TrackerConfig().history_target == ""
+    assert "TRACKER_VEHICLES" not in command_environ("serve", {})
+
+
+@pytest.mark.parametrize(
+    "value", ["history.sqlite3", "sqlite:/tmp/h.db", "postgresql://u:pw@db:5432/t", " OFF "]
+)
+def test_history_takes_a_path_or_a_postgresql_url(value: str) -> None:
+    assert TrackerConfig(history=value).history_target == ("" if "OFF" in value else value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "sqlite:",
+        "redis://u:hunter2@h/0",
+        "postgresql://u:hunter2@h:99999/db",
+        "postgresql://u:hunter2@h",
+        "a\0b",
+    ],
+)
+def test_history_explains_a_bad_value_in_one_line_without_the_password(value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        TrackerConfig(history=value)
+    message = str(raised.value)
+    assert message.startswith("--history must be") and "(TRACKER_HISTORY)" in message
+    assert "hunter2" not in message and "\n" not in message
+
+
+def test_config_summary_hides_the_history_password() -> None:
+    summary = config_summary(TrackerConfig(history="postgresql://u:hunter2@h/db"))
+    assert summary["history"] == "postgresql://u:***@h/db"
 
 
 async def test_tracker_serve_is_secure_by_default_and_stops_cleanly_on_sigint() -> None:

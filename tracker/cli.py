@@ -26,7 +26,6 @@ import errno
 import gc
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -44,6 +43,7 @@ from simulator.sender import SendConfig, Sender
 from tracker.auth import Keyring, new_secret
 from tracker.config import (
     BOOLEAN_WORDS,
+    DEFAULT_HISTORY,
     ENV_PREFIX,
     ConfigError,
     LogConfig,
@@ -53,16 +53,27 @@ from tracker.config import (
     env_name,
     flag,
     load_config,
+    parse_duration,
 )
 from tracker.errors import TrackerError
 from tracker.logs import configure_logging
 from tracker.server import serve
 from tracker.service import CoreCrashed
 
-__all__ = ["StartupError", "build_parser", "check_startup", "config_from", "main"]
+__all__ = [
+    "StartupError",
+    "build_parser",
+    "check_startup",
+    "command_environ",
+    "config_from",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
+SERVICE_DEFAULTS = {"HISTORY": DEFAULT_HISTORY}
+"""What ``serve`` and ``demo`` change from the defaults: history kept in a local file (the
+config's own default, history off, is for a tracker embedded in tests and benchmarks)."""
 DEMO_DEFAULTS = {"VEHICLES": "2000", "OPEN_FEEDS": "true", "CORS_ORIGINS": "*"}
 """What ``demo`` changes from the defaults: a fleet to look at, readable by any page."""
 ADMIN_TOKEN_TTL_S = 7 * 86_400
@@ -102,6 +113,8 @@ def _add_options(
         help_text = f"{description} [env {env_name(name)}{accepted}; default {default!r}]"
         if kind is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const=True, help=help_text)
+        elif kind is float and name.endswith("_s"):  # seconds, or a duration: config parses it
+            parser.add_argument(*flags, dest=name, metavar="SECONDS", help=help_text)
         else:
             parser.add_argument(
                 *flags, dest=name, type=kind, metavar=kind.__name__.upper(), help=help_text
@@ -401,15 +414,15 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-_TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
-
-
 def _parse_ttl(text: str) -> float:
-    """Seconds in ``90``, ``90s``, ``30m``, ``1h`` or ``7d``."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match or float(match[1]) <= 0:
+    """Seconds in ``90``, ``90s``, ``30m``, ``1h`` or ``7d`` (more than zero)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
         raise ConfigError(f"ttl {text!r} is not a duration like 90s, 30m, 1h or 7d")
-    return float(match[1]) * _TTL_UNITS[match[2]]
+    return seconds
 
 
 def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
@@ -433,6 +446,13 @@ def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     print(f'iframe: <iframe src="{base}/embed?{query}token={token}" width="600" height="400">')
 
 
+def command_environ(command: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` over the defaults of ``command`` (:data:`SERVICE_DEFAULTS` for serve and
+    demo, :data:`DEMO_DEFAULTS` too for demo), as ``TRACKER_*`` variables."""
+    defaults = {"serve": SERVICE_DEFAULTS, "demo": SERVICE_DEFAULTS | DEMO_DEFAULTS}
+    return {ENV_PREFIX + k: v for k, v in defaults.get(command, {}).items()} | dict(environ)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tracker`` console script."""
     args = build_parser().parse_args(argv)
@@ -441,15 +461,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "token":
             logs = _struct_from(LogConfig, args, os.environ)
             configure_logging(level=logs.log_level, log_format=logs.log_format)
+        environ = command_environ(args.command, os.environ)
         if args.command == "serve":
-            _run_service(config_from(args, os.environ), _serve_until_signalled)
+            _run_service(config_from(args, environ), _serve_until_signalled)
         elif args.command == "simulate":
             fleet = _struct_from(FleetConfig, args, os.environ)
             trio.run(_simulate_until_signalled, fleet, _struct_from(SendConfig, args, os.environ))
         elif args.command == "token":
             _mint(args, os.environ)
         else:
-            environ = {ENV_PREFIX + k: v for k, v in DEMO_DEFAULTS.items()} | dict(os.environ)
             _run_service(
                 config_from(args, environ),
                 _demo,

@@ -33,11 +33,15 @@ __all__ = [
     "env_name",
     "flag",
     "load_config",
+    "parse_duration",
     "without_password",
 ]
 
 KIB = 1024
 MIB = 1024 * KIB
+DAY_S = 86_400.0
+DEFAULT_HISTORY: Final = "tracker-data/history.sqlite3"
+"""Where ``tracker serve`` and ``tracker demo`` keep history unless told otherwise."""
 
 
 def describe(description: str, **bounds: float) -> msgspec.Meta:
@@ -242,6 +246,40 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         str,
         describe("Who may put /embed in a frame: a CSP frame-ancestors source list."),
     ] = "*"
+    history: Annotated[
+        str,
+        describe(
+            "Where every accepted ping is kept: empty or 'off' for nowhere; a file path "
+            "(or sqlite:PATH) for the embedded store; postgresql://user@host/db for a "
+            "database that several instances share. tracker serve and demo default to "
+            f"{DEFAULT_HISTORY}."
+        ),
+    ] = ""
+    history_retention_s: Annotated[
+        float,
+        describe(
+            "How long history is kept (seconds, or a duration: 12h, 30d); older positions "
+            "are deleted in small steps.",
+            gt=0,
+        ),
+    ] = 30 * DAY_S
+    history_commit_s: Annotated[
+        float,
+        describe(
+            "Seconds between history commits: after a crash, at most the acknowledged pings "
+            "of the last interval (and of the commit under way) are missing.",
+            gt=0,
+            le=60,
+        ),
+    ] = 1.0
+    history_queue_pings: Annotated[
+        int,
+        describe(
+            "Accepted pings waiting to be written to history, at most; beyond it ingest "
+            "answers 503 with Retry-After (nothing acknowledged is dropped).",
+            ge=1,
+        ),
+    ] = 1_000_000
 
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:
@@ -253,6 +291,13 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 "bus",
                 "must be empty (one instance) or redis://[:password@]host[:port][/db], "
                 f"rediss://... or unix://path; {without_password(self.bus)!r}: {problem}",
+            )
+        if problem := _history_problem(self.history):
+            raise _bad(
+                "history",
+                "must be empty or 'off', a file path, sqlite:PATH or "
+                f"postgresql://[user[:password]@]host[:port]/db; "
+                f"{without_password(self.history)!r}: {problem}",
             )
         if self.bus_shard_resolution > self.h3_resolution:
             raise _bad(
@@ -292,6 +337,12 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         return lat, lon
 
     @property
+    def history_target(self) -> str:
+        """``history`` as a store URL or path; empty when history is off."""
+        target = self.history.strip()
+        return "" if target.lower() in HISTORY_OFF else target
+
+    @property
     def token_secret_list(self) -> list[str]:
         """``token_secrets`` split; the first one signs."""
         return _split(self.token_secrets)
@@ -314,6 +365,10 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 SECRET_FIELDS = ("token_secrets", "ingest_keys")
 """Fields never written to a log or an error message (only how many values they hold)."""
+URL_FIELDS = ("bus", "history")
+"""Fields that may hold a URL with a password: logged through :func:`without_password`."""
+HISTORY_OFF: Final = ("", "off")
+"""What ``history`` takes to keep no history."""
 
 
 def config_summary(config: TrackerConfig) -> dict[str, Any]:
@@ -326,7 +381,7 @@ def config_summary(config: TrackerConfig) -> dict[str, Any]:
             continue
         if name in SECRET_FIELDS:
             value = len(_split(value))
-        elif name == "bus":
+        elif name in URL_FIELDS:
             value = without_password(value)
         summary[name] = value
     return summary
@@ -429,16 +484,64 @@ def _bus_url_problem(url: str) -> str | None:
     return None
 
 
+def _history_problem(value: str) -> str | None:
+    """What is wrong with the form of a ``--history`` value (None: nothing)."""
+    target = value.strip()
+    if target.lower() in HISTORY_OFF:
+        return None
+    scheme = target.split(":", 1)[0].lower() if "://" in target else ""
+    if scheme in ("postgresql", "postgres"):
+        try:
+            parts = urllib.parse.urlsplit(target)
+            parts.port  # noqa: B018 -- parsing is the check
+        except ValueError as exc:
+            return str(exc)
+        return None if parts.path.strip("/") else "no database name"
+    if scheme:
+        return f"the scheme {scheme!r} is not postgresql (a file needs no scheme)"
+    path = target.removeprefix("sqlite:")
+    if not path.strip():
+        return "no file path"
+    if "\0" in path:
+        return "a NUL character in the file path"
+    return None
+
+
+_DURATION: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+_DURATION_UNITS_S: Final = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY_S}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``1.5``, ``90s``, ``30m``, ``12h`` or ``30d`` (ValueError if not)."""
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 12h or 30d")
+    return float(match[1]) * _DURATION_UNITS_S[match[2]]
+
+
+def _from_text(name: str, value: Any, booleans: set[str]) -> Any:
+    """A boolean word as a bool and a duration (``30d``) of a ``*_s`` field as seconds;
+    anything else unchanged (msgspec converts it, or says what is wrong)."""
+    if not isinstance(value, str):
+        return value
+    if name in booleans:
+        return BOOLEAN_WORDS.get(value.strip().lower(), value)
+    if name.endswith("_s"):
+        try:
+            return parse_duration(value)
+        except ValueError:
+            return value
+    return value
+
+
 def convert(struct: type[_S], values: Mapping[str, Any]) -> _S:
     """A config Struct from field values (strings are converted, as from the environment).
 
+    A ``*_s`` field (seconds) also takes a duration such as ``90s``, ``12h`` or ``30d``.
     Raises :class:`ConfigError` naming the flag and the variable of the first bad value.
     """
     booleans = _boolean_fields(struct)
-    values = {
-        k: BOOLEAN_WORDS.get(v.strip().lower(), v) if k in booleans and isinstance(v, str) else v
-        for k, v in values.items()
-    }
+    values = {k: _from_text(k, v, booleans) for k, v in values.items()}
     try:
         return msgspec.convert(values, struct, strict=False)
     except msgspec.ValidationError as exc:
