@@ -16,6 +16,7 @@ import msgspec
 import pytest
 import trio
 
+from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 from tracker.config import TrackerConfig
 from tracker.server import serve
@@ -123,6 +124,24 @@ def redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the whole session (initdb takes a second; databases are
+    what tests get: see :func:`postgres`)."""
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty database on the private PostgreSQL, for this test only."""
+    return postgres_server.create_database()
 
 
 def ping(vehicle_id: str, lat: float, lon: float, ts: float, **extra: Any) -> dict[str, Any]:
