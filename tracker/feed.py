@@ -19,14 +19,17 @@ import trio
 from tracker.hub import Batch, FeedHub, Frame, Resume, Subscription
 from tracker.metrics import Metrics
 
-__all__ = ["HEARTBEAT", "SHUTDOWN_EVENT", "feed_events", "render"]
+__all__ = ["HEARTBEAT", "SHUTDOWN_EVENT", "encode_event", "feed_events", "render", "sse_event"]
 
 HEARTBEAT = b": keep-alive\n\n"
 SHUTDOWN_EVENT = b"event: shutdown\ndata: server is restarting; reconnect\n\n"
 
 
-def _event(kind: bytes, event_id: str, data_lines: list[bytes]) -> bytes:
-    """One SSE event; ``data:`` lines are joined by the client with newlines."""
+def sse_event(kind: bytes, event_id: str, data_lines: list[bytes]) -> bytes:
+    """One SSE event; ``data:`` lines are joined by the client with newlines.
+
+    Also the control events of replays (their data is one JSON line).
+    """
     return b"".join(
         (
             b"event: ",
@@ -40,14 +43,21 @@ def _event(kind: bytes, event_id: str, data_lines: list[bytes]) -> bytes:
     )
 
 
-def _data_lines(frames: list[Frame], sub: Subscription, name_of: NameOf) -> list[bytes]:
-    """Binary feeds: one base64 frame per line. JSON feeds: one JSON array of frames."""
-    if sub.is_json:
-        return [b"[" + b",".join(f.json(name_of) for f in frames) + b"]"]
-    return [f.b64 for f in frames]
-
-
 NameOf = Callable[[int], str | None]
+
+
+def encode_event(
+    kind: bytes, event_id: str, frames: list[Frame], *, is_json: bool, name_of: NameOf
+) -> bytes:
+    """One ``snapshot`` or ``batch`` event of ``frames``: what live feeds and replays send.
+
+    Binary feeds: one base64 frame per ``data:`` line. JSON feeds: one JSON array of frames.
+    """
+    if is_json:
+        lines = [b"[" + b",".join(f.json(name_of) for f in frames) + b"]"]
+    else:
+        lines = [f.b64 for f in frames]
+    return sse_event(kind, event_id, lines)
 
 
 def render(resume: Resume, sub: Subscription, hub: FeedHub) -> bytes:
@@ -55,12 +65,15 @@ def render(resume: Resume, sub: Subscription, hub: FeedHub) -> bytes:
     name_of = hub.index.name_of
     if resume.snapshot is not None:
         event_id = hub.event_id(hub.index.tick, sub)
-        return _event(b"snapshot", event_id, _data_lines(resume.snapshot, sub, name_of))
+        return encode_event(
+            b"snapshot", event_id, resume.snapshot, is_json=sub.is_json, name_of=name_of
+        )
     return b"".join(_batch_event(batch, sub, hub, name_of) for batch in resume.batches)
 
 
 def _batch_event(batch: Batch, sub: Subscription, hub: FeedHub, name_of: NameOf) -> bytes:
-    return _event(b"batch", hub.event_id(batch.tick, sub), _data_lines(batch.frames, sub, name_of))
+    event_id = hub.event_id(batch.tick, sub)
+    return encode_event(b"batch", event_id, batch.frames, is_json=sub.is_json, name_of=name_of)
 
 
 async def feed_events(

@@ -34,6 +34,7 @@ __all__ = [
     "Resume",
     "Subscription",
     "SubscriptionStatistics",
+    "area_tag",
 ]
 
 
@@ -230,7 +231,7 @@ class FeedHub:
 
     def subscribe(self, cells: frozenset[int], *, is_json: bool) -> Subscription:
         """Register interest in ``cells``; every later tick touching them is queued."""
-        sub = Subscription(cells, is_json=is_json, tag=_area_tag(cells, is_json), hub=self)
+        sub = Subscription(cells, is_json=is_json, tag=area_tag(cells, is_json), hub=self)
         if self._closed:
             sub.close()  # shutdown began: it gets its first event, then the final one
         for cell in cells:
@@ -377,7 +378,7 @@ class FeedHub:
         return result
 
 
-def _area_tag(cells: frozenset[int], is_json: bool) -> str:
-    """A short stable hash of an area and format, for event ids."""
+def area_tag(cells: frozenset[int], is_json: bool) -> str:
+    """A short stable hash of an area and format, for event ids (live and replayed)."""
     digest = zlib.crc32(b"".join(c.to_bytes(8, "little") for c in sorted(cells)))
     return f"{digest ^ int(is_json):08x}"

@@ -108,6 +108,8 @@ class Tracker:
         self.hub = FeedHub(config, self.index, self.metrics)
         self.bus: Bus = bus or self._make_bus()
         self.lifecycle = Lifecycle.STARTING
+        self.stopping = trio.Event()
+        """Set once :meth:`shutdown` began: feeds not held by the hub (replays) end on it."""
         self._ticked = trio.Event()
         self._last_tick_at: float | None = None  # trio clock of the last tick (or of run())
         self.metrics.gauges.update(
@@ -307,6 +309,7 @@ class Tracker:
         """
         if self.lifecycle is not Lifecycle.FAILED:
             self.lifecycle = Lifecycle.STOPPING
+        self.stopping.set()
         self.hub.close_all()
 
 
