@@ -23,7 +23,14 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from tracker.auth import COOKIE, Grant, Keyring, check_ingest_key, check_session_origin
+from tracker.auth import (
+    COOKIE,
+    Keyring,
+    Readers,
+    bearer,
+    check_ingest_key,
+    check_session_origin,
+)
 from tracker.bodies import BodyReads
 from tracker.errors import (
     BadRequest,
@@ -74,20 +81,6 @@ def _error_response(body: Any, status: int, headers: dict[str, str]) -> Response
     return response
 
 
-def _bearer(authorization: str | None) -> str | None:
-    scheme, _, credentials = (authorization or "").partition(" ")
-    return credentials.strip() or None if scheme.lower() == "bearer" else None
-
-
-def _presented_token() -> str | None:
-    """A feed token from ``?token=``, ``Authorization: Bearer`` or the session cookie."""
-    return (
-        request.args.get("token")
-        or _bearer(request.headers.get("Authorization"))
-        or request.cookies.get(COOKIE)
-    )
-
-
 def create_app(tracker: Tracker) -> QuartTrio:
     """The ASGI app serving ``tracker``; run it with ``tracker.server.serve``."""
     config = tracker.config
@@ -95,6 +88,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = config.ingest_max_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # feeds are endless; see docs/architecture.md
     keyring = Keyring.for_config(config)
+    readers = Readers(keyring, open_feeds=config.open_feeds)
     slots = StreamSlots(
         per_token=config.max_streams_per_token,
         per_address=config.max_streams_per_address,
@@ -104,18 +98,6 @@ def create_app(tracker: Tracker) -> QuartTrio:
     refusals = Throttle(logger, interval_s=REFUSAL_LOG_INTERVAL_S)
     area_limiter = trio.CapacityLimiter(AREA_CONCURRENCY)
     body_reads = BodyReads(config, tracker.metrics)
-
-    def feed_grant() -> Grant | None:
-        """What the request's token allows; None for an anonymous reader of open feeds."""
-        token = _presented_token()
-        if token:
-            return keyring.grant(token)
-        if config.open_feeds:
-            return None
-        raise Unauthorized(
-            "this feed needs a token: ?token=, Authorization: Bearer, or the session "
-            "cookie (POST /session)"
-        )
 
     @app.errorhandler(TrackerError)
     async def tracker_error(error: TrackerError) -> Response:
@@ -161,7 +143,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
     async def feed() -> Response:
         if len(request.query_string) > MAX_QUERY_BYTES:
             raise BadRequest(f"the query is longer than {MAX_QUERY_BYTES} bytes")
-        grant = feed_grant()
+        grant = readers.grant(request)
         args = request.args.to_dict(flat=False)
         args.pop("token", None)
         fmt = args.pop("format", ["msgpack"])[-1]
@@ -202,7 +184,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
             host=request.headers.get("Host"),
             allowed=config.cors_origin_list,
         )
-        token = _bearer(request.headers.get("Authorization"))
+        token = bearer(request.headers.get("Authorization"))
         if token is None:
             token = _session_token(
                 await _small_body(body_reads, request.mimetype, SESSION_MAX_BYTES)

@@ -38,6 +38,7 @@ from typing import Any
 
 import jwt
 from jwt.utils import base64url_decode
+from quart import Request
 
 from tracker.config import TrackerConfig
 from tracker.errors import ForbiddenArea, ForbiddenOrigin, Unauthorized
@@ -47,6 +48,8 @@ __all__ = [
     "COOKIE",
     "Grant",
     "Keyring",
+    "Readers",
+    "bearer",
     "check_ingest_key",
     "check_session_origin",
     "new_secret",
@@ -176,6 +179,42 @@ class Keyring:
                 raise Unauthorized("the token is not valid: its exp is after the year 9999")
             return claims
         raise Unauthorized("the token's signature does not verify (forged, or its key retired)")
+
+
+class Readers:
+    """Who may read positions (feeds, history): a token's grant, or anyone if feeds are open.
+
+    One object per app, used by every route that reads positions, so that feeds and
+    history cannot come to disagree about who may see what.
+    """
+
+    def __init__(self, keyring: Keyring, *, open_feeds: bool) -> None:
+        self.keyring = keyring
+        self.open_feeds = open_feeds
+
+    def grant(self, request: Request) -> Grant | None:
+        """What ``request``'s token allows (401 if it does not verify); None for an
+        anonymous reader of open feeds. The token comes from ``?token=``,
+        ``Authorization: Bearer`` or the session cookie, in that order."""
+        token = (
+            request.args.get("token")
+            or bearer(request.headers.get("Authorization"))
+            or request.cookies.get(COOKIE)
+        )
+        if token:
+            return self.keyring.grant(token)
+        if self.open_feeds:
+            return None
+        raise Unauthorized(
+            "reading positions needs a token: ?token=, Authorization: Bearer, or the "
+            "session cookie (POST /session)"
+        )
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The credentials of an ``Authorization: Bearer`` header; None for any other scheme."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    return credentials.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _holder(token: str, claims: Mapping[str, Any]) -> str:
