@@ -3,6 +3,8 @@
 * :mod:`tracker.history.store` -- what a store is (:class:`HistoryStore`) and what it
   returns (:class:`Track`, :class:`AreaPage`), apart from any database;
 * :mod:`tracker.history.codec` -- the compressed track chunks both stores keep;
+* :mod:`tracker.history.layout` -- raw batches and chunks: compaction and query logic
+  that is the same in every store (grouping, merging, windows, area pages);
 * :mod:`tracker.history.sqlite` -- the embedded default (one local file);
 * :mod:`tracker.history.postgres` -- PostgreSQL, shared by several instances;
 * :mod:`tracker.history.writer` -- the Trio side: bounded queue, group commit, retention;
