@@ -32,6 +32,7 @@ from tracker.auth import (
     check_session_origin,
 )
 from tracker.bodies import BodyReads
+from tracker.devices.routes import add_device_routes
 from tracker.errors import (
     BadRequest,
     ForbiddenArea,
@@ -208,6 +209,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
         return response
 
     add_web_routes(app, config)
+    add_device_routes(app, tracker.devices, body_reads)
 
     @app.get("/healthz")
     async def healthz() -> Response:

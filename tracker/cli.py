@@ -55,6 +55,7 @@ from tracker.config import (
     load_config,
     parse_duration,
 )
+from tracker.devices.identity import Registry
 from tracker.errors import TrackerError
 from tracker.logs import configure_logging
 from tracker.server import serve
@@ -202,7 +203,8 @@ class StartupError(Exception):
 
 
 def check_startup(config: TrackerConfig) -> None:
-    """What can be checked before starting: the host resolves, TLS files load as a pair.
+    """What can be checked before starting: the host resolves, the devices file reads,
+    TLS files load as a pair.
 
     Raises :class:`ConfigError` naming the option, so that a typo ends in one line
     instead of a traceback from deep inside the server.
@@ -215,6 +217,7 @@ def check_startup(config: TrackerConfig) -> None:
             f"resolves ({env_name('host')}); 127.0.0.1 serves this machine only, 0.0.0.0 "
             "every interface"
         ) from None
+    Registry.for_config(config)  # the devices file reads and holds fleets
     if not config.certfile:
         return
     for name in ("certfile", "keyfile"):

@@ -281,6 +281,64 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         ),
     ] = 1_000_000
 
+    osmand_port: Annotated[
+        int,
+        describe(
+            "Also serve the OsmAnd protocol (Traccar Client, GPS units) on this port, at any "
+            "path, as Traccar does on 5055; 0: off (it is always at /osmand of --port).",
+            ge=0,
+            le=65535,
+        ),
+    ] = 0
+    devices_file: Annotated[
+        str,
+        describe(
+            "JSON file of device fleets and keys (docs/devices.md). Empty: one fleet whose "
+            "keys are the ingest keys and which registers devices on first sight."
+        ),
+    ] = ""
+    device_rate_per_s: Annotated[
+        float, describe("Pings per second one device may send (1 s of burst); 0: no limit.", ge=0)
+    ] = 20.0
+    device_max_registered: Annotated[
+        int, describe("Devices registered on first sight, at most (more: 403).", ge=0)
+    ] = 100_000
+    mqtt: Annotated[
+        str,
+        describe(
+            "Subscribe to OwnTracks on this MQTT broker: mqtt://[user:password@]host[:port]. "
+            "Empty: no MQTT."
+        ),
+    ] = ""
+    mqtt_topic: Annotated[
+        str, describe("MQTT topic filter; the device id is the topic's last two levels.")
+    ] = "owntracks/+/+"
+    mqtt_fleet: Annotated[
+        str,
+        describe("Fleet of MQTT devices (the broker authenticates them); empty: the default."),
+    ] = ""
+    mqtt_queue_max: Annotated[
+        int,
+        describe("MQTT messages waiting to be ingested; more are dropped (counted).", ge=1),
+    ] = 10_000
+    gtfs_rt: Annotated[
+        str,
+        describe(
+            "Comma-separated GTFS-realtime VehiclePositions feed URLs to poll, each as URL or "
+            "name=URL (vehicle ids become name:id; gtfs:id without a name)."
+        ),
+    ] = ""
+    gtfs_rt_interval_s: Annotated[
+        float,
+        describe("Seconds between polls of each GTFS-realtime feed (longer if it says so).", ge=1),
+    ] = 15.0
+    gtfs_rt_timeout_s: Annotated[
+        float, describe("Deadline of one GTFS-realtime fetch, body included.", gt=0, le=300)
+    ] = 10.0
+    gtfs_rt_max_bytes: Annotated[
+        int, describe("Largest GTFS-realtime feed body read; a larger one is refused.", ge=1024)
+    ] = 32 * MIB
+
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:
             raise _bad(
@@ -327,6 +385,14 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             self.trusted_proxy_list  # noqa: B018 -- parsing is the check
         except ValueError as exc:
             raise _bad("trusted_proxies", f"must be addresses or CIDR networks: {exc}") from None
+        if self.mqtt and (problem := _mqtt_url_problem(self.mqtt)):
+            raise _bad(
+                "mqtt",
+                f"must be mqtt://[user:password@]host[:port]; {without_password(self.mqtt)!r}: "
+                f"{problem}",
+            )
+        if self.osmand_port and self.osmand_port == self.port:
+            raise _bad("osmand_port", "must differ from --port", also=("port",))
         if any(c in self.frame_ancestors for c in ";,\r\n"):
             raise _bad("frame_ancestors", "is one CSP source list: no ';', ',' or newline")
 
@@ -365,7 +431,7 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 SECRET_FIELDS = ("token_secrets", "ingest_keys")
 """Fields never written to a log or an error message (only how many values they hold)."""
-URL_FIELDS = ("bus", "history")
+URL_FIELDS = ("bus", "history", "mqtt")
 """Fields that may hold a URL with a password: logged through :func:`without_password`."""
 HISTORY_OFF: Final = ("", "off")
 """What ``history`` takes to keep no history."""
@@ -458,6 +524,18 @@ def _bad(name: str, problem: str, *, also: tuple[str, ...] = (), got: Any = None
     variables = ", ".join(env_name(n) for n in (name, *also))
     shown = "" if got is None or name in SECRET_FIELDS else f"; got {str(got)!r}"
     return ConfigError(f"{flag(name)} {problem} ({variables}){shown}")
+
+
+def _mqtt_url_problem(url: str) -> str | None:
+    """What is wrong with the form of an ``--mqtt`` URL (None: nothing)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- parsing is the check
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme != "mqtt":
+        return f"the scheme {parts.scheme or '(none)'!r} is not mqtt"
+    return None if parts.hostname else "no host"
 
 
 def _bus_url_problem(url: str) -> str | None:

@@ -9,6 +9,8 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
     * BadBody (400) -- an ingest body that is not valid msgpack/JSON of the expected shape
     * BadLastEventId is not an error: a bad resume id falls back to a snapshot.
   * Unauthorized (401) -- no, a forged or an expired feed token; a missing or wrong ingest key
+    * DeviceUnauthorized (401) -- a device without a key or with a wrong one (Basic auth)
+  * UnknownDevice (403) -- a device id no fleet knows, and no fleet registers on first sight
   * ForbiddenArea (403) -- a feed asking for more than its token allows
   * ForbiddenOrigin (403) -- POST /session from a page of an origin that is not allowed
   * RequestTimeout (408) -- a request body that arrives too slowly
@@ -29,6 +31,7 @@ __all__ = [
     "BadArea",
     "BadBody",
     "BadRequest",
+    "DeviceUnauthorized",
     "ForbiddenArea",
     "ForbiddenOrigin",
     "NothingAccepted",
@@ -39,6 +42,7 @@ __all__ = [
     "TooManyRequests",
     "TrackerError",
     "Unauthorized",
+    "UnknownDevice",
     "UnsupportedMediaType",
 ]
 
@@ -111,6 +115,23 @@ class Unauthorized(TrackerError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="tracker"'}
+
+
+class DeviceUnauthorized(Unauthorized):
+    """A device (OsmAnd, OwnTracks) without its key, or with a wrong one.
+
+    Phone apps send credentials as ``?key=`` or Basic auth, so the challenge is Basic.
+    """
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="tracker devices"'}
+
+
+class UnknownDevice(TrackerError):
+    """A device id that no fleet knows, from a fleet that does not register on first sight."""
+
+    status = 403
+    code = "unknown_device"
 
 
 class ForbiddenArea(TrackerError):

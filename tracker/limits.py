@@ -81,10 +81,16 @@ async def held_while_streaming(
 
 
 class IngestRate:
-    """A token bucket per ingest key: ``rate`` pings per second, one second of burst."""
+    """A token bucket per key: ``rate`` pings per second, one second of burst.
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+    Keys are ingest keys, or devices (``what`` names them in the refusal).
+    """
+
+    def __init__(
+        self, rate: float, clock: Callable[[], float] = time.monotonic, *, what: str = "ingest key"
+    ) -> None:
         self._rate = rate
+        self._what = what
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
@@ -99,7 +105,7 @@ class IngestRate:
         if tokens < needed:
             self._buckets[key] = (tokens, now)
             raise TooManyRequests(
-                f"this ingest key may post {self._rate:.0f} pings per second; slow down",
+                f"this {self._what} may post {self._rate:g} pings per second; slow down",
                 retry_after_s=(needed - tokens) / self._rate,
                 limit_per_s=self._rate,
             )

@@ -51,7 +51,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["BUS_STATES", "CONTENT_TYPE", "FeedDepth", "Histogram", "Metrics"]
+__all__ = ["BUS_STATES", "CONTENT_TYPE", "FeedDepth", "Histogram", "Metrics", "SourceCounts"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 """Media type of :meth:`Metrics.render`'s output (the classic Prometheus text format)."""
@@ -117,6 +117,21 @@ class FeedDepth(Protocol):
         """Bytes (base64) waiting in its outbox."""
 
 
+class SourceCounts(Protocol):
+    """What one device source (a protocol, a feed) counts; read at scrape time."""
+
+    name: str
+    accepted: int
+    ignored: int
+    rejected: dict[str, int]  # reason code -> pings (a small fixed set of codes)
+    last_seen: float | None  # wall time of the last accepted ping
+    up: bool  # connected, or its last poll worked (listeners are always up)
+
+
+def _no_sources() -> Iterable[SourceCounts]:
+    return ()
+
+
 def _counter(help_text: str) -> Any:
     """A counter field; its help text is what /metrics shows."""
     return field(default=0, metadata={"help": help_text})
@@ -172,6 +187,7 @@ class Metrics:
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
     feeds: Callable[[], Iterable[FeedDepth]] = _no_feeds
     bus_state: Callable[[], str] = _local_bus
+    sources: Callable[[], Iterable[SourceCounts]] = _no_sources
     registry: CollectorRegistry = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -237,6 +253,7 @@ class _TrackerCollector(Collector):
         for known in dict.fromkeys([*BUS_STATES, state]):
             bus.add_metric([known], 1.0 if known == state else 0.0)
         yield bus
+        yield from _source_counts(list(m.sources()))
         for name, (help_text, read) in m.gauges.items():
             yield GaugeMetricFamily(f"tracker_{name}", help_text, read())
 
@@ -260,3 +277,37 @@ def _feed_depths(depths: list[FeedDepth]) -> Iterator[Metric]:
             buckets=spread.cumulative(),
             gsum_value=spread.sum,
         )
+
+
+def _source_counts(sources: list[SourceCounts]) -> Iterator[Metric]:
+    """Per device source: pings by outcome, rejections by reason, last seen, up."""
+    pings = CounterMetricFamily(
+        "tracker_device_pings",
+        "Pings from a device source by outcome (accepted, ignored, rejected).",
+        labels=["source", "outcome"],
+    )
+    rejected = CounterMetricFamily(
+        "tracker_device_rejected",
+        "Reports or pings a device source refused, by reason.",
+        labels=["source", "reason"],
+    )
+    seen = GaugeMetricFamily(
+        "tracker_device_last_seen_timestamp_seconds",
+        "When a device source last delivered an accepted ping (Unix time).",
+        labels=["source"],
+    )
+    up = GaugeMetricFamily(
+        "tracker_device_source_up",
+        "1 when a device source is connected or its last poll worked, else 0.",
+        labels=["source"],
+    )
+    for source in sources:
+        pings.add_metric([source.name, "accepted"], source.accepted)
+        pings.add_metric([source.name, "ignored"], source.ignored)
+        pings.add_metric([source.name, "rejected"], sum(source.rejected.values()))
+        for reason, count in source.rejected.items():
+            rejected.add_metric([source.name, reason], count)
+        if source.last_seen is not None:
+            seen.add_metric([source.name], source.last_seen)
+        up.add_metric([source.name], 1.0 if source.up else 0.0)
+    yield from (pings, rejected, seen, up)

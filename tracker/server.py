@@ -14,7 +14,9 @@ The HTTP server is Hypercorn's ``worker_serve`` (0.18) cut down to what we use (
 QUIC, one worker) and built from ``tracker.transport``'s connections, which add the
 connection cap, abortable writes, bounded HTTP/2 flow control and secured error
 responses. Its nurseries: ``lifespan_nursery`` (the ASGI lifespan), ``server_nursery``
-(one task per connection), ``accept_nursery`` (the accept loop, until shutdown).
+(one task per connection), ``accept_nursery`` (the accept loops, until shutdown): one for
+the main port and, with ``--osmand-port``, one for the OsmAnd listener, whose connections
+are the same but serve only ``/osmand`` (``tracker.devices.routes.OsmAndOnly``).
 
 Listening sockets get two options that every accepted connection inherits:
 
@@ -42,6 +44,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from tracker.app import create_app
 from tracker.config import TrackerConfig
+from tracker.devices.routes import OsmAndOnly
 from tracker.logs import AccessLog
 from tracker.proxies import TrustedProxies
 from tracker.service import Tracker
@@ -131,6 +134,7 @@ async def _serve_http(
     config = core.config
     transport = _TunedConfig(config, core.metrics)
     asgi = wrap_app(app, transport.wsgi_max_body_size, "asgi")
+    osmand_asgi = wrap_app(OsmAndOnly(app), transport.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(asgi, transport, lifespan_state)
     context = WorkerContext(None)
@@ -141,26 +145,35 @@ async def _serve_http(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
-            listeners, binds = _listeners(transport)
-            handler = functools.partial(
-                Connection,
-                asgi,
-                transport,
-                context,
-                ConnectionState(lifespan_state.copy()),
-                gate=gate,
-                aborts=aborts,
-            )
-            for bind in binds:  # as Hypercorn logs it (on the hypercorn.error logger)
-                await transport.log.info(f"Running on {bind} (CTRL + C to quit)")
-            task_status.started(binds)
+            served = [(asgi, *_listeners(transport))]
+            if config.osmand_port:  # the same connections, serving only /osmand
+                osmand = _TunedConfig(config, core.metrics, port=config.osmand_port)
+                served.append((osmand_asgi, *_listeners(osmand)))
+            for served_app, _, binds in served:
+                for bind in binds:  # as Hypercorn logs it (on the hypercorn.error logger)
+                    what = "OsmAnd protocol" if served_app is osmand_asgi else "Running"
+                    await transport.log.info(f"{what} on {bind} (CTRL + C to quit)")
+            task_status.started(served[0][2])
             try:
                 async with trio.open_nursery() as accept_nursery:
-                    accept_nursery.start_soon(
-                        functools.partial(
-                            trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                    for served_app, listeners, _ in served:
+                        handler = functools.partial(
+                            Connection,
+                            served_app,
+                            transport,
+                            context,
+                            ConnectionState(lifespan_state.copy()),
+                            gate=gate,
+                            aborts=aborts,
                         )
-                    )
+                        accept_nursery.start_soon(
+                            functools.partial(
+                                trio.serve_listeners,
+                                handler,
+                                listeners,
+                                handler_nursery=server_nursery,
+                            )
+                        )
                     await shutdown.wait()
                     core.shutdown()  # not ready; every feed sends its final event and ends
                     accept_nursery.cancel_scope.cancel()

@@ -12,7 +12,8 @@ drive it without any server):
 * :meth:`Tracker.shutdown` begins shutdown: every feed gets its final event.
 
 Tasks: :meth:`Tracker.run` (started by ``tracker.server.serve`` into its
-``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks and the ticker.
+``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks, the device
+sources (MQTT, GTFS-realtime feeds: ``tracker.devices.gateway``) and the ticker.
 It runs until its owner cancels it. It never swallows a crash: an exception from the
 ticker or a bus task is logged once and propagates, so the server goes down with it
 (non-zero exit) instead of answering requests with a dead core.
@@ -31,6 +32,7 @@ import trio
 
 from tracker.bus import Bus, LocalBus, RedisBus
 from tracker.config import TrackerConfig
+from tracker.devices.gateway import DeviceGateway
 from tracker.feed import feed_events
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
@@ -121,6 +123,8 @@ class Tracker:
         )
         self.metrics.feeds = self.hub.subscriptions  # read at scrape time, no record each
         self.metrics.bus_state = lambda: self.bus.state
+        self.devices = DeviceGateway(config, self.ingest_pings)
+        self.metrics.sources = self.devices.stats
 
     def _make_bus(self) -> Bus:
         if not self.config.bus:
@@ -146,6 +150,7 @@ class Tracker:
         try:
             async with trio.open_nursery() as tracker_nursery:
                 await tracker_nursery.start(self.bus.run)
+                await tracker_nursery.start(self.devices.run)
                 task_status.started()
                 await self._tick_forever()
         except BaseException as exc:
@@ -284,6 +289,7 @@ class Tracker:
         bus = self.bus.state
         if bus == "degraded":
             warnings.append("the bus is degraded: serving this instance's vehicles only")
+        warnings.extend(self.devices.warnings())
         return Health(
             status="ok" if not problems else "failing",
             problems=problems,

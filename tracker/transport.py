@@ -74,12 +74,12 @@ _MARKER = b"x-content-type-options"  # present on every response our app builds
 class TransportConfig(HypercornConfig):
     """Hypercorn's config, built from ours, and what our connections need from it."""
 
-    def __init__(self, config: TrackerConfig, metrics: Metrics) -> None:
+    def __init__(self, config: TrackerConfig, metrics: Metrics, *, port: int | None = None) -> None:
         super().__init__()
         self.tracker = config
         self.metrics = metrics
         host = f"[{config.host}]" if ":" in config.host else config.host
-        self.bind = [f"{host}:{config.port}"]
+        self.bind = [f"{host}:{config.port if port is None else port}"]
         self.graceful_timeout = config.shutdown_grace_s
         self.backlog = config.backlog
         self.keep_alive_timeout = config.idle_timeout_s  # also bounds the request-header phase
