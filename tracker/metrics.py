@@ -13,8 +13,9 @@ Each :class:`Metrics` has its own ``CollectorRegistry``, never the library's glo
 * ``tracker_*_total`` counters, ``tracker_<gauge>`` gauges (names that bench/ and the
   docs rely on), the ``tracker_tick_duration_seconds`` histogram and its
   ``tracker_tick_duration_max_seconds``;
-* histograms of ingest batch size (``tracker_ingest_batch_pings``) and ping-to-send delay
-  (``tracker_ping_delay_seconds``: from a ping's ``ts`` to the tick that publishes it);
+* histograms of ingest batch size (``tracker_ingest_batch_pings``), ping-to-send delay
+  (``tracker_ping_delay_seconds``: from a ping's ``ts`` to the tick that publishes it)
+  and history commit time (``tracker_history_commit_seconds``);
 * per-feed outbox depth as gauge histograms over the open feeds
   (``tracker_feed_outbox_batches``, ``tracker_feed_outbox_bytes``): one series per
   bucket, not per feed, so ten thousand feeds do not make ten thousand series;
@@ -62,6 +63,7 @@ BUS_STATES: Final = ("local", "connected", "degraded")
 TICK_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS: Final = (1, 10, 100, 1_000, 10_000, 50_000)  # pings; 50,000 is the default cap
 DELAY_BUCKETS_S: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+COMMIT_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OUTBOX_BATCH_BUCKETS: Final = (0, 1, 2, 5, 10, 20)  # outbox_max_ticks is 10 by default
 OUTBOX_BYTE_BUCKETS: Final = (0, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)
 
@@ -180,10 +182,20 @@ class Metrics:
     bus_republished_pings: int = _counter(
         "Vehicle positions published again after a Redis outage (Redis had none newer)."
     )
+    history_committed_pings: int = _counter("Pings committed to the history store.")
+    history_refused_pings: int = _counter(
+        "Pings refused with 503 because the history queue was full."
+    )
+    history_store_errors: int = _counter(
+        "History store calls that failed (commits are retried; nothing queued is dropped)."
+    )
+    history_compacted_positions: int = _counter("Positions regrouped into track chunks.")
+    history_expired: int = _counter("Chunks and batches deleted for being past retention.")
     tick_seconds_max: float = 0.0
     tick_seconds: Histogram = field(default_factory=lambda: Histogram(TICK_BUCKETS_S))
     batch_pings: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     ping_delay_s: Histogram = field(default_factory=lambda: Histogram(DELAY_BUCKETS_S))
+    history_commit_seconds: Histogram = field(default_factory=lambda: Histogram(COMMIT_BUCKETS_S))
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
     feeds: Callable[[], Iterable[FeedDepth]] = _no_feeds
     bus_state: Callable[[], str] = _local_bus
@@ -242,6 +254,11 @@ class _TrackerCollector(Collector):
             "From a ping's timestamp to the tick that published it (device clock, network, "
             "queueing and the tick interval together).",
             m.ping_delay_s,
+        )
+        yield _histogram(
+            "tracker_history_commit_seconds",
+            "Time of each history commit (in the writer thread).",
+            m.history_commit_seconds,
         )
         yield from _feed_depths(list(m.feeds()))
         state = m.bus_state()
