@@ -4,7 +4,7 @@
 //   import { FeedClient } from "/web/feed-client.js";
 //   const feed = new FeedClient("/feed?bbox=13.3,52.4,13.5,52.6&token=...");
 //   feed.onUpdate((changes, table) => draw(table.vehicles));
-//   feed.onState((state) => console.log(state)); // connecting | live | reconnecting | offline
+//   feed.onState((state) => console.log(state)); // connecting | live | reconnecting | offline | ended
 //
 // Browsers open at most six HTTP/1.1 connections per host, and an EventSource holds one
 // for good: ten tabs of the map would hang. So tabs elect a leader per feed URL with the
@@ -40,7 +40,7 @@ export class FeedClient {
     return this.#url;
   }
 
-  /** connecting | live | reconnecting | offline */
+  /** connecting | live | reconnecting | offline | ended (a replay's `end` event came) */
   get state() {
     return this.#state;
   }
@@ -94,6 +94,11 @@ export class FeedClient {
       source = new EventSource(this.#resumeUrl(url));
       for (const name of ["snapshot", "batch"]) source.addEventListener(name, onEvent);
       source.addEventListener("shutdown", () => this.#changeState("reconnecting", relay));
+      source.addEventListener("end", () => {
+        closed = true; // a replay is over: do not let EventSource reconnect
+        source.close();
+        this.#changeState("ended", relay);
+      });
       source.onopen = () => this.#changeState("live", relay);
       source.onerror = () => {
         if (source.readyState !== EventSource.CLOSED) {

@@ -3,6 +3,7 @@
 
 import { areaFromQuery, bboxQuery, boundsOf, cellsOf, cellToBoundary, estimatedCells } from "./area.js";
 import { FeedClient } from "./feed-client.js";
+import { installHistory } from "./history.js";
 
 const L = window.L;
 const embed = document.body.dataset.embed === "true";
@@ -108,6 +109,7 @@ map.on("click", (e) => {
     if (d < bestDistance) [best, bestDistance] = [v, d];
   }
   if (!best) return;
+  historyTools?.vehicleClicked(best);
   const age = Math.max(0, Date.now() / 1000 - best.ts);
   const rows = [
     ["vehicle", best.id],
@@ -132,8 +134,11 @@ let area = null;
 const cellLayer = L.layerGroup().addTo(map);
 const showCells = document.getElementById("show-cells");
 
+// Trails, day tracks and replay (web/history.js); the embed shows the live fleet only.
+const historyTools = embed ? null : installHistory({ map, token, area: () => area, resubscribe: subscribe });
+
 function feedUrl(query) {
-  const search = new URLSearchParams(query);
+  const search = new URLSearchParams({ ...query, ...historyTools?.feedParams() });
   if (token) search.set("token", token);
   return `/feed?${search}`;
 }
@@ -162,6 +167,7 @@ function startFeed(url) {
   feed.onUpdate(() => vehicleLayer.redraw());
   feed.onState(showState);
   showState(feed.state);
+  historyTools?.attach(feed);
 }
 
 function drawCells() {
@@ -232,4 +238,5 @@ window.trackerMap = {
     return area;
   },
   vehiclesInView,
+  history: historyTools,
 };
