@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from pathlib import Path
 
 import h3.api.basic_int as h3i
 import msgspec
@@ -27,6 +28,7 @@ from tracker.history.replay import (
     parse_replay,
 )
 from tracker.history.store import AreaPage, StoreError, Track
+from tracker.hub import area_tag
 from tracker.metrics import Metrics
 from tracker.pings import Ping
 from tracker.regions import parse_area
@@ -39,6 +41,8 @@ AREA = parse_area({"bbox": ["13.36,52.50,13.44,52.54"]}, resolution=7, max_cells
 
 class MemoryHistory:
     """A history in memory that pages area queries as a store does (by vehicle, then ts)."""
+
+    resolution = 7
 
     def __init__(self, pings: list[Ping], *, fail_after_reads: int | None = None) -> None:
         self.pings = sorted(pings, key=lambda p: (p.vehicle_id, p.ts))
@@ -119,7 +123,6 @@ def replays(history: MemoryHistory | None, **kwargs: object) -> Replays:
         CONFIG,
         Metrics(),
         retention_s=30 * DAY,
-        store_resolution=7,
         stopping=trio.Event(),
         **kwargs,  # type: ignore[arg-type]
     )
@@ -460,9 +463,7 @@ async def test_shutdown_ends_a_replay_with_the_shutdown_event(
     history = MemoryHistory(drive(start, minutes=5))
     request = parse_replay({"from": [str(start)]}, now=NOW, retention_s=DAY)
     stopping = trio.Event()
-    manager = Replays(
-        history, CONFIG, Metrics(), retention_s=DAY, store_resolution=7, stopping=stopping
-    )
+    manager = Replays(history, CONFIG, Metrics(), retention_s=DAY, stopping=stopping)
     stream = await manager.open(request, AREA, is_json=False, last_event_id=None)
     assert stream is not None
     chunks = [await stream.__anext__()]  # type: ignore[attr-defined]
@@ -470,3 +471,25 @@ async def test_shutdown_ends_a_replay_with_the_shutdown_event(
     async for chunk in stream:
         chunks.append(chunk)
     assert parse_events(b"".join(chunks))[-1].event == "shutdown"
+
+
+async def test_the_end_event_is_byte_for_byte_as_documented(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "wire-format.md").read_text()
+    documented = (
+        "event: end\nid: replay.1764015945000.9c1e22a7\n"
+        'data: {"reason":"finished","t":1764015945000}\n\n'
+    )
+    assert documented.rstrip() + "\n```" in doc
+    end = 1_764_015_945.0
+    history = MemoryHistory(drive(end - 30, minutes=1))
+    request = parse_replay(
+        {"from": [str(end - 10)], "to": [str(end)], "speed": ["100"]},
+        now=NOW + 3600,
+        retention_s=DAY,
+    )
+    stream = await replays(history).open(request, AREA, is_json=False, last_event_id=None)
+    assert stream is not None
+    played = await play(stream)
+    assert played.endswith(documented.replace("9c1e22a7", area_tag(AREA, False)).encode())

@@ -102,7 +102,12 @@ _json = msgspec.json.Encoder()
 
 
 class AreaReader(Protocol):
-    """What a replay reads: area pages of stored positions (``History.area``)."""
+    """What a replay reads: area pages of stored positions (``History``)."""
+
+    @property
+    def resolution(self) -> int:
+        """H3 resolution of the cells :meth:`area` takes."""
+        ...
 
     async def area(
         self,
@@ -234,7 +239,8 @@ class _Overflow(Exception):
     """A window held more than :data:`MAX_BUFFERED_ROWS` positions: read a shorter one."""
 
 
-_READ_ERRORS = (StoreError, trio.TooSlowError)
+_READ_ERRORS = (StoreError, ServiceBusy, trio.TooSlowError)
+"""What a failed store read raises (``History`` turns store errors and its deadline into 503)."""
 
 
 class Replay:
@@ -252,7 +258,6 @@ class Replay:
         *,
         config: TrackerConfig,
         is_json: bool,
-        store_resolution: int,
     ) -> None:
         self.request = request
         self.cells = cells
@@ -260,7 +265,7 @@ class Replay:
         self._reader = reader
         self._config = config
         self._is_json = is_json
-        self._query = _query_cells(cells, config.h3_resolution, store_resolution)
+        self._query = _query_cells(cells, config.h3_resolution, reader.resolution)
         self._tag = area_tag(cells, is_json)
         self._span = config.tick_s * request.speed
         self._index = GeoIndex(
@@ -463,7 +468,6 @@ class Replays:
         metrics: Metrics,
         *,
         retention_s: float,
-        store_resolution: int,
         stopping: trio.Event,
         limit: int = MAX_REPLAYS,
     ) -> None:
@@ -471,7 +475,6 @@ class Replays:
         self._config = config
         self._metrics = metrics
         self._retention_s = retention_s
-        self._store_resolution = store_resolution
         self._stopping = stopping
         self._limit = limit
         self._running: weakref.WeakSet[StreamSlot] = weakref.WeakSet()
@@ -509,7 +512,6 @@ class Replays:
             cells,
             config=self._config,
             is_json=is_json,
-            store_resolution=self._store_resolution,
         )
         at = replay.resume_at(last_event_id)
         if at is None:
@@ -523,7 +525,7 @@ class Replays:
         slot = StreamSlot([self._running])
         try:
             first = await replay.begin(at)
-        except _READ_ERRORS as exc:
+        except (StoreError, trio.TooSlowError) as exc:
             slot.release()
             logger.warning("a replay could not start: the history store failed: %r", exc)
             raise ServiceBusy("reading history failed; retry shortly", retry_after_s=5.0) from exc
