@@ -62,6 +62,8 @@ def test_check_window_takes_a_window_inside_the_retention() -> None:
         (NOW, NOW - 1, "must be before"),
         (NOW - 3 * DAY, NOW, "retention horizon"),
         (NOW - 1.5 * DAY, NOW, "longer than"),
+        (NOW - DAY / 2, NOW + 3 * DAY, "far future"),
+        (NOW - DAY / 2, NOW * 1000, "far future"),
     ],
 )
 def test_check_window_refuses_bad_windows(start: float, end: float, words: str) -> None:

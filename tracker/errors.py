@@ -13,6 +13,7 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
   * UnknownDevice (403) -- a device id no fleet knows, and no fleet registers on first sight
   * ForbiddenArea (403) -- a feed asking for more than its token allows
   * ForbiddenOrigin (403) -- POST /session from a page of an origin that is not allowed
+  * HistoryDisabled (404) -- a history route on a tracker that keeps no history
   * RequestTimeout (408) -- a request body that arrives too slowly
   * PayloadTooLarge (413)
   * UnsupportedMediaType (415)
@@ -34,6 +35,7 @@ __all__ = [
     "DeviceUnauthorized",
     "ForbiddenArea",
     "ForbiddenOrigin",
+    "HistoryDisabled",
     "NothingAccepted",
     "PayloadTooLarge",
     "RequestTimeout",
@@ -146,6 +148,18 @@ class ForbiddenOrigin(TrackerError):
 
     status = 403
     code = "forbidden_origin"
+
+
+class HistoryDisabled(TrackerError):
+    """A history route on a tracker started without ``--history``.
+
+    404, not 501 or 503: nothing is broken and nothing will change by retrying; the
+    resource does not exist on this tracker, and monitoring should not count it as a
+    server error.
+    """
+
+    status = 404
+    code = "history_disabled"
 
 
 class RetryLater(TrackerError):

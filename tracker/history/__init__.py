@@ -8,7 +8,9 @@
 * :mod:`tracker.history.sqlite` -- the embedded default (one local file);
 * :mod:`tracker.history.postgres` -- PostgreSQL, shared by several instances;
 * :mod:`tracker.history.writer` -- the Trio side: bounded queue, group commit, retention;
-* :mod:`tracker.history.routes` -- ``/vehicles/{id}/track`` and ``/history`` over HTTP;
+* :mod:`tracker.history.routes` -- ``/vehicles/{id}/track`` and ``/history`` over HTTP,
+  answering in :mod:`tracker.history.formats`, paged by :mod:`tracker.history.cursor`,
+  tracks simplified by :mod:`tracker.history.simplify`;
 * :mod:`tracker.history.replay` -- stored positions played back through a feed.
 
 ``docs/history.md`` explains the layout, the durability contract and the choices.
