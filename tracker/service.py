@@ -13,7 +13,7 @@ drive it without any server):
 
 Tasks: :meth:`Tracker.run` (started by ``tracker.server.serve`` into its
 ``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks, the device
-sources (MQTT, GTFS-realtime feeds: ``tracker.devices.gateway``) and the ticker.
+sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``) and the ticker.
 It runs until its owner cancels it. It never swallows a crash: an exception from the
 ticker or a bus task is logged once and propagates, so the server goes down with it
 (non-zero exit) instead of answering requests with a dead core.
@@ -33,6 +33,7 @@ import trio
 from tracker.bus import Bus, LocalBus, RedisBus
 from tracker.config import TrackerConfig
 from tracker.devices.gateway import DeviceGateway
+from tracker.devices.sources import run_sources
 from tracker.feed import feed_events
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
@@ -150,7 +151,7 @@ class Tracker:
         try:
             async with trio.open_nursery() as tracker_nursery:
                 await tracker_nursery.start(self.bus.run)
-                await tracker_nursery.start(self.devices.run)
+                await tracker_nursery.start(run_sources, self.devices)
                 task_status.started()
                 await self._tick_forever()
         except BaseException as exc:

@@ -10,10 +10,8 @@ A ping the core rejects (too old, out of range) is acknowledged all the same, wi
 reason in the reply and a count: the phone apps store and forward, and would resend a
 refused report forever, blocking every later one behind it.
 
-Tasks: :meth:`DeviceGateway.run` (started into the core's ``tracker_nursery``) owns
-``source_nursery``, holding the MQTT subscriber and one poller per GTFS-realtime feed,
-each running until cancelled. A broker or feed that goes away is retried by its task
-and shows in ``/healthz`` warnings; a crash (a bug) propagates and brings the core down.
+Owns no tasks: the sources that run on their own (MQTT, GTFS-realtime) are started by
+``tracker.devices.sources`` and call into the gateway.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
-import trio
 
 from tracker.config import TrackerConfig
 from tracker.devices.identity import Registry
@@ -142,9 +139,3 @@ class DeviceGateway:
         if reply.accepted:
             stats.last_seen = time.time()
         return reply
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the configured sources (MQTT, GTFS-realtime feeds) until cancelled."""
-        async with trio.open_nursery() as source_nursery:
-            task_status.started()
-            source_nursery.start_soon(trio.sleep_forever)
