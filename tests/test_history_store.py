@@ -1,6 +1,7 @@
 """What every history store does, whatever keeps it: one contract, run against each.
 
-Each test gets a new, migrated store: PostgreSQL in a new database on the private server
+Each test gets a new, migrated store: SQLite in a new file in the test's temporary
+directory, and PostgreSQL in a new database on the private server
 (tests/postgres_server.py). Store-specific behaviour (connections, files, several
 instances, migrations) is tested in each store's own module.
 """
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from tracker.history.postgres import PostgresStore
+from tracker.history.sqlite import SqliteStore
 from tracker.history.store import HistoryStore, Track
 from tracker.pings import Ping
 
@@ -28,10 +30,14 @@ FOREVER = 1e12
 """Far beyond any ping here."""
 
 
-@pytest.fixture(params=["postgres"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest) -> Iterator[HistoryStore]:
     """A new, migrated store of each kind."""
-    kept = PostgresStore(request.getfixturevalue("postgres"), resolution=RESOLUTION)
+    kept: HistoryStore
+    if request.param == "sqlite":
+        kept = SqliteStore(request.getfixturevalue("tmp_path") / "h.sqlite3", RESOLUTION)
+    else:
+        kept = PostgresStore(request.getfixturevalue("postgres"), resolution=RESOLUTION)
     kept.migrate()
     try:
         yield kept

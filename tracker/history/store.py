@@ -17,9 +17,10 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from tracker.config import without_password
 from tracker.pings import Ping
 
-__all__ = ["AreaPage", "HistoryStore", "StoreError", "StoreStats", "Track"]
+__all__ = ["AreaPage", "HistoryStore", "StoreError", "StoreStats", "Track", "open_store"]
 
 
 class StoreError(Exception):
@@ -106,3 +107,31 @@ class HistoryStore(Protocol):
 
     def close(self) -> None:
         """Close every connection this store opened."""
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(target: str, resolution: int = 7) -> HistoryStore:
+    """The store ``target`` names (``TrackerConfig.history_target``), not yet migrated.
+
+    ``postgresql://...`` (or ``postgres://``) is a :class:`~tracker.history.postgres.PostgresStore`;
+    ``sqlite:PATH`` or a bare file path a :class:`~tracker.history.sqlite.SqliteStore`.
+    Each is imported only when named, so an instance without PostgreSQL never loads its
+    driver. Nothing is opened yet (stores connect lazily, in the thread that uses them).
+    Raises ValueError for an empty target or another scheme, naming what is accepted.
+    """
+    stripped = target.strip()
+    if stripped.lower().startswith(POSTGRES_SCHEMES):
+        from tracker.history.postgres import PostgresStore
+
+        return PostgresStore(stripped, resolution)
+    path = stripped.removeprefix("sqlite:")
+    if "://" in stripped or not path.strip():
+        raise ValueError(
+            f"history target {without_password(target)!r} is neither postgresql://... "
+            "nor sqlite:PATH nor a file path"
+        )
+    from tracker.history.sqlite import SqliteStore
+
+    return SqliteStore(path, resolution)

@@ -1,0 +1,258 @@
+"""tracker.history.sqlite: the embedded store's files, threads, migrations and durability.
+
+What every store does is in tests/test_history_store.py; these are SQLite's own: real
+files in the test's temporary directory, real threads, a real process killed with -9.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h3.api.basic_int as h3i
+import numpy as np
+import pytest
+
+from tracker.history.postgres import PostgresStore
+from tracker.history.sqlite import SqliteStore
+from tracker.history.store import StoreError, open_store
+from tracker.pings import Ping
+
+T0 = 1_764_000_000.0
+FOREVER = 1e12
+BERLIN = (52.52, 13.405)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "history" / "h.sqlite3"
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[SqliteStore]:
+    kept = SqliteStore(path)
+    kept.migrate()
+    try:
+        yield kept
+    finally:
+        kept.close()
+
+
+def pings(vehicle_id: str, start: float, count: int, *, step_s: float = 1.0) -> list[Ping]:
+    lat, lon = BERLIN
+    return [
+        Ping(vehicle_id=vehicle_id, lat=lat + i * 1e-5, lon=lon, ts=start + i * step_s, speed=5.0)
+        for i in range(count)
+    ]
+
+
+def test_migrate_creates_the_file_and_its_directory_in_wal_mode(
+    store: SqliteStore, path: Path
+) -> None:
+    assert path.exists()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert connection.execute("SELECT max(version) FROM schema_version").fetchone() == (1,)
+
+
+def test_commits_are_fsynced_synchronous_full(store: SqliteStore) -> None:
+    store.append(pings("van", T0, 1))
+    connection = store._connection()
+    assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+
+
+def test_reopen_after_close_keeps_everything_and_the_resolution(path: Path) -> None:
+    first = SqliteStore(path, resolution=8)
+    first.migrate()
+    first.append(pings("van", T0, 100))
+    first.compact(T0 + 50)
+    first.close()
+    again = SqliteStore(path, resolution=7)
+    again.migrate()
+    assert again.resolution == 8, "a file keeps the resolution it was created with"
+    assert len(again.track("van", T0, FOREVER, limit=1000)) == 100
+    again.close()
+
+
+def test_migrate_refuses_a_newer_schema(path: Path, store: SqliteStore) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.execute("INSERT INTO schema_version VALUES (2, 0)")
+    newer = SqliteStore(path)
+    with pytest.raises(StoreError, match=r"schema version 2.*upgrade the tracker"):
+        newer.migrate()
+    newer.close()
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "not.sqlite3"
+    garbage.write_bytes(os.urandom(8192))
+    broken = SqliteStore(garbage)
+    with pytest.raises(StoreError, match=str(garbage)):
+        broken.migrate()
+    broken.close()
+
+
+def test_a_path_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError):
+        SqliteStore(tmp_path / "file" / "h.sqlite3").migrate()
+
+
+def test_a_damaged_blob_is_a_store_error(store: SqliteStore, path: Path) -> None:
+    store.append(pings("van", T0, 10))
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE raw SET data = x'544801010a000000deadbeef'")
+    with pytest.raises(StoreError, match="damaged"):
+        store.track("van", T0, FOREVER, limit=10)
+
+
+def test_long_unicode_vehicle_ids_are_kept_apart(store: SqliteStore) -> None:
+    ids = ["é" * 64, "é" * 63 + "e", "🚚" * 64, "a'; DROP TABLE raw; --", "x" * 64]
+    for number, vehicle_id in enumerate(ids):
+        store.append(pings(vehicle_id, T0 + number, 3))
+    store.compact(FOREVER)
+    for number, vehicle_id in enumerate(ids):
+        track = store.track(vehicle_id, T0, FOREVER, limit=10)
+        assert track.vehicle_id == vehicle_id
+        np.testing.assert_allclose(track.ts, T0 + number + np.arange(3))
+
+
+def test_many_vehicles_appended_out_of_order_come_back_in_time_order(store: SqliteStore) -> None:
+    rng = np.random.default_rng(3)
+    fleet = [f"v{n}" for n in range(3000)]
+    everything = [p for vehicle_id in fleet for p in pings(vehicle_id, T0, 5, step_s=600)]
+    order = rng.permutation(len(everything))
+    for part in np.array_split(order, 7):
+        store.append([everything[i] for i in part])
+        store.compact(T0 + 1200)  # whatever is old enough, batch by batch
+    assert store.stats().positions == len(everything)
+    for vehicle_id in ("v0", "v1234", "v2999"):
+        track = store.track(vehicle_id, T0, FOREVER, limit=100)
+        np.testing.assert_array_equal(track.ts, T0 + 600 * np.arange(5))
+    page = store.area({0}, T0, FOREVER, limit=10)
+    assert page.tracks == [] and page.cursor is None
+
+
+def test_expire_leaves_no_cell_rows_behind(store: SqliteStore, path: Path) -> None:
+    store.append(pings("van", T0, 100) + pings("bus", T0 + 7200, 100))
+    store.compact(FOREVER)
+    while store.expire(T0 + 3600, limit=1):
+        pass
+    with sqlite3.connect(path) as connection:
+        buckets = {row[0] for row in connection.execute("SELECT bucket FROM chunk_cells")}
+    assert buckets == {int((T0 + 7200) // 3600)}
+
+
+def test_stats_counts_the_write_ahead_log(store: SqliteStore, path: Path) -> None:
+    store.append(pings("van", T0, 1000))
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size > 0
+    assert store.stats().bytes_on_disk == path.stat().st_size + wal.stat().st_size
+
+
+def test_queries_in_other_threads_see_whole_commits_during_writes(store: SqliteStore) -> None:
+    """A reader never sees a compaction half done: no position missing, none twice."""
+    batch, batches = 50, 40
+    done = threading.Event()
+    failures: list[BaseException] = []
+    seen: list[int] = []
+
+    def write() -> None:
+        try:
+            for n in range(batches):
+                store.append(pings("van", T0 + n * batch, batch))
+                store.compact(T0 + (n - 2) * batch)
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            done.set()
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                track = store.track("van", T0, FOREVER, limit=100_000)
+                assert len(track) % batch == 0, len(track)
+                assert len(np.unique(track.ts)) == len(track)
+                area = store.area(store_cells(), T0, FOREVER, limit=100_000)
+                assert sum(len(t) for t in area.tracks) % batch == 0
+                seen.append(len(track))
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=write), *(threading.Thread(target=read) for _ in range(2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failures, failures
+    assert seen, "the readers ran"
+    assert len(store.track("van", T0, FOREVER, limit=100_000)) == batch * batches
+
+
+def store_cells() -> set[int]:
+    return set(h3i.grid_disk(h3i.latlng_to_cell(*BERLIN, 7), 2))
+
+
+KILLED_WRITER = """
+import sys
+from tracker.history.sqlite import SqliteStore
+from tracker.pings import Ping
+store = SqliteStore(sys.argv[1])
+store.migrate()
+for n in range(1_000_000):
+    store.append([Ping(vehicle_id=f"v{i}", lat=52.5, lon=13.4, ts=1e9 + n) for i in range(100)])
+    print(n + 1, flush=True)
+"""
+
+
+def test_every_returned_append_survives_kill_9(path: Path) -> None:
+    path.parent.mkdir()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    acknowledged = 0
+    deadline = time.monotonic() + 30
+    while acknowledged < 20 and time.monotonic() < deadline:
+        acknowledged = int(writer.stdout.readline())
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    acknowledged = max([acknowledged, *(int(line) for line in writer.stdout.read().split())])
+    reopened = SqliteStore(path)
+    reopened.migrate()
+    kept = reopened.stats().positions
+    reopened.close()
+    assert acknowledged >= 20
+    assert kept in (100 * acknowledged, 100 * (acknowledged + 1)), (kept, acknowledged)
+
+
+@pytest.mark.parametrize(
+    ("target", "kind", "where"),
+    [
+        ("history.sqlite3", SqliteStore, "history.sqlite3"),
+        ("sqlite:/var/x.db", SqliteStore, "/var/x.db"),
+        ("  sqlite:rel/x.db ", SqliteStore, "rel/x.db"),
+        ("postgresql://u:pw@localhost/db", PostgresStore, None),
+        ("postgres://localhost/db", PostgresStore, None),
+    ],
+)
+def test_open_store_by_target(target: str, kind: type, where: str | None) -> None:
+    opened = open_store(target, resolution=9)
+    assert isinstance(opened, kind)
+    assert opened.resolution == 9
+    if where is not None:
+        assert isinstance(opened, SqliteStore) and opened.path == where
+
+
+@pytest.mark.parametrize("target", ["", "  ", "sqlite:", "redis://u:secret@host/0", "s3://bucket"])
+def test_open_store_refuses_other_targets_without_showing_passwords(target: str) -> None:
+    with pytest.raises(ValueError, match="neither postgresql") as raised:
+        open_store(target)
+    assert "secret" not in str(raised.value)
