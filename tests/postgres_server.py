@@ -3,13 +3,14 @@ and socket directory, deleted at the end. Never the machine's shared server on 5
 
 We start ``postgres`` ourselves (not through ``pg_ctl``, nor pytest-postgresql, which
 cannot run initdb as root) so that the test owns the server process: it can stop it,
-kill it, or freeze the whole process group (postmaster and backends) to play a server
-that stops answering. As root, initdb and the server run as the ``postgres`` user
-(PostgreSQL refuses to run as root); as anyone else, as that user.
+kill it, or freeze it with all its backends to play a server that stops answering.
+As root, initdb and the server run as the ``postgres`` user (PostgreSQL refuses to run
+as root); as anyone else, as that user.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -30,9 +31,9 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 SETTINGS = {
     "listen_addresses": "127.0.0.1",
-    # Tests never crash the machine, only the server: durability of the OS cache is enough.
+    # Tests never crash the machine, only the server: a commit in the OS cache is enough.
+    # (synchronous_commit stays on: a killed server must keep what it acknowledged.)
     "fsync": "off",
-    "synchronous_commit": "off",
     "full_page_writes": "off",
     "shared_buffers": "32MB",
     "max_connections": "200",
@@ -50,6 +51,18 @@ def postgres_binary(name: str) -> str:
     )
     assert found, f"no {name} in /usr/lib/postgresql/*/bin (.ci/run installs postgresql)"
     return found[-1]
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent:
+                children.append(int(stat.parent.name))
+    return children
 
 
 def _server_user() -> str | None:
@@ -95,10 +108,7 @@ class PostgresServer:
         for name, value in SETTINGS.items():
             command += ["-c", f"{name}={value}"]
         with open(self.directory / "server.log", "ab") as log:
-            # Its own process group, so that freeze() and kill() reach every backend too.
-            self.process = subprocess.Popen(
-                command, user=user, stdout=log, stderr=log, start_new_session=True
-            )
+            self.process = subprocess.Popen(command, user=user, stdout=log, stderr=log)
         self._wait_until_it_answers()
 
     @property
@@ -126,22 +136,30 @@ class PostgresServer:
         self.process = None
 
     def kill(self) -> None:
-        """SIGKILL the whole server at once, as a crash or an OOM killer would."""
+        """SIGKILL the server and every backend at once, as a crash would."""
         if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGKILL)
+        self._signal_all(signal.SIGKILL)
         self.process.wait(timeout=STOP_TIMEOUT_S)
         self.process = None
 
     def freeze(self) -> None:
         """SIGSTOP postmaster and backends: the kernel still accepts, nothing answers."""
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def thaw(self) -> None:
         """SIGCONT: answer again."""
         if self.process is not None:
-            os.killpg(self.process.pid, signal.SIGCONT)
+            self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
+        """``signum`` to the postmaster and its children (each backend calls setsid(),
+        so no process group holds them all)."""
+        assert self.process is not None
+        pids = [self.process.pid, *_children(self.process.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def remove(self) -> None:
         """Stop the server and delete its cluster."""

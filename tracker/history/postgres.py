@@ -48,11 +48,14 @@ __all__ = ["PostgresStore"]
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5
-STATEMENT_TIMEOUT_S = 30
-"""Longest statement the server runs for us; compaction steps and queries are far shorter."""
-WAIT_TIMEOUT_S = STATEMENT_TIMEOUT_S + 10
-"""Longest network wait on the client: past the server's own timeout, so that normally
-the server cancels first (a clean error) and this only catches a server that is gone."""
+"""Unless the URL says otherwise (``?connect_timeout=``; libpq takes whole seconds, >= 2)."""
+TIMEOUT_S = 30.0
+"""Longest statement the server runs for us (``statement_timeout``, ``lock_timeout``);
+compaction steps and queries take far less."""
+WAIT_FACTOR = 1.5
+"""A client-side wait lasts at most this many times the statement timeout: past the
+server's own timeout, so that normally the server cancels first (a clean error), and
+this only ends the wait on a server that is gone."""
 IDLE_IN_TRANSACTION_S = 60
 """A client that dies inside a transaction releases its locks after this long."""
 COMPACT_STEP_POSITIONS = 200_000
@@ -108,15 +111,17 @@ CHUNK_TYPES = ("int4", "int4", "int8", "int8", "int4", "int8[]", "bytea")
 
 
 class _DeadlineConnection(psycopg.Connection[Any]):
-    """A connection whose every network wait ends within :data:`WAIT_TIMEOUT_S`.
+    """A connection whose every network wait ends within ``wait_timeout_s``.
 
     ``statement_timeout`` is enforced by the server, so it cannot end a wait on a server
     that has stopped (frozen, or gone without closing the socket); psycopg runs every
     query, COPY and commit through :meth:`wait`, which takes a timeout but is given none.
     """
 
+    wait_timeout_s: float = TIMEOUT_S * WAIT_FACTOR
+
     def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-        return super().wait(gen, interval, WAIT_TIMEOUT_S if timeout is None else timeout)
+        return super().wait(gen, interval, self.wait_timeout_s if timeout is None else timeout)
 
 
 class PostgresStore:
@@ -125,11 +130,13 @@ class PostgresStore:
     Connects lazily, one connection per calling thread (the writer thread and each
     query thread); :meth:`migrate` must run once before anything else.
     ``resolution`` is that of a new database; an existing one keeps its own.
+    ``timeout_s`` bounds every statement (and, a little later, every wait on the server).
     """
 
-    def __init__(self, url: str, resolution: int = 7) -> None:
+    def __init__(self, url: str, resolution: int = 7, *, timeout_s: float = TIMEOUT_S) -> None:
         self.url = url
         self.resolution = resolution
+        self.timeout_s = timeout_s
         self._where = f"PostgreSQL at {without_password(url)}"
         self._local = threading.local()
         self._connections: set[psycopg.Connection[Any]] = set()
@@ -445,18 +452,20 @@ class PostgresStore:
             yield connection
 
     def _connect(self) -> psycopg.Connection[Any]:
+        timeout_ms = max(1, round(self.timeout_s * 1000))
         options = (
-            f"-c statement_timeout={STATEMENT_TIMEOUT_S}s "
-            f"-c lock_timeout={STATEMENT_TIMEOUT_S}s "
+            f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms} "
             f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s"
         )
+        given = psycopg.conninfo.conninfo_to_dict(self.url)
         connection = _DeadlineConnection.connect(
             self.url,
             autocommit=True,
-            connect_timeout=CONNECT_TIMEOUT_S,
-            application_name="tracker-history",
+            connect_timeout=given.get("connect_timeout", CONNECT_TIMEOUT_S),
+            application_name=given.get("application_name", "tracker-history"),
             options=options,
         )
+        connection.wait_timeout_s = self.timeout_s * WAIT_FACTOR
         with self._lock:
             self._connections.add(connection)
         self._local.connection = connection
