@@ -391,6 +391,10 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 f"must be mqtt://[user:password@]host[:port]; {without_password(self.mqtt)!r}: "
                 f"{problem}",
             )
+        try:
+            self.gtfs_rt_feeds  # noqa: B018 -- parsing is the check
+        except ValueError as exc:
+            raise _bad("gtfs_rt", f"must be comma-separated URL or name=URL: {exc}") from None
         if self.osmand_port and self.osmand_port == self.port:
             raise _bad("osmand_port", "must differ from --port", also=("port",))
         if any(c in self.frame_ancestors for c in ";,\r\n"):
@@ -407,6 +411,25 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         """``history`` as a store URL or path; empty when history is off."""
         target = self.history.strip()
         return "" if target.lower() in HISTORY_OFF else target
+
+    @property
+    def gtfs_rt_feeds(self) -> list[tuple[str, str]]:
+        """``gtfs_rt`` as (name, URL) pairs; unnamed feeds are gtfs, gtfs2, gtfs3...
+
+        Raises ValueError for a URL that is not http(s) or a name used twice.
+        """
+        feeds: list[tuple[str, str]] = []
+        for number, entry in enumerate(_split(self.gtfs_rt), start=1):
+            name, sep, url = entry.partition("=")
+            if not sep or "://" in name:
+                name, url = ("gtfs" if number == 1 else f"gtfs{number}"), entry
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url[:80]!r} is not an http(s) URL")
+            if not re.fullmatch(r"[\w.-]{1,32}", name) or name in dict(feeds):
+                raise ValueError(f"the name {name[:40]!r} is used twice or is not a short word")
+            feeds.append((name, url))
+        return feeds
 
     @property
     def token_secret_list(self) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import trio
 
 from tracker.devices.gateway import DeviceGateway
+from tracker.devices.gtfsrt import feeds_of
 from tracker.devices.mqtt import MqttSource
 
 __all__ = ["run_sources"]
@@ -25,4 +26,6 @@ async def run_sources(
     async with trio.open_nursery() as source_nursery:
         if config.mqtt:
             source_nursery.start_soon(MqttSource(config, gateway).run, name="mqtt")
+        for feed in feeds_of(config, gateway):
+            source_nursery.start_soon(feed.run, name=f"gtfs-rt {feed.name}")
         task_status.started()
