@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -75,15 +76,32 @@ class BodyMaker:
         return bodies
 
 
-async def post_all(client: httpx.AsyncClient, bodies: list[bytes], accepted: list[int]) -> None:
-    """POST bodies one after another on one connection, counting accepted pings."""
+@dataclass
+class Counts:
+    """Pings the tracker accepted, and pings it refused with 503 (sent again later)."""
+
+    accepted: int = 0
+    refused: int = 0
+
+
+async def post_all(client: httpx.AsyncClient, bodies: list[bytes], counts: Counts) -> None:
+    """POST bodies one after another on one connection, counting accepted pings.
+
+    A batch refused with 503 (history cannot keep up) is counted and sent again after
+    its ``Retry-After``, as the simulator does.
+    """
     for body in bodies:
-        response = await client.post("/ingest", content=body, headers=INGEST_HEADERS)
-        accepted[0] += response.json()["accepted"]
+        while True:
+            response = await client.post("/ingest", content=body, headers=INGEST_HEADERS)
+            if response.status_code != 503:
+                counts.accepted += response.json()["accepted"]
+                break
+            counts.refused += int.from_bytes(body[1:5], "big")
+            await trio.sleep(float(response.headers.get("Retry-After", "1")))
 
 
 async def post_rounds(
-    url: str, maker: BodyMaker, connections: int, until: float, accepted: list[int]
+    url: str, maker: BodyMaker, connections: int, until: float, counts: Counts
 ) -> None:
     """Post round after round, each split over ``connections`` connections, until ``until``."""
     limits = httpx.Limits(max_connections=connections)
@@ -92,46 +110,60 @@ async def post_rounds(
             bodies = maker.round()
             async with trio.open_nursery() as round_nursery:
                 for number in range(connections):
-                    round_nursery.start_soon(
-                        post_all, client, bodies[number::connections], accepted
-                    )
+                    round_nursery.start_soon(post_all, client, bodies[number::connections], counts)
 
 
-async def measure(args: argparse.Namespace) -> dict[str, float]:
+async def measure(args: argparse.Namespace, *options: str) -> dict[str, float]:
+    """Ingest into ``tracker serve *options`` for ``args.seconds``; the figures.
+
+    With history on, also how fast it committed over the same seconds and how much was
+    still queued at the end: sustained means committed keeps up with accepted.
+    """
     maker = BodyMaker(args.vehicles, args.batch)
     async with trio.open_nursery() as bench_nursery:
-        tracker, url = await start_tracker(bench_nursery)
-        accepted = [0]
+        tracker, url = await start_tracker(bench_nursery, *options)
+        counts = Counts()
         start = trio.current_time()
         bench_nursery.start_soon(
-            post_rounds, url, maker, args.connections, start + args.warmup + args.seconds, accepted
+            post_rounds, url, maker, args.connections, start + args.warmup + args.seconds, counts
         )
         await trio.sleep(args.warmup)
-        cpu, samples = cpu_seconds(tracker.pid), []
-        for _ in range(int(args.seconds)):
-            before = accepted[0]
-            await trio.sleep(1.0)
-            samples.append(accepted[0] - before)
-        cpu = cpu_seconds(tracker.pid) - cpu
         async with httpx.AsyncClient(base_url=url) as client:
+            committed = await metric(client, "tracker_history_committed_pings_total")
+            cpu, samples = cpu_seconds(tracker.pid), []
+            for _ in range(int(args.seconds)):
+                before = counts.accepted
+                await trio.sleep(1.0)
+                samples.append(counts.accepted - before)
+            cpu = cpu_seconds(tracker.pid) - cpu
+            committed = await metric(client, "tracker_history_committed_pings_total") - committed
+            queued = await metric(client, "tracker_history_queued_pings")
             longest_tick = await metric(client, "tracker_tick_duration_max_seconds")
         bench_nursery.cancel_scope.cancel()
     return {
         "vehicles": args.vehicles,
         "accepted_per_s_median": statistics.median(samples),
         "accepted_per_s_min": min(samples),
+        "refused_pings": counts.refused,
+        "history_committed_per_s": round(committed / int(args.seconds)),
+        "history_queued_at_end": int(queued),
         "tracker_cpu_cores": round(cpu / args.seconds, 2),
         "longest_tick_s": round(longest_tick, 3),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's options (bench.history's ingest section takes them too)."""
     parser.add_argument("--vehicles", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
     args = parser.parse_args()
     figures = trio.run(measure, args)
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores")

@@ -57,6 +57,7 @@ from tracker.config import (
 )
 from tracker.devices.identity import Registry
 from tracker.errors import TrackerError
+from tracker.history.store import StoreError
 from tracker.logs import configure_logging
 from tracker.server import serve
 from tracker.service import CoreCrashed
@@ -241,13 +242,18 @@ def check_startup(config: TrackerConfig) -> None:
 
 
 def _startup_failure(exc: BaseException, config: TrackerConfig) -> str | None:
-    """One line saying why the server could not listen, if that is what ``exc`` is."""
+    """One line saying why the server could not start (listen, or open its history
+    store), if that is what ``exc`` is."""
     where = f"{config.host} port {config.port}"
     port, host = (
         f"({flag('port')}, {env_name('port')})",
         f"({flag('host')}, {env_name('host')})",
     )
     for leaf in _leaves(exc):
+        if isinstance(leaf, StoreError):
+            return (
+                f"cannot open the history store ({flag('history')}, {env_name('history')}): {leaf}"
+            )
         if not isinstance(leaf, OSError):
             continue
         if leaf.errno == errno.EADDRINUSE:
@@ -281,7 +287,7 @@ def _run_service(config: TrackerConfig, main: Callable[..., Awaitable[None]], *a
     check_startup(config)
     try:
         trio.run(main, config, *args)
-    except (OSError, BaseExceptionGroup) as exc:
+    except (OSError, StoreError, BaseExceptionGroup) as exc:
         reason = _startup_failure(exc, config)
         if reason is None:
             raise

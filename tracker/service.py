@@ -5,15 +5,18 @@ thing a front end talks to (``tracker.app`` maps HTTP onto it; a test or a bench
 drive it without any server):
 
 * :meth:`Tracker.ingest` decodes a posted batch, and :meth:`Tracker.ingest_pings` checks
-  and applies decoded pings (any protocol's) and hands them to the bus;
+  and applies decoded pings (any protocol's) and hands them to the bus and to history
+  (:attr:`Tracker.history`, when configured: it may refuse a batch with 503 first);
 * :meth:`Tracker.open_feed` opens one feed: the bus watches its area, the hub subscribes
   it, and it yields the encoded SSE chunks; leaving the block undoes all three;
 * :meth:`Tracker.health` and :attr:`Tracker.ready` say whether it can do its job;
 * :meth:`Tracker.shutdown` begins shutdown: every feed gets its final event.
 
 Tasks: :meth:`Tracker.run` (started by ``tracker.server.serve`` into its
-``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks, the device
-sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``) and the ticker.
+``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks, history's
+(``tracker.history.writer``: commits, compaction, retention; it flushes on the way out),
+the device sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``) and the
+ticker.
 It runs until its owner cancels it. It never swallows a crash: an exception from the
 ticker or a bus task is logged once and propagates, so the server goes down with it
 (non-zero exit) instead of answering requests with a dead core.
@@ -22,6 +25,7 @@ ticker or a bus task is logged once and propagates, so the server goes down with
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -37,6 +41,8 @@ from tracker.devices.sources import run_sources
 from tracker.feed import feed_events
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
+from tracker.history.store import open_store
+from tracker.history.writer import History
 from tracker.hub import FeedHub
 from tracker.ingest import apply_pings, decode_body
 from tracker.metrics import Metrics
@@ -73,7 +79,10 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     """What ``/healthz`` reports: ``status`` is "ok" unless ``problems`` lists something.
 
     A degraded bus is not a problem of this instance (it keeps serving what it has), so
-    it shows in ``bus`` and ``warnings`` but leaves ``status`` "ok".
+    it shows in ``bus`` and ``warnings`` but leaves ``status`` "ok". A failing history
+    store neither (``history`` "failing", and a warning): feeds go on, ingest keeps the
+    pings queued and answers 503 once the queue is full; restarting the instance would
+    not mend the store and would lose the queued pings it acknowledged.
     """
 
     status: str
@@ -83,6 +92,8 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     last_tick_age_s: float | None
     tick: int
     bus: str
+    history: str
+    """``off``, ``ok``, or ``failing`` (the last commit failed; pings stay queued)."""
     vehicles: int
     subscribers: int
 
@@ -94,6 +105,12 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
 
 def _admit_all(pings: int) -> None:
     """The default admission: no rate limit."""
+
+
+def _admit_both(first: Callable[[int], None], then: Callable[[int], None], pings: int) -> None:
+    """Admission by ``first`` (the caller's rate limit), then by ``then`` (history's room)."""
+    first(pings)
+    then(pings)
 
 
 class Tracker:
@@ -124,6 +141,12 @@ class Tracker:
         )
         self.metrics.feeds = self.hub.subscriptions  # read at scrape time, no record each
         self.metrics.bus_state = lambda: self.bus.state
+        self.history = (
+            History(config, self.metrics, functools.partial(open_store, config.history_target))
+            if config.history_target
+            else None
+        )
+        """Where accepted pings are kept (None: history is off)."""
         self.devices = DeviceGateway(config, self.ingest_pings)
         self.metrics.sources = self.devices.stats
 
@@ -144,13 +167,19 @@ class Tracker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the bus and publish a tick every ``tick_s`` until cancelled.
 
-        Reports started once the bus runs. A crash of any of its tasks marks the core
-        failed (``/healthz`` 503), is logged, and is raised to the caller.
+        Reports started once the bus runs and history's store is open (if it cannot be
+        opened, its :class:`~tracker.history.store.StoreError` is raised as it is). A
+        crash of any of its tasks marks the core failed (``/healthz`` 503), is logged,
+        and is raised to the caller.
         """
         self._last_tick_at = trio.current_time()  # a ticker that never ticks is stuck too
+        if self.history is not None:
+            await self.history.open()  # a store that cannot open is a startup error, not a crash
         try:
             async with trio.open_nursery() as tracker_nursery:
                 await tracker_nursery.start(self.bus.run)
+                if self.history is not None:
+                    await tracker_nursery.start(self.history.run)
                 await tracker_nursery.start(run_sources, self.devices)
                 task_status.started()
                 await self._tick_forever()
@@ -219,11 +248,15 @@ class Tracker:
         protocols, GTFS-realtime feeds): the same checks, reasons and metrics for all.
         ``pings`` may hold None for one that did not decode (its reason in
         ``rejections``). ``admit(n)`` may refuse the batch by raising (a rate limit)
-        before anything is applied. Raises a :class:`~tracker.errors.TrackerError` when
-        the batch is refused or nothing in it could be taken; accepted pings are in the
-        index on return.
+        before anything is applied, and so may history (503: its queue is full). Raises
+        a :class:`~tracker.errors.TrackerError` when the batch is refused or nothing in
+        it could be taken; accepted pings are in the index on return, and queued for
+        history (committed within ``history_commit_s``).
         """
-        forwarded: list[Ping] | None = [] if self.bus.forwards else None
+        history = self.history
+        if history is not None:
+            admit = functools.partial(_admit_both, admit, history.admit)
+        forwarded: list[Ping] | None = [] if self.bus.forwards or history else None
         reply = apply_pings(
             pings,
             rejections if rejections is not None else Rejections(),
@@ -236,6 +269,8 @@ class Tracker:
         )
         if forwarded:
             self.bus.forward(forwarded)
+            if history is not None:
+                history.record(forwarded)
         return reply
 
     @asynccontextmanager
@@ -291,6 +326,9 @@ class Tracker:
         if bus == "degraded":
             warnings.append("the bus is degraded: serving this instance's vehicles only")
         warnings.extend(self.devices.warnings())
+        history = "off" if self.history is None else "failing" if self.history.failing else "ok"
+        if self.history is not None and (trouble := self.history.warning()):
+            warnings.append(trouble)
         return Health(
             status="ok" if not problems else "failing",
             problems=problems,
@@ -299,6 +337,7 @@ class Tracker:
             last_tick_age_s=None if age is None else round(age, 3),
             tick=self.index.tick,
             bus=bus,
+            history=history,
             vehicles=self.index.vehicle_count,
             subscribers=self.hub.subscriber_count,
         )

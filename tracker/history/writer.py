@@ -174,9 +174,10 @@ class History:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store, then commit, compact and expire until cancelled; flush on exit.
 
-        Reports started once the store is open and migrated; raises if it cannot be.
+        Reports started once the store is open and migrated (:meth:`open`); raises if it
+        cannot be.
         """
-        self._store = await self._write(self._open_migrated)
+        await self.open()
         try:
             async with trio.open_nursery() as history_nursery:
                 history_nursery.start_soon(self._commit_forever, name="history commits")
@@ -187,7 +188,18 @@ class History:
             with trio.CancelScope(shield=True):
                 await self._flush()
                 store, self._store = self._store, None
-                await self._write(store.close)
+                if store is not None:
+                    await self._write(store.close)
+
+    async def open(self) -> None:
+        """Open and migrate the store (in the writer thread), unless it is open already.
+
+        Raises what the store raises (:class:`StoreError`: unreachable, not a history
+        file, a newer schema): callers may open before :meth:`run` to tell a store that
+        cannot start from a crash later on.
+        """
+        if self._store is None:
+            self._store = await self._write(self._open_migrated)
 
     def _open_migrated(self) -> HistoryStore:
         store = self._open_store()
