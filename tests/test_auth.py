@@ -157,6 +157,8 @@ async def test_ingest_needs_one_of_the_ingest_keys(start_server: StartServer) ->
     assert missing.status_code == 401 and "X-Ingest-Key" in missing.json()["message"]
     assert wrong.status_code == 401 and "not one of" in wrong.json()["message"]
     assert missing.headers["connection"] == "close"  # its body was never read
+    # No Bearer challenge: the key goes in X-Ingest-Key, not in Authorization.
+    assert "WWW-Authenticate" not in missing.headers and "WWW-Authenticate" not in wrong.headers
     assert right.status_code == 200 and right.json()["accepted"] == 1
 
 

@@ -163,7 +163,56 @@ def test_token_command_mints_a_token_for_an_area(capsys: pytest.CaptureFixture[s
     assert claims["area"] == {"bbox": ["13.38,52.51,13.42,52.53"]}
     assert 7100 < claims["exp"] - time.time() <= 7200
     assert feed.endswith(f"/feed?{area}&token={token}")
-    assert embed.endswith(f"/embed?{area}&token={token}") and "<iframe" in iframe
+    assert embed.endswith(f"/embed?{area}&token={token}")
+    assert feed.split()[1].startswith("http://127.0.0.1:8000/")
+    snippet = iframe.removeprefix("iframe: ")
+    assert snippet == (
+        f'<iframe src="http://127.0.0.1:8000/embed?{area}&amp;token={token}" width="600" '
+        'height="400" style="border:0" title="Live fleet map"></iframe>'
+    )
+    docs = (Path(__file__).parent.parent / "docs" / "web-client.md").read_text()
+    shown = re.search(r"<iframe src=\"https://tracker.example/embed\?[^\"]*\"([^\n]*)", docs)
+    assert shown and snippet.endswith(shown[1])  # what the docs show, closed
+
+
+def test_token_urls_follow_the_configured_port_and_scheme(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRACKER_TOKEN_SECRETS", "k" * 40)
+    monkeypatch.setenv("TRACKER_PORT", "9100")
+    assert main(["token"]) == 0
+    assert "feed:   http://127.0.0.1:9100/feed?" in capsys.readouterr().out
+    monkeypatch.setenv("TRACKER_HOST", "::")
+    monkeypatch.setenv("TRACKER_CERTFILE", "cert.pem")
+    monkeypatch.setenv("TRACKER_KEYFILE", "key.pem")
+    assert main(["token"]) == 0
+    assert "embed:  https://[::1]:9100/embed?" in capsys.readouterr().out
+    assert main(["token", "--base-url", "https://tracker.example/"]) == 0
+    assert "feed:   https://tracker.example/feed?" in capsys.readouterr().out
+
+
+def test_token_and_demo_help_say_what_those_commands_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv in (["token", "--help"], ["demo", "--help"], ["serve", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    token_help, demo_help, serve_help = (
+        " ".join(part.split()) for part in capsys.readouterr().out.split("usage: ")[1:]
+    )
+    assert "a random secret" not in token_help and "Required" in token_help
+    assert "TRACKER_PORT" in token_help and "http://127.0.0.1:8000" in token_help
+    assert "TRACKER_VEHICLES; default 2000]" in demo_help
+    assert "TRACKER_OPEN_FEEDS: true/false/1/0/yes/no; default true]" in demo_help
+    assert "share/tracker/web" in serve_help
+
+
+def test_demo_with_a_duration_stops_the_server_too() -> None:
+    started = time.monotonic()
+    result = run_tracker("demo", "--port", "0", "--duration", "2", "--vehicles", "20", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "tracker demo: stopped" in result.stdout
+    assert time.monotonic() - started < 20
 
 
 @pytest.mark.parametrize(
@@ -171,6 +220,8 @@ def test_token_command_mints_a_token_for_an_area(capsys: pytest.CaptureFixture[s
     [
         ["token"],  # no secret
         ["token", "--token-secrets", "k" * 40, "--ttl", "soon"],
+        ["token", "--token-secrets", "k" * 40, "--ttl", "0s"],
+        ["token", "--token-secrets", "k" * 40, "--ttl", "9" * 400 + "d"],
         ["token", "--token-secrets", "k" * 40, "--area", "bbox=1,2"],
     ],
 )
@@ -178,7 +229,10 @@ def test_token_command_explains_what_is_wrong(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == 2
-    assert "tracker: bad configuration" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tracker: bad configuration" in err
+    if "0s" in argv:
+        assert "must be positive" in err and "not a duration" not in err
 
 
 async def test_tracker_serve_logs_json_startup_and_shutdown_without_secrets() -> None:

@@ -41,7 +41,7 @@ from jwt.utils import base64url_decode
 from quart import Request
 
 from tracker.config import TrackerConfig
-from tracker.errors import ForbiddenArea, ForbiddenOrigin, Unauthorized
+from tracker.errors import ForbiddenArea, ForbiddenOrigin, IngestKeyRefused, Unauthorized
 from tracker.regions import parse_area
 
 __all__ = [
@@ -278,7 +278,7 @@ def _origin(text: str) -> str | None:
 def check_ingest_key(presented: str | None, keys: Sequence[str]) -> str:
     """The ingest key presented, if it is one of ``keys`` (compared in constant time)."""
     if not presented:
-        raise Unauthorized("POST /ingest needs an ingest key in the X-Ingest-Key header")
+        raise IngestKeyRefused("POST /ingest needs an ingest key in the X-Ingest-Key header")
     if not any(hmac.compare_digest(presented.encode(), key.encode()) for key in keys):
-        raise Unauthorized("the X-Ingest-Key is not one of this tracker's ingest keys")
+        raise IngestKeyRefused("the X-Ingest-Key is not one of this tracker's ingest keys")
     return presented

@@ -6,7 +6,8 @@ validation are one list. Precedence: flag, then environment, then default. This 
 is the only place that reads ``os.environ``.
 
 ``demo`` runs the server and the simulator in one nursery (``demo_nursery``): a signal
-watcher, the server, and the simulator, which is cancelled first when shutdown begins.
+watcher, the server, and the simulator, which is cancelled first when shutdown begins
+and begins it itself when its ``--duration`` is over (the server stops with it).
 
 Secure by default: ``serve`` with no token secret or ingest key makes them up, prints an
 admin URL with a token (as Jupyter does) and the ingest key; feeds need a token unless
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
+import html
 import logging
 import os
 import signal
@@ -68,6 +70,7 @@ __all__ = [
     "check_startup",
     "command_environ",
     "config_from",
+    "iframe_snippet",
     "main",
 ]
 
@@ -78,6 +81,10 @@ SERVICE_DEFAULTS = {"HISTORY": DEFAULT_HISTORY}
 config's own default, history off, is for a tracker embedded in tests and benchmarks)."""
 DEMO_DEFAULTS = {"VEHICLES": "2000", "OPEN_FEEDS": "true", "CORS_ORIGINS": "*"}
 """What ``demo`` changes from the defaults: a fleet to look at, readable by any page."""
+TOKEN_SECRETS_HELP = (
+    "Comma-separated secrets of the server's feed tokens: the first signs. Required: a "
+    "token signed with any other secret does not verify."
+)
 ADMIN_TOKEN_TTL_S = 7 * 86_400
 TOKEN_OPTIONS = ("token_secrets", "h3_resolution", "max_feed_cells")
 EXAMPLE_BBOX = "13.30,52.48,13.50,52.56"
@@ -102,17 +109,25 @@ def _add_options(
     *,
     skip: Sequence[str] = (),
     only: Sequence[str] | None = None,
+    defaults: Mapping[str, str] | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> None:
+    """One flag per field of ``struct``. ``defaults`` (``TRACKER_*`` names without the
+    prefix, as :data:`DEMO_DEFAULTS`) and ``descriptions`` (by field) replace what the help
+    says of some fields: a command whose defaults or meaning differ."""
+    overrides = {k.lower(): v for k, v in (defaults or {}).items()}
     for name, kind, default, description in _options(struct):
         if name in skip or (only is not None and name not in only):
             continue
+        shown = overrides.get(name, repr(default))
+        description = (descriptions or {}).get(name, description)
         flags = ["--" + name.replace("_", "-")]
         if name.endswith("_s"):
             flags.append("--" + name[:-2].replace("_", "-"))
         if name == "open_feeds":
             flags.append("--open")
         accepted = f": {'/'.join(BOOLEAN_WORDS)}" if kind is bool else ""
-        help_text = f"{description} [env {env_name(name)}{accepted}; default {default!r}]"
+        help_text = f"{description} [env {env_name(name)}{accepted}; default {shown}]"
         if kind is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const=True, help=help_text)
         elif kind is float and name.endswith("_s"):  # seconds, or a duration: config parses it
@@ -135,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser(
         "serve", help="run the tracker HTTP service", description="Run the tracker service."
     )
-    _add_options(serve_parser, TrackerConfig)
+    _add_options(serve_parser, TrackerConfig, defaults=SERVICE_DEFAULTS)
     _add_options(serve_parser, LogConfig)
     simulate_parser = commands.add_parser(
         "simulate",
@@ -150,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a tracker and a simulated fleet together (no configuration needed)",
         description="Run the tracker and a simulated fleet in one process.",
     )
-    _add_options(demo_parser, TrackerConfig)
-    _add_options(demo_parser, FleetConfig)
+    _add_options(demo_parser, TrackerConfig, defaults=SERVICE_DEFAULTS | DEMO_DEFAULTS)
+    _add_options(demo_parser, FleetConfig, defaults=DEMO_DEFAULTS)
     _add_options(demo_parser, SendConfig, skip=("url", "ingest_key"))
     _add_options(demo_parser, LogConfig)
     token_parser = commands.add_parser(
@@ -169,9 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--ttl", default="1h", help="how long it is valid: 90s, 30m, 1h, 7d (default 1h)"
     )
     token_parser.add_argument(
-        "--base-url", default="http://127.0.0.1:8000", help="the tracker's public URL"
+        "--base-url",
+        default="",
+        help="the tracker's public URL in the printed URLs (default: http://HOST:PORT of "
+        "TRACKER_HOST and TRACKER_PORT, https with TRACKER_CERTFILE; http://127.0.0.1:8000)",
     )
-    _add_options(token_parser, TrackerConfig, only=TOKEN_OPTIONS)
+    _add_options(
+        token_parser,
+        TrackerConfig,
+        only=TOKEN_OPTIONS,
+        descriptions={"token_secrets": TOKEN_SECRETS_HELP},
+    )
     return parser
 
 
@@ -295,11 +318,19 @@ def _run_service(config: TrackerConfig, main: Callable[..., Awaitable[None]], *a
 
 
 async def _wait_for_signal(shutdown: trio.Event) -> None:
+    """Set ``shutdown`` on SIGINT or SIGTERM; return once it is set (by us or anyone)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            logger.info("%s received: shutting down", signal.Signals(signum).name)
-            shutdown.set()
-            return
+        async with trio.open_nursery() as watch_nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    logger.info("%s received: shutting down", signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+            watch_nursery.start_soon(watch)
+            await shutdown.wait()
+            watch_nursery.cancel_scope.cancel()
 
 
 def _secured(config: TrackerConfig) -> tuple[TrackerConfig, list[str]]:
@@ -402,9 +433,17 @@ async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> 
         print("tracker demo: press Ctrl-C to stop", flush=True)
         key = config.ingest_key_list[0]
         sender = Sender(fleet, msgspec.structs.replace(send, url=url, ingest_key=key))
-        demo_nursery.start_soon(_run_until, shutdown, sender.run)
+        demo_nursery.start_soon(_drive_then_stop, shutdown, sender)
     logger.info("stopped")
     print("tracker demo: stopped", flush=True)
+
+
+async def _drive_then_stop(shutdown: trio.Event, sender: Sender) -> None:
+    """Run the demo's fleet until shutdown; when its ``--duration`` is over, stop it all."""
+    await _run_until(shutdown, sender.run)
+    if not shutdown.is_set():
+        logger.info("the simulated fleet's duration is over: shutting down")
+        shutdown.set()
 
 
 GC_THRESHOLDS = (100_000, 50, 1000)
@@ -423,15 +462,38 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+MAX_TTL_S = 3650 * 86_400
+"""Longest ``--ttl``: ten years (a token's ``exp`` must stay a date every client can read)."""
+
+
 def _parse_ttl(text: str) -> float:
-    """Seconds in ``90``, ``90s``, ``30m``, ``1h`` or ``7d`` (more than zero)."""
+    """Seconds in ``90``, ``90s``, ``30m``, ``1h`` or ``7d``: positive, at most ten years."""
     try:
         seconds = parse_duration(text)
     except ValueError:
-        seconds = 0.0
-    if seconds <= 0:
-        raise ConfigError(f"ttl {text!r} is not a duration like 90s, 30m, 1h or 7d")
+        raise ConfigError(f"--ttl {text!r} is not a duration like 90s, 30m, 1h or 7d") from None
+    if seconds < 1:
+        raise ConfigError(f"--ttl {text!r} must be positive: at least 1s (say 90s, 1h or 7d)")
+    if seconds > MAX_TTL_S:
+        raise ConfigError(f"--ttl {text!r} must be at most 3650d (ten years)")
     return seconds
+
+
+def _base_url(config: TrackerConfig) -> str:
+    """Where the configured server is reached from this machine (``--base-url``'s default)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.host, config.host)
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if config.certfile else "http"
+    return f"{scheme}://{host}:{config.port}"
+
+
+def iframe_snippet(embed_url: str) -> str:
+    """The HTML that puts ``embed_url`` on another page (``docs/web-client.md`` shows it)."""
+    return (
+        f'<iframe src="{html.escape(embed_url)}" width="600" height="400" style="border:0" '
+        'title="Live fleet map"></iframe>'
+    )
 
 
 def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
@@ -447,12 +509,12 @@ def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         token = Keyring.for_config(config).mint(ttl_s=_parse_ttl(args.ttl), area=area)
     except TrackerError as exc:
         raise ConfigError(f"area {args.area!r}: {exc.message}") from exc
-    base = args.base_url.rstrip("/")
+    base = (args.base_url or _base_url(config)).rstrip("/")
     query = f"{args.area}&" if args.area else f"bbox={EXAMPLE_BBOX}&"
     print(token)
     print(f"feed:   {base}/feed?{query}token={token}")
     print(f"embed:  {base}/embed?{query}token={token}")
-    print(f'iframe: <iframe src="{base}/embed?{query}token={token}" width="600" height="400">')
+    print(f"iframe: {iframe_snippet(f'{base}/embed?{query}token={token}')}")
 
 
 def command_environ(command: str, environ: Mapping[str, str]) -> dict[str, str]:

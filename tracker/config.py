@@ -240,7 +240,11 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         int, describe("Zoom the map page opens at without an area.", ge=3, le=19)
     ] = 12
     web_dir: Annotated[
-        str, describe("Directory of the map page's files (default: web/ of the source tree).")
+        str,
+        describe(
+            "Directory of the map page's files (default: the copy installed with the tracker: "
+            "<prefix>/share/tracker/web, or web/ of a source checkout)."
+        ),
     ] = ""
     frame_ancestors: Annotated[
         str,

@@ -8,7 +8,8 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
     * BadArea (400) -- a feed area that is malformed, inverted, or too large
     * BadBody (400) -- an ingest body that is not valid msgpack/JSON of the expected shape
     * BadLastEventId is not an error: a bad resume id falls back to a snapshot.
-  * Unauthorized (401) -- no, a forged or an expired feed token; a missing or wrong ingest key
+  * Unauthorized (401) -- no, a forged or an expired feed token
+    * IngestKeyRefused (401) -- a missing or wrong ingest key (no ``Bearer`` challenge)
     * DeviceUnauthorized (401) -- a device without a key or with a wrong one (Basic auth)
   * UnknownDevice (403) -- a device id no fleet knows, and no fleet registers on first sight
   * ForbiddenArea (403) -- a feed asking for more than its token allows
@@ -36,6 +37,7 @@ __all__ = [
     "ForbiddenArea",
     "ForbiddenOrigin",
     "HistoryDisabled",
+    "IngestKeyRefused",
     "NothingAccepted",
     "PayloadTooLarge",
     "RequestTimeout",
@@ -134,6 +136,17 @@ class UnknownDevice(TrackerError):
 
     status = 403
     code = "unknown_device"
+
+
+class IngestKeyRefused(Unauthorized):
+    """A missing or wrong ``X-Ingest-Key``.
+
+    No ``WWW-Authenticate``: a ``Bearer`` challenge would send a client looking for a token,
+    and no registered scheme names a key in a header of its own.
+    """
+
+    def headers(self) -> dict[str, str]:
+        return {}
 
 
 class ForbiddenArea(TrackerError):
