@@ -1,12 +1,16 @@
 """Bytes per position on the wire, end to end: real server, HTTP ingest, SSE readers.
 
     python -m bench.feed_bytes --vehicles 5000 --subscribers 4 --seconds 10
+    python -m bench.feed_bytes --url http://127.0.0.1:8000 \
+        --query 'lat=52.52&lon=13.405&radius_m=8000' --subscribers 1
 
 Starts a tracker in this process on a loopback port, moves ``--vehicles`` vehicles
 around a city every tick (posted as msgpack batches over HTTP), and reads
 ``--subscribers`` feeds over HTTP/1.1, each covering a random viewport. Every byte the
 readers receive is counted (SSE framing, ids, heartbeats included) against every
-position they decode. Prints a table; ``--json`` prints the figures as JSON.
+position they decode. With ``--url`` it only reads feeds (of ``--query``, else random
+viewports) of a tracker already running, such as ``tracker demo`` and its simulated
+fleet. Prints a table; ``--json`` prints the figures as JSON.
 """
 
 from __future__ import annotations
@@ -123,19 +127,24 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(3)
     readers = [ReaderStats() for _ in range(args.subscribers)]
     async with trio.open_nursery() as bench_nursery:
-        (url,) = await bench_nursery.start(serve, config, shutdown)
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            (url,) = await bench_nursery.start(serve, config, shutdown)
         measure_from = trio.current_time() + args.warmup
         until = measure_from + args.seconds
         async with trio.open_nursery() as load_nursery:
-            load_nursery.start_soon(drive_fleet, url, args.vehicles, args.tick, until)
+            if not args.url:
+                load_nursery.start_soon(drive_fleet, url, args.vehicles, args.tick, until)
             for stats in readers:
-                load_nursery.start_soon(read_feed, url, viewport(rng), stats, measure_from, until)
+                query = args.query or viewport(rng)
+                load_nursery.start_soon(read_feed, url, query, stats, measure_from, until)
         shutdown.set()
     total_bytes = sum(r.bytes for r in readers)
     positions = sum(r.positions for r in readers)
     per_position = [r.bytes / r.positions for r in readers if r.positions]
     return {
-        "vehicles": args.vehicles,
+        "vehicles": "(the running tracker's)" if args.url else args.vehicles,
         "subscribers": args.subscribers,
         "tick_s": args.tick,
         "positions_received": positions,
@@ -158,6 +167,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds not measured")
     parser.add_argument("--tick", type=float, default=1.0)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--url", help="read a running tracker's feeds (no fleet of our own)")
+    parser.add_argument("--query", help="the feeds' area query (default: random viewports)")
     args = parser.parse_args()
     result = trio.run(run, args)
     if args.json:

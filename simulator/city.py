@@ -14,11 +14,12 @@ that are reported are mapped to latitude and longitude, with NumPy.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BLOCK_M", "City", "FloatArray", "Point", "Route"]
+__all__ = ["BLOCK_M", "MAX_STREET_POINTS", "City", "FloatArray", "Point", "Route"]
 
 FloatArray = npt.NDArray[np.float64]
 Point = tuple[float, float]
@@ -36,6 +37,9 @@ WARP_AMPLITUDE = 0.3
 WARP_PERIOD = 11.0
 """Blocks per wave of the warp: streets bend over about 2 km."""
 METRES_PER_DEGREE = 6_371_008.8 * math.pi / 180
+MAX_STREET_POINTS = 60_000
+"""Most points in :meth:`City.streets`: about 1.3 MB of GeoJSON, 0.5 MB gzipped. The
+default 8 km city needs about 12,000 (every street, a point per block)."""
 
 
 class City:
@@ -170,3 +174,39 @@ class City:
             if self.inside(su, row) and self.inside(eu, row):
                 return float(row)
         return 0.0
+
+    # --- the map ---------------------------------------------------------------------------
+
+    def streets(self) -> dict[str, Any]:
+        """The street network as a GeoJSON FeatureCollection, for a map to draw under the
+        vehicles: one LineString per street (``kind`` arterial or residential), in degrees
+        to 1e-5 (a metre, the wire's precision).
+
+        Bounded by :data:`MAX_STREET_POINTS`: a point per block follows the warp closely;
+        a city too large for that keeps only its arterials, then fewer points per street.
+        """
+        everywhere = 2 * math.pi * self.radius**2  # a point per block on every street
+        every = 1 if everywhere <= MAX_STREET_POINTS else ARTERIAL_EVERY
+        step = max(1.0, everywhere / every / MAX_STREET_POINTS)  # blocks between points
+        reach = math.floor(self.radius)
+        features = []
+        for line in range(-reach, reach + 1):
+            arterial = self.speed_limit(line) == ARTERIAL_LIMIT
+            if every > 1 and not arterial:
+                continue
+            half = math.sqrt(self.radius**2 - line**2)
+            along = np.linspace(-half, half, max(2, math.ceil(2 * half / step) + 1))
+            across = np.full_like(along, line)
+            for u, v in ((across, along), (along, across)):
+                lat, lon = self.to_lat_lon(u, v)
+                features.append(
+                    {
+                        "type": "Feature",
+                        "properties": {"kind": "arterial" if arterial else "residential"},
+                        "geometry": {
+                            "type": "LineString",
+                            "coordinates": np.column_stack([lon, lat]).round(5).tolist(),
+                        },
+                    }
+                )
+        return {"type": "FeatureCollection", "features": features}

@@ -342,3 +342,10 @@ def test_tracker_serve_with_a_bad_environment_value_exits_2() -> None:
     assert result.stderr == (
         "tracker: bad configuration: --tick must be at least 0.01 s (TRACKER_TICK_S); got '0.001'\n"
     )
+
+
+def test_tracker_serve_with_a_missing_streets_file_names_the_option(tmp_path: Path) -> None:
+    result = run_tracker("serve", "--port", "0", "--streets-file", str(tmp_path / "none.json"))
+    assert result.returncode == 2
+    assert "--streets-file" in result.stderr and "TRACKER_STREETS_FILE" in result.stderr
+    assert "Traceback" not in result.stderr

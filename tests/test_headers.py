@@ -69,3 +69,26 @@ async def test_only_the_embed_page_may_be_framed(start_server: StartServer) -> N
     for response in (embed, health):
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Referrer-Policy"] == "no-referrer"  # tokens live in URLs
+
+
+async def test_other_origins_may_import_the_browser_modules_when_allowed(
+    start_server: StartServer,
+) -> None:
+    """``import ... from "https://tracker/web/feed-client.js"`` is a CORS request."""
+    listed = await start_server(cors_origins=APP)
+    closed = await start_server()
+    modules = ("/web/feed-client.js", "/web/wire.js", "/web/vendor/msgpack/index.mjs")
+    async with httpx.AsyncClient(base_url=listed.url) as client:
+        for path in modules:
+            response = await client.get(path, headers={"Origin": APP})
+            assert response.status_code == 200, path
+            assert response.headers["Access-Control-Allow-Origin"] == APP
+            assert response.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
+            assert response.headers["Content-Type"].startswith("text/javascript")
+        stranger = await client.get(modules[0], headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in stranger.headers
+        assert stranger.headers["Vary"] == "Origin"  # a cache must not hand it to APP
+    async with httpx.AsyncClient(base_url=closed.url) as client:
+        response = await client.get(modules[0], headers={"Origin": APP})
+        assert "Access-Control-Allow-Origin" not in response.headers
+        assert response.headers["Cross-Origin-Resource-Policy"] == "same-origin"

@@ -39,6 +39,7 @@ from tracker.errors import (
     PayloadTooLarge,
     TrackerError,
     Unauthorized,
+    UnknownVehicle,
     UnsupportedMediaType,
 )
 from tracker.headers import security_headers
@@ -59,6 +60,8 @@ SESSION_MAX_BYTES = 16 * 1024
 """Largest ``POST /session`` body: a token is a few hundred bytes (at most 8 KiB)."""
 COOKIE_MAX_AGE_S = 400 * 86_400
 """Longest session cookie: browsers keep none longer (a token may outlive it)."""
+MAX_VEHICLE_ID_CHARS = 64
+"""Longest vehicle id (the ingest schema's limit)."""
 REFUSAL_LOG_INTERVAL_S = 10.0
 """At most one INFO record this often about refused credentials (anyone can cause them)."""
 _json = msgspec.json.Encoder()
@@ -170,6 +173,29 @@ def create_app(tracker: Tracker) -> QuartTrio:
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.timeout = None
+        return response
+
+    @app.get("/vehicles/<vehicle_id>")
+    async def vehicle(vehicle_id: str) -> Response:
+        """Where one vehicle is now, wherever it is (a map's search box, follow mode).
+
+        The same token and area rules as a feed of the vehicle's cell: 401 without a
+        token where feeds need one, 403 outside the token's area.
+        """
+        grant = readers.grant(request)
+        if len(vehicle_id) > MAX_VEHICLE_ID_CHARS:
+            raise BadRequest(f"a vehicle id is at most {MAX_VEHICLE_ID_CHARS} characters")
+        report = tracker.locate(vehicle_id)
+        if report is None:
+            raise UnknownVehicle(
+                f"no vehicle {vehicle_id!r} is tracked here: never heard from, or silent "
+                f"for more than {config.remove_after_s:g} s",
+                vehicle_id=vehicle_id,
+            )
+        if grant is not None:
+            grant.check(frozenset({int(report.cell, 16)}))
+        response = _json_response(report)
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     @app.post("/session")

@@ -32,14 +32,17 @@ import signal
 import socket
 import ssl
 import sys
+import tempfile
 import types
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 import trio
 
+from simulator.city import City
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
 from tracker.auth import Keyring, new_secret
@@ -63,6 +66,7 @@ from tracker.history.store import StoreError
 from tracker.logs import configure_logging
 from tracker.server import serve
 from tracker.service import CoreCrashed
+from tracker.web import load_streets
 
 __all__ = [
     "StartupError",
@@ -227,8 +231,8 @@ class StartupError(Exception):
 
 
 def check_startup(config: TrackerConfig) -> None:
-    """What can be checked before starting: the host resolves, the devices file reads,
-    TLS files load as a pair.
+    """What can be checked before starting: the host resolves, the devices file reads, the
+    streets file loads, TLS files load as a pair.
 
     Raises :class:`ConfigError` naming the option, so that a typo ends in one line
     instead of a traceback from deep inside the server.
@@ -242,6 +246,8 @@ def check_startup(config: TrackerConfig) -> None:
             "every interface"
         ) from None
     Registry.for_config(config)  # the devices file reads and holds fleets
+    if config.streets_file:
+        load_streets(config.streets_file)
     if not config.certfile:
         return
     for name in ("certfile", "keyfile"):
@@ -541,12 +547,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "token":
             _mint(args, os.environ)
         else:
-            _run_service(
-                config_from(args, environ),
-                _demo,
-                _struct_from(FleetConfig, args, environ),
-                _struct_from(SendConfig, args, environ),
-            )
+            fleet = _struct_from(FleetConfig, args, environ)
+            with tempfile.TemporaryDirectory(prefix="tracker-demo-") as scratch:
+                streets = {env_name("streets_file"): _write_streets(fleet, Path(scratch))}
+                environ = streets | environ
+                _run_service(
+                    config_from(args, environ),
+                    _demo,
+                    fleet,
+                    _struct_from(SendConfig, args, environ),
+                )
     except ConfigError as exc:
         print(f"tracker: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -558,6 +568,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CoreCrashed as exc:
         return _crashed(exc)
     return 0
+
+
+def _write_streets(fleet: FleetConfig, directory: Path) -> str:
+    """The demo city's streets as a GeoJSON file in ``directory``, for the map to draw."""
+    city = City(fleet.center_lat, fleet.center_lon, fleet.radius_m, fleet.seed)
+    path = directory / "streets.geojson"
+    path.write_bytes(msgspec.json.encode(city.streets()))
+    return str(path)
 
 
 def _crashed(error: BaseException) -> int:

@@ -284,6 +284,13 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             ge=1,
         ),
     ] = 1_000_000
+    streets_file: Annotated[
+        str,
+        describe(
+            "A GeoJSON file of streets (LineStrings, at most 4 MiB) the map draws under the "
+            "vehicles, with no tile server needed; tracker demo serves its simulated city's."
+        ),
+    ] = ""
 
     osmand_port: Annotated[
         int,

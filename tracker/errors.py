@@ -15,6 +15,7 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
   * ForbiddenArea (403) -- a feed asking for more than its token allows
   * ForbiddenOrigin (403) -- POST /session from a page of an origin that is not allowed
   * HistoryDisabled (404) -- a history route on a tracker that keeps no history
+  * UnknownVehicle (404) -- ``GET /vehicles/{id}`` of a vehicle this tracker does not hold
   * RequestTimeout (408) -- a request body that arrives too slowly
   * PayloadTooLarge (413)
   * UnsupportedMediaType (415)
@@ -47,6 +48,7 @@ __all__ = [
     "TrackerError",
     "Unauthorized",
     "UnknownDevice",
+    "UnknownVehicle",
     "UnsupportedMediaType",
 ]
 
@@ -147,6 +149,13 @@ class IngestKeyRefused(Unauthorized):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+
+class UnknownVehicle(TrackerError):
+    """A vehicle id this tracker holds no position of (never heard from, or removed)."""
+
+    status = 404
+    code = "unknown_vehicle"
 
 
 class ForbiddenArea(TrackerError):

@@ -2,11 +2,15 @@
 
 Applied to every response by one ``after_request`` hook (``app.py``):
 
-* **CORS** (``cors_origins``): a page on another origin may read ``/feed`` only if its
-  origin is listed (or the list is ``*``). A listed origin is echoed with
+* **CORS** (``cors_origins``): a page on another origin may read ``/feed``,
+  ``/vehicles/...`` and ``/healthz``, and import the browser modules under ``/web/``
+  (``import { FeedClient } from "https://tracker/web/feed-client.js"`` is a CORS request),
+  only if its origin is listed (or the list is ``*``). A listed origin is echoed with
   ``Access-Control-Allow-Credentials`` so the session cookie works across origins; ``*``
   allows anyone but never with credentials (browsers forbid it, and tokens in URLs do not
   need it). Preflights (``OPTIONS /feed``) are answered here too.
+* ``Cross-Origin-Resource-Policy`` on ``/web/``: ``cross-origin`` once any origin is
+  allowed (so pages isolated with COEP may load the files), else ``same-origin``.
 * **Framing**: ``/embed`` may be framed by ``frame_ancestors``; nothing else may be framed.
 * ``Referrer-Policy: no-referrer``: feed and embed URLs carry tokens; a page must not leak
   them to the sites it links to. ``X-Content-Type-Options: nosniff`` everywhere.
@@ -21,6 +25,7 @@ from tracker.config import TrackerConfig
 __all__ = [
     "BASELINE_HEADERS",
     "CORS_PATHS",
+    "CORS_PREFIXES",
     "EMBED_PATH",
     "cors_headers",
     "preflight_headers",
@@ -29,6 +34,9 @@ __all__ = [
 
 CORS_PATHS = frozenset({"/feed", "/healthz"})
 """Paths other origins may read when allowed; ingest is for servers, not browsers."""
+CORS_PREFIXES = ("/web/", "/vehicles/")
+"""Path prefixes other origins may read when allowed: the browser modules, vehicles."""
+WEB_PREFIX = "/web/"
 
 EMBED_PATH = "/embed"
 
@@ -46,17 +54,23 @@ BASELINE_HEADERS = {
 def cors_headers(origin: str | None, path: str, config: TrackerConfig) -> dict[str, str]:
     """The CORS headers a response to ``origin`` gets (none if it is not allowed)."""
     allowed = config.cors_origin_list
-    if origin is None or path not in CORS_PATHS or not allowed:
+    if not allowed or not _readable_across_origins(path):
         return {}
-    if origin in allowed:
+    # Answered with or without an Origin: a cached response must suit the next asker too.
+    if origin is not None and origin in allowed:
         return {
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Allow-Credentials": "true",
             "Vary": "Origin",
         }
     if "*" in allowed:
-        return {"Access-Control-Allow-Origin": "*"}
+        vary = {"Vary": "Origin"} if len(allowed) > 1 else {}  # listed ones get their own
+        return {"Access-Control-Allow-Origin": "*", **vary}
     return {"Vary": "Origin"}
+
+
+def _readable_across_origins(path: str) -> bool:
+    return path in CORS_PATHS or path.startswith(CORS_PREFIXES)
 
 
 def preflight_headers(origin: str | None, path: str, config: TrackerConfig) -> dict[str, str]:
@@ -84,3 +98,6 @@ def security_headers(
     headers.update(BASELINE_HEADERS)
     if path == EMBED_PATH:
         headers["Content-Security-Policy"] = f"frame-ancestors {config.frame_ancestors}"
+    if path.startswith(WEB_PREFIX):
+        shared = "cross-origin" if config.cors_origin_list else "same-origin"
+        headers["Cross-Origin-Resource-Policy"] = shared

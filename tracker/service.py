@@ -9,6 +9,7 @@ drive it without any server):
   (:attr:`Tracker.history`, when configured: it may refuse a batch with 503 first);
 * :meth:`Tracker.open_feed` opens one feed: the bus watches its area, the hub subscribes
   it, and it yields the encoded SSE chunks; leaving the block undoes all three;
+* :meth:`Tracker.locate` says where one vehicle was last published (a map's search);
 * :meth:`Tracker.health` and :attr:`Tracker.ready` say whether it can do its job;
 * :meth:`Tracker.shutdown` begins shutdown: every feed gets its final event.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -48,7 +50,7 @@ from tracker.ingest import apply_pings, decode_body
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
 
-__all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker"]
+__all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker", "VehicleReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,20 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     def ok(self) -> bool:
         """Whether the instance can do its job (``/healthz`` answers 200)."""
         return not self.problems
+
+
+class VehicleReport(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a vehicle was last published (``GET /vehicles/{id}``): what feeds showed."""
+
+    id: str
+    lat: float
+    lon: float
+    ts: float
+    speed: float | None
+    heading: float | None
+    stale: bool
+    cell: str
+    """The H3 index cell, as hex (what ``cells=`` takes)."""
 
 
 def _admit_all(pings: int) -> None:
@@ -312,6 +328,28 @@ class Tracker:
         finally:
             self.bus.unwatch(cells)
 
+    def locate(self, vehicle_id: str) -> VehicleReport | None:
+        """Where ``vehicle_id`` was last published, or None if this instance has not
+        published it (unknown, removed, or only pending until the next tick).
+
+        On a Redis bus an instance holds the vehicles of the areas its feeds watch; a
+        vehicle elsewhere is found by the instance whose feeds cover it.
+        """
+        vehicle = self.index.vehicle(vehicle_id)
+        if vehicle is None or vehicle.published is None:
+            return None
+        position = vehicle.published
+        return VehicleReport(
+            id=vehicle.vehicle_id,
+            lat=position.lat,
+            lon=position.lon,
+            ts=position.ts,
+            speed=_reported(position.speed),
+            heading=_reported(position.heading),
+            stale=vehicle.stale,
+            cell=f"{vehicle.cell:x}",
+        )
+
     def health(self) -> Health:
         """Whether this instance can do its job, and if not, what is wrong."""
         problems: list[str] = []
@@ -357,6 +395,11 @@ class Tracker:
             self.lifecycle = Lifecycle.STOPPING
         self.stopping.set()
         self.hub.close_all()
+
+
+def _reported(value: float | None) -> float | None:
+    """A speed or heading as JSON carries it: None (not NaN) when not reported."""
+    return None if value is None or math.isnan(value) else value
 
 
 def _is_cancellation(exc: BaseException) -> bool:
