@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,10 +30,10 @@ CHROMIUM_ARGS = [
 
 
 @contextmanager
-def demo(port: int, *options: str) -> Iterator[str]:
+def demo(port: int, *options: str, env: Mapping[str, str] | None = None) -> Iterator[str]:
     """``tracker demo`` on ``port`` until the block ends; its URL. Waits for a clean exit."""
     args = ["demo", "--port", str(port), "--quiet", "--tick", "0.5", *options]
-    with tracker_child(*args) as child:
+    with tracker_child(*args, env=env) as child:
         yield f"http://127.0.0.1:{port}"
         code = child.interrupt(timeout=30)
         assert code == 0 and b"Traceback" not in child.output, child.output.decode()

@@ -90,9 +90,14 @@ class TrackerChild:
 
 
 @contextmanager
-def tracker_child(*args: str, timeout: float = 30) -> Iterator[TrackerChild]:
-    """Start ``python -m tracker *args`` and wait until it serves; killed on exit if alive."""
-    child = TrackerChild(*args)
+def tracker_child(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30
+) -> Iterator[TrackerChild]:
+    """Start ``python -m tracker *args`` and wait until it serves; killed on exit if alive.
+
+    ``env`` adds to (or overrides) this process's environment.
+    """
+    child = TrackerChild(*args, env=env)
     try:
         child.wait_ready(timeout)
         yield child

@@ -19,6 +19,8 @@ from tests.browser import chromium, demo, static_server
 from tests.processes import free_port
 
 BBOX = "13.33,52.48,13.47,52.56"
+FIND = "[...trackerMap.feed.table.vehicles.values()].find(v => v.id === id)"
+"""The vehicle whose id is ``id``, in a page's feed (JavaScript)."""
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_the_feed_follows_the_view_without_flicker(page: Page, url: str) -> None
             trackerMap.feed.onUpdate((c, table) =>
                 window.smallest = Math.min(window.smallest, table.vehicles.size)); }"""
     )
-    page.evaluate("() => trackerMap.map.setView([52.52, 13.405], 15)")
+    page.evaluate("() => { trackerMap.map.setView([52.52, 13.405], 15); }")
     page.wait_for_function(f"() => !trackerMap.feed.url.includes('{BBOX}')")
     page.wait_for_function(
         "() => new URL(trackerMap.feed.url).searchParams.get('bbox') === "
@@ -116,18 +118,25 @@ def test_a_link_reopens_the_same_view(page: Page, url: str) -> None:
     assert west <= 13.39 and east >= 13.42 and south <= 52.51 and north >= 52.53
 
 
-def test_too_large_a_view_asks_to_zoom_in(page: Page, url: str) -> None:
-    page.goto(f"{url}/?bbox=-20,30,40,70")
+def test_too_large_a_view_clears_the_vehicles_and_asks_to_zoom_in(page: Page, url: str) -> None:
+    page.goto(f"{url}/?bbox={BBOX}")
+    page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 100")
+    page.evaluate("() => { trackerMap.map.setView([52.52, 13.405], 4); }")
     page.wait_for_function("() => document.getElementById('notice').textContent.includes('zoom')")
+    assert page.evaluate("() => trackerMap.feed === null && trackerMap.vehiclesInView() === 0")
+    assert page.locator("#status .state").get_attribute("data-state") == "paused"
+    assert "bbox" not in page.evaluate("() => location.search")  # the link keeps no old area
+    page.wait_for_function("() => +document.getElementById('in-view').textContent === 0")
+    page.evaluate("() => { trackerMap.map.setView([52.52, 13.405], 14); }")  # back in: live again
+    page.wait_for_function("() => trackerMap.feed?.table.vehicles.size > 10")
+    assert page.evaluate("() => location.search").startswith("?bbox=")
 
 
 def test_cells_toggle_draws_the_subscribed_cells(page: Page, url: str) -> None:
     page.goto(f"{url}/?bbox={BBOX}")
     page.wait_for_function("() => window.trackerMap?.feed")
     page.check("#show-cells")
-    page.wait_for_function(
-        "() => document.querySelectorAll('path.leaflet-interactive, svg path').length > 10"
-    )
+    page.wait_for_function("() => document.querySelectorAll('path.h3-cell').length > 10")
 
 
 def test_reconnecting_then_recovering_with_the_right_vehicles(browser: Browser) -> None:
@@ -174,6 +183,84 @@ def test_embed_works_in_an_iframe_on_another_origin(page: Page, url: str, tmp_pa
         embedded = next(f for f in page.frames if "/embed" in f.url)
         embedded.wait_for_function("() => window.trackerMap.feed.table.vehicles.size > 10")
         assert embedded.evaluate("() => document.getElementById('status')") is None
+
+
+def test_find_a_vehicle_anywhere_and_follow_it_over_the_streets(page: Page, url: str) -> None:
+    """The side panel lists the vehicles in view; the search asks the server where a vehicle
+    is (it is not in view) and the map follows it, its feed with it."""
+    page.goto(f"{url}/?bbox=13.39,52.51,13.41,52.52")
+    page.wait_for_function("() => window.trackerMap?.streets?.getLayers().length > 100")
+    page.wait_for_function("() => document.querySelectorAll('#vehicle-list tbody tr').length > 0")
+    shown = set(
+        page.locator("#vehicle-list tbody tr").evaluate_all("rows => rows.map(r => r.dataset.id)")
+    )
+    with httpx.stream("GET", f"{url}/feed?bbox=13.44,52.47,13.50,52.49&format=json") as far:
+        snapshot = next(line for line in far.iter_lines() if line.startswith("data:"))
+    target = next(vid for vid in re.findall(r'"id":"([^"]+)"', snapshot) if vid not in shown)
+    page.fill("#search-id", target)
+    page.click("#search button")
+    page.wait_for_function(f"() => trackerMap.following === '{target}'")
+    page.locator("#following").get_by_text(target).wait_for()
+    assert f"follow={target}" in page.evaluate("() => location.search")
+    # Centred on it, tick after tick, with the feed around it.
+    offsets = []
+    for _ in range(3):
+        ts = page.evaluate(f"id => ({FIND})?.ts ?? 0", target)
+        page.wait_for_function(f"([id, ts]) => ({FIND})?.ts > ts", arg=[target, ts], timeout=15_000)
+        page.wait_for_timeout(100)
+        offsets.append(
+            page.evaluate(
+                f"""id => trackerMap.map.latLngToContainerPoint([({FIND}).lat, ({FIND}).lon])
+                    .distanceTo(trackerMap.map.getSize().divideBy(2))""",
+                target,
+            )
+        )
+    assert max(offsets) < 3, offsets
+    west, south, east, north = map(float, page.evaluate("() => trackerMap.area.bbox").split(","))
+    lat, lon = page.evaluate(
+        "() => [trackerMap.map.getCenter().lat, trackerMap.map.getCenter().lng]"
+    )
+    assert west < lon < east and south < lat < north
+    page.click("#unfollow")
+    assert page.evaluate("() => trackerMap.following") is None
+    page.fill("#search-id", "nobody-by-that-name")
+    page.click("#search button")
+    page.locator("#search-result").get_by_text("no vehicle").wait_for()
+
+
+@pytest.mark.parametrize("path", ["/", "/embed"])
+def test_a_phone_sized_screen_shows_everything(browser: Browser, url: str, path: str) -> None:
+    """390 px wide: the strip wraps without clipping, the map keeps most of the screen, the
+    panel waits to be opened, and the embed's badge leaves the attribution readable."""
+    context = browser.new_context(viewport={"width": 390, "height": 760}, device_scale_factor=2)
+    page = context.new_page()
+    page.goto(f"{url}{path}?bbox={BBOX}")
+    page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 10")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
+    assert page.locator("#map").bounding_box()["height"] > 500
+    if path == "/":
+        strip = page.locator("#status").bounding_box()
+        assert strip["y"] + strip["height"] <= 760
+        for box in page.locator("#status > *").evaluate_all(
+            "items => items.map(i => i.getBoundingClientRect().toJSON())"
+        ):
+            assert box["left"] >= 0 and box["right"] <= 390, box
+            assert strip["y"] <= box["top"] and box["bottom"] <= strip["y"] + strip["height"]
+        assert page.locator("#panel").get_attribute("data-open") == "false"
+        page.click("#panel-toggle")
+        page.locator("#vehicle-list").wait_for()
+    else:
+        badge = page.locator("#badge").bounding_box()
+        credit = page.locator(".leaflet-control-attribution").bounding_box()
+        assert badge and credit
+        apart = (
+            badge["x"] + badge["width"] <= credit["x"]
+            or credit["x"] + credit["width"] <= badge["x"]
+            or badge["y"] + badge["height"] <= credit["y"]
+            or credit["y"] + credit["height"] <= badge["y"]
+        )
+        assert apart, (badge, credit)
+    context.close()
 
 
 def test_tabs_share_one_feed_connection(browser: Browser, url: str) -> None:

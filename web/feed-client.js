@@ -4,7 +4,12 @@
 //   import { FeedClient } from "/web/feed-client.js";
 //   const feed = new FeedClient("/feed?bbox=13.3,52.4,13.5,52.6&token=...");
 //   feed.onUpdate((changes, table) => draw(table.vehicles));
-//   feed.onState((state) => console.log(state)); // connecting | live | reconnecting | offline | ended
+//   feed.onState((state) => console.log(state, feed.problem)); // connecting | live | reconnecting | offline | ended
+//
+// When the server refuses a feed (EventSource only says "error"), the client asks once
+// more with fetch() to learn why: `feed.problem` is then {status, error, message} from the
+// JSON error body (401 no or an expired token, 403 outside the token's area, 429 ...).
+// Refusals that cannot change by waiting (400, 401, 403, 404) are not retried.
 //
 // Browsers open at most six HTTP/1.1 connections per host, and an EventSource holds one
 // for good: ten tabs of the map would hang. So tabs elect a leader per feed URL with the
@@ -15,12 +20,15 @@
 import { VehicleTable } from "./wire.js";
 
 const CHANNEL_PREFIX = "tracker-feed ";
+const RETRY_MS = 5000;
+const FINAL = new Set([400, 401, 403, 404]); // waiting does not change these answers
 
 export class FeedClient {
   #url;
   #share;
   #listeners = { update: new Set(), state: new Set() };
   #state = "connecting";
+  #problem = null;
   #lastEventId = null;
   #session = null; // what the current URL holds open: {close()}
   #window = { start: performance.now(), updates: 0, bytes: 0 };
@@ -43,6 +51,11 @@ export class FeedClient {
   /** connecting | live | reconnecting | offline | ended (a replay's `end` event came) */
   get state() {
     return this.#state;
+  }
+
+  /** Why the server refused the feed, while offline: {status, error, message}; else null. */
+  get problem() {
+    return this.#problem;
   }
 
   /** Call fn(changes, table) after every applied event; returns an unsubscribe function. */
@@ -100,14 +113,17 @@ export class FeedClient {
         this.#changeState("ended", relay);
       });
       source.onopen = () => this.#changeState("live", relay);
-      source.onerror = () => {
+      source.onerror = async () => {
         if (source.readyState !== EventSource.CLOSED) {
           this.#changeState("reconnecting", relay); // EventSource retries by itself
           return;
         }
-        // Refused with an HTTP error: EventSource gives up. Try again later, resuming.
-        this.#changeState("offline", relay);
-        retry = setTimeout(() => closed || open(), 5000);
+        // Refused with an HTTP error: EventSource gives up, without saying why. Ask, then
+        // try again later (resuming) unless the answer cannot change by waiting.
+        const problem = await refusal(this.#resumeUrl(url));
+        if (closed) return;
+        this.#changeState("offline", relay, problem);
+        if (!FINAL.has(problem?.status)) retry = setTimeout(() => closed || open(), RETRY_MS);
       };
     };
     open();
@@ -127,9 +143,9 @@ export class FeedClient {
     return resumed.href;
   }
 
-  #changeState(state, relay) {
-    this.#setState(state);
-    relay({ type: "state", state });
+  #changeState(state, relay, problem = null) {
+    this.#setState(state, problem);
+    relay({ type: "state", state, problem });
   }
 
   // --- one EventSource per browser, shared by tabs ---------------------------------------
@@ -146,7 +162,7 @@ export class FeedClient {
         return;
       }
       if (message.type === "event") this.#apply(message);
-      else if (message.type === "state") this.#setState(message.state);
+      else if (message.type === "state") this.#setState(message.state, message.problem);
       else if (message.type === "table") this.#adopt(message);
     };
     navigator.locks
@@ -167,16 +183,17 @@ export class FeedClient {
   }
 
   #tableMessage() {
-    return { type: "table", table: this.table.toJSON(), id: this.#lastEventId, state: this.#state };
+    const { table, state } = { table: this.table.toJSON(), state: this.#state };
+    return { type: "table", table, id: this.#lastEventId, state, problem: this.#problem };
   }
 
-  #adopt({ table, id, state }) {
+  #adopt({ table, id, state, problem }) {
     const before = new Set(this.table.vehicles.keys());
     this.table = VehicleTable.fromJSON(table);
     this.#lastEventId = id;
     const changed = new Set(this.table.vehicles.keys());
     const removed = new Set([...before].filter((vid) => !changed.has(vid)));
-    this.#setState(state);
+    this.#setState(state, problem);
     this.#emit({ snapshot: true, changed, removed });
   }
 
@@ -196,10 +213,12 @@ export class FeedClient {
     for (const fn of this.#listeners.update) fn(changes, this.table);
   }
 
-  #setState(state) {
-    if (state === this.#state) return;
+  #setState(state, problem = null) {
+    const same = problem?.status === this.#problem?.status && problem?.message === this.#problem?.message;
+    if (state === this.#state && same) return;
     this.#state = state;
-    for (const fn of this.#listeners.state) fn(state);
+    this.#problem = state === "offline" ? problem : null;
+    for (const fn of this.#listeners.state) fn(state, this.#problem);
   }
 
   #rollStats() {
@@ -208,5 +227,23 @@ export class FeedClient {
     this.stats.updatesPerSecond = this.#window.updates / seconds;
     this.stats.bytesPerSecond = this.#window.bytes / seconds;
     this.#window = { start: now, updates: 0, bytes: 0 };
+  }
+}
+
+/**
+ * Why the server refuses `url`: {status, error, message} from its JSON error body, or null
+ * if it answers 200 now (the request is dropped at once) or cannot be reached.
+ */
+async function refusal(url) {
+  const controller = new AbortController();
+  try {
+    const response = await fetch(url, { signal: controller.signal, cache: "no-store" });
+    if (response.ok) return null;
+    const body = await response.json().catch(() => ({}));
+    return { status: response.status, error: body.error ?? "", message: body.message ?? "" };
+  } catch {
+    return null;
+  } finally {
+    controller.abort();
   }
 }

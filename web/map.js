@@ -1,9 +1,11 @@
-// The live map (`/`) and the embed page (`/embed`): Leaflet, vehicles drawn on one canvas,
-// a feed that follows the view. `window.trackerMap` exposes the state to tests.
+// The live map (`/`) and the embed page (`/embed`): Leaflet, the streets and the vehicles
+// drawn on canvases, a feed that follows the view (or the followed vehicle), and why it is
+// offline when the server refuses it. `window.trackerMap` exposes the state to tests.
 
 import { areaFromQuery, bboxQuery, boundsOf, cellsOf, cellToBoundary, estimatedCells } from "./area.js";
 import { FeedClient } from "./feed-client.js";
 import { installHistory } from "./history.js";
+import { createPanel, explainRefusal } from "./panel.js";
 
 const L = window.L;
 const embed = document.body.dataset.embed === "true";
@@ -14,11 +16,42 @@ const config = await (await fetch("/web/config.json")).json();
 
 const map = L.map("map", { zoomControl: !embed, worldCopyJump: false, minZoom: 3 });
 if (config.tile_url) {
-  L.tileLayer(config.tile_url, { attribution: config.tile_attribution, maxZoom: 19 }).addTo(map);
+  L.tileLayer(config.tile_url, {
+    attribution: config.tile_attribution,
+    maxZoom: 19,
+    // Tile servers (OpenStreetMap's among them) want a Referer; the page's own policy
+    // sends none, as its URL may carry a token. The origin alone is enough.
+    referrerPolicy: "strict-origin",
+  }).addTo(map);
 }
 const start = areaFromQuery(params);
 if (start) map.fitBounds(boundsOf(start));
 else map.setView(config.map_center, config.map_zoom);
+// The map's box changes size without a window resize (the status strip wraps, the panel
+// opens): tell Leaflet, or it keeps drawing for the old size.
+new ResizeObserver(() => map.invalidateSize()).observe(document.getElementById("map"));
+
+// --- streets under the vehicles (GeoJSON served by the tracker, no tiles needed) ------------
+
+let streets = null;
+if (config.streets_url) {
+  map.createPane("streets").style.zIndex = 350; // above tiles (200), below vehicles (400)
+  const renderer = L.canvas({ pane: "streets", padding: 0.5 });
+  fetch(config.streets_url)
+    .then((response) => response.json())
+    .then((collection) => {
+      streets = L.geoJSON(collection, {
+        pane: "streets",
+        renderer,
+        interactive: false,
+        style: (feature) =>
+          feature.properties?.kind === "arterial"
+            ? { color: "#fdf3c4", weight: 6, opacity: 1 }
+            : { color: "#ffffff", weight: 3, opacity: 1 },
+      }).addTo(map);
+    })
+    .catch(() => {}); // the map works without them
+}
 
 // --- vehicles on a canvas ---------------------------------------------------------------
 
@@ -65,6 +98,13 @@ const VehicleLayer = L.Layer.extend({
     const origin = map.getPixelOrigin();
     const ox = origin.x + corner.x;
     const oy = origin.y + corner.y;
+    const project = (v) => {
+      const sinLat = Math.sin((v.lat * Math.PI) / 180);
+      return [
+        ((v.lon + 180) / 360) * scale - ox,
+        (0.5 - Math.log((1 + sinLat) / (1 - sinLat)) / (4 * Math.PI)) * scale - oy,
+      ];
+    };
     const zoom = map.getZoom();
     const r = zoom >= 15 ? 6 : zoom >= 13 ? 4.5 : 3;
     // Colour by colour, so the fill style changes three times a frame, not per vehicle.
@@ -75,9 +115,7 @@ const VehicleLayer = L.Layer.extend({
     for (const [kind, group] of Object.entries(groups)) {
       ctx.fillStyle = COLORS[kind];
       for (const v of group) {
-        const x = ((v.lon + 180) / 360) * scale - ox;
-        const sinLat = Math.sin((v.lat * Math.PI) / 180);
-        const y = (0.5 - Math.log((1 + sinLat) / (1 - sinLat)) / (4 * Math.PI)) * scale - oy;
+        const [x, y] = project(v);
         if (x < -r || y < -r || x > size.x + r || y > size.y + r) continue;
         ctx.beginPath();
         if (v.heading === null) {
@@ -95,11 +133,31 @@ const VehicleLayer = L.Layer.extend({
         ctx.fill();
       }
     }
+    const followed = followedVehicle();
+    if (followed) {
+      const [x, y] = project(followed);
+      ctx.strokeStyle = "#7c3aed";
+      ctx.lineWidth = 3;
+      ctx.beginPath();
+      ctx.arc(x, y, r * 2.6, 0, 2 * Math.PI);
+      ctx.stroke();
+    }
   },
 });
 const vehicleLayer = new VehicleLayer().addTo(map);
 
-// Click a vehicle: id, speed, heading, last seen.
+/** A vehicle's id, speed, heading and last seen, as rows of [name, value]. */
+function describe(v) {
+  const age = Math.max(0, Date.now() / 1000 - v.ts);
+  return [
+    ["vehicle", v.id],
+    ["speed", v.speed === null ? "not reported" : `${(v.speed * 3.6).toFixed(0)} km/h`],
+    ["heading", v.heading === null ? "not reported" : `${v.heading.toFixed(0)}°`],
+    ["last seen", `${age.toFixed(0)} s ago${v.stale ? " (stale)" : ""}`],
+  ];
+}
+
+// Click a vehicle: id, speed, heading, last seen, and (on the map page) follow it.
 map.on("click", (e) => {
   if (!feed) return;
   let best = null;
@@ -110,24 +168,26 @@ map.on("click", (e) => {
   }
   if (!best) return;
   historyTools?.vehicleClicked(best);
-  const age = Math.max(0, Date.now() / 1000 - best.ts);
-  const rows = [
-    ["vehicle", best.id],
-    ["speed", best.speed === null ? "not reported" : `${(best.speed * 3.6).toFixed(0)} km/h`],
-    ["heading", best.heading === null ? "not reported" : `${best.heading.toFixed(0)}°`],
-    ["last seen", `${age.toFixed(0)} s ago${best.stale ? " (stale)" : ""}`],
-  ];
+  const box = document.createElement("div");
   const table = document.createElement("table");
   table.className = "vehicle-popup";
-  for (const [name, value] of rows) {
+  for (const [name, value] of describe(best)) {
     const row = table.insertRow();
     row.insertCell().textContent = name;
     row.insertCell().textContent = value;
   }
-  L.popup().setLatLng([best.lat, best.lon]).setContent(table).openOn(map);
+  box.append(table);
+  if (!embed) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = "follow";
+    button.addEventListener("click", () => follow(best.id, best));
+    box.append(button);
+  }
+  L.popup().setLatLng([best.lat, best.lon]).setContent(box).openOn(map);
 });
 
-// --- the feed follows the view ------------------------------------------------------------
+// --- the feed follows the view, or the followed vehicle ------------------------------------
 
 let feed = null;
 let area = null;
@@ -144,29 +204,57 @@ function feedUrl(query) {
 }
 
 function subscribe() {
-  area = fixedArea ?? bboxQuery(map.getBounds());
-  if (estimatedCells(area, config.h3_resolution) > config.max_feed_cells) {
-    notice("zoom in to see vehicles: this view is larger than one feed may cover");
-    area = null;
-    drawCells();
+  const view = map.getBounds();
+  // Following, the feed covers twice the view around the vehicle and is kept while the
+  // view stays inside it: the map re-centres every tick, the feed switches now and then.
+  if (following && area?.bbox && L.latLngBounds(boundsOf(area)).contains(view)) return;
+  const wanted = fixedArea ?? bboxQuery(following ? view.pad(0.5) : view);
+  if (estimatedCells(wanted, config.h3_resolution) > config.max_feed_cells) {
+    pause("zoom in to see vehicles: this view is larger than one feed may cover");
     return;
   }
+  area = wanted;
   notice("");
   if (feed) feed.setUrl(feedUrl(area));
   else startFeed(feedUrl(area));
-  if (!embed) {
-    const page = new URLSearchParams(area);
-    if (token) page.set("token", token);
-    history.replaceState(null, "", `?${page}`);
+  if (!embed) rememberView();
+  drawCells();
+}
+
+/** The page's URL reopens this view: its area (and the followed vehicle). */
+function rememberView() {
+  // Following, the feed's area is larger than the view: the link keeps the view.
+  const page = new URLSearchParams(area ? (following ? bboxQuery(map.getBounds()) : area) : {});
+  if (following) page.set("follow", following);
+  if (token) page.set("token", token);
+  const query = page.toString();
+  history.replaceState(null, "", query ? `?${query}` : location.pathname);
+}
+
+/** Too large a view: no feed, no vehicles, no area in the URL, and say why. */
+function pause(why) {
+  area = null;
+  if (feed) {
+    feed.close();
+    feed = null;
   }
+  vehicleLayer.redraw();
+  showState("paused", null);
+  notice(why);
+  if (!embed) rememberView();
   drawCells();
 }
 
 function startFeed(url) {
   feed = new FeedClient(url);
-  feed.onUpdate(() => vehicleLayer.redraw());
-  feed.onState(showState);
-  showState(feed.state);
+  const current = feed;
+  feed.onUpdate(() => {
+    if (current !== feed) return;
+    vehicleLayer.redraw();
+    keepFollowing();
+  });
+  feed.onState((state, problem) => current === feed && showState(state, problem));
+  showState(feed.state, feed.problem);
   historyTools?.attach(feed);
 }
 
@@ -176,7 +264,7 @@ function drawCells() {
   const cells = cellsOf(area, config.h3_resolution).slice(0, 3000);
   for (const cell of cells) {
     L.polygon(cellToBoundary(cell), {
-      color: "#7c3aed", weight: 1, fill: false, interactive: false,
+      color: "#7c3aed", weight: 1, fill: false, interactive: false, className: "h3-cell",
     }).addTo(cellLayer);
   }
 }
@@ -187,14 +275,77 @@ map.on("moveend", () => {
   pending = setTimeout(subscribe, 250); // debounced: one switch per gesture
 });
 showCells?.addEventListener("change", drawCells);
-subscribe();
+
+// --- follow one vehicle ------------------------------------------------------------------
+
+let following = null; // the followed vehicle's id
+let followedVid = null; // its number in the current feed's table, once seen
+let lostSince = null;
+const LOST_AFTER_MS = 3000; // not in the feed this long: ask the server where it is
+
+function followedVehicle() {
+  if (!following || !feed) return null;
+  const known = feed.table.vehicles.get(followedVid);
+  if (known?.id === following) return known;
+  for (const v of feed.table.vehicles.values()) {
+    if (v.id === following) {
+      followedVid = v.vid;
+      return v;
+    }
+  }
+  return null;
+}
+
+/** Keep the followed vehicle centred; if it is not in the feed, ask where it went. */
+function keepFollowing() {
+  if (!following) return;
+  const v = followedVehicle();
+  if (v) {
+    lostSince = null;
+    map.panTo([v.lat, v.lon], { animate: false });
+    return;
+  }
+  lostSince ??= performance.now();
+  if (performance.now() - lostSince > LOST_AFTER_MS) {
+    lostSince = performance.now();
+    panel?.find(following);
+  }
+}
+
+/** Follow vehicle `id`, at `where` (a position the server or the feed gave). */
+function follow(id, where) {
+  following = id;
+  followedVid = null;
+  lostSince = null;
+  map.closePopup();
+  map.setView([where.lat, where.lon], Math.max(map.getZoom(), 15), { animate: false });
+  area = null; // subscribe around the vehicle now
+  subscribe();
+  panel?.showFollowing(id);
+  vehicleLayer.redraw();
+}
+
+function unfollow() {
+  if (!following) return;
+  following = null;
+  panel?.showFollowing(null);
+  subscribe();
+}
+map.on("dragstart", unfollow); // the user takes the map back
 
 // --- status ---------------------------------------------------------------------------------
 
-function showState(state) {
+function showState(state, problem) {
   for (const el of document.querySelectorAll(".state")) {
     el.dataset.state = state;
     el.querySelector(".text").textContent = state;
+  }
+  const box = document.getElementById("problem");
+  const help = problem ? explainRefusal(problem, { token, embed }) : null;
+  box.hidden = !help;
+  if (help) {
+    box.querySelector(".title").textContent = help.title;
+    box.querySelector(".todo").textContent = help.todo;
   }
 }
 
@@ -207,21 +358,27 @@ function formatBytes(n) {
   return n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : n >= 1e3 ? `${(n / 1e3).toFixed(1)} kB` : `${n.toFixed(0)} B`;
 }
 
-function vehiclesInView() {
-  if (!feed) return 0;
+function inView() {
+  if (!feed) return [];
   const bounds = map.getBounds();
-  let count = 0;
-  for (const v of feed.table.vehicles.values()) if (bounds.contains([v.lat, v.lon])) count++;
-  return count;
+  return [...feed.table.vehicles.values()].filter((v) => bounds.contains([v.lat, v.lon]));
 }
+
+const panel = embed
+  ? null
+  : createPanel({ token, inView, follow, unfollow, onProblem: (p) => showState("offline", p) });
 
 if (!embed) {
   setInterval(() => {
-    document.getElementById("in-view").textContent = vehiclesInView().toLocaleString("en");
+    document.getElementById("in-view").textContent = inView().length.toLocaleString("en");
     document.getElementById("updates").textContent = (feed?.stats.updatesPerSecond ?? 0).toFixed(0);
     document.getElementById("bytes").textContent = formatBytes(feed?.stats.bytesPerSecond ?? 0);
+    panel.refresh();
   }, 1000);
 }
+
+if (!embed && params.get("follow")) panel.find(params.get("follow"));
+else subscribe();
 
 window.trackerMap = {
   map,
@@ -237,6 +394,14 @@ window.trackerMap = {
   get area() {
     return area;
   },
-  vehiclesInView,
+  get following() {
+    return following;
+  },
+  get streets() {
+    return streets;
+  },
+  follow,
+  unfollow,
+  vehiclesInView: () => inView().length,
   history: historyTools,
 };
