@@ -6,9 +6,11 @@ when :meth:`Sender.run` is cancelled or ``duration_s`` has passed:
 * ``producer``: advances the fleet with the wall clock (times ``speedup``) every
   ``step_s`` and queues the pings that fell due;
 * ``poster-N`` (``connections`` of them): POST queued pings in batches of
-  ``batch_size`` as msgpack; on a network error, a 5xx or a 429 the batch goes back to the
-  front of the queue and the poster backs off (exponential, with jitter, honouring
-  ``Retry-After``); any other 4xx is counted and dropped, as resending cannot fix it;
+  ``batch_size`` as msgpack, or, with ``protocol``, one request (or MQTT message) per
+  ping as devices send them (``simulator.protocols``); on a network error, a 5xx or a
+  429 the batch goes back to the front of the queue and the poster backs off
+  (exponential, with jitter, honouring ``Retry-After``); any other 4xx is counted and
+  dropped, as resending cannot fix it;
 * ``reporter``: prints live progress once a second (unless quiet).
 
 The queue is bounded (``max_pending`` pings): when the tracker is down or slow for long,
@@ -24,16 +26,28 @@ from __future__ import annotations
 import random
 import sys
 import time
+import urllib.parse
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, TextIO
 
 import httpx
 import msgspec
+import paho.mqtt.client as paho
 import trio
+from paho.mqtt.enums import CallbackAPIVersion
 
 from simulator.fleet import Fleet, FleetConfig, PingBatch
+from simulator.protocols import (
+    PROTOCOLS,
+    osmand_query,
+    owntracks_headers,
+    owntracks_location,
+    owntracks_topic,
+)
 from tracker.config import describe as _help
+from tracker.config import without_password
 from tracker.pings import Ping
 
 __all__ = ["SendConfig", "SendStats", "Sender"]
@@ -41,6 +55,9 @@ __all__ = ["SendConfig", "SendStats", "Sender"]
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
 REQUEST_TIMEOUT_S = 10.0
+MQTT_QUEUE_MAX = 10_000  # messages paho holds while the broker is slow; more fail to publish
+MQTT_INFLIGHT_MAX = 1000  # QoS 1 messages awaiting the broker's acknowledgement
+MQTT_STOP_S = 5.0
 
 
 class SendConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +78,20 @@ class SendConfig(msgspec.Struct, frozen=True, kw_only=True):
     ] = 500_000
     step_s: Annotated[float, _help("Wall-clock seconds between fleet steps.", gt=0)] = 0.1
     quiet: Annotated[bool, _help("No progress output (for scripts).")] = False
+    protocol: Annotated[
+        str,
+        _help(
+            "How pings are sent: ingest (batched POST /ingest), or one request per ping as "
+            "devices do: osmand, owntracks-http, owntracks-mqtt (to --mqtt)."
+        ),
+    ] = "ingest"
+    mqtt: Annotated[str, _help("The broker owntracks-mqtt publishes to (mqtt://host:port).")] = (
+        "mqtt://127.0.0.1:1883"
+    )
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
 
 
 @dataclass
@@ -104,24 +135,33 @@ class Sender:
         self._has_pings = trio.Event()
         self._out = out
         self._jitter = random.Random(fleet_config.seed)
+        self._mqtt: paho.Client | None = None
 
     async def run(self) -> None:
         """Produce, post and report until cancelled or the configured duration is over."""
         deadline = self.config.duration_s if self.config.duration_s is not None else float("inf")
-        with trio.move_on_after(deadline):
-            async with (
-                httpx.AsyncClient(
-                    base_url=self.config.url,
-                    timeout=REQUEST_TIMEOUT_S,
-                    headers={"X-Ingest-Key": self.config.ingest_key},
-                ) as http,
-                trio.open_nursery() as sim_nursery,
-            ):
-                sim_nursery.start_soon(self._produce, name="producer")
-                for number in range(self.config.connections):
-                    sim_nursery.start_soon(self._post_forever, http, name=f"poster-{number}")
-                if not self.config.quiet:
-                    sim_nursery.start_soon(self._report, name="reporter")
+        if self.config.protocol == "owntracks-mqtt":
+            self._mqtt = _mqtt_client(self.config.mqtt)
+        try:
+            with trio.move_on_after(deadline):
+                async with (
+                    httpx.AsyncClient(
+                        base_url=self.config.url,
+                        timeout=REQUEST_TIMEOUT_S,
+                        headers={"X-Ingest-Key": self.config.ingest_key},
+                    ) as http,
+                    trio.open_nursery() as sim_nursery,
+                ):
+                    sim_nursery.start_soon(self._produce, name="producer")
+                    for number in range(self.config.connections):
+                        sim_nursery.start_soon(self._post_forever, http, name=f"poster-{number}")
+                    if not self.config.quiet:
+                        sim_nursery.start_soon(self._report, name="reporter")
+        finally:
+            if self._mqtt is not None:
+                self._mqtt.disconnect()
+                with trio.move_on_after(MQTT_STOP_S, shield=True):
+                    await trio.to_thread.run_sync(self._mqtt.loop_stop, abandon_on_cancel=True)
         if not self.config.quiet:
             self._print_progress(final=True)
 
@@ -202,21 +242,50 @@ class Sender:
         return batch
 
     async def _post(self, http: httpx.AsyncClient, batch: list[Ping]) -> float | None:
-        """POST one batch; None when done with it, else seconds to wait before resending."""
+        """Send one batch; None when done with it, else seconds to wait before resending."""
+        if self.config.protocol == "owntracks-mqtt":
+            return self._publish(batch)
+        for request, pings in self._requests(http, batch):
+            retry_after = await self._send(http, request, pings)
+            if retry_after is not None:
+                return retry_after
+        return None
+
+    def _requests(
+        self, http: httpx.AsyncClient, batch: list[Ping]
+    ) -> Iterator[tuple[httpx.Request, int]]:
+        """The requests that carry ``batch``, each with its number of pings."""
+        key, protocol = self.config.ingest_key, self.config.protocol
+        if protocol == "ingest":
+            body = _encoder.encode(batch)
+            headers = {"Content-Type": "application/msgpack"}
+            yield http.build_request("POST", "/ingest", content=body, headers=headers), len(batch)
+            return
+        for ping in batch:
+            if protocol == "osmand":
+                yield http.build_request("GET", "/osmand", params=osmand_query(ping, key)), 1
+            else:
+                body = owntracks_location(ping)
+                headers = owntracks_headers(ping.vehicle_id, key)
+                yield http.build_request("POST", "/owntracks", content=body, headers=headers), 1
+
+    async def _send(
+        self, http: httpx.AsyncClient, request: httpx.Request, pings: int
+    ) -> float | None:
+        """Send one request carrying ``pings``; None when done, else seconds to wait."""
         stats = self.stats
         try:
-            response = await http.post(
-                "/ingest",
-                content=_encoder.encode(batch),
-                headers={"Content-Type": "application/msgpack"},
-            )
+            response = await http.send(request)
         except httpx.TransportError as exc:
             stats.network_errors += 1
             stats.last_error = f"{type(exc).__name__}: {exc}"[:120]
             return 0.0
         if response.status_code in (200, 422):
+            stats.sent += pings
+            if request.url.path == "/owntracks":  # the app's reply is a list of commands
+                stats.accepted += pings
+                return None
             reply = _reply_decoder.decode(response.content)
-            stats.sent += len(batch)
             stats.accepted += reply.accepted
             stats.ignored += reply.ignored
             stats.rejected += len(reply.rejected)
@@ -226,6 +295,26 @@ class Sender:
             stats.server_errors += 1
             return _retry_after(response)
         stats.client_errors += 1
+        return None
+
+    def _publish(self, batch: list[Ping]) -> float | None:
+        """Publish a batch to the broker as the OwnTracks app does (QoS 1)."""
+        assert self._mqtt is not None
+        if not self._mqtt.is_connected():
+            self.stats.network_errors += 1
+            self.stats.last_error = f"not connected to {without_password(self.config.mqtt)}"
+            return 0.0
+        for number, ping in enumerate(batch):
+            info = self._mqtt.publish(
+                owntracks_topic(ping.vehicle_id), owntracks_location(ping), qos=1
+            )
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                self.stats.sent += number
+                self.stats.network_errors += 1
+                self.stats.last_error = f"publish: {paho.error_string(info.rc)}"
+                return 0.0
+        self.stats.sent += len(batch)
+        self.stats.accepted += len(batch)  # MQTT has no reply: "accepted" means published
         return None
 
     # --- reporting -----------------------------------------------------------------------
@@ -251,6 +340,17 @@ class Sender:
         end = "\n" if final or not interactive else ""
         self._out.write(("\r\x1b[K" if interactive else "") + line + end)
         self._out.flush()
+
+
+def _mqtt_client(url: str) -> paho.Client:
+    """A publishing client that connects (and reconnects) in paho's own thread."""
+    parts = urllib.parse.urlsplit(url)
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.max_queued_messages_set(MQTT_QUEUE_MAX)
+    client.max_inflight_messages_set(MQTT_INFLIGHT_MAX)
+    client.connect_async(parts.hostname or "127.0.0.1", parts.port or 1883)
+    client.loop_start()
+    return client
 
 
 def _retry_after(response: httpx.Response) -> float:

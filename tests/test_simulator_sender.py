@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from simulator.fleet import FleetConfig
 from simulator.sender import SendConfig, Sender
 from tests.conftest import StartServer
+from tests.mosquitto import Mosquitto
 from tests.processes import free_port, tracker_process
 from tests.sse import open_feed
 
@@ -89,3 +93,33 @@ async def test_demo_serves_a_moving_fleet_and_stops_cleanly() -> None:
             )
         assert await demo.interrupt() == 0, demo.output.decode()[-2000:]
     assert b"Traceback" not in demo.output
+
+
+@pytest.mark.parametrize("protocol", ["osmand", "owntracks-http", "owntracks-mqtt"])
+async def test_sender_speaks_each_device_protocol(
+    start_server: StartServer, protocol: str, tmp_path: Path
+) -> None:
+    """``tracker simulate --protocol ...``: the fleet arrives through that protocol's path."""
+    with contextlib.ExitStack() as stack:
+        broker = Mosquitto(tmp_path)
+        broker.start()
+        stack.callback(broker.stop)
+        server = await start_server(mqtt=broker.url if protocol == "owntracks-mqtt" else "")
+        config = SendConfig(
+            url=server.url,
+            ingest_key="test-ingest-key",
+            protocol=protocol,
+            mqtt=broker.url,
+            batch_size=20,
+            quiet=True,
+        )
+        sender = Sender(FleetConfig(seed=3, vehicles=30), config)
+        with trio.move_on_after(20):
+            async with trio.open_nursery() as sim_nursery:
+                sim_nursery.start_soon(sender.run)
+                while server.tracker.index.vehicle_count < 25:
+                    await trio.sleep(0.05)
+                sim_nursery.cancel_scope.cancel()
+        assert server.tracker.devices.source(protocol).accepted >= 25
+        prefix = "" if protocol == "osmand" else "sim/"
+        assert server.tracker.index.vehicle(prefix + sender.fleet.vehicle_ids[0]) is not None

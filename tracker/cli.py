@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_options(demo_parser, TrackerConfig, defaults=SERVICE_DEFAULTS | DEMO_DEFAULTS)
     _add_options(demo_parser, FleetConfig, defaults=DEMO_DEFAULTS)
-    _add_options(demo_parser, SendConfig, skip=("url", "ingest_key"))
+    _add_options(demo_parser, SendConfig, skip=("url", "ingest_key", "mqtt"))
     _add_options(demo_parser, LogConfig)
     token_parser = commands.add_parser(
         "token",
@@ -438,7 +438,8 @@ async def _demo(config: TrackerConfig, fleet: FleetConfig, send: SendConfig) -> 
             print("\n".join(_admin_lines(config, url, secret_made_up=secret_made_up)))
         print("tracker demo: press Ctrl-C to stop", flush=True)
         key = config.ingest_key_list[0]
-        sender = Sender(fleet, msgspec.structs.replace(send, url=url, ingest_key=key))
+        to = {"url": url, "ingest_key": key} | ({"mqtt": config.mqtt} if config.mqtt else {})
+        sender = Sender(fleet, msgspec.structs.replace(send, **to))
         demo_nursery.start_soon(_drive_then_stop, shutdown, sender)
     logger.info("stopped")
     print("tracker demo: stopped", flush=True)
