@@ -1,6 +1,12 @@
 """Ingest throughput: how many pings per second one tracker process accepts.
 
     python -m bench.ingest --vehicles 50000 --seconds 20
+    python -m bench.ingest --protocol osmand --vehicles 20000 --connections 16
+
+With ``--protocol`` other than ``ingest``, the pings come one request (or message) per
+ping the way devices send them (``bench.devices``), and the rate is read from the
+tracker's own counter of accepted pings; ``tracker_cpu_us_per_ping`` says what a ping
+costs the tracker, whatever else shares the machine.
 
 A lean load generator, so the figure is the tracker's and not the client's: msgpack
 bodies are built with NumPy from a fixed byte layout (a map of six fields per ping,
@@ -29,6 +35,7 @@ import numpy as np
 import trio
 
 from bench.common import CITY, INGEST_HEADERS, cpu_seconds, start_tracker
+from bench.devices import DEVICE_PROTOCOLS, device_load, tracker_options
 from bench.fleet import metric
 
 ID_WIDTH = 8
@@ -161,12 +168,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
 
 
+async def follow_accepted(url: str, accepted: list[int]) -> None:
+    """Keep ``accepted[0]`` at the tracker's count of accepted pings (5 reads a second)."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        while True:
+            accepted[0] = int(await metric(client, "tracker_pings_accepted_total"))
+            await trio.sleep(0.2)
+
+
+async def measure_devices(args: argparse.Namespace) -> dict[str, float]:
+    """Accepted pings per second through one device protocol."""
+    async with trio.open_nursery() as bench_nursery:
+        options = await tracker_options(bench_nursery, args.protocol, args.vehicles)
+        tracker, url = await start_tracker(bench_nursery, *options)
+        accepted = [0]
+        bench_nursery.start_soon(follow_accepted, url, accepted)
+        load = device_load(
+            args.protocol, url, options, args.vehicles, args.connections, lambda: accepted[0]
+        )
+        if load is not None:
+            bench_nursery.start_soon(load)
+        await trio.sleep(args.warmup)
+        cpu, first, samples = cpu_seconds(tracker.pid), accepted[0], []
+        for _ in range(int(args.seconds)):
+            before = accepted[0]
+            await trio.sleep(1.0)
+            samples.append(accepted[0] - before)
+        cpu, total = cpu_seconds(tracker.pid) - cpu, accepted[0] - first
+        bench_nursery.cancel_scope.cancel()
+    return {
+        "vehicles": args.vehicles,
+        "accepted_per_s_median": statistics.median(samples),
+        "accepted_per_s_mean": round(total / args.seconds),
+        "tracker_cpu_cores": round(cpu / args.seconds, 2),
+        "tracker_cpu_us_per_ping": round(cpu / max(total, 1) * 1e6, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    parser.add_argument("--protocol", choices=("ingest", *DEVICE_PROTOCOLS), default="ingest")
     args = parser.parse_args()
-    figures = trio.run(measure, args)
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores")
+    figures = trio.run(measure if args.protocol == "ingest" else measure_devices, args)
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores; protocol {args.protocol}")
     for name, value in figures.items():
         print(f"{name:<24} {value:>12}")
 
