@@ -38,6 +38,8 @@ class MemoryStore:
         self.expired: list[tuple[float, int]] = []
         self.closed = False
         self.release = threading.Event()
+        self.compacting = threading.Event()  # compact() waits for it once cleared
+        self.compacting.set()
 
     def migrate(self) -> None:
         pass
@@ -48,6 +50,7 @@ class MemoryStore:
         self.commits.append(list(pings))
 
     def compact(self, before: float) -> int:
+        self.compacting.wait(timeout=30)
         self.compacted.append(before)
         return 3
 
@@ -175,6 +178,23 @@ async def test_stopping_flushes_the_queue_and_closes_the_store(
         history.record(pings(7))
         nursery.cancel_scope.cancel()
     assert store.stored == pings(7) and store.closed
+
+
+async def test_a_commit_stopped_while_waiting_for_the_writer_thread_is_flushed(
+    clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    store.compacting.clear()  # a long compaction holds the writer thread
+    history = make_history(store, history_commit_s=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(history.run)
+        await trio.sleep(writer.COMPACT_EVERY_S + 0.5)
+        history.record(pings(5))
+        await trio.sleep(2)  # its commit waits for the writer thread
+        assert store.commits == [] and history.queued == 5
+        threading.Timer(0.2, store.compacting.set).start()
+        nursery.cancel_scope.cancel()
+    assert store.stored == pings(5)
 
 
 async def test_stopping_gives_up_on_a_failing_store_after_the_flush_deadline(

@@ -82,8 +82,14 @@ MAINTENANCE_LOG_INTERVAL_S: Final = 60.0
 
 
 def _append(store: HistoryStore, batches: list[list[Ping]]) -> None:
-    """One commit of every batch (in the writer thread: the join costs the loop nothing)."""
+    """One commit of every batch, in the writer thread; ``batches`` is emptied once committed.
+
+    The join, and freeing the committed pings (the caller no longer holds them: emptying
+    ``batches`` drops their last references, unless the bus still has them), happen here
+    and cost the event loop nothing: a second of pings is a few hundred thousand objects.
+    """
     store.append(batches[0] if len(batches) == 1 else list(itertools.chain(*batches)))
+    batches.clear()
 
 
 class History:
@@ -106,7 +112,7 @@ class History:
         self._open_store = open_store
         self._now = now
         self._store: HistoryStore | None = None
-        self._queue: list[list[Ping]] = []  # batches in arrival order, committed from the head
+        self._queue: list[list[Ping]] = []  # batches in arrival order, not yet being committed
         self._queued = 0
         self._retry_in_s = RETRY_FIRST_S
         self._write_limiter = trio.CapacityLimiter(1)
@@ -239,6 +245,7 @@ class History:
         while self._queue:
             taken, count = self._head()
             batches = self._queue[:taken]
+            del self._queue[:taken]  # still counted in _queued until committed
             started = time.perf_counter()
             try:
                 await self._write(functools.partial(_append, store, batches))
@@ -246,7 +253,8 @@ class History:
                 self._metrics.history_store_errors += 1
                 self._outage.happened(error=f"{type(exc).__name__}: {exc}")
                 return False
-            del self._queue[:taken]  # record() only appends: the head is what was taken
+            finally:  # not committed (failed, or cancelled before it began): back at the head
+                self._queue[:0] = batches  # (a committed commit's list was emptied)
             self._queued -= count
             self._metrics.history_committed_pings += count
             self._metrics.history_commit_seconds.observe(time.perf_counter() - started)
@@ -266,7 +274,7 @@ class History:
 
     async def _flush(self) -> None:
         """Commit what is queued before the store closes, retrying within the deadline."""
-        if self._store is None or not self._queue:
+        if self._store is None or not self._queued:
             return
         self._retry_in_s = RETRY_FIRST_S  # an outage's long pause would outlast the deadline
         with trio.move_on_after(FLUSH_TIMEOUT_S):
