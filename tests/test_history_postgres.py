@@ -210,3 +210,19 @@ def test_a_statement_past_its_timeout_is_cancelled_by_the_server(postgres: str) 
         assert time.monotonic() - started < 2
     store.append(drive("van", T0, 10))
     store.close()
+
+
+def test_connections_are_pooled_not_kept_per_thread(postgres: str) -> None:
+    """Trio's worker threads come and go; the store's connections must not pile up."""
+    store = PostgresStore(postgres, pool_size=3)
+    store.migrate()
+    store.append(drive("van", T0, 10))
+    for _ in range(10):  # ten generations of short-lived threads, four at a time
+        in_threads(4, lambda n: store.track("van", T0, FOREVER, limit=10) and None)
+    with psycopg.connect(postgres) as connection:
+        row = connection.execute(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE datname = current_database() AND application_name = 'tracker-history'"""
+        ).fetchone()
+    assert row is not None and 1 <= row[0] <= 3
+    store.close()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 
@@ -58,6 +58,8 @@ server's own timeout, so that normally the server cancels first (a clean error),
 this only ends the wait on a server that is gone."""
 IDLE_IN_TRANSACTION_S = 60
 """A client that dies inside a transaction releases its locks after this long."""
+POOL_SIZE = 8
+"""Connections per store: the writer thread, query threads (History runs 4) and replays."""
 COMPACT_STEP_POSITIONS = 200_000
 """Raw positions merged per compaction transaction: short locks, bounded memory."""
 COMPACT_STEP_BATCHES = 1_000
@@ -127,19 +129,26 @@ class _DeadlineConnection(psycopg.Connection[Any]):
 class PostgresStore:
     """History in a PostgreSQL database at ``url`` (``postgresql://user:pw@host/db``).
 
-    Connects lazily, one connection per calling thread (the writer thread and each
-    query thread); :meth:`migrate` must run once before anything else.
+    Connects lazily, at most ``pool_size`` connections, each used by one thread at a
+    time (the writer thread, query threads); :meth:`migrate` must run once before
+    anything else.
     ``resolution`` is that of a new database; an existing one keeps its own.
     ``timeout_s`` bounds every statement (and, a little later, every wait on the server).
     """
 
-    def __init__(self, url: str, resolution: int = 7, *, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        resolution: int = 7,
+        *,
+        timeout_s: float = TIMEOUT_S,
+        pool_size: int = POOL_SIZE,
+    ) -> None:
         self.url = url
         self.resolution = resolution
         self.timeout_s = timeout_s
         self._where = f"PostgreSQL at {without_password(url)}"
-        self._local = threading.local()
-        self._connections: set[psycopg.Connection[Any]] = set()
+        self._pool = _Pool(self._connect, pool_size, timeout_s)
         self._lock = threading.Lock()
         self._vehicles: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -266,11 +275,7 @@ class PostgresStore:
         return StoreStats(positions=int(row[0]), bytes_on_disk=int(row[1]))
 
     def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, set()
-        for connection in connections:
-            connection.close()
-        self._local = threading.local()
+        self._pool.close()
 
     # -- compaction ------------------------------------------------------------------
 
@@ -426,21 +431,15 @@ class PostgresStore:
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """This thread's connection; any database error becomes a StoreError, and a
-        connection that failed is closed (the next call connects again)."""
-        connection: psycopg.Connection[Any] | None = getattr(self._local, "connection", None)
+        """A connection of the pool for this call; any database error becomes a
+        StoreError naming the server."""
         try:
-            if connection is None or connection.closed:
-                connection = self._connect()
-            yield connection
+            with self._pool.connection() as connection:
+                yield connection
         except psycopg.Error as error:
-            # After a lost server or a wait past its deadline the connection's state is
-            # unknown: start again with a new one.
-            if connection is not None and (
-                isinstance(error, psycopg.OperationalError) or connection.broken
-            ):
-                self._forget(connection)
             raise StoreError(f"{self._where}: {_first_line(error)}") from error
+        except _PoolExhausted as error:
+            raise StoreError(f"{self._where}: {error}") from error
 
     @contextmanager
     def _snapshot(self) -> Iterator[psycopg.Connection[Any]]:
@@ -466,17 +465,87 @@ class PostgresStore:
             options=options,
         )
         connection.wait_timeout_s = self.timeout_s * WAIT_FACTOR
-        with self._lock:
-            self._connections.add(connection)
-        self._local.connection = connection
         return connection
 
-    def _forget(self, connection: psycopg.Connection[Any]) -> None:
-        connection.close()
-        with self._lock:
-            self._connections.discard(connection)
-        if getattr(self._local, "connection", None) is connection:
-            self._local.connection = None
+
+class _PoolExhausted(Exception):
+    """Every connection of the pool stayed busy for the whole wait."""
+
+
+class _Pool:
+    """At most ``size`` connections, lent to one thread at a time, made when needed.
+
+    Not a connection per thread: Trio's worker threads come and go, and connections kept
+    per thread would outlive theirs, open until the store closes. Not psycopg_pool
+    either: its background threads reconnect on their own schedule and turn a failure
+    into "couldn't get a connection after N s", where we want the server's own error at
+    once. A connection that failed with an OperationalError (a lost server, a wait past
+    its deadline: its state is unknown) is closed with every idle one (they are most
+    likely dead too), so the next call connects afresh instead of failing once per
+    stale connection.
+    """
+
+    def __init__(
+        self, connect: Callable[[], psycopg.Connection[Any]], size: int, wait_s: float
+    ) -> None:
+        self._connect = connect
+        self._size = size
+        self._wait_s = wait_s
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._open = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        connection = self._take()
+        failed = False
+        try:
+            yield connection
+        except psycopg.OperationalError:
+            failed = True
+            self._close_idle()
+            raise
+        finally:
+            self._give_back(connection, keep=not failed)
+
+    def close(self) -> None:
+        self._close_idle()
+
+    def _take(self) -> psycopg.Connection[Any]:
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: self._idle or self._open < self._size, self._wait_s
+            ):
+                raise _PoolExhausted(f"all {self._size} connections busy for {self._wait_s:g} s")
+            if self._idle:
+                return self._idle.pop()
+            self._open += 1
+        try:
+            return self._connect()
+        except BaseException:
+            with self._changed:
+                self._open -= 1
+                self._changed.notify()
+            raise
+
+    def _give_back(self, connection: psycopg.Connection[Any], *, keep: bool) -> None:
+        idle = connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if not keep or connection.broken or not idle:
+            connection.close()
+        with self._changed:
+            if connection.closed:
+                self._open -= 1
+            else:
+                self._idle.append(connection)
+            self._changed.notify()
+
+    def _close_idle(self) -> None:
+        with self._changed:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._changed.notify_all()
+        for connection in idle:
+            connection.close()
 
 
 def _buckets(start: float, end: float) -> tuple[int, int]:
