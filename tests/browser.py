@@ -80,13 +80,25 @@ def chromium() -> Iterator[Browser]:
 
 
 def screenshot(path: str) -> None:
-    """The README's picture: the live map of the default demo fleet, in Chromium."""
+    """The README's picture: the default demo fleet driving the simulated city's streets,
+    the side panel listing the vehicles in view, one van found by the search and followed."""
     with demo(free_port()) as url, chromium() as browser:
-        page = browser.new_page(viewport={"width": 1200, "height": 760})
-        page.goto(f"{url}/?bbox=13.25,52.45,13.56,52.59")
-        page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 1000")
-        page.check("#show-cells")
-        page.wait_for_timeout(3000)
+        page = browser.new_page(viewport={"width": 1280, "height": 780})
+        page.goto(f"{url}/?bbox=13.37,52.505,13.44,52.535")
+        page.wait_for_function(
+            "() => window.trackerMap?.streets && trackerMap.feed?.table.vehicles.size > 200"
+        )
+        moving = page.evaluate(
+            """() => [...trackerMap.feed.table.vehicles.values()]
+                .filter(v => v.id.startsWith('van') && v.speed > 6 && !v.stale)
+                .sort((a, b) => Math.hypot(a.lat - 52.52, a.lon - 13.405)
+                    - Math.hypot(b.lat - 52.52, b.lon - 13.405))[0].id"""
+        )
+        page.fill("#search-id", moving)
+        page.click("#search button")
+        page.wait_for_function(f"() => trackerMap.following === '{moving}'")
+        page.evaluate("() => { trackerMap.map.setZoom(15); }")
+        page.wait_for_timeout(5000)
         page.screenshot(path=path)
 
 
