@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,16 @@ FIND = "[...trackerMap.feed.table.vehicles.values()].find(v => v.id === id)"
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     with demo(free_port(), "--vehicles", "1500") as running:
+        wait_for_fleet(running, 1000)
         yield running
+
+
+def wait_for_fleet(url: str, vehicles: int, timeout: float = 60) -> None:
+    """Until the demo's simulated fleet has reported (a loaded machine takes its time)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/healthz").json()["vehicles"] < vehicles:
+        assert time.monotonic() < deadline, f"fewer than {vehicles} vehicles after {timeout} s"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
