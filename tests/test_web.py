@@ -82,7 +82,9 @@ def test_markers_appear_move_and_tell_what_they_are(page: Page, url: str) -> Non
         arg=before,
         timeout=15_000,
     )
-    page.wait_for_function("() => +document.getElementById('in-view').textContent > 0")
+    page.wait_for_function(
+        "() => +document.getElementById('in-view').textContent.replaceAll(',', '') > 0"
+    )
     # Click the first vehicle: a popup names it.
     point = page.evaluate(
         """() => { const v = trackerMap.feed.table.vehicles.values().next().value;
@@ -136,7 +138,7 @@ def test_too_large_a_view_clears_the_vehicles_and_asks_to_zoom_in(page: Page, ur
     assert page.evaluate("() => trackerMap.feed === null && trackerMap.vehiclesInView() === 0")
     assert page.locator("#status .state").get_attribute("data-state") == "paused"
     assert "bbox" not in page.evaluate("() => location.search")  # the link keeps no old area
-    page.wait_for_function("() => +document.getElementById('in-view').textContent === 0")
+    page.wait_for_function("() => document.getElementById('in-view').textContent === '0'")
     page.evaluate("() => { trackerMap.map.setView([52.52, 13.405], 14); }")  # back in: live again
     page.wait_for_function("() => trackerMap.feed?.table.vehicles.size > 10")
     assert page.evaluate("() => location.search").startswith("?bbox=")
