@@ -1,8 +1,8 @@
 """The HTTP face of the tracker: routes and error bodies, mapped onto the core's API.
 
 ``create_app`` builds a Quart-Trio app around one :class:`~tracker.service.Tracker`, and
-only maps HTTP onto the core's API (``ingest``, ``open_feed``, ``health``, ``ready``); the
-core's tasks are run by ``tracker.server.serve``, not by the app's lifespan. Every
+only maps HTTP onto the core's API (``ingest``, ``open_feed``, ``locate``, ``health``,
+``ready``); the core's tasks are run by ``tracker.server.serve``, not by the app's lifespan. Every
 :class:`TrackerError` and every HTTP error becomes a JSON body
 ``{"error", "message", ...}``. Who may do what is decided by ``auth.py`` (tokens, ingest
 keys) and ``limits.py``; ``headers.py`` adds CORS and the browser-safety headers to every

@@ -15,8 +15,8 @@ export function explainRefusal(problem, { token, embed }) {
       title: "This map needs a feed token",
       todo: embed
         ? `This page was opened without its token: ${ask} for the full link.`
-        : "Open it with the link `tracker serve` printed (/?token=...), or mint one " +
-          "with `tracker token` and add ?token=... to the address.",
+        : "Open the link that “tracker serve” printed (/?token=…), or mint a token with " +
+          "“tracker token” and add ?token=… to the address.",
     };
   }
   if (problem.status === 401 && /expired/i.test(problem.message)) {
