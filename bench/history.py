@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+import msgspec
+import numpy as np
 import trio
 
 from bench import ingest as bench_ingest
+from bench.common import CITY, start_tracker
+from bench.fleet import metric
 from tracker.history.store import open_store
+from tracker.pings import Ping
 
 Figures = dict[str, Any]
 Run = Callable[[argparse.Namespace], Figures]
@@ -105,6 +114,197 @@ def run_ingest(args: argparse.Namespace) -> Figures:
 
 
 SECTIONS.append(add_ingest)
+
+
+# --- query: track and area queries over HTTP under ingest load (issue 15) ------------------
+
+DAY_S = 86_400
+QUERY_TRUCK = "q-truck"
+"""The vehicle whose day track is queried: one ping a second for a day (86,400)."""
+
+
+def add_query(sections: Sections) -> None:
+    parser = sections.add_parser(
+        "query",
+        help="p99 of a day's track and of an hour's area query over HTTP, under ingest load",
+        description=_query_doc(),
+    )
+    parser.add_argument("--queries", type=int, default=200, help="track queries per format")
+    parser.add_argument("--area-queries", type=int, default=20)
+    parser.add_argument("--fleet", type=int, default=2000, help="vehicles in the area's hour")
+    parser.add_argument("--fleet-every-s", type=float, default=10.0, help="their ping interval")
+    parser.add_argument("--load-vehicles", type=int, default=50_000, help="0: no ingest load")
+    parser.add_argument("--load-connections", type=int, default=4)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.set_defaults(run=run_query)
+
+
+def _query_doc() -> str:
+    return """A store file is filled before the tracker starts: q-truck's last day (one ping a
+second, 86,400 positions) and a city fleet's hour (--fleet vehicles, one ping every
+--fleet-every-s seconds, ending an hour ago), compacted into track chunks as a running
+tracker does after two minutes. A tracker serves that file while a separate process
+posts pings as fast as it acknowledges them (bench.ingest's load: --load-vehicles
+vehicles, every ping kept in history too). Meanwhile this process asks, one at a time:
+GET /vehicles/q-truck/track over the whole day (limit 100,000: one page) in msgpack and
+in JSON, then GET /history over the fleet's hour for the central part of the city, every
+page followed. Latency is measured by the client, body read included."""
+
+
+def run_query(args: argparse.Namespace) -> Figures:
+    with tempfile.TemporaryDirectory(prefix="bench-history-") as directory:
+        path = f"{directory}/history.sqlite3"
+        now = time.time()
+        figures = _fill_store(path, now, args.fleet, args.fleet_every_s)
+        figures.update(_store_alone(path, now, args.queries))
+        figures.update(trio.run(_query_under_load, args, path, now))
+    return figures
+
+
+def _fill_store(path: str, now: float, fleet: int, every_s: float) -> Figures:
+    """q-truck's day and the fleet's hour, appended and compacted (what a tracker leaves)."""
+    rng = np.random.default_rng(15)
+    store = open_store(path)
+    store.migrate()
+    started = time.perf_counter()
+    steps = rng.normal(0, 4e-5, (DAY_S, 2)).cumsum(axis=0)  # a wandering drive around town
+    day = [
+        Ping(
+            vehicle_id=QUERY_TRUCK,
+            lat=CITY[0] + float(lat),
+            lon=CITY[1] + float(lon),
+            ts=now - DAY_S + second,
+            speed=8.0,
+            heading=float(second % 360),
+        )
+        for second, (lat, lon) in enumerate(steps.tolist())
+    ]
+    for at in range(0, len(day), 3600):
+        store.append(day[at : at + 3600])
+    hour_start = now - 2 * 3600
+    positions = rng.uniform([-0.06, -0.1], [0.06, 0.1], (fleet, 2)) + CITY
+    for tick in np.arange(hour_start, hour_start + 3600, every_s).tolist():
+        positions += rng.normal(0, 1e-4, positions.shape)
+        store.append(
+            [
+                Ping(vehicle_id=f"f{n:05d}", lat=lat, lon=lon, ts=tick, speed=5.0, heading=0.0)
+                for n, (lat, lon) in enumerate(positions.tolist())
+            ]
+        )
+    store.compact(now)
+    stats = store.stats()
+    store.close()
+    return {
+        "stored_positions": stats.positions,
+        "store_fill_s": round(time.perf_counter() - started, 1),
+        "bytes_per_position": round(stats.bytes_on_disk / max(1, stats.positions), 2),
+    }
+
+
+def _store_alone(path: str, now: float, queries: int) -> Figures:
+    """The day's track read from the store alone, no HTTP, no load: the store's share."""
+    store = open_store(path)
+    store.migrate()
+    latencies = []
+    for _ in range(queries):
+        began = time.perf_counter()
+        store.track(QUERY_TRUCK, now - DAY_S, now + 1, limit=100_000)
+        latencies.append(time.perf_counter() - began)
+    store.close()
+    return _percentiles("store_track_day_alone", latencies)
+
+
+async def _query_under_load(args: argparse.Namespace, path: str, now: float) -> Figures:
+    figures: Figures = {}
+    async with trio.open_nursery() as bench_nursery:
+        _, url = await start_tracker(bench_nursery, "--history", path)
+        load = None
+        if args.load_vehicles:
+            spawn = multiprocessing.get_context("spawn")  # its own process: not our CPU
+            load = spawn.Process(
+                target=_post_load, args=(url, args.load_vehicles, args.load_connections)
+            )
+            load.start()
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                await trio.sleep(args.warmup)
+                accepted_before = await _accepted(client)
+                load_started = time.perf_counter()
+                latencies = []
+                for _ in range(args.queries):  # what any request waits for, as a yardstick
+                    began = time.perf_counter()
+                    (await client.get("/healthz")).raise_for_status()
+                    latencies.append(time.perf_counter() - began)
+                figures.update(_percentiles("healthz", latencies))
+                day = {"from": f"{now - DAY_S:.3f}", "to": f"{now + 1:.3f}"}
+                for fmt in ("msgpack", "json"):
+                    latencies, count = [], 0
+                    for _ in range(args.queries):
+                        began = time.perf_counter()
+                        response = await client.get(
+                            f"/vehicles/{QUERY_TRUCK}/track", params={**day, "format": fmt}
+                        )
+                        latencies.append(time.perf_counter() - began)
+                        response.raise_for_status()
+                        count = int(response.headers.get("content-length", 0))
+                    figures.update(_percentiles(f"track_day_{fmt}", latencies))
+                    figures[f"track_day_{fmt}_bytes"] = count
+                hour = {"from": f"{now - 2 * 3600:.3f}", "to": f"{now - 3600:.3f}"}
+                bbox = f"{CITY[1] - 0.05},{CITY[0] - 0.03},{CITY[1] + 0.05},{CITY[0] + 0.03}"
+                latencies, positions, pages = [], 0, 0
+                for _ in range(args.area_queries):
+                    began = time.perf_counter()
+                    positions, pages = await _all_pages(client, {**hour, "bbox": bbox})
+                    latencies.append(time.perf_counter() - began)
+                figures.update(_percentiles("area_hour", latencies))
+                figures["area_hour_positions"] = positions
+                figures["area_hour_pages"] = pages
+                elapsed = time.perf_counter() - load_started
+                accepted = await _accepted(client) - accepted_before
+                figures["ingest_pings_per_s_meanwhile"] = round(accepted / elapsed)
+        finally:
+            if load is not None:
+                load.terminate()
+                load.join()
+            bench_nursery.cancel_scope.cancel()
+    return figures
+
+
+async def _all_pages(client: httpx.AsyncClient, params: dict[str, str]) -> tuple[int, int]:
+    """Positions and pages of an area query, every page followed (msgpack)."""
+    positions, pages, cursor = 0, 0, None
+    while True:
+        query = {**params, "format": "msgpack", **({"cursor": cursor} if cursor else {})}
+        response = await client.get("/history", params=query)
+        response.raise_for_status()
+        page = msgspec.msgpack.decode(response.content)
+        positions += page["count"]
+        pages += 1
+        cursor = page["cursor"]
+        if cursor is None:
+            return positions, pages
+
+
+async def _accepted(client: httpx.AsyncClient) -> float:
+    return float(await metric(client, "tracker_pings_accepted_total"))
+
+
+def _percentiles(name: str, latencies: list[float]) -> Figures:
+    ms = np.array(latencies) * 1000
+    return {
+        f"{name}_p50_ms": round(float(np.percentile(ms, 50)), 1),
+        f"{name}_p99_ms": round(float(np.percentile(ms, 99)), 1),
+        f"{name}_max_ms": round(float(ms.max()), 1),
+    }
+
+
+def _post_load(url: str, vehicles: int, connections: int) -> None:
+    """The ingest load, in its own process: bench.ingest's rounds, posted flat out."""
+    maker = bench_ingest.BodyMaker(vehicles, batch=5000)
+    trio.run(bench_ingest.post_rounds, url, maker, connections, math.inf, bench_ingest.Counts())
+
+
+SECTIONS.append(add_query)
 
 
 if __name__ == "__main__":

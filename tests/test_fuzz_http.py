@@ -1,4 +1,4 @@
-"""Random queries, headers and bodies at /feed and /ingest: never a 5xx, never a crash.
+"""Random queries, headers and bodies at /feed, /ingest and history: never a 5xx, never a crash.
 
 Hypothesis drives a plain (synchronous) HTTP client against a real ``tracker serve``
 child process, shared by the module; derandomized, so CI runs the same examples every
@@ -34,8 +34,19 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    args = ["serve", "--port", "0", "--tick", "0.1", "--ingest-keys", KEY]
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    history = tmp_path_factory.mktemp("fuzz") / "history.sqlite3"
+    args = [
+        "serve",
+        "--port",
+        "0",
+        "--tick",
+        "0.1",
+        "--ingest-keys",
+        KEY,
+        "--history",
+        str(history),
+    ]
     args += ["--token-secrets", SECRET, "--max-streams-per-address", "0"]
     with tracker_child(*args) as child:
         yield child.url
@@ -284,6 +295,58 @@ def test_ingest_answers_hostile_bodies_with_4xx_quickly(
     response = client.post(
         "/ingest", content=content, headers={"Content-Type": media, "X-Ingest-Key": KEY}
     )
+    _check(response)
+    assert time.perf_counter() - started < 2
+
+
+NOW = time.time()
+TIMES = st.one_of(
+    st.floats(NOW - 40 * 86_400, NOW + 40 * 86_400).map(lambda t: f"{t:.3f}"),
+    st.sampled_from(["2025-11-24T19:25:45Z", "2025-11-24T20:25:45+01:00", "0", "nan", "-1"]),
+    HUGE_NUMBERS,
+)
+HISTORY_TERMS = st.one_of(
+    st.tuples(st.sampled_from(["limit", "tolerance_m"]), st.integers(-5, 200_000).map(str)),
+    st.tuples(st.just("format"), st.sampled_from(["json", "geojson", "msgpack"])),
+    st.tuples(st.just("bbox"), st.just("13.3,52.4,13.5,52.6")),
+    st.tuples(st.sampled_from(["from", "to"]), TIMES),
+    st.tuples(
+        st.sampled_from(["limit", "tolerance_m", "format", "cursor", "x"]),
+        HUGE_NUMBERS | st.sampled_from(["1", "100000", "geojson", "msgpack", "1.5"]),
+    ),
+    st.tuples(
+        AREA_NAMES | st.sampled_from(["from", "to", "limit", "cursor", "tolerance_m"]),
+        HOSTILE_QUERY_VALUES,
+    ),
+)
+HISTORY_PATHS = st.one_of(
+    st.just("/history"),
+    st.text(max_size=80).map(lambda v: f"/vehicles/{urllib.parse.quote(v, safe='')}/track"),
+    st.binary(max_size=80).map(lambda raw: f"/vehicles/{_percent(raw)}/track"),
+)
+READERS = st.sampled_from(
+    [mint_token(), mint_token(), mint_token(bbox=["13.38,52.51,13.42,52.53"]), None, KEY]
+)
+
+
+@FUZZ
+@given(
+    path=HISTORY_PATHS,
+    window=st.sampled_from([True, True, True, False]),
+    terms=st.lists(HISTORY_TERMS, max_size=8, unique_by=lambda term: term[0])
+    | st.lists(HISTORY_TERMS, max_size=8),
+    reader=READERS,
+)
+def test_history_answers_any_query_with_a_page_or_4xx_quickly(
+    client: httpx.Client, path: str, window: bool, terms: list[tuple[str, str]], reader: str | None
+) -> None:
+    if window:  # a valid window, so that the other terms are looked at
+        terms = [t for t in terms if t[0] not in ("from", "to")]
+        terms += [("from", f"{NOW - 3600:.0f}"), ("to", f"{NOW:.0f}")]
+    query = "&".join(f"{name}={value}" for name, value in terms)
+    headers = {"Authorization": f"Bearer {reader}"} if reader else {}
+    started = time.perf_counter()
+    response = client.get(f"{path}?{query}", headers=headers)
     _check(response)
     assert time.perf_counter() - started < 2
 

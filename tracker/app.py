@@ -43,10 +43,12 @@ from tracker.errors import (
     UnsupportedMediaType,
 )
 from tracker.headers import security_headers
+from tracker.history.routes import add_history_routes
 from tracker.ingest import media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.logs import Throttle
 from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tracker.pings import MAX_VEHICLE_ID_CHARS
 from tracker.regions import AREA_CONCURRENCY, AREA_PARAMS, MAX_QUERY_BYTES, parse_area_async
 from tracker.service import Tracker
 from tracker.web import add_web_routes
@@ -60,8 +62,6 @@ SESSION_MAX_BYTES = 16 * 1024
 """Largest ``POST /session`` body: a token is a few hundred bytes (at most 8 KiB)."""
 COOKIE_MAX_AGE_S = 400 * 86_400
 """Longest session cookie: browsers keep none longer (a token may outlive it)."""
-MAX_VEHICLE_ID_CHARS = 64
-"""Longest vehicle id (the ingest schema's limit)."""
 REFUSAL_LOG_INTERVAL_S = 10.0
 """At most one INFO record this often about refused credentials (anyone can cause them)."""
 _json = msgspec.json.Encoder()
@@ -235,6 +235,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
         return response
 
     add_web_routes(app, config)
+    add_history_routes(app, tracker, readers=readers, area_limiter=area_limiter)
     add_device_routes(app, tracker.devices, body_reads)
 
     @app.get("/healthz")

@@ -13,6 +13,7 @@ import msgspec
 
 __all__ = [
     "MAX_REJECTIONS_LISTED",
+    "MAX_VEHICLE_ID_CHARS",
     "IngestReply",
     "Ping",
     "Rejection",
@@ -24,6 +25,10 @@ __all__ = [
 ]
 
 
+MAX_VEHICLE_ID_CHARS = 64
+"""Longest vehicle id a ping may carry (and so any route naming a vehicle)."""
+
+
 class Ping(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False, gc=False):
     """One GPS report from a vehicle, as posted to ``/ingest``.
 
@@ -32,7 +37,7 @@ class Ping(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Fals
     decoded per second.
     """
 
-    vehicle_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    vehicle_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_VEHICLE_ID_CHARS)]
     lat: float
     lon: float
     ts: float

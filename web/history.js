@@ -140,7 +140,7 @@ export function installHistory({ map, token, area, resubscribe }) {
         if (generation !== trailLoad) return; // cleared or reloaded meanwhile
         for (const vehicle of answer.vehicles ?? []) {
           const [times, lats, lons] = columns(vehicle);
-          for (let i = 0; i < times.length; i++) addPoint(vehicle.id, lats[i], lons[i], times[i]);
+          for (let i = 0; i < times.length; i++) addPoint(vehicle.vehicle_id, lats[i], lons[i], times[i]);
         }
         if (!answer.cursor) break;
         search.set("cursor", answer.cursor);

@@ -26,6 +26,7 @@ import math
 import msgspec
 
 from tracker.errors import BadRequest
+from tracker.pings import MAX_VEHICLE_ID_CHARS
 
 __all__ = [
     "MAX_CURSOR_CHARS",
@@ -37,7 +38,6 @@ __all__ = [
 
 MAX_CURSOR_CHARS = 256
 """Longest cursor looked at: a real one is under 120 characters."""
-MAX_VEHICLE_ID_CHARS = 64  # as Ping.vehicle_id
 _VERSION = 1
 _BINDING_BYTES = 8
 
