@@ -81,6 +81,8 @@ class PostgresServer:
     """``postgres`` on a loopback port, with its cluster in a temporary directory."""
 
     port: int = field(default_factory=free_port)
+    settings: dict[str, str] = field(default_factory=lambda: dict(SETTINGS))
+    """``postgres -c`` settings (a benchmark drops the test-only ones: fsync stays on)."""
     directory: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     _databases: itertools.count[int] = field(default_factory=itertools.count)
@@ -105,7 +107,7 @@ class PostgresServer:
             subprocess.run(initdb, user=user, check=True, capture_output=True, timeout=60)
         command = [postgres_binary("postgres"), "-D", str(self.data), "-p", str(self.port)]
         command += ["-k", str(self.directory)]
-        for name, value in SETTINGS.items():
+        for name, value in self.settings.items():
             command += ["-c", f"{name}={value}"]
         with open(self.directory / "server.log", "ab") as log:
             self.process = subprocess.Popen(command, user=user, stdout=log, stderr=log)

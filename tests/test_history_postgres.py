@@ -226,3 +226,18 @@ def test_connections_are_pooled_not_kept_per_thread(postgres: str) -> None:
         ).fetchone()
     assert row is not None and 1 <= row[0] <= 3
     store.close()
+
+
+def test_the_urls_options_are_kept_so_a_schema_can_hold_the_tables(postgres: str) -> None:
+    with psycopg.connect(postgres, autocommit=True) as connection:
+        connection.execute("CREATE SCHEMA elsewhere")
+    store = PostgresStore(f"{postgres}&options=-csearch_path%3Delsewhere")
+    store.migrate()
+    store.append(drive("van", T0, 10))
+    with psycopg.connect(postgres) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'elsewhere'"
+        ).fetchone()
+    assert row is not None and row[0] >= 5
+    assert len(store.track("van", T0, FOREVER, limit=100)) == 10
+    store.close()

@@ -451,12 +451,14 @@ class PostgresStore:
             yield connection
 
     def _connect(self) -> psycopg.Connection[Any]:
+        given = psycopg.conninfo.conninfo_to_dict(self.url)
         timeout_ms = max(1, round(self.timeout_s * 1000))
+        # The URL's own options (say -c search_path=...) come first; our deadlines win.
         options = (
+            f"{given.get('options', '')} "
             f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms} "
             f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s"
-        )
-        given = psycopg.conninfo.conninfo_to_dict(self.url)
+        ).strip()
         connection = _DeadlineConnection.connect(
             self.url,
             autocommit=True,
