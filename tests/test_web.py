@@ -233,6 +233,10 @@ def test_find_a_vehicle_anywhere_and_follow_it_over_the_streets(page: Page, url:
         "() => [trackerMap.map.getCenter().lat, trackerMap.map.getCenter().lng]"
     )
     assert west < lon < east and south < lat < north
+    # The page's link reopens the map following it.
+    link = page.evaluate("() => location.href")
+    page.goto(link)
+    page.wait_for_function(f"() => window.trackerMap?.following === '{target}'")
     page.click("#unfollow")
     assert page.evaluate("() => trackerMap.following") is None
     page.fill("#search-id", "nobody-by-that-name")

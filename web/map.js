@@ -377,8 +377,8 @@ if (!embed) {
   }, 1000);
 }
 
-if (!embed && params.get("follow")) panel.find(params.get("follow"));
-else subscribe();
+subscribe();
+if (!embed && params.get("follow")) panel.find(params.get("follow")); // a link that follows
 
 window.trackerMap = {
   map,
