@@ -19,7 +19,7 @@ import trio
 
 from tracker.client import FeedView
 from tracker.config import TrackerConfig
-from tracker.errors import BadRequest, ServiceBusy
+from tracker.errors import BadRequest, HistoryDisabled, ServiceBusy
 from tracker.history.replay import (
     MAX_SPEED,
     MIN_SPEED,
@@ -239,7 +239,7 @@ def test_parse_replay_refuses_bad_parameters(args: dict[str, list[str]]) -> None
 
 
 def test_a_tracker_without_history_refuses_replays() -> None:
-    with pytest.raises(BadRequest, match="no history"):
+    with pytest.raises(HistoryDisabled, match="no history"):
         replays(None).request({"from": [str(NOW - 60)]}, now=NOW)
 
 

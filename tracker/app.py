@@ -44,6 +44,7 @@ from tracker.errors import (
 )
 from tracker.headers import security_headers
 from tracker.history.routes import add_history_routes
+from tracker.history.replay import Replays
 from tracker.ingest import media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.logs import Throttle
@@ -102,6 +103,14 @@ def create_app(tracker: Tracker) -> QuartTrio:
     refusals = Throttle(logger, interval_s=REFUSAL_LOG_INTERVAL_S)
     area_limiter = trio.CapacityLimiter(AREA_CONCURRENCY)
     body_reads = BodyReads(config, tracker.metrics)
+    replays = Replays(
+        tracker.history,
+        config,
+        tracker.metrics,
+        retention_s=config.history_retention_s,
+        stopping=tracker.stopping,
+    )
+    tracker.metrics.gauges["replays"] = ("Replay feeds playing now.", lambda: replays.running)
 
     @app.errorhandler(TrackerError)
     async def tracker_error(error: TrackerError) -> Response:
@@ -153,6 +162,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
         fmt = args.pop("format", ["msgpack"])[-1]
         if fmt not in FEED_FORMATS:
             raise BadRequest(f"format {fmt!r} is not one of {sorted(FEED_FORMATS)}")
+        replay = replays.request(args, now=time.time()) if "from" in args else None
         if grant is not None and grant.cells is not None and not args.keys() & set(AREA_PARAMS):
             cells = grant.cells  # no area asked for: the token's whole area
         else:
@@ -168,7 +178,21 @@ def create_app(tracker: Tracker) -> QuartTrio:
             token=grant.holder if grant else None, address=request.remote_addr or "unknown"
         )
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-        stream = _feed_body(tracker, cells, is_json=FEED_FORMATS[fmt], last_event_id=last_event_id)
+        is_json = FEED_FORMATS[fmt]
+        if replay is None:
+            stream = _feed_body(tracker, cells, is_json=is_json, last_event_id=last_event_id)
+        else:  # history through the same stream (tracker.history.replay)
+            try:
+                replayed = await replays.open(
+                    replay, cells, is_json=is_json, last_event_id=last_event_id
+                )
+            except BaseException:
+                slot.release()
+                raise
+            if replayed is None:  # resumed after its end: 204 stops EventSource
+                slot.release()
+                return Response(b"", status=204)
+            stream = replayed
         response = Response(held_while_streaming(stream, slot), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"

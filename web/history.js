@@ -124,7 +124,7 @@ export function installHistory({ map, token, area, resubscribe }) {
     trailLayer.clearLayers();
   }
 
-  /** Trails of the view's vehicles for the last minutes, from GET /history. */
+  /** Trails of the view's vehicles for the last minutes, from GET /history (JSON columns). */
   async function loadTrails() {
     const query = area();
     if (!query || !showTrails.checked) return;
@@ -138,9 +138,8 @@ export function installHistory({ map, token, area, resubscribe }) {
       for (let page = 0; page < HISTORY_PAGES; page++) {
         const answer = await getJSON(`/history?${search}`);
         if (generation !== trailLoad) return; // cleared or reloaded meanwhile
-        for (const vehicle of answer.vehicles ?? []) {
-          const [times, lats, lons] = columns(vehicle);
-          for (let i = 0; i < times.length; i++) addPoint(vehicle.vehicle_id, lats[i], lons[i], times[i]);
+        for (const { vehicle_id: id, ts, lat, lon } of answer.vehicles ?? []) {
+          for (let i = 0; i < ts.length; i++) addPoint(id, lat[i], lon[i], ts[i]);
         }
         if (!answer.cursor) break;
         search.set("cursor", answer.cursor);
@@ -262,13 +261,6 @@ async function getJSON(url) {
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.message ?? `${response.status} ${response.statusText}`);
   return body;
-}
-
-/** [times, lats, lons] of one vehicle of a GET /history answer. */
-function columns(vehicle) {
-  if (vehicle.ts) return [vehicle.ts, vehicle.lat, vehicle.lon];
-  const points = vehicle.positions ?? [];
-  return [points.map((p) => p.ts), points.map((p) => p.lat), points.map((p) => p.lon)];
 }
 
 /** A Unix time as the local clock shows it (date too when not today). */

@@ -148,7 +148,7 @@ const vehicleLayer = new VehicleLayer().addTo(map);
 
 /** A vehicle's id, speed, heading and last seen, as rows of [name, value]. */
 function describe(v) {
-  const age = Math.max(0, Date.now() / 1000 - v.ts);
+  const age = Math.max(0, (historyTools?.replayTime() ?? Date.now() / 1000) - v.ts);
   return [
     ["vehicle", v.id],
     ["speed", v.speed === null ? "not reported" : `${(v.speed * 3.6).toFixed(0)} km/h`],

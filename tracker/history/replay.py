@@ -48,7 +48,7 @@ import numpy.typing as npt
 import trio
 
 from tracker.config import TrackerConfig
-from tracker.errors import BadRequest, ServiceBusy
+from tracker.errors import BadRequest, HistoryDisabled, ServiceBusy
 from tracker.feed import HEARTBEAT, SHUTDOWN_EVENT, encode_event, sse_event
 from tracker.frames import encode_snapshot, encode_tick
 from tracker.geoindex import GeoIndex
@@ -289,12 +289,12 @@ class Replay:
         if len(parts) != 3 or parts[0] != ID_PREFIX or parts[2] != self._tag:
             return self.request.start
         try:
-            t = int(parts[1]) / 1000
+            t_ms = int(parts[1])
         except ValueError:
             return self.request.start
-        if t >= self.request.end:
+        if t_ms >= round(self.request.end * 1000):  # ids count whole milliseconds
             return None
-        return t if t > self.request.start else self.request.start
+        return t_ms / 1000 if t_ms > round(self.request.start * 1000) else self.request.start
 
     # --- playing ---------------------------------------------------------------------------
 
@@ -338,6 +338,7 @@ class Replay:
                 with trio.move_on_at(started + ticks * config.tick_s):
                     await stopping.wait()
                 if stopping.is_set():
+                    metrics.bytes_sent += len(SHUTDOWN_EVENT)
                     yield SHUTDOWN_EVENT
                     return
                 chunk = await self._step(min(self.request.end, origin + ticks * self._span))
@@ -485,9 +486,9 @@ class Replays:
         return len(self._running)
 
     def request(self, args: Mapping[str, Sequence[str]], *, now: float) -> ReplayRequest:
-        """The checked parameters of a feed with ``from=`` (400 if bad, or if no history)."""
+        """The checked parameters of a feed with ``from=`` (400 if bad; 404: no history)."""
         if self._reader is None:
-            raise BadRequest(
+            raise HistoryDisabled(
                 "this tracker keeps no history (its --history option is off), so from= "
                 "cannot be replayed"
             )
