@@ -1,4 +1,4 @@
-"""History on the map in a real Chromium: replay and back to live.
+"""History on the map in a real Chromium: trails, a vehicle's day track, replay and back.
 
 ``tracker demo`` runs in a child process with its history in a temporary file and its
 simulated fleet moving, so the map reads history the demo really stored.
@@ -44,6 +44,41 @@ def page(browser: Browser, url: str) -> Iterator[Page]:
     yield page
     context.close()
     assert errors == []
+
+
+def test_trails_appear_from_history_then_grow_live(page: Page) -> None:
+    with page.expect_response(lambda r: "/history?" in r.url) as answer:
+        page.check("#show-trails")
+    assert answer.value.status == 200
+    assert answer.value.json()["vehicles"]
+    # Drawn at once from history: many vehicles with a trail of several points.
+    page.wait_for_function(
+        "() => [...trackerMap.history.trails.values()].filter(t => t.line).length > 50"
+    )
+    before = page.evaluate(
+        "() => Math.max(...[...trackerMap.history.trails.values()].map(t => t.times.at(-1)))"
+    )
+    # Then extended from the live feed.
+    page.wait_for_function(
+        f"""() => Math.max(...[...trackerMap.history.trails.values()]
+            .map(t => t.times.at(-1))) > {before}""",
+        timeout=15_000,
+    )
+    page.uncheck("#show-trails")
+    page.wait_for_function("() => trackerMap.history.trails.size === 0")
+
+
+def test_clicking_a_vehicle_draws_its_day(page: Page) -> None:
+    point = page.evaluate(
+        """() => { const v = trackerMap.feed.table.vehicles.values().next().value;
+            const p = trackerMap.map.latLngToContainerPoint([v.lat, v.lon]);
+            return {x: p.x, y: p.y, id: v.id}; }"""
+    )
+    with page.expect_response(lambda r: "/track?" in r.url) as answer:
+        page.mouse.click(point["x"], point["y"])
+    assert answer.value.status == 200
+    page.wait_for_function("() => trackerMap.history.trackLayer.getLayers().length > 0")
+    assert page.evaluate("() => trackerMap.history.trackLayer.vehicleId") == point["id"]
 
 
 def test_replay_plays_history_then_returns_to_live(page: Page) -> None:

@@ -43,8 +43,8 @@ from tracker.errors import (
     UnsupportedMediaType,
 )
 from tracker.headers import security_headers
-from tracker.history.routes import add_history_routes
 from tracker.history.replay import Replays
+from tracker.history.routes import add_history_routes
 from tracker.ingest import media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.logs import Throttle
