@@ -156,8 +156,9 @@ async def post_steadily(
 
 
 COMMIT_S = 0.5
-MARGIN_S = 0.5
-"""Slack on top of the commit interval for the commit's own duration on a loaded machine."""
+MARGIN_S = 1.0
+"""Slack on top of the commit interval for the commit's own duration (an fsync on a disk
+that other processes load can take hundreds of milliseconds)."""
 
 
 async def test_kill_9_loses_at_most_the_last_commit_interval_and_a_restart_appends(
@@ -171,7 +172,7 @@ async def test_kill_9_loses_at_most_the_last_commit_interval_and_a_restart_appen
     acknowledged: list[tuple[float, list[Key]]] = []
     async with tracker_process(*options) as tracker, trio.open_nursery() as nursery:
         nursery.start_soon(post_steadily, tracker.url, vehicles, time.time() + 60, acknowledged)
-        await trio.sleep(3)
+        await trio.sleep(4)
         killed_at = time.time()
         tracker.child.process.kill()  # SIGKILL: no flush, no goodbye
         await trio.to_thread.run_sync(tracker.child.process.wait)
