@@ -64,8 +64,20 @@ def test_migrate_creates_the_file_and_its_directory_in_wal_mode(
 
 def test_commits_are_fsynced_synchronous_full(store: SqliteStore) -> None:
     store.append(pings("van", T0, 1))
-    connection = store._connection()
-    assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    with store._snapshot() as connection:
+        assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+
+
+def test_close_waits_for_a_connection_in_use(store: SqliteStore) -> None:
+    """close() under a running query must not close its connection (SQLite may crash)."""
+    store.append(pings("van", T0, 3))
+    with store._snapshot() as connection:
+        store.close()
+        assert connection.execute("SELECT count(*) FROM raw").fetchone() == (1,)
+    with pytest.raises(sqlite3.ProgrammingError):
+        connection.execute("SELECT 1")  # closed once given back
+    with pytest.raises(StoreError, match="closed"):
+        store.track("van", T0, FOREVER, limit=10)
 
 
 def test_reopen_after_close_keeps_everything_and_the_resolution(path: Path) -> None:

@@ -98,8 +98,8 @@ class SqliteStore:
     def __init__(self, path: str | os.PathLike[str], resolution: int = 7) -> None:
         self.path = os.fspath(path)
         self.resolution = resolution
-        self._local = threading.local()
-        self._connections: set[sqlite3.Connection] = set()
+        self._idle: list[sqlite3.Connection] = []  # connections no thread is using
+        self._closed = False
         self._lock = threading.Lock()
         self._vehicles: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -243,11 +243,16 @@ class SqliteStore:
         return StoreStats(positions=int(row[0]), bytes_on_disk=on_disk)
 
     def close(self) -> None:
+        """Close the idle connections now; one in use is closed when its query returns.
+
+        Never closes a connection another thread is using: SQLite's C library may crash
+        the process when a connection is closed under a running statement.
+        """
         with self._lock:
-            connections, self._connections = self._connections, set()
-        for connection in connections:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
             connection.close()
-        self._local = threading.local()
 
     # -- compaction ------------------------------------------------------------------
 
@@ -395,40 +400,56 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        connection = self._borrow()
         try:
-            connection = self._connection()
-            connection.execute(begin)
-        except sqlite3.Error as error:
-            raise StoreError(f"history file {self.path}: {error}") from error
-        try:
-            yield connection
-            connection.execute("COMMIT")
-        except BaseException as error:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            if isinstance(error, sqlite3.Error):
-                raise StoreError(f"history file {self.path}: {error}") from error
-            raise
-
-    def _connection(self) -> sqlite3.Connection:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            # isolation_level=None: transactions are ours (BEGIN ... COMMIT), not the
-            # module's implicit ones; check_same_thread=False only so that close() may
-            # close every thread's connection.
-            connection = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
             try:
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=FULL")
-            except sqlite3.Error:
-                connection.close()
+                connection.execute(begin)
+            except sqlite3.Error as error:
+                raise StoreError(f"history file {self.path}: {error}") from error
+            try:
+                yield connection
+                connection.execute("COMMIT")
+            except BaseException as error:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                if isinstance(error, sqlite3.Error):
+                    raise StoreError(f"history file {self.path}: {error}") from error
                 raise
-            with self._lock:
-                self._connections.add(connection)
-            self._local.connection = connection
+        finally:
+            self._give_back(connection)
+
+    def _borrow(self) -> sqlite3.Connection:
+        """A connection for this thread alone until :meth:`_give_back` (an idle one, or new).
+
+        Lent rather than kept per thread: Trio's worker threads come and go, and a
+        connection kept per thread would stay open until :meth:`close`.
+        """
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"history file {self.path}: the store is closed")
+            if self._idle:
+                return self._idle.pop()
+        # isolation_level=None: transactions are ours (BEGIN ... COMMIT), not the
+        # module's implicit ones; check_same_thread=False because a connection is lent
+        # to one thread at a time, not always the same one.
+        connection = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as error:
+            connection.close()
+            raise StoreError(f"history file {self.path}: {error}") from error
         return connection
+
+    def _give_back(self, connection: sqlite3.Connection) -> None:
+        """Return a lent connection; closed at once if the store was closed meanwhile."""
+        with self._lock:
+            if not self._closed:
+                self._idle.append(connection)
+                return
+        connection.close()
 
 
 def _buckets(start: float, end: float) -> tuple[int, int]:
