@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tracker.cli import main
 from tracker.config import ConfigError, TrackerConfig
 from tracker.devices.identity import DeviceEntry, DevicesFile, Fleet, Registry
 from tracker.errors import DeviceUnauthorized, UnknownDevice
@@ -64,3 +65,12 @@ def test_for_config_default_fleet_is_the_ingest_keys(tmp_path: Path) -> None:
             Registry.for_config(TrackerConfig(devices_file=str(path)))
     with pytest.raises(ConfigError, match="cannot be read"):
         Registry.for_config(TrackerConfig(devices_file=str(tmp_path / "missing.json")))
+
+
+def test_serve_with_a_bad_devices_file_exits_2_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "devices.json").write_text('{"fleets": {"f": {"keys": "not-a-list"}}}')
+    assert main(["serve", "--port", "0", "--devices-file", str(tmp_path / "devices.json")]) == 2
+    error = capsys.readouterr().err
+    assert "--devices-file" in error and "TRACKER_DEVICES_FILE" in error
