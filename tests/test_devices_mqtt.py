@@ -15,6 +15,7 @@ import trio
 from tests.conftest import RunningServer, StartServer
 from tests.mosquitto import Mosquitto
 from tests.test_devices_owntracks import LOCATION
+from tracker.cli import main
 from tracker.config import ConfigError, TrackerConfig
 from tracker.devices.gateway import SourceStats
 from tracker.devices.mqtt import SOURCE, MqttBridge
@@ -129,3 +130,8 @@ async def test_bridge_drops_and_counts_what_the_full_queue_cannot_take() -> None
 def test_config_refuses_a_bad_mqtt_url(url: str) -> None:
     with pytest.raises(ConfigError, match="--mqtt"):
         TrackerConfig(mqtt=url)
+
+
+def test_demo_over_mqtt_needs_a_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--protocol", "owntracks-mqtt"]) == 2
+    assert "--mqtt" in capsys.readouterr().err

@@ -552,12 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="tracker-demo-") as scratch:
                 streets = {env_name("streets_file"): _write_streets(fleet, Path(scratch))}
                 environ = streets | environ
-                _run_service(
-                    config_from(args, environ),
-                    _demo,
-                    fleet,
-                    _struct_from(SendConfig, args, environ),
-                )
+                config, send = config_from(args, environ), _struct_from(SendConfig, args, environ)
+                if send.protocol == "owntracks-mqtt" and not config.mqtt:
+                    raise ConfigError(
+                        f"demo --protocol owntracks-mqtt needs {flag('mqtt')} ({env_name('mqtt')})"
+                        ": the broker the simulator publishes to and the tracker subscribes to"
+                    )
+                _run_service(config, _demo, fleet, send)
     except ConfigError as exc:
         print(f"tracker: bad configuration: {exc}", file=sys.stderr)
         return 2
