@@ -6,6 +6,7 @@ whole life; nothing is shared between tests.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import trio
 from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 from tracker.config import TrackerConfig
+from tracker.logs import CHATTY_LOGGERS
 from tracker.server import serve
 from tracker.service import Tracker
 
@@ -53,6 +55,19 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("TRACKER_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    """configure_logging changes the root logger; put back what pytest had."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    logging.captureWarnings(False)
 
 
 @dataclass

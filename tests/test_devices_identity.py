@@ -67,6 +67,7 @@ def test_for_config_default_fleet_is_the_ingest_keys(tmp_path: Path) -> None:
         Registry.for_config(TrackerConfig(devices_file=str(tmp_path / "missing.json")))
 
 
+@pytest.mark.usefixtures("restore_root_logger")  # main() configures logging
 def test_serve_with_a_bad_devices_file_exits_2_naming_the_option(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

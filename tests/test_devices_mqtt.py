@@ -132,6 +132,7 @@ def test_config_refuses_a_bad_mqtt_url(url: str) -> None:
         TrackerConfig(mqtt=url)
 
 
+@pytest.mark.usefixtures("restore_root_logger")  # main() configures logging
 def test_demo_over_mqtt_needs_a_broker(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--protocol", "owntracks-mqtt"]) == 2
     assert "--mqtt" in capsys.readouterr().err

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 
 import httpx
 import pytest
 import trio
 
 from tests.conftest import BERLIN_BBOX, RunningServer, StartServer
-from tracker.logs import ACCESS_LOGGER, CHATTY_LOGGERS, Episode, Throttle, configure_logging
+from tracker.logs import ACCESS_LOGGER, Episode, Throttle, configure_logging
 
 logger = logging.getLogger("tracker.test_logs")
 
@@ -32,19 +31,6 @@ class Opaque:
 
     def __repr__(self) -> str:
         return "<opaque>"
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    """configure_logging changes the root logger; put back what pytest had."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET)
-    logging.captureWarnings(False)
 
 
 @pytest.mark.usefixtures("restore_root_logger")
