@@ -32,6 +32,7 @@ import trio
 from bench import ingest as bench_ingest
 from bench.common import CITY, start_tracker
 from bench.fleet import metric
+from bench.history_store import add_store
 from tracker.history.store import open_store
 from tracker.pings import Ping
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     report(args.run(args), args.json)
 
 
-SECTIONS: list[Callable[[Sections], None]] = []
+SECTIONS: list[Callable[[Sections], None]] = [add_store]
 """Each section's ``add_<section>(sections)``, in the order ``--help`` lists them."""
 
 

@@ -307,7 +307,9 @@ def _deltas(values: Int64Array) -> tuple[int, int, bytes]:
     """
     if len(values) == 0:
         return 1, 0, b""
-    deltas = np.diff(values, prepend=values[:1])
+    deltas = np.empty_like(values)  # np.diff(prepend=) costs a concatenation more
+    deltas[0] = 0
+    np.subtract(values[1:], values[:-1], out=deltas[1:])
     zigzag = ((deltas << 1) ^ (deltas >> 63)).view(np.uint64)
     top = int(zigzag.max())
     width = next(w for w in _WIDTHS if top < 1 << (8 * w))

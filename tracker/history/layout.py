@@ -9,7 +9,8 @@ its own; what it does with the positions is here, once:
   groups with their cells, and :func:`merge_chunk` merges one group into the chunk already
   kept for that vehicle and bucket (if any) and encodes it as a :class:`Chunk`;
 * queries: :func:`chunks_to_read` says how few of a vehicle's chunks a limited track query
-  needs, :func:`track_of` and :func:`area_page` select, order and cut positions into what
+  needs (:func:`area_matches` counts towards a full area page), :func:`track_of` and
+  :func:`area_page` select, order and cut positions into what
   :class:`~tracker.history.store.HistoryStore` returns.
 
 Pure and synchronous (NumPy on columns).
@@ -24,6 +25,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from tracker.history import codec
 from tracker.history.codec import Positions
@@ -33,6 +35,7 @@ __all__ = [
     "BUCKET_S",
     "Chunk",
     "ChunkSpan",
+    "area_matches",
     "area_page",
     "chunk_groups",
     "chunks_to_read",
@@ -135,6 +138,15 @@ def track_of(
     positions = _in_window(positions.take(positions.vehicle == vehicle), start, end, after)
     positions = positions.take(np.argsort(positions.ts, kind="stable")[:limit])
     return _track(vehicle_id, positions)
+
+
+def area_matches(chunk: Positions, cells: npt.NDArray[np.uint64], start: float, end: float) -> int:
+    """How many positions of a decoded chunk an area query of ``cells`` (an array) and
+    ``[start, end)`` keeps: a store reading chunks vehicle by vehicle in page order can
+    stop once a page is full, instead of decoding every chunk of the area."""
+    return int(
+        np.count_nonzero((chunk.ts >= start) & (chunk.ts < end) & np.isin(chunk.cell, cells))
+    )
 
 
 def area_page(

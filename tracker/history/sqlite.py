@@ -22,8 +22,10 @@ batches never hides or doubles positions. Every failure is a
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -49,6 +51,10 @@ this only comes into play with a second process on the same file)."""
 COMPACT_STEP_POSITIONS: Final = 200_000
 """Raw positions merged per compaction transaction: short locks, bounded memory."""
 COMPACT_STEP_BATCHES: Final = 1_000
+WAL_LIMIT_BYTES: Final = 4 * 1024 * 1024
+"""The write-ahead log is cut back to this after a checkpoint: a compaction step writes
+a few MB to it, which it would otherwise keep on disk for good (4 MB: what SQLite
+checks in at anyway, 1,000 pages)."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -188,14 +194,8 @@ class SqliteStore:
                     (vehicle, *_buckets(lo, end), lo_ms, hi_ms),
                 )
             ]
-            needed = [span.bucket for span in spans[: layout.chunks_to_read(spans, lo, end, limit)]]
-            blobs = _column(
-                connection.execute(
-                    """SELECT data FROM chunks WHERE vehicle = ?
-                       AND bucket IN (SELECT value FROM json_each(?))""",
-                    (vehicle, json.dumps(needed)),
-                )
-            )
+            needed = spans[: layout.chunks_to_read(spans, lo, end, limit)]
+            blobs = self._chunk_blobs(connection, vehicle, [span.bucket for span in needed])
             blobs += self._raw_blobs(connection, lo_ms, hi_ms)
         return layout.track_of(
             vehicle_id, vehicle, self._decode(blobs), start, end, limit=limit, after=after
@@ -211,20 +211,36 @@ class SqliteStore:
         after: tuple[str, float] | None = None,
     ) -> AreaPage:
         lo_ms, hi_ms = layout.ms_range(start, end)
-        query = """SELECT data FROM chunks WHERE (vehicle, bucket) IN (
+        query = """SELECT v.name, c.vehicle, c.bucket
+                   FROM chunks c JOIN vehicles v ON v.id = c.vehicle
+                   WHERE (c.vehicle, c.bucket) IN (
                        SELECT vehicle, bucket FROM chunk_cells
                        WHERE cell IN (SELECT value FROM json_each(?)) AND bucket BETWEEN ? AND ?)
-                   AND t1 >= ? AND t0 < ?"""
+                   AND c.t1 >= ? AND c.t0 < ?"""
         params: list[Any] = [json.dumps([int(cell) for cell in cells]), *_buckets(start, end)]
         params += [lo_ms, hi_ms]
         if after is not None:
             # Vehicles before the cursor's are on earlier pages: not even read.
-            query += " AND vehicle IN (SELECT id FROM vehicles WHERE name >= ?)"
+            query += " AND v.name >= ?"
             params.append(after[0])
+        wanted = np.fromiter(cells, np.uint64, len(cells))
         with self._snapshot() as connection:
-            blobs = _column(connection.execute(query, params))
-            blobs += self._raw_blobs(connection, lo_ms, hi_ms)
-            parts = self._decode(blobs)
+            candidates = connection.execute(query + " ORDER BY v.name", params).fetchall()
+            parts = self._decode(self._raw_blobs(connection, lo_ms, hi_ms))
+            found = 0
+            for name, rows in itertools.groupby(candidates, key=lambda row: row[0]):
+                # Vehicle by vehicle in page order, only until the page is full: a page
+                # of a busy area reads a few vehicles' chunks, not every one of them.
+                chunks = list(rows)
+                buckets = [bucket for _, _, bucket in chunks]
+                decoded = self._decode(self._chunk_blobs(connection, chunks[0][1], buckets))
+                parts += decoded
+                since = start
+                if after is not None and name == after[0]:
+                    since = max(start, math.nextafter(after[1], math.inf))  # ts > after
+                found += sum(layout.area_matches(part, wanted, since, end) for part in decoded)
+                if found > limit:
+                    break
             names = self._names_of(
                 connection, {int(v) for p in parts for v in np.unique(p.vehicle)}
             )
@@ -371,6 +387,18 @@ class SqliteStore:
         ).fetchone()
         self.resolution = int(resolution)
 
+    @staticmethod
+    def _chunk_blobs(
+        connection: sqlite3.Connection, vehicle: int, buckets: list[int]
+    ) -> list[bytes]:
+        return _column(
+            connection.execute(
+                """SELECT data FROM chunks WHERE vehicle = ?
+                   AND bucket IN (SELECT value FROM json_each(?))""",
+                (vehicle, json.dumps(buckets)),
+            )
+        )
+
     def _raw_blobs(self, connection: sqlite3.Connection, lo_ms: int, hi_ms: int) -> list[bytes]:
         return _column(
             connection.execute(
@@ -438,6 +466,7 @@ class SqliteStore:
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
+            connection.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         except sqlite3.Error as error:
             connection.close()
             raise StoreError(f"history file {self.path}: {error}") from error
