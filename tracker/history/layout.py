@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from tracker.history import codec
 from tracker.history.codec import Positions
-from tracker.history.store import AreaPage, Track
+from tracker.history.store import AreaPage, StoreError, Track
 
 __all__ = [
     "BUCKET_S",
@@ -72,6 +72,24 @@ class ChunkSpan(NamedTuple):
     t0_ms: int
     t1_ms: int
     size: int
+
+
+def buckets(start: float, end: float) -> tuple[int, int]:
+    """The first and last bucket a window ``[start, end)`` touches."""
+    return int(start // BUCKET_S), int(end // BUCKET_S)
+
+
+def ms(seconds: float) -> int:
+    """Seconds as the whole milliseconds the codec keeps."""
+    return round(seconds * codec.TS_PER_S)
+
+
+def decode_blobs(blobs: list[bytes], where: str) -> list[Positions]:
+    """Every blob decoded; a damaged one is a StoreError naming ``where`` it was kept."""
+    try:
+        return [codec.decode(blob) for blob in blobs]
+    except ValueError as error:
+        raise StoreError(f"{where} holds a damaged blob: {error}") from error
 
 
 def ms_range(start: float, end: float) -> tuple[int, int]:

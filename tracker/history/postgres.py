@@ -171,7 +171,7 @@ class PostgresStore:
             blob = codec.encode(positions)
         except ValueError as error:
             raise StoreError(f"cannot keep these pings: {error}") from error
-        t0, t1 = (_ms(positions.ts.min()), _ms(positions.ts.max()))
+        t0, t1 = (layout.ms(positions.ts.min()), layout.ms(positions.ts.max()))
         with self._connection() as connection:
             connection.execute(
                 "INSERT INTO history_raw (t0, t1, size, data) VALUES (%s, %s, %s, %s)",
@@ -185,7 +185,7 @@ class PostgresStore:
         return moved
 
     def expire(self, before: float, *, limit: int) -> int:
-        before_ms = _ms(before)
+        before_ms = layout.ms(before)
         with self._connection() as connection, connection.transaction():
             chunks = connection.execute(
                 """DELETE FROM history_chunks WHERE (vehicle, bucket) IN (
@@ -217,7 +217,7 @@ class PostgresStore:
                     """SELECT bucket, t0, t1, size FROM history_chunks
                        WHERE vehicle = %s AND bucket BETWEEN %s AND %s AND t1 >= %s AND t0 < %s
                        ORDER BY bucket""",
-                    (vehicle, *_buckets(lo, end), lo_ms, hi_ms),
+                    (vehicle, *layout.buckets(lo, end), lo_ms, hi_ms),
                 )
             ]
             needed = [span.bucket for span in spans[: layout.chunks_to_read(spans, lo, end, limit)]]
@@ -230,7 +230,13 @@ class PostgresStore:
             )
             blobs += self._raw_blobs(connection, lo_ms, hi_ms)
         return layout.track_of(
-            vehicle_id, vehicle, self._decode(blobs), start, end, limit=limit, after=after
+            vehicle_id,
+            vehicle,
+            layout.decode_blobs(blobs, self._where),
+            start,
+            end,
+            limit=limit,
+            after=after,
         )
 
     def area(
@@ -245,7 +251,12 @@ class PostgresStore:
         lo_ms, hi_ms = layout.ms_range(start, end)
         query = """SELECT data FROM history_chunks WHERE cells && %s::bigint[]
                    AND bucket BETWEEN %s AND %s AND t1 >= %s AND t0 < %s"""
-        params: list[Any] = [[int(cell) for cell in cells], *_buckets(start, end), lo_ms, hi_ms]
+        params: list[Any] = [
+            [int(cell) for cell in cells],
+            *layout.buckets(start, end),
+            lo_ms,
+            hi_ms,
+        ]
         if after is not None:
             # Vehicles before the cursor's are on earlier pages: not even read.
             query += " AND vehicle IN (SELECT id FROM history_vehicles WHERE name >= %s)"
@@ -253,7 +264,7 @@ class PostgresStore:
         with self._snapshot() as connection:
             blobs = _column(connection.execute(query, params))
             blobs += self._raw_blobs(connection, lo_ms, hi_ms)
-            parts = self._decode(blobs)
+            parts = layout.decode_blobs(blobs, self._where)
             names = self._names_of(
                 connection, {int(v) for p in parts for v in np.unique(p.vehicle)}
             )
@@ -292,7 +303,7 @@ class PostgresStore:
             batches = connection.execute(
                 """SELECT id, size FROM history_raw WHERE t1 < %s
                    ORDER BY id LIMIT %s FOR UPDATE""",
-                (_ms(before), COMPACT_STEP_BATCHES),
+                (layout.ms(before), COMPACT_STEP_BATCHES),
             ).fetchall()
             if not batches:
                 return 0
@@ -305,7 +316,9 @@ class PostgresStore:
                     (ids,),
                 )
             )
-            groups = list(layout.chunk_groups(self._decode(blobs), self.resolution))
+            groups = list(
+                layout.chunk_groups(layout.decode_blobs(blobs, self._where), self.resolution)
+            )
             old = self._chunks_for_update(connection, [(v, b) for v, b, _ in groups])
             chunks = [layout.merge_chunk(v, b, new, old.get((v, b))) for v, b, new in groups]
             if old:
@@ -422,12 +435,6 @@ class PostgresStore:
                 (lo_ms, hi_ms),
             )
         )
-
-    def _decode(self, blobs: list[bytes]) -> list[Positions]:
-        try:
-            return [codec.decode(blob) for blob in blobs]
-        except ValueError as error:
-            raise StoreError(f"{self._where} holds a damaged blob: {error}") from error
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -548,16 +555,6 @@ class _Pool:
             self._changed.notify_all()
         for connection in idle:
             connection.close()
-
-
-def _buckets(start: float, end: float) -> tuple[int, int]:
-    """The first and last bucket a window ``[start, end)`` touches."""
-    return int(start // layout.BUCKET_S), int(end // layout.BUCKET_S)
-
-
-def _ms(seconds: float) -> int:
-    """Seconds as the whole milliseconds the codec keeps."""
-    return round(seconds * codec.TS_PER_S)
 
 
 def _column(cursor: psycopg.Cursor[Any]) -> list[bytes]:

@@ -103,6 +103,7 @@ class SqliteStore:
 
     def __init__(self, path: str | os.PathLike[str], resolution: int = 7) -> None:
         self.path = os.fspath(path)
+        self._where = f"history file {self.path}"  # how errors name the store
         self.resolution = resolution
         self._idle: list[sqlite3.Connection] = []  # connections no thread is using
         self._closed = False
@@ -118,7 +119,7 @@ class SqliteStore:
             if directory:
                 os.makedirs(directory, exist_ok=True)
         except OSError as error:
-            raise StoreError(f"history file {self.path}: {error}") from error
+            raise StoreError(f"{self._where}: {error}") from error
         with self._write() as connection:
             self._migrate(connection)
 
@@ -135,7 +136,12 @@ class SqliteStore:
                     raise StoreError(f"cannot keep these pings: {error}") from error
                 connection.execute(
                     "INSERT INTO raw (t0, t1, size, data) VALUES (?, ?, ?, ?)",
-                    (_ms(positions.ts.min()), _ms(positions.ts.max()), len(positions), blob),
+                    (
+                        layout.ms(positions.ts.min()),
+                        layout.ms(positions.ts.max()),
+                        len(positions),
+                        blob,
+                    ),
                 )
         except StoreError:
             # Vehicles numbered in the rolled-back transaction are numbered no more.
@@ -151,7 +157,7 @@ class SqliteStore:
         return moved
 
     def expire(self, before: float, *, limit: int) -> int:
-        before_ms = _ms(before)
+        before_ms = layout.ms(before)
         with self._write() as connection:
             chunks = connection.execute(
                 """SELECT vehicle, bucket, cells FROM chunks
@@ -191,14 +197,20 @@ class SqliteStore:
                     """SELECT bucket, t0, t1, size FROM chunks
                        WHERE vehicle = ? AND bucket BETWEEN ? AND ? AND t1 >= ? AND t0 < ?
                        ORDER BY bucket""",
-                    (vehicle, *_buckets(lo, end), lo_ms, hi_ms),
+                    (vehicle, *layout.buckets(lo, end), lo_ms, hi_ms),
                 )
             ]
             needed = spans[: layout.chunks_to_read(spans, lo, end, limit)]
             blobs = self._chunk_blobs(connection, vehicle, [span.bucket for span in needed])
             blobs += self._raw_blobs(connection, lo_ms, hi_ms)
         return layout.track_of(
-            vehicle_id, vehicle, self._decode(blobs), start, end, limit=limit, after=after
+            vehicle_id,
+            vehicle,
+            layout.decode_blobs(blobs, self._where),
+            start,
+            end,
+            limit=limit,
+            after=after,
         )
 
     def area(
@@ -217,7 +229,7 @@ class SqliteStore:
                        SELECT vehicle, bucket FROM chunk_cells
                        WHERE cell IN (SELECT value FROM json_each(?)) AND bucket BETWEEN ? AND ?)
                    AND c.t1 >= ? AND c.t0 < ?"""
-        params: list[Any] = [json.dumps([int(cell) for cell in cells]), *_buckets(start, end)]
+        params: list[Any] = [json.dumps([int(cell) for cell in cells]), *layout.buckets(start, end)]
         params += [lo_ms, hi_ms]
         if after is not None:
             # Vehicles before the cursor's are on earlier pages: not even read.
@@ -226,14 +238,17 @@ class SqliteStore:
         wanted = np.fromiter(cells, np.uint64, len(cells))
         with self._snapshot() as connection:
             candidates = connection.execute(query + " ORDER BY v.name", params).fetchall()
-            parts = self._decode(self._raw_blobs(connection, lo_ms, hi_ms))
+            parts = layout.decode_blobs(self._raw_blobs(connection, lo_ms, hi_ms), self._where)
             found = 0
             for name, rows in itertools.groupby(candidates, key=lambda row: row[0]):
                 # Vehicle by vehicle in page order, only until the page is full: a page
                 # of a busy area reads a few vehicles' chunks, not every one of them.
                 chunks = list(rows)
                 buckets = [bucket for _, _, bucket in chunks]
-                decoded = self._decode(self._chunk_blobs(connection, chunks[0][1], buckets))
+                decoded = layout.decode_blobs(
+                    self._chunk_blobs(connection, chunks[0][1], buckets),
+                    self._where,
+                )
                 parts += decoded
                 since = start
                 if after is not None and name == after[0]:
@@ -278,7 +293,7 @@ class SqliteStore:
         with self._write() as connection:
             batches = connection.execute(
                 "SELECT id, size FROM raw WHERE t1 < ? ORDER BY id LIMIT ?",
-                (_ms(before), COMPACT_STEP_BATCHES),
+                (layout.ms(before), COMPACT_STEP_BATCHES),
             ).fetchall()
             if not batches:
                 return 0
@@ -292,7 +307,9 @@ class SqliteStore:
                 )
             )
             chunks = []
-            for vehicle, bucket, new in layout.chunk_groups(self._decode(blobs), self.resolution):
+            for vehicle, bucket, new in layout.chunk_groups(
+                layout.decode_blobs(blobs, self._where), self.resolution
+            ):
                 old = connection.execute(
                     "SELECT data FROM chunks WHERE vehicle = ? AND bucket = ?", (vehicle, bucket)
                 ).fetchone()
@@ -367,7 +384,7 @@ class SqliteStore:
         current = int(row[0])
         if current > VERSION:
             raise StoreError(
-                f"history file {self.path} has schema version {current}; this tracker knows "
+                f"{self._where} has schema version {current}; this tracker knows "
                 f"up to {VERSION}: upgrade the tracker"
             )
         for version in range(current, VERSION):
@@ -406,12 +423,6 @@ class SqliteStore:
             )
         )
 
-    def _decode(self, blobs: list[bytes]) -> list[Positions]:
-        try:
-            return [codec.decode(blob) for blob in blobs]
-        except ValueError as error:
-            raise StoreError(f"history file {self.path} holds a damaged blob: {error}") from error
-
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """This thread's connection in a write transaction (taken at once: no upgrade
@@ -433,7 +444,7 @@ class SqliteStore:
             try:
                 connection.execute(begin)
             except sqlite3.Error as error:
-                raise StoreError(f"history file {self.path}: {error}") from error
+                raise StoreError(f"{self._where}: {error}") from error
             try:
                 yield connection
                 connection.execute("COMMIT")
@@ -441,7 +452,7 @@ class SqliteStore:
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
                 if isinstance(error, sqlite3.Error):
-                    raise StoreError(f"history file {self.path}: {error}") from error
+                    raise StoreError(f"{self._where}: {error}") from error
                 raise
         finally:
             self._give_back(connection)
@@ -454,7 +465,7 @@ class SqliteStore:
         """
         with self._lock:
             if self._closed:
-                raise StoreError(f"history file {self.path}: the store is closed")
+                raise StoreError(f"{self._where}: the store is closed")
             if self._idle:
                 return self._idle.pop()
         # isolation_level=None: transactions are ours (BEGIN ... COMMIT), not the
@@ -469,7 +480,7 @@ class SqliteStore:
             connection.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         except sqlite3.Error as error:
             connection.close()
-            raise StoreError(f"history file {self.path}: {error}") from error
+            raise StoreError(f"{self._where}: {error}") from error
         return connection
 
     def _give_back(self, connection: sqlite3.Connection) -> None:
@@ -479,16 +490,6 @@ class SqliteStore:
                 self._idle.append(connection)
                 return
         connection.close()
-
-
-def _buckets(start: float, end: float) -> tuple[int, int]:
-    """The first and last bucket a window ``[start, end)`` touches."""
-    return int(start // layout.BUCKET_S), int(end // layout.BUCKET_S)
-
-
-def _ms(seconds: float) -> int:
-    """Seconds as the whole milliseconds the codec keeps."""
-    return round(seconds * codec.TS_PER_S)
 
 
 def _cells_blob(cells: list[int]) -> bytes:
