@@ -37,9 +37,12 @@ __all__ = [
     "ChunkSpan",
     "area_matches",
     "area_page",
+    "buckets",
     "chunk_groups",
     "chunks_to_read",
+    "decode_blobs",
     "merge_chunk",
+    "ms",
     "ms_range",
     "track_of",
 ]
