@@ -25,6 +25,11 @@ def mint_token(secret: str = SECRET, ttl_s: float = 60, **area: list[str]) -> st
     )
 
 
+def admin_token(secret: str = SECRET, ttl_s: float = 60) -> str:
+    """An admin token (every area; may change zones, webhooks, links) signed with ``secret``."""
+    return Keyring([secret], resolution=7, max_cells=4000).mint(ttl_s=ttl_s, admin=True)
+
+
 HEADER = b'{"alg":"HS256","typ":"JWT"}'
 
 

@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, MUNICH, StartServer, ping, post_pings
-from tests.credentials import OLD_SECRET, SECRET, SECURE, mint_token, sign_claims
+from tests.credentials import OLD_SECRET, SECRET, SECURE, admin_token, mint_token, sign_claims
 from tests.sse import feed_head, open_feed
 from tracker import auth
 from tracker.auth import Keyring
@@ -190,6 +190,23 @@ def test_every_spelling_of_a_token_is_one_holder() -> None:
         keyring.grant(sign_claims(f'{{"exp": {exp}}}')).holder
         != keyring.grant(sign_claims(f'{{"exp": {exp + 1}}}')).holder
     )
+
+
+def test_only_tokens_minted_admin_are_admin_and_never_with_an_area() -> None:
+    keyring = Keyring([SECRET], resolution=7, max_cells=4000)
+    assert keyring.grant(admin_token()).admin
+    assert not keyring.grant(mint_token()).admin
+    assert not keyring.grant(mint_token(bbox=["13.38,52.51,13.42,52.53"])).admin
+    exp = int(time.time()) + 60
+    for claim in ('"true"', "1", '"admin"', "[true]"):  # only the JSON literal true counts
+        assert not keyring.grant(sign_claims(f'{{"exp": {exp}, "admin": {claim}}}')).admin
+    forged = sign_claims(
+        f'{{"exp": {exp}, "admin": true, "area": {{"bbox": ["13.38,52.51,13.42,52.53"]}}}}'
+    )
+    with pytest.raises(Unauthorized, match="admin token cannot have an area"):
+        keyring.grant(forged)
+    with pytest.raises(ValueError, match="no area"):
+        keyring.mint(ttl_s=60, area={"bbox": ["13.38,52.51,13.42,52.53"]}, admin=True)
 
 
 @pytest.mark.parametrize("token", ["\udcff.a.b", "é" * 10, "a." * 5000])

@@ -175,6 +175,16 @@ def test_token_command_mints_a_token_for_an_area(capsys: pytest.CaptureFixture[s
     assert shown and snippet.endswith(shown[1])  # what the docs show, closed
 
 
+def test_token_command_mints_an_admin_token(capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "k" * 40
+    assert main(["token", "--admin", "--token-secrets", secret]) == 0
+    token = capsys.readouterr().out.splitlines()[0]
+    claims = jwt.decode(token, secret, algorithms=["HS256"])
+    assert claims["admin"] is True and "area" not in claims
+    assert main(["token", "--admin", "--area", "bbox=1,2,3,4", "--token-secrets", secret]) == 2
+    assert "an admin token sees every area" in capsys.readouterr().err
+
+
 def test_token_urls_follow_the_configured_port_and_scheme(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

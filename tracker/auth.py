@@ -9,7 +9,10 @@ secrets) whose claims bound what the holder sees:
   and ``<token>=`` verify alike and are one token;
 * ``area`` (optional): the area the holder may watch, written like a feed query
   (``{"bbox": ["w,s,e,n"], "cells": [...], "lat": [...], ...}``). Without it the token
-  sees everything (an admin token).
+  sees every area;
+* ``admin`` (optional, ``true``): the holder may also change what the tracker holds (zones,
+  webhooks, tracking links); never with an area. Reading routes take any token; writing
+  routes call :meth:`Readers.admin`.
 
 EventSource cannot set headers, so a token is accepted as ``?token=`` (feed and embed URLs),
 as ``Authorization: Bearer``, or from the HttpOnly cookie ``POST /session`` sets. Several
@@ -41,7 +44,13 @@ from jwt.utils import base64url_decode
 from quart import Request
 
 from tracker.config import TrackerConfig
-from tracker.errors import ForbiddenArea, ForbiddenOrigin, IngestKeyRefused, Unauthorized
+from tracker.errors import (
+    AdminRequired,
+    ForbiddenArea,
+    ForbiddenOrigin,
+    IngestKeyRefused,
+    Unauthorized,
+)
 from tracker.regions import parse_area
 
 __all__ = [
@@ -83,6 +92,8 @@ class Grant:
     holder: str
     """Identifies the token for per-token limits (a hash of its ``jti``, or of its signature
     for a token without one); never the token itself, nor its spelling."""
+    admin: bool = False
+    """The token may change what the tracker holds (its ``admin`` claim is ``true``)."""
 
     def check(self, cells: frozenset[int]) -> None:
         """Refuse a feed that asks for anything beyond the grant."""
@@ -118,13 +129,24 @@ class Keyring:
             max_cells=config.max_feed_cells,
         )
 
-    def mint(self, *, ttl_s: float, area: Mapping[str, Sequence[str]] | None = None) -> str:
-        """A token valid for ``ttl_s`` seconds, for ``area`` (a feed query) or everywhere.
+    def mint(
+        self,
+        *,
+        ttl_s: float,
+        area: Mapping[str, Sequence[str]] | None = None,
+        admin: bool = False,
+    ) -> str:
+        """A token valid for ``ttl_s`` seconds, for ``area`` (a feed query) or everywhere;
+        ``admin`` tokens (everywhere only) may also change zones, webhooks and links.
 
         The area is checked now (a token must never carry an area no feed could use).
         """
+        if admin and area is not None:
+            raise ValueError("an admin token has no area")
         now = int(time.time())
         claims: dict[str, Any] = {"exp": now + int(ttl_s), "iat": now, "jti": secrets.token_hex(8)}
+        if admin:
+            claims["admin"] = True
         if area is not None:
             parse_area(area, resolution=self._resolution, max_cells=self._max_cells)
             claims["area"] = {name: list(values) for name, values in area.items()}
@@ -149,7 +171,10 @@ class Keyring:
             ):
                 raise Unauthorized("the token's area claim is malformed")
             cells = self._cells(tuple(sorted((name, tuple(v)) for name, v in area.items())))
-        return Grant(cells, float(claims["exp"]), _holder(token, claims))
+        admin = claims.get("admin", False) is True
+        if admin and cells is not None:
+            raise Unauthorized("the token is not valid: an admin token cannot have an area")
+        return Grant(cells, float(claims["exp"]), _holder(token, claims), admin=admin)
 
     def _area_cells(self, area: tuple[tuple[str, tuple[str, ...]], ...]) -> frozenset[int]:
         """The cells of a token's area; cached per area, as many tokens (and every spelling
@@ -209,6 +234,19 @@ class Readers:
             "reading positions needs a token: ?token=, Authorization: Bearer, or the "
             "session cookie (POST /session)"
         )
+
+    def admin(self, request: Request) -> Grant:
+        """The grant of ``request``'s admin token: 401 without a valid token (open feeds
+        do not open writing), 403 for a token that is not an admin token."""
+        token = bearer(request.headers.get("Authorization")) or request.cookies.get(COOKIE)
+        if not token:
+            raise Unauthorized(
+                "this needs an admin token (tracker token --admin) in Authorization: Bearer"
+            )
+        grant = self.keyring.grant(token)
+        if not grant.admin:
+            raise AdminRequired("this needs an admin token (tracker token --admin)")
+        return grant
 
 
 def bearer(authorization: str | None) -> str | None:

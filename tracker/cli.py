@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'lat=..&lon=..&radius_m=..' (default: everything)",
     )
     token_parser.add_argument(
+        "--admin",
+        action="store_true",
+        help="an admin token: sees every area and may change zones, webhooks and links "
+        "(not with --area)",
+    )
+    token_parser.add_argument(
         "--ttl", default="1h", help="how long it is valid: 90s, 30m, 1h, 7d (default 1h)"
     )
     token_parser.add_argument(
@@ -374,7 +380,7 @@ def _admin_lines(config: TrackerConfig, url: str, *, secret_made_up: bool) -> li
             "tracker: feeds need a token; mint one with the same TRACKER_TOKEN_SECRETS:",
             f"  tracker token --area 'bbox={EXAMPLE_BBOX}' --ttl 1h --base-url {url}",
         ]
-    token = Keyring.for_config(config).mint(ttl_s=ADMIN_TOKEN_TTL_S)
+    token = Keyring.for_config(config).mint(ttl_s=ADMIN_TOKEN_TTL_S, admin=True)
     return [
         "tracker: feeds need a token; this admin token sees every area for 7 days or until "
         "the server stops (keep it secret; tracker token mints narrower ones):",
@@ -511,9 +517,13 @@ def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             "no token secret: set TRACKER_TOKEN_SECRETS (or --token-secrets) to the "
             "server's secret; a secret made up by tracker serve dies with the server"
         )
+    if args.admin and args.area:
+        raise ConfigError("--admin and --area: an admin token sees every area")
     area = urllib.parse.parse_qs(args.area, keep_blank_values=True) if args.area else None
     try:
-        token = Keyring.for_config(config).mint(ttl_s=_parse_ttl(args.ttl), area=area)
+        token = Keyring.for_config(config).mint(
+            ttl_s=_parse_ttl(args.ttl), area=area, admin=args.admin
+        )
     except TrackerError as exc:
         raise ConfigError(f"area {args.area!r}: {exc.message}") from exc
     base = (args.base_url or _base_url(config)).rstrip("/")

@@ -13,6 +13,7 @@ One handler in ``tracker.app`` turns any :class:`TrackerError` into a JSON respo
     * DeviceUnauthorized (401) -- a device without a key or with a wrong one (Basic auth)
   * UnknownDevice (403) -- a device id no fleet knows, and no fleet registers on first sight
   * ForbiddenArea (403) -- a feed asking for more than its token allows
+  * AdminRequired (403) -- a change (zones, webhooks, links) asked with a non-admin token
   * ForbiddenOrigin (403) -- POST /session from a page of an origin that is not allowed
   * HistoryDisabled (404) -- a history route on a tracker that keeps no history
   * UnknownVehicle (404) -- ``GET /vehicles/{id}`` of a vehicle this tracker does not hold
@@ -31,6 +32,7 @@ import math
 from typing import Any, ClassVar
 
 __all__ = [
+    "AdminRequired",
     "BadArea",
     "BadBody",
     "BadRequest",
@@ -163,6 +165,13 @@ class ForbiddenArea(TrackerError):
 
     status = 403
     code = "forbidden_area"
+
+
+class AdminRequired(TrackerError):
+    """A valid token that is not an admin token asked to change what the tracker holds."""
+
+    status = 403
+    code = "admin_required"
 
 
 class ForbiddenOrigin(TrackerError):
