@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import h3
 import h3.api.basic_int as h3i
@@ -47,10 +48,19 @@ def test_parse_area_bbox_covers_every_edge_and_corner() -> None:
     assert all(h3i.get_resolution(c) == RES for c in cells)
 
 
+def _cpu_s(work: Callable[[], object]) -> float:
+    """The CPU time ``work`` takes, best of three: the bounds below are about work done,
+    and a busy machine's waits (wall time) would make them flaky."""
+    best = math.inf
+    for _ in range(3):
+        started = time.process_time()
+        work()
+        best = min(best, time.process_time() - started)
+    return best
+
+
 def test_parse_area_bbox_of_a_city_is_fast() -> None:
-    started = time.perf_counter()
-    _area(bbox="13.2,52.4,13.6,52.65")
-    assert time.perf_counter() - started < 0.05
+    assert _cpu_s(lambda: _area(bbox="13.2,52.4,13.6,52.65")) < 0.05
 
 
 def test_parse_area_circle_covers_its_boundary() -> None:
@@ -121,9 +131,7 @@ def test_parse_area_rejects_bad_bboxes(value: str, words: tuple[str, ...]) -> No
 
 
 def test_parse_area_rejects_a_world_bbox_quickly() -> None:
-    started = time.perf_counter()
-    _bad(("about",), bbox="-180,-90,180,90")
-    assert time.perf_counter() - started < 0.05
+    assert _cpu_s(lambda: _bad(("about",), bbox="-180,-90,180,90")) < 0.05
 
 
 @pytest.mark.parametrize(
@@ -148,9 +156,7 @@ def test_parse_area_rejects_bad_cells() -> None:
     _bad(("not a valid h3 cell", "zzz"), cells="zzz")
     _bad(("empty",), cells=",")
     res0 = h3.get_res0_cells()[0]
-    started = time.perf_counter()
-    _bad(("at most 4000",), cells=res0)
-    assert time.perf_counter() - started < 0.05
+    assert _cpu_s(lambda: _bad(("at most 4000",), cells=res0)) < 0.05
 
 
 def test_parse_area_rejects_too_many_cells_in_total() -> None:
@@ -172,10 +178,10 @@ def _slowest_chunk_ms(params: dict[str, list[str]]) -> float:
         chunks = plan_area(params, resolution=RES, max_cells=MAX).chunks()
         times = [0.0]
         while True:
-            started = time.perf_counter()
+            started = time.process_time()  # CPU time: a busy machine's waits are not work
             if next(chunks, None) is None:
                 break
-            times.append((time.perf_counter() - started) * 1000)
+            times.append((time.process_time() - started) * 1000)
         slowest.append(max(times))
     return min(slowest)
 
@@ -190,18 +196,18 @@ def _slowest_chunk_ms(params: dict[str, list[str]]) -> float:
     ],
 )
 def test_parse_area_refuses_thin_strips_before_computing(bbox: str) -> None:
-    started = time.perf_counter()
-    _bad(("about", "at most 4000"), bbox=bbox)
-    assert time.perf_counter() - started < 0.005  # was 100-190 ms each
+    assert _cpu_s(lambda: _bad(("about", "at most 4000"), bbox=bbox)) < 0.005  # was 100-190 ms
 
 
 def test_parse_area_refuses_many_strips_at_once_quickly() -> None:
     strips = [f"-89,0,89,{1 + i / 100:.2f}e-5" for i in range(60)]
-    started = time.perf_counter()
-    _bad(("too many area terms", str(MAX_AREA_TERMS)), bbox=strips)
     few = strips[:MAX_AREA_TERMS]
-    _bad(("about",), bbox=few)
-    assert time.perf_counter() - started < 0.01  # was 9 s for the 60
+
+    def both() -> None:
+        _bad(("too many area terms", str(MAX_AREA_TERMS)), bbox=strips)
+        _bad(("about",), bbox=few)
+
+    assert _cpu_s(both) < 0.01  # was 9 s for the 60
 
 
 def test_parse_area_drops_repeated_terms() -> None:

@@ -19,9 +19,7 @@ async def test_a_vehicle_is_found_where_it_was_last_published(
 ) -> None:
     now = time.time()
     await post_pings(client, [ping("van-7", *MUNICH, now, speed=12.5, heading=90)])
-    pending = await client.get("/vehicles/van-7")
-    assert pending.status_code == 404  # not published before the next tick
-    await server.wait_for_ticks()
+    await server.wait_for_ticks()  # published with the next tick (a busy machine may tick sooner)
     response = await client.get("/vehicles/van-7")
     assert response.status_code == 200
     body = response.json()
