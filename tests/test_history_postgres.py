@@ -53,7 +53,9 @@ def test_stores_migrating_at_once_migrate_once(postgres: str) -> None:
         for store in stores:
             store.close()
     with psycopg.connect(postgres) as connection:
-        versions = connection.execute("SELECT version FROM history_schema").fetchall()
+        versions = connection.execute(
+            "SELECT version FROM schema_migrations WHERE component = 'history' ORDER BY version"
+        ).fetchall()
     assert versions == [(version,) for version in range(1, VERSION + 1)]
 
 
@@ -61,7 +63,9 @@ def test_a_newer_schema_is_refused(postgres: str) -> None:
     store = PostgresStore(postgres)
     store.migrate()
     with psycopg.connect(postgres) as connection:
-        connection.execute("INSERT INTO history_schema (version) VALUES (%s)", (VERSION + 1,))
+        connection.execute(
+            "INSERT INTO schema_migrations VALUES ('history', %s, 0)", (VERSION + 1,)
+        )
     with pytest.raises(StoreError, match="upgrade the tracker"):
         PostgresStore(postgres).migrate()
     store.close()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tracker.history.postgres import PostgresStore
-from tracker.history.sqlite import SqliteStore
+from tracker.history.sqlite import VERSION, SqliteStore
 from tracker.history.store import StoreError, open_store
 from tracker.pings import Ping
 
@@ -59,19 +59,21 @@ def test_migrate_creates_the_file_and_its_directory_in_wal_mode(
     assert path.exists()
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert connection.execute("SELECT max(version) FROM schema_version").fetchone() == (1,)
+        assert connection.execute(
+            "SELECT max(version) FROM schema_migrations WHERE component = 'history'"
+        ).fetchone() == (VERSION,)
 
 
 def test_commits_are_fsynced_synchronous_full(store: SqliteStore) -> None:
     store.append(pings("van", T0, 1))
-    with store._snapshot() as connection:
+    with store._database.snapshot() as connection:
         assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
 
 
 def test_close_waits_for_a_connection_in_use(store: SqliteStore) -> None:
     """close() under a running query must not close its connection (SQLite may crash)."""
     store.append(pings("van", T0, 3))
-    with store._snapshot() as connection:
+    with store._database.snapshot() as connection:
         store.close()
         assert connection.execute("SELECT count(*) FROM raw").fetchone() == (1,)
     with pytest.raises(sqlite3.ProgrammingError):
@@ -95,9 +97,9 @@ def test_reopen_after_close_keeps_everything_and_the_resolution(path: Path) -> N
 
 def test_migrate_refuses_a_newer_schema(path: Path, store: SqliteStore) -> None:
     with sqlite3.connect(path) as connection:
-        connection.execute("INSERT INTO schema_version VALUES (2, 0)")
+        connection.execute("INSERT INTO schema_migrations VALUES ('history', ?, 0)", (VERSION + 1,))
     newer = SqliteStore(path)
-    with pytest.raises(StoreError, match=r"schema version 2.*upgrade the tracker"):
+    with pytest.raises(StoreError, match=rf"schema version {VERSION + 1}.*upgrade the tracker"):
         newer.migrate()
     newer.close()
 

@@ -42,6 +42,8 @@ MIB = 1024 * KIB
 DAY_S = 86_400.0
 DEFAULT_HISTORY: Final = "tracker-data/history.sqlite3"
 """Where ``tracker serve`` and ``tracker demo`` keep history unless told otherwise."""
+DEFAULT_STATE: Final = "tracker-data/state.sqlite3"
+"""Where durable tables go when history is off (:attr:`TrackerConfig.database_target`)."""
 
 
 def describe(description: str, **bounds: float) -> msgspec.Meta:
@@ -422,6 +424,13 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         """``history`` as a store URL or path; empty when history is off."""
         target = self.history.strip()
         return "" if target.lower() in HISTORY_OFF else target
+
+    @property
+    def database_target(self) -> str:
+        """Where components keep durable tables (zones, alerts: ``tracker.database``):
+        the history's store when history is on (one database to run and back up), else
+        :data:`DEFAULT_STATE`, a local SQLite file next to the default history file."""
+        return self.history_target or DEFAULT_STATE
 
     @property
     def gtfs_rt_feeds(self) -> list[tuple[str, str]]:

@@ -17,9 +17,10 @@ Several instances share one database:
 * migrations run under a session advisory lock, so instances starting together run each
   migration once; a schema newer than this code is refused.
 
-Every wait on the server has a deadline: ``connect_timeout`` for connecting,
+The connections are a :class:`~tracker.database.PostgresDatabase`'s pool: every wait on
+the server has a deadline: ``connect_timeout`` for connecting,
 ``statement_timeout`` on the server for each statement, and a client-side deadline on
-each network wait (:class:`_DeadlineConnection`) for a server that stops answering
+each network wait for a server that stops answering
 altogether. Any failure is a :class:`~tracker.history.store.StoreError` naming the server
 without its password; the connection it happened on is dropped and the next call
 connects afresh.
@@ -29,15 +30,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 import numpy as np
 import psycopg
 from psycopg import sql
 
-from tracker.config import without_password
+from tracker.database import PG_TIMEOUT_S, Migrations, PostgresDatabase
 from tracker.history import codec, layout
 from tracker.history.codec import Positions
 from tracker.history.store import AreaPage, StoreError, StoreStats, Track
@@ -47,24 +47,11 @@ __all__ = ["PostgresStore"]
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 5
-"""Unless the URL says otherwise (``?connect_timeout=``; libpq takes whole seconds, >= 2)."""
-TIMEOUT_S = 30.0
-"""Longest statement the server runs for us (``statement_timeout``, ``lock_timeout``);
-compaction steps and queries take far less."""
-WAIT_FACTOR = 1.5
-"""A client-side wait lasts at most this many times the statement timeout: past the
-server's own timeout, so that normally the server cancels first (a clean error), and
-this only ends the wait on a server that is gone."""
-IDLE_IN_TRANSACTION_S = 60
-"""A client that dies inside a transaction releases its locks after this long."""
 POOL_SIZE = 8
 """Connections per store: the writer thread, query threads (History runs 4) and replays."""
 COMPACT_STEP_POSITIONS = 200_000
 """Raw positions merged per compaction transaction: short locks, bounded memory."""
 COMPACT_STEP_BATCHES = 1_000
-MIGRATION_LOCK: Final = 0x7472616B_68697331
-"""Advisory lock key ("trakhis1") held while migrating."""
 COMPACTION_LOCK: Final = 0x7472616B_68697332
 """Advisory lock key ("trakhis2") held by the one instance compacting."""
 
@@ -107,23 +94,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 """Schema versions: ``MIGRATIONS[n]`` takes a database from version n to n + 1."""
 VERSION = len(MIGRATIONS)
+SCHEMA: Final = Migrations("history", MIGRATIONS, legacy_table="history_schema")
+"""History's versions in ``schema_migrations`` (before: its own ``history_schema``)."""
 
 CHUNK_COLUMNS = ("vehicle", "bucket", "t0", "t1", "size", "cells", "data")
 CHUNK_TYPES = ("int4", "int4", "int8", "int8", "int4", "int8[]", "bytea")
-
-
-class _DeadlineConnection(psycopg.Connection[Any]):
-    """A connection whose every network wait ends within ``wait_timeout_s``.
-
-    ``statement_timeout`` is enforced by the server, so it cannot end a wait on a server
-    that has stopped (frozen, or gone without closing the socket); psycopg runs every
-    query, COPY and commit through :meth:`wait`, which takes a timeout but is given none.
-    """
-
-    wait_timeout_s: float = TIMEOUT_S * WAIT_FACTOR
-
-    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-        return super().wait(gen, interval, self.wait_timeout_s if timeout is None else timeout)
 
 
 class PostgresStore:
@@ -141,14 +116,16 @@ class PostgresStore:
         url: str,
         resolution: int = 7,
         *,
-        timeout_s: float = TIMEOUT_S,
+        timeout_s: float = PG_TIMEOUT_S,
         pool_size: int = POOL_SIZE,
     ) -> None:
+        self._database = PostgresDatabase(
+            url, timeout_s=timeout_s, pool_size=pool_size, application_name="tracker-history"
+        )
         self.url = url
         self.resolution = resolution
         self.timeout_s = timeout_s
-        self._where = f"PostgreSQL at {without_password(url)}"
-        self._pool = _Pool(self._connect, pool_size, timeout_s)
+        self._where = self._database.where
         self._lock = threading.Lock()
         self._vehicles: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -156,11 +133,17 @@ class PostgresStore:
     # -- the HistoryStore protocol ---------------------------------------------------
 
     def migrate(self) -> None:
-        with self._connection() as connection, connection.transaction():
-            # DDL is transactional here: every migration commits together or not at all,
-            # and an instance starting meanwhile waits for this lock, then finds it done.
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            self._migrate(connection)
+        with self._database.migrating(SCHEMA) as connection:
+            connection.execute(
+                """INSERT INTO history_meta (key, value) VALUES ('resolution', %s)
+                   ON CONFLICT (key) DO NOTHING""",
+                (str(self.resolution),),
+            )
+            row = connection.execute(
+                "SELECT value FROM history_meta WHERE key = 'resolution'"
+            ).fetchone()
+        assert row is not None
+        self.resolution = int(row[0])
 
     def append(self, pings: Sequence[Ping]) -> None:
         if not pings:
@@ -172,7 +155,7 @@ class PostgresStore:
         except ValueError as error:
             raise StoreError(f"cannot keep these pings: {error}") from error
         t0, t1 = (layout.ms(positions.ts.min()), layout.ms(positions.ts.max()))
-        with self._connection() as connection:
+        with self._database.connection() as connection:
             connection.execute(
                 "INSERT INTO history_raw (t0, t1, size, data) VALUES (%s, %s, %s, %s)",
                 (t0, t1, len(positions), blob),
@@ -186,7 +169,7 @@ class PostgresStore:
 
     def expire(self, before: float, *, limit: int) -> int:
         before_ms = layout.ms(before)
-        with self._connection() as connection, connection.transaction():
+        with self._database.transaction() as connection:
             chunks = connection.execute(
                 """DELETE FROM history_chunks WHERE (vehicle, bucket) IN (
                        SELECT vehicle, bucket FROM history_chunks
@@ -207,7 +190,7 @@ class PostgresStore:
     ) -> Track:
         lo = start if after is None else max(start, after)
         lo_ms, hi_ms = layout.ms_range(lo, end)
-        with self._snapshot() as connection:
+        with self._database.snapshot() as connection:
             vehicle = self._known_number(connection, vehicle_id)
             if vehicle is None or limit <= 0:
                 return layout.track_of(vehicle_id, -1, [], start, end, limit=0)
@@ -261,7 +244,7 @@ class PostgresStore:
             # Vehicles before the cursor's are on earlier pages: not even read.
             query += " AND vehicle IN (SELECT id FROM history_vehicles WHERE name >= %s)"
             params.append(after[0])
-        with self._snapshot() as connection:
+        with self._database.snapshot() as connection:
             blobs = _column(connection.execute(query, params))
             blobs += self._raw_blobs(connection, lo_ms, hi_ms)
             parts = layout.decode_blobs(blobs, self._where)
@@ -273,7 +256,7 @@ class PostgresStore:
         )
 
     def stats(self) -> StoreStats:
-        with self._connection() as connection:
+        with self._database.connection() as connection:
             row = connection.execute(
                 """SELECT
                        (SELECT coalesce(sum(size), 0) FROM history_raw)
@@ -286,14 +269,14 @@ class PostgresStore:
         return StoreStats(positions=int(row[0]), bytes_on_disk=int(row[1]))
 
     def close(self) -> None:
-        self._pool.close()
+        self._database.close()
 
     # -- compaction ------------------------------------------------------------------
 
     def _compact_step(self, before: float) -> int:
         """Merge up to :data:`COMPACT_STEP_POSITIONS` raw positions into chunks, in one
         transaction; 0 when nothing is left, or when another instance is compacting."""
-        with self._connection() as connection, connection.transaction():
+        with self._database.transaction() as connection:
             locked = connection.execute(
                 "SELECT pg_try_advisory_xact_lock(%s)", (COMPACTION_LOCK,)
             ).fetchone()
@@ -360,7 +343,7 @@ class PostgresStore:
         """The number of each vehicle id, numbering new ones (shared by all instances)."""
         new = sorted(set(vehicle_ids) - self._vehicles.keys())
         if new:
-            with self._connection() as connection:
+            with self._database.connection() as connection:
                 connection.execute(
                     """INSERT INTO history_vehicles (name) SELECT unnest(%s::text[])
                        ON CONFLICT (name) DO NOTHING""",
@@ -397,35 +380,6 @@ class PostgresStore:
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _migrate(self, connection: psycopg.Connection[Any]) -> None:
-        connection.execute(
-            """CREATE TABLE IF NOT EXISTS history_schema (
-                   version integer PRIMARY KEY,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        row = connection.execute("SELECT coalesce(max(version), 0) FROM history_schema").fetchone()
-        current = int(row[0]) if row else 0
-        if current > VERSION:
-            raise StoreError(
-                f"{self._where} has history schema version {current}; this tracker knows "
-                f"up to {VERSION}: upgrade the tracker"
-            )
-        for version in range(current, VERSION):
-            for statement in MIGRATIONS[version]:
-                connection.execute(statement)
-            connection.execute("INSERT INTO history_schema (version) VALUES (%s)", (version + 1,))
-            log.info("history schema migrated to version %d", version + 1)
-        connection.execute(
-            """INSERT INTO history_meta (key, value) VALUES ('resolution', %s)
-               ON CONFLICT (key) DO NOTHING""",
-            (str(self.resolution),),
-        )
-        row = connection.execute(
-            "SELECT value FROM history_meta WHERE key = 'resolution'"
-        ).fetchone()
-        assert row is not None
-        self.resolution = int(row[0])
-
     def _raw_blobs(
         self, connection: psycopg.Connection[Any], lo_ms: int, hi_ms: int
     ) -> list[bytes]:
@@ -436,130 +390,6 @@ class PostgresStore:
             )
         )
 
-    @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection of the pool for this call; any database error becomes a
-        StoreError naming the server."""
-        try:
-            with self._pool.connection() as connection:
-                yield connection
-        except psycopg.Error as error:
-            raise StoreError(f"{self._where}: {_first_line(error)}") from error
-        except _PoolExhausted as error:
-            raise StoreError(f"{self._where}: {error}") from error
-
-    @contextmanager
-    def _snapshot(self) -> Iterator[psycopg.Connection[Any]]:
-        """This thread's connection in a read-only transaction that sees one snapshot:
-        a compaction committing between reading chunks and raw batches would otherwise
-        hide the positions it moved (or show them twice)."""
-        with self._connection() as connection, connection.transaction():
-            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield connection
-
-    def _connect(self) -> psycopg.Connection[Any]:
-        given = psycopg.conninfo.conninfo_to_dict(self.url)
-        timeout_ms = max(1, round(self.timeout_s * 1000))
-        # The URL's own options (say -c search_path=...) come first; our deadlines win.
-        options = (
-            f"{given.get('options', '')} "
-            f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms} "
-            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s"
-        ).strip()
-        connection = _DeadlineConnection.connect(
-            self.url,
-            autocommit=True,
-            connect_timeout=given.get("connect_timeout", CONNECT_TIMEOUT_S),
-            application_name=given.get("application_name", "tracker-history"),
-            options=options,
-        )
-        connection.wait_timeout_s = self.timeout_s * WAIT_FACTOR
-        return connection
-
-
-class _PoolExhausted(Exception):
-    """Every connection of the pool stayed busy for the whole wait."""
-
-
-class _Pool:
-    """At most ``size`` connections, lent to one thread at a time, made when needed.
-
-    Not a connection per thread: Trio's worker threads come and go, and connections kept
-    per thread would outlive theirs, open until the store closes. Not psycopg_pool
-    either: its background threads reconnect on their own schedule and turn a failure
-    into "couldn't get a connection after N s", where we want the server's own error at
-    once. A connection that failed with an OperationalError (a lost server, a wait past
-    its deadline: its state is unknown) is closed with every idle one (they are most
-    likely dead too), so the next call connects afresh instead of failing once per
-    stale connection.
-    """
-
-    def __init__(
-        self, connect: Callable[[], psycopg.Connection[Any]], size: int, wait_s: float
-    ) -> None:
-        self._connect = connect
-        self._size = size
-        self._wait_s = wait_s
-        self._idle: list[psycopg.Connection[Any]] = []
-        self._open = 0
-        self._changed = threading.Condition()
-
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        connection = self._take()
-        failed = False
-        try:
-            yield connection
-        except psycopg.OperationalError:
-            failed = True
-            self._close_idle()
-            raise
-        finally:
-            self._give_back(connection, keep=not failed)
-
-    def close(self) -> None:
-        self._close_idle()
-
-    def _take(self) -> psycopg.Connection[Any]:
-        with self._changed:
-            if not self._changed.wait_for(
-                lambda: self._idle or self._open < self._size, self._wait_s
-            ):
-                raise _PoolExhausted(f"all {self._size} connections busy for {self._wait_s:g} s")
-            if self._idle:
-                return self._idle.pop()
-            self._open += 1
-        try:
-            return self._connect()
-        except BaseException:
-            with self._changed:
-                self._open -= 1
-                self._changed.notify()
-            raise
-
-    def _give_back(self, connection: psycopg.Connection[Any], *, keep: bool) -> None:
-        idle = connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        if not keep or connection.broken or not idle:
-            connection.close()
-        with self._changed:
-            if connection.closed:
-                self._open -= 1
-            else:
-                self._idle.append(connection)
-            self._changed.notify()
-
-    def _close_idle(self) -> None:
-        with self._changed:
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-            self._changed.notify_all()
-        for connection in idle:
-            connection.close()
-
 
 def _column(cursor: psycopg.Cursor[Any]) -> list[bytes]:
     return [bytes(row[0]) for row in cursor]
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

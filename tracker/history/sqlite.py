@@ -7,13 +7,14 @@ hour (one blob, its time span, size and cells), and ``chunk_cells`` one row per 
 chunk touched, keyed ``(cell, bucket, vehicle)`` so that an area query finds its chunks
 by an index range per cell.
 
-Files and durability: the database is in WAL mode, so queries (readers) never wait for
-the writer nor the writer for them, and ``synchronous=FULL``: each commit is fsynced
-before :meth:`SqliteStore.append` returns, so a returned append survives a kill -9 of
-the process (which ``NORMAL`` would already give in WAL mode) and a power cut too (which
+The file is a :class:`~tracker.database.SqliteDatabase` (other components may keep their
+tables in it too): WAL mode, so queries (readers) never wait for the writer nor the
+writer for them, and ``synchronous=FULL``: each commit is fsynced before
+:meth:`SqliteStore.append` returns, so a returned append survives a kill -9 of the
+process (which ``NORMAL`` would already give in WAL mode) and a power cut too (which
 ``NORMAL`` would not). At one group commit per second the fsync is cheap.
 
-Threads: one connection per calling thread, opened lazily: writes (append, compact,
+Threads: connections are lent to one calling thread at a time: writes (append, compact,
 expire) come from one thread, queries from others at the same time, each on a snapshot
 (one read transaction), so a compaction committing between reading chunks and raw
 batches never hides or doubles positions. Every failure is a
@@ -24,18 +25,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 import numpy as np
 
+from tracker.database import Migrations, SqliteDatabase
 from tracker.history import codec, layout
 from tracker.history.codec import Positions
 from tracker.history.store import AreaPage, StoreError, StoreStats, Track
@@ -43,18 +42,9 @@ from tracker.pings import Ping
 
 __all__ = ["SqliteStore"]
 
-log = logging.getLogger(__name__)
-
-BUSY_TIMEOUT_S: Final = 10.0
-"""Longest wait for another connection's write lock (only the writer thread writes, so
-this only comes into play with a second process on the same file)."""
 COMPACT_STEP_POSITIONS: Final = 200_000
 """Raw positions merged per compaction transaction: short locks, bounded memory."""
 COMPACT_STEP_BATCHES: Final = 1_000
-WAL_LIMIT_BYTES: Final = 4 * 1024 * 1024
-"""The write-ahead log is cut back to this after a checkpoint: a compaction step writes
-a few MB to it, which it would otherwise keep on disk for good (4 MB: what SQLite
-checks in at anyway, 1,000 pages)."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -91,22 +81,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 """Schema versions: ``MIGRATIONS[n]`` takes a file from version n to n + 1."""
 VERSION: Final = len(MIGRATIONS)
+SCHEMA: Final = Migrations("history", MIGRATIONS, legacy_table="schema_version")
+"""History's versions in ``schema_migrations`` (before: its own ``schema_version``)."""
 
 
 class SqliteStore:
     """History in the SQLite file at ``path`` (created with its directory if missing).
 
-    Opens connections lazily, one per calling thread; :meth:`migrate` must run once
-    before anything else. ``resolution`` is that of a new file; an existing one keeps
-    its own (read by :meth:`migrate`).
+    :meth:`migrate` must run once before anything else. ``resolution`` is that of a new
+    file; an existing one keeps its own (read by :meth:`migrate`).
     """
 
     def __init__(self, path: str | os.PathLike[str], resolution: int = 7) -> None:
-        self.path = os.fspath(path)
-        self._where = f"history file {self.path}"  # how errors name the store
+        self._database = SqliteDatabase(path)
+        self.path = self._database.path
+        self._where = self._database.where = f"history file {self.path}"
         self.resolution = resolution
-        self._idle: list[sqlite3.Connection] = []  # connections no thread is using
-        self._closed = False
         self._lock = threading.Lock()
         self._vehicles: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -114,20 +104,21 @@ class SqliteStore:
     # -- the HistoryStore protocol ---------------------------------------------------
 
     def migrate(self) -> None:
-        directory = os.path.dirname(self.path)
-        try:
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-        except OSError as error:
-            raise StoreError(f"{self._where}: {error}") from error
-        with self._write() as connection:
-            self._migrate(connection)
+        with self._database.migrating(SCHEMA) as connection:
+            connection.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('resolution', ?)",
+                (str(self.resolution),),
+            )
+            (resolution,) = connection.execute(
+                "SELECT value FROM meta WHERE key = 'resolution'"
+            ).fetchone()
+        self.resolution = int(resolution)
 
     def append(self, pings: Sequence[Ping]) -> None:
         if not pings:
             return
         try:
-            with self._write() as connection:
+            with self._database.write() as connection:
                 numbers = self._numbers(connection, [ping.vehicle_id for ping in pings])
                 positions = Positions.from_pings(pings, numbers).sorted()
                 try:
@@ -158,7 +149,7 @@ class SqliteStore:
 
     def expire(self, before: float, *, limit: int) -> int:
         before_ms = layout.ms(before)
-        with self._write() as connection:
+        with self._database.write() as connection:
             chunks = connection.execute(
                 """SELECT vehicle, bucket, cells FROM chunks
                    WHERE bucket < ? AND t1 < ? LIMIT ?""",
@@ -187,7 +178,7 @@ class SqliteStore:
     ) -> Track:
         lo = start if after is None else max(start, after)
         lo_ms, hi_ms = layout.ms_range(lo, end)
-        with self._snapshot() as connection:
+        with self._database.snapshot() as connection:
             vehicle = self._known_number(connection, vehicle_id)
             if vehicle is None or limit <= 0:
                 return layout.track_of(vehicle_id, -1, [], start, end, limit=0)
@@ -236,7 +227,7 @@ class SqliteStore:
             query += " AND v.name >= ?"
             params.append(after[0])
         wanted = np.fromiter(cells, np.uint64, len(cells))
-        with self._snapshot() as connection:
+        with self._database.snapshot() as connection:
             candidates = connection.execute(query + " ORDER BY v.name", params).fetchall()
             parts = layout.decode_blobs(self._raw_blobs(connection, lo_ms, hi_ms), self._where)
             found = 0
@@ -265,32 +256,23 @@ class SqliteStore:
 
     def stats(self) -> StoreStats:
         """Positions kept, and the bytes of the file and its write-ahead log."""
-        with self._snapshot() as connection:
+        with self._database.snapshot() as connection:
             row = connection.execute(
                 """SELECT (SELECT coalesce(sum(size), 0) FROM raw)
                         + (SELECT coalesce(sum(size), 0) FROM chunks)"""
             ).fetchone()
-        on_disk = sum(_size(self.path + suffix) for suffix in ("", "-wal"))
-        return StoreStats(positions=int(row[0]), bytes_on_disk=on_disk)
+        return StoreStats(positions=int(row[0]), bytes_on_disk=self._database.size_on_disk())
 
     def close(self) -> None:
-        """Close the idle connections now; one in use is closed when its query returns.
-
-        Never closes a connection another thread is using: SQLite's C library may crash
-        the process when a connection is closed under a running statement.
-        """
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
+        """Close the idle connections now; one in use is closed when its query returns."""
+        self._database.close()
 
     # -- compaction ------------------------------------------------------------------
 
     def _compact_step(self, before: float) -> int:
         """Merge up to :data:`COMPACT_STEP_POSITIONS` raw positions into chunks, in one
         transaction; 0 when nothing is left."""
-        with self._write() as connection:
+        with self._database.write() as connection:
             batches = connection.execute(
                 "SELECT id, size FROM raw WHERE t1 < ? ORDER BY id LIMIT ?",
                 (layout.ms(before), COMPACT_STEP_BATCHES),
@@ -374,36 +356,6 @@ class SqliteStore:
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _migrate(self, connection: sqlite3.Connection) -> None:
-        connection.execute(
-            """CREATE TABLE IF NOT EXISTS schema_version (
-                   version INTEGER PRIMARY KEY,
-                   applied_at REAL NOT NULL)"""
-        )
-        row = connection.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-        current = int(row[0])
-        if current > VERSION:
-            raise StoreError(
-                f"{self._where} has schema version {current}; this tracker knows "
-                f"up to {VERSION}: upgrade the tracker"
-            )
-        for version in range(current, VERSION):
-            for statement in MIGRATIONS[version]:
-                connection.execute(statement)
-            connection.execute(
-                "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                (version + 1, time.time()),
-            )
-            log.info("history file %s migrated to schema version %d", self.path, version + 1)
-        connection.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('resolution', ?)",
-            (str(self.resolution),),
-        )
-        (resolution,) = connection.execute(
-            "SELECT value FROM meta WHERE key = 'resolution'"
-        ).fetchone()
-        self.resolution = int(resolution)
-
     @staticmethod
     def _chunk_blobs(
         connection: sqlite3.Connection, vehicle: int, buckets: list[int]
@@ -423,74 +375,6 @@ class SqliteStore:
             )
         )
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection in a write transaction (taken at once: no upgrade
-        from read to write that could fail half-way), committed on success."""
-        with self._transaction("BEGIN IMMEDIATE") as connection:
-            yield connection
-
-    @contextmanager
-    def _snapshot(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection in a read transaction: every SELECT in it sees one
-        snapshot of the file (WAL), however the writer commits meanwhile."""
-        with self._transaction("BEGIN DEFERRED") as connection:
-            yield connection
-
-    @contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        connection = self._borrow()
-        try:
-            try:
-                connection.execute(begin)
-            except sqlite3.Error as error:
-                raise StoreError(f"{self._where}: {error}") from error
-            try:
-                yield connection
-                connection.execute("COMMIT")
-            except BaseException as error:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                if isinstance(error, sqlite3.Error):
-                    raise StoreError(f"{self._where}: {error}") from error
-                raise
-        finally:
-            self._give_back(connection)
-
-    def _borrow(self) -> sqlite3.Connection:
-        """A connection for this thread alone until :meth:`_give_back` (an idle one, or new).
-
-        Lent rather than kept per thread: Trio's worker threads come and go, and a
-        connection kept per thread would stay open until :meth:`close`.
-        """
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"{self._where}: the store is closed")
-            if self._idle:
-                return self._idle.pop()
-        # isolation_level=None: transactions are ours (BEGIN ... COMMIT), not the
-        # module's implicit ones; check_same_thread=False because a connection is lent
-        # to one thread at a time, not always the same one.
-        connection = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        try:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")
-            connection.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-        except sqlite3.Error as error:
-            connection.close()
-            raise StoreError(f"{self._where}: {error}") from error
-        return connection
-
-    def _give_back(self, connection: sqlite3.Connection) -> None:
-        """Return a lent connection; closed at once if the store was closed meanwhile."""
-        with self._lock:
-            if not self._closed:
-                self._idle.append(connection)
-                return
-        connection.close()
-
 
 def _cells_blob(cells: list[int]) -> bytes:
     return np.array(cells, dtype=np.int64).tobytes()
@@ -498,10 +382,3 @@ def _cells_blob(cells: list[int]) -> bytes:
 
 def _column(cursor: sqlite3.Cursor) -> list[bytes]:
     return [bytes(row[0]) for row in cursor]
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0

@@ -18,13 +18,15 @@ import numpy as np
 import numpy.typing as npt
 
 from tracker.config import without_password
+from tracker.database import POSTGRES_SCHEMES, DatabaseError
 from tracker.pings import Ping
 
 __all__ = ["AreaPage", "HistoryStore", "StoreError", "StoreStats", "Track", "open_store"]
 
 
-class StoreError(Exception):
-    """The store cannot do what was asked (unreachable, corrupt, wrong schema version)."""
+StoreError = DatabaseError
+"""The store cannot do what was asked (unreachable, corrupt, wrong schema version): a
+store's failures are its database's (:class:`tracker.database.DatabaseError`)."""
 
 
 class Track(NamedTuple):
@@ -107,9 +109,6 @@ class HistoryStore(Protocol):
 
     def close(self) -> None:
         """Close every connection this store opened."""
-
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_store(target: str, resolution: int = 7) -> HistoryStore:
