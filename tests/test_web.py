@@ -16,7 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo, static_server
+from tests.browser import chromium, demo, static_server, watched_page
 from tests.processes import free_port
 
 BBOX = "13.33,52.48,13.47,52.56"
@@ -47,13 +47,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1000, "height": 700})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert errors == []
+    with watched_page(browser) as page:
+        yield page
 
 
 def metric(url: str, name: str) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo, static_server
+from tests.browser import chromium, demo, static_server, watched_page
 from tests.credentials import mint_token
 from tests.processes import free_port
 from tracker.cli import main
@@ -49,13 +49,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1000, "height": 800})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert errors == []
+    with watched_page(browser, height=800) as page:
+        yield page
 
 
 def minted(url: str, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo
+from tests.browser import chromium, demo, watched_page
 from tests.processes import free_port
 
 BBOX = "13.33,52.48,13.47,52.56"
@@ -35,15 +35,10 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, url: str) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1000, "height": 700})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"{url}/?bbox={BBOX}")
-    page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 50")
-    yield page
-    context.close()
-    assert errors == []
+    with watched_page(browser) as page:
+        page.goto(f"{url}/?bbox={BBOX}")
+        page.wait_for_function("() => window.trackerMap?.feed?.table.vehicles.size > 50")
+        yield page
 
 
 def test_trails_appear_from_history_then_grow_live(page: Page) -> None:
