@@ -172,7 +172,9 @@ async def test_kill_9_loses_at_most_the_last_commit_interval_and_a_restart_appen
     acknowledged: list[tuple[float, list[Key]]] = []
     async with tracker_process(*options) as tracker, trio.open_nursery() as nursery:
         nursery.start_soon(post_steadily, tracker.url, vehicles, time.time() + 60, acknowledged)
-        await trio.sleep(4)
+        with trio.fail_after(50):  # enough acknowledged before the last interval, however busy
+            while sum(at < time.time() - COMMIT_S - MARGIN_S for at, _ in acknowledged) <= 60:
+                await trio.sleep(0.1)
         killed_at = time.time()
         tracker.child.process.kill()  # SIGKILL: no flush, no goodbye
         await trio.to_thread.run_sync(tracker.child.process.wait)
