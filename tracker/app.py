@@ -53,6 +53,7 @@ from tracker.pings import MAX_VEHICLE_ID_CHARS
 from tracker.regions import AREA_CONCURRENCY, AREA_PARAMS, MAX_QUERY_BYTES, parse_area_async
 from tracker.service import Tracker
 from tracker.web import add_web_routes
+from tracker.zones.routes import add_zone_routes
 
 __all__ = ["create_app"]
 
@@ -261,6 +262,13 @@ def create_app(tracker: Tracker) -> QuartTrio:
     add_web_routes(app, config)
     add_history_routes(app, tracker, readers=readers, area_limiter=area_limiter)
     add_device_routes(app, tracker.devices, body_reads)
+    add_zone_routes(
+        app,
+        tracker.zones,
+        readers=readers,
+        body_reads=body_reads,
+        resolution=config.h3_resolution,
+    )
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -191,6 +191,7 @@ class Metrics:
     )
     history_compacted_positions: int = _counter("Positions regrouped into track chunks.")
     history_expired: int = _counter("Chunks and batches deleted for being past retention.")
+    zone_events: int = _counter("Zone events decided (enter, exit, dwell, cross).")
     tick_seconds_max: float = 0.0
     tick_seconds: Histogram = field(default_factory=lambda: Histogram(TICK_BUCKETS_S))
     batch_pings: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))

@@ -49,6 +49,10 @@ from tracker.hub import FeedHub
 from tracker.ingest import apply_pings, decode_body
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
+from tracker.zones.book import ZoneBook
+from tracker.zones.engine import ZoneEngine
+from tracker.zones.events import EventSink
+from tracker.zones.store import ZoneStore
 
 __all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker", "VehicleReport"]
 
@@ -132,7 +136,13 @@ def _admit_both(first: Callable[[int], None], then: Callable[[int], None], pings
 class Tracker:
     """Everything one tracker process holds, and the ticker that moves it forward."""
 
-    def __init__(self, config: TrackerConfig, *, bus: Bus | None = None) -> None:
+    def __init__(
+        self,
+        config: TrackerConfig,
+        *,
+        bus: Bus | None = None,
+        zone_sink: EventSink | None = None,
+    ) -> None:
         self.config = config
         self.metrics = Metrics()
         self.index = GeoIndex(
@@ -165,6 +175,28 @@ class Tracker:
         """Where accepted pings are kept (None: history is off)."""
         self.devices = DeviceGateway(config, self.ingest_pings)
         self.metrics.sources = self.devices.stats
+        self.zones = ZoneBook(
+            ZoneEngine(self.index, remove_after_s=config.remove_after_s, sink=zone_sink),
+            ZoneStore(config.database_target),
+            resolution=config.h3_resolution,
+        )
+        """Zones and their engine (``tracker.zones``): events go to ``zone_sink`` (the
+        alerts log; None: logged at debug level only)."""
+        self.metrics.gauges.update(
+            zones=("Zones held.", lambda: len(self.zones)),
+            zone_vehicles_inside=(
+                "Vehicles inside (or entering) a zone.",
+                lambda: self.zones.engine.vehicles_inside,
+            ),
+            zone_tick_seconds=(
+                "Time the zone engine took in the last tick.",
+                lambda: self.zones.engine.last_tick_s,
+            ),
+            zone_pings_dropped=(
+                "Pings the zone engine could not take (its ticker was behind).",
+                lambda: self.zones.engine.pings_dropped,
+            ),
+        )
 
     def _make_bus(self) -> Bus:
         if not self.config.bus:
@@ -191,6 +223,7 @@ class Tracker:
         self._last_tick_at = trio.current_time()  # a ticker that never ticks is stuck too
         if self.history is not None:
             await self.history.open()  # a store that cannot open is a startup error, not a crash
+        await self.zones.open()
         try:
             async with trio.open_nursery() as tracker_nursery:
                 await tracker_nursery.start(self.bus.run)
@@ -221,6 +254,7 @@ class Tracker:
         now = time.time()
         changes = self.index.advance(now)
         self.hub.publish(encode_tick(changes))
+        self.metrics.zone_events += len(self.zones.engine.tick(now))
         self.metrics.observe_tick(time.perf_counter() - started)
         self.metrics.observe_published(now, changes.ping_ts)
         self._last_tick_at = trio.current_time()
@@ -272,14 +306,17 @@ class Tracker:
         history = self.history
         if history is not None:
             admit = functools.partial(_admit_both, admit, history.admit)
-        forwarded: list[Ping] | None = [] if self.bus.forwards or history else None
+        zones = self.zones.engine
+        keep = self.bus.forwards or history or zones.active
+        forwarded: list[Ping] | None = [] if keep else None
+        now = time.time() if now is None else now
         reply = apply_pings(
             pings,
             rejections if rejections is not None else Rejections(),
             index=self.index,
             config=self.config,
             metrics=self.metrics,
-            now=time.time() if now is None else now,
+            now=now,
             admit=admit,
             accepted_pings=forwarded,
         )
@@ -287,6 +324,7 @@ class Tracker:
             self.bus.forward(forwarded)
             if history is not None:
                 history.record(forwarded)
+            zones.record(forwarded, now)
         return reply
 
     @asynccontextmanager

@@ -1,0 +1,144 @@
+"""The zone book: the zones a tracker holds, kept durably, and the engine they feed.
+
+:class:`ZoneBook` is what the tracker (``Tracker.zones``) and the API
+(``tracker.zones.routes``) talk to. A change is written to the store first, then put
+into the engine, one change at a time (a lock), so what the engine holds is what a
+restart reloads. Compiling a zone's cover and every database call run in worker
+threads; the engine itself only ever changes on the event loop.
+
+At start (:meth:`ZoneBook.open`, from ``Tracker.run``) every stored zone is read back
+and compiled (about a millisecond each, in a worker thread), before the tracker reports
+started.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Final
+
+import h3.api.basic_int as h3i
+import trio
+
+from tracker.errors import TrackerError
+from tracker.zones.cover import CompiledZone, compile_zone
+from tracker.zones.engine import ZoneEngine
+from tracker.zones.events import EventSink
+from tracker.zones.model import Zone, parse_zone
+from tracker.zones.store import ZoneStore
+
+__all__ = ["MAX_ZONES", "TooManyZones", "ZoneBook", "visible"]
+
+logger = logging.getLogger(__name__)
+
+MAX_ZONES: Final = 100_000
+"""Zones one tracker holds at most (the benchmark measures 10,000)."""
+
+
+class TooManyZones(TrackerError):
+    """The tracker holds :data:`MAX_ZONES` already."""
+
+    status = 409
+    code = "too_many_zones"
+
+
+class ZoneBook:
+    """The zones, their store and their engine."""
+
+    def __init__(self, engine: ZoneEngine, store: ZoneStore | None, *, resolution: int) -> None:
+        self.engine = engine
+        self.store = store
+        self.resolution = resolution
+        self._lock = trio.Lock()
+
+    @property
+    def sink(self) -> EventSink:
+        return self.engine.sink
+
+    def __len__(self) -> int:
+        return len(self.engine.zones)
+
+    def get(self, zone_id: str) -> CompiledZone | None:
+        return self.engine.zones.get(zone_id)
+
+    def all(self) -> Iterable[CompiledZone]:
+        """Every zone, in id order."""
+        index = self.engine.zones
+        for zone_id in sorted(index.slot_of):
+            compiled = index.get(zone_id)
+            assert compiled is not None
+            yield compiled
+
+    async def open(self) -> None:
+        """Read every stored zone back into the engine."""
+        if self.store is None:
+            return
+        features = await trio.to_thread.run_sync(self.store.load)
+        zones = [parse_zone(feature) for feature in features]
+        compiled = await trio.to_thread.run_sync(self._compile_all, zones)
+        now = time.time()
+        for one in compiled:
+            self.engine.put(one, now)
+        if compiled:
+            logger.info("%d zones loaded from %s", len(compiled), self.store.where)
+
+    def _compile_all(self, zones: list[Zone]) -> list[CompiledZone]:
+        return [compile_zone(zone, self.resolution) for zone in zones]
+
+    async def put(self, zones: list[Zone], *, replace: bool) -> list[bool]:
+        """Store and hold ``zones`` (all or none); for each, whether it is new.
+
+        Without ``replace``, an id already held is refused (409) before anything is
+        written.
+        """
+        compiled = await trio.to_thread.run_sync(self._compile_all, zones)
+        async with self._lock:
+            index = self.engine.zones
+            new = [index.get(zone.id) is None for zone in zones]
+            if not replace and not all(new):
+                taken = next(z.id for z, fresh in zip(zones, new, strict=True) if not fresh)
+                raise ZoneExists(f"zone {taken!r} exists; PUT /zones/{{id}} replaces it", id=taken)
+            if len(index) + sum(new) > MAX_ZONES:
+                raise TooManyZones(f"a tracker holds at most {MAX_ZONES} zones")
+            if self.store is not None:
+                store = self.store
+                await trio.to_thread.run_sync(store.put, [z.feature() for z in zones])
+            now = time.time()
+            for one in compiled:
+                self.engine.put(one, now)
+        return new
+
+    async def delete(self, zone_id: str) -> bool:
+        """Forget a zone (stored and held); False if there was none."""
+        async with self._lock:
+            if self.get(zone_id) is None:
+                return False
+            if self.store is not None:
+                await trio.to_thread.run_sync(self.store.delete, zone_id)
+            return self.engine.delete(zone_id, time.time())
+
+
+class ZoneExists(TrackerError):
+    """POST of a zone whose id is taken."""
+
+    status = 409
+    code = "zone_exists"
+
+
+def visible(compiled: CompiledZone, cells: frozenset[int] | None, resolution: int) -> bool:
+    """Whether a reader limited to ``cells`` (at ``resolution``; None: everywhere) may see
+    the zone: some cell of its cover lies in the reader's area."""
+    if cells is None:
+        return True
+    for cell in compiled.border.tolist():
+        if h3i.cell_to_parent(cell, resolution) in cells:
+            return True
+    for cell in compiled.interior.tolist():
+        own = h3i.get_resolution(cell)
+        if own >= resolution:
+            if h3i.cell_to_parent(cell, resolution) in cells:
+                return True
+        elif any(h3i.cell_to_parent(c, own) == cell for c in cells):
+            return True
+    return False
