@@ -176,7 +176,12 @@ class Tracker:
         self.devices = DeviceGateway(config, self.ingest_pings)
         self.metrics.sources = self.devices.stats
         self.zones = ZoneBook(
-            ZoneEngine(self.index, remove_after_s=config.remove_after_s, sink=zone_sink),
+            ZoneEngine(
+                self.index,
+                stale_after_s=config.stale_after_s,
+                remove_after_s=config.remove_after_s,
+                sink=zone_sink,
+            ),
             ZoneStore(config.database_target),
             resolution=config.h3_resolution,
         )

@@ -7,10 +7,11 @@ hands them to the :class:`~tracker.zones.events.EventSink`, in the order they ha
 
 Per tick, for all the tick's positions at once (NumPy): each position's cell, the zones
 whose cover holds it (:meth:`ZoneIndex.locate`: a few ``searchsorted`` per position, an
-exact test only in border cells), then a Python step only for the (vehicle, zone) pairs
-that matter: the vehicle is inside now, or was inside or entering before. A vehicle far
-from every zone costs one lookup and nothing else. A vehicle with several pings in one
-tick has them taken in order (one round per ping).
+exact test only in border cells), then the next state of every (vehicle, zone) pair
+that matters (the vehicle is inside now, or was inside or entering before), joined with
+the :class:`~tracker.zones.states.StateTable` and decided in array operations; Python
+runs per *event* only. A vehicle with several pings in one tick has them taken in order
+(one round per ping).
 
 Per vehicle and zone (the rules of ``docs/zones.md``):
 
@@ -47,6 +48,7 @@ from tracker.pings import Ping
 from tracker.zones.cover import FINEST, CompiledZone
 from tracker.zones.events import EventSink, EventType, ExitReason, ZoneEvent
 from tracker.zones.index import CROSS_RESOLUTION, Hits, ZoneIndex, cells_at, parents
+from tracker.zones.states import ZONE_BITS, ZONE_MASK, StateTable
 
 __all__ = ["MAX_PATH_CELLS", "MAX_RECORDED_PINGS", "LoggingSink", "ZoneEngine"]
 
@@ -58,9 +60,11 @@ beyond, batches are not taken and counted in ``zone_pings_dropped``."""
 MAX_PATH_CELLS: Final = 2_000
 """Longest segment followed for ``cross`` events, in cells of CROSS_RESOLUTION (~600 km):
 a longer jump is a device that was off, not a drive through the zones between."""
-_ZONE_BITS: Final = 24
-_ZONE_MASK: Final = (1 << _ZONE_BITS) - 1
 _F64 = npt.NDArray[np.float64]
+
+
+_I64 = npt.NDArray[np.int64]
+_B = npt.NDArray[np.bool_]
 
 
 class _Vehicles(Protocol):
@@ -73,25 +77,36 @@ class _Tracked(Protocol):
     stale: bool
 
 
+_NO_STATES = (
+    np.empty(0, np.int64),
+    np.empty(0, np.bool_),
+    np.empty(0, np.int16),
+    np.empty(0, np.float64),
+    np.empty(0, np.bool_),
+)
+
+
+def _member(values: npt.NDArray[np.int64], ordered: npt.NDArray[np.int64]) -> _B:
+    """Whether each value is in ``ordered`` (sorted): ``np.isin`` by binary search."""
+    if not len(ordered):
+        return np.zeros(len(values), dtype=np.bool_)
+    at = np.minimum(np.searchsorted(ordered, values), len(ordered) - 1)
+    return ordered[at] == values
+
+
+def _metres(lat0: _F64, lon0: _F64, lat1: _F64, lon1: _F64) -> _F64:
+    """Distances in metres, equirectangular (exact enough for one segment)."""
+    dy = (lat1 - lat0) * 111_320.0
+    dx = (lon1 - lon0) * 111_320.0 * np.cos(np.radians((lat0 + lat1) / 2))
+    return np.hypot(dx, dy)
+
+
 class LoggingSink:
     """A sink that logs each event (debug) and keeps nothing: the engine's default."""
 
     def emit(self, events: Sequence[ZoneEvent]) -> None:
         for event in events:
             logger.debug("zone event %s", event)
-
-
-class _State:
-    """One vehicle at one zone: entering (counting positions inside) or inside."""
-
-    __slots__ = ("count", "dwelled", "inside", "since")
-
-    def __init__(self) -> None:
-        self.inside = False
-        self.since = 0.0
-        self.count = 0
-        """Consecutive positions on the other side so far (toward enter, or exit)."""
-        self.dwelled = False
 
 
 class ZoneEngine:
@@ -101,19 +116,20 @@ class ZoneEngine:
         self,
         vehicles: _Vehicles,
         *,
+        stale_after_s: float,
         remove_after_s: float,
         sink: EventSink | None = None,
     ) -> None:
         self.zones = ZoneIndex()
         self.sink: EventSink = sink or LoggingSink()
+        self.states = StateTable()
         self._vehicles = vehicles
+        self._stale_after_s = stale_after_s
         self._remove_after_s = remove_after_s
         self._recorded: list[Sequence[Ping]] = []
         self._recorded_count = 0
         self._recorded_at: list[float] = []
         self._queued: list[ZoneEvent] = []
-        self._states: dict[int, _State] = {}
-        self._zones_of: dict[int, set[int]] = {}
         self._slot_of: dict[str, int] = {}
         self._ids: list[str | None] = []
         self._free: list[int] = []
@@ -142,14 +158,7 @@ class ZoneEngine:
         slot = self.zones.remove(zone_id)
         if slot is None or compiled is None:
             return False
-        for key in [k for k in self._states if k & _ZONE_MASK == slot]:
-            state = self._states.pop(key)
-            vslot = key >> _ZONE_BITS
-            self._zones_of[vslot].discard(slot)
-            if not self._zones_of[vslot]:
-                del self._zones_of[vslot]
-            if state.inside:
-                self._queued.append(self._exit(vslot, compiled, state, now, reason))
+        self._end(self.states.rows_of_zone(slot), now, reason, self._queued, compiled)
         return True
 
     # --- pings -------------------------------------------------------------------------
@@ -224,7 +233,7 @@ class ZoneEngine:
 
     def _round(
         self,
-        slot: npt.NDArray[np.int64],
+        slot: _I64,
         lat: _F64,
         lon: _F64,
         ts: _F64,
@@ -232,107 +241,142 @@ class ZoneEngine:
         events: list[ZoneEvent],
     ) -> None:
         """One position per vehicle: enter, exit, dwell, then cross; then remember it."""
-        before = np.fromiter(self._states, dtype=np.int64, count=len(self._states))
+        before = self.states.keys
         hits, inside, within = self.zones.locate(fine, lat, lon)
-        keys = (slot[hits.rows] << _ZONE_BITS) | hits.slots
-        known = np.isin(keys, before) if len(before) else np.zeros(len(keys), np.bool_)
-        touched: set[int] = set()
-        for i in np.nonzero(inside | known)[0].tolist():
-            row = int(hits.rows[i])
-            key = int(keys[i])
-            touched.add(key)
-            self._step(key, bool(inside[i]), bool(within[i]), ts[row], lat[row], lon[row], events)
-        if self._zones_of:
-            holders = np.fromiter(self._zones_of, dtype=np.int64, count=len(self._zones_of))
-            for row in np.nonzero(np.isin(slot, holders))[0].tolist():
-                vslot = int(slot[row])
-                for zslot in list(self._zones_of.get(vslot, ())):
-                    key = vslot << _ZONE_BITS | zslot
-                    if key not in touched:
-                        self._step(key, False, False, ts[row], lat[row], lon[row], events)
-        self._cross(slot, lat, lon, ts, fine, before, keys[within], events)
+        keys = (slot[hits.rows] << ZONE_BITS) | hits.slots
+        held = self.states.find(keys)
+        chosen = inside | (held >= 0)
+        # Pairs held whose vehicle is here but whose zone's cover is not: far outside.
+        away = self.states.rows_of_vehicles(slot)
+        away = away[~_member(before[away], np.sort(keys))]
+        row_of = np.full(int(slot.max()) + 1, -1, dtype=np.int64)
+        row_of[slot] = np.arange(len(slot))
+        pair_keys = np.concatenate([keys[chosen], before[away]])
+        rows = np.concatenate([hits.rows[chosen], row_of[before[away] >> ZONE_BITS]])
+        self._decide(
+            pair_keys,
+            np.concatenate([held[chosen], away]),
+            np.concatenate([inside[chosen], np.zeros(len(away), np.bool_)]),
+            np.concatenate([within[chosen], np.zeros(len(away), np.bool_)]),
+            ts[rows],
+            rows,
+            slot,
+            lat,
+            lon,
+            events,
+        )
+        self._cross(slot, lat, lon, ts, fine, before, hits, inside, events)
         self._last_lat[slot] = lat
         self._last_lon[slot] = lon
         self._last_t[slot] = ts
         self._last_cell[slot] = fine
 
-    def _step(
+    def _decide(
         self,
-        key: int,
-        inside: bool,
-        within: bool,
-        t: float,
-        lat: float,
-        lon: float,
+        keys: _I64,
+        held: _I64,
+        inside: _B,
+        within: _B,
+        t: _F64,
+        rows: _I64,
+        slot: _I64,
+        lat: _F64,
+        lon: _F64,
         events: list[ZoneEvent],
     ) -> None:
-        """One position of one vehicle at one zone (the rules in the module's docstring)."""
-        vslot, zslot = key >> _ZONE_BITS, key & _ZONE_MASK
-        compiled = self.zones.zones[zslot]
-        assert compiled is not None
-        zone = compiled.zone
-        state = self._states.get(key)
-        if state is None or not state.inside:
-            if not inside:
-                if state is not None:
-                    self._forget_state(key)
-                return
-            if state is None:
-                state = self._states[key] = _State()
-                self._zones_of.setdefault(vslot, set()).add(zslot)
-            state.count += 1
-            if state.count < zone.confirm:
-                return
-            state.inside, state.since, state.count = True, t, 0
-            events.append(self._event(vslot, compiled, "enter", t, lat, lon))
-        elif not within:
-            state.count += 1
-            if state.count >= zone.confirm:
-                self._forget_state(key)
+        """The next state of each pair, all at once (the rules in the module's docstring)."""
+        states = self.states
+        known = held >= 0
+        at = np.where(known, held, 0)
+        was_inside = known & states.inside[at] if len(states) else np.zeros(len(keys), np.bool_)
+        count = np.where(known, states.count[at], 0) if len(states) else np.zeros(len(keys))
+        since = np.where(known, states.since[at], 0.0) if len(states) else np.zeros(len(keys))
+        dwelled = known & states.dwelled[at] if len(states) else np.zeros(len(keys), np.bool_)
+        zslot = keys & ZONE_MASK
+        confirm = self.zones.confirm[zslot]
+        count = np.where(was_inside, np.where(within, 0, count + 1), np.where(inside, count + 1, 0))
+        enter = ~was_inside & inside & (count >= confirm)
+        exit_ = was_inside & (count >= confirm)
+        now_inside = enter | (was_inside & ~exit_)
+        count = np.where(enter, 0, count)
+        since = np.where(enter, t, since)
+        dwelled = dwelled & ~enter
+        dwell = now_inside & (count == 0) & ~dwelled & (t - since >= self.zones.dwell_s[zslot])
+        dwelled |= dwell
+        keep = now_inside | (~was_inside & inside)
+        states.update(
+            held[known],
+            keys[keep],
+            now_inside[keep],
+            count[keep].astype(np.int16),
+            since[keep],
+            dwelled[keep],
+        )
+        for i in np.nonzero(enter | exit_ | dwell)[0].tolist():
+            row = int(rows[i])
+            compiled = self.zones.zones[int(zslot[i])]
+            assert compiled is not None
+            vslot, at_t, y, x = int(slot[row]), float(t[i]), float(lat[row]), float(lon[row])
+            if exit_[i]:
                 events.append(
-                    self._event(vslot, compiled, "exit", t, lat, lon, state.since, "left")
+                    self._event(vslot, compiled, "exit", at_t, y, x, float(since[i]), "left")
                 )
-            return
-        else:
-            state.count = 0
-        if zone.dwell_s is not None and not state.dwelled and t - state.since >= zone.dwell_s:
-            state.dwelled = True
-            events.append(self._event(vslot, compiled, "dwell", t, lat, lon))
+                continue
+            if enter[i]:
+                events.append(self._event(vslot, compiled, "enter", at_t, y, x))
+            if dwell[i]:
+                events.append(self._event(vslot, compiled, "dwell", at_t, y, x))
 
     def _cross(
         self,
-        slot: npt.NDArray[np.int64],
+        slot: _I64,
         lat: _F64,
         lon: _F64,
         ts: _F64,
         fine: npt.NDArray[np.uint64],
-        before: npt.NDArray[np.int64],
-        near: npt.NDArray[np.int64],
+        before: _I64,
+        hits: Hits,
+        inside: _B,
         events: list[ZoneEvent],
     ) -> None:
-        """``cross`` events of the segments from each vehicle's last position to this one."""
-        table = self.zones.cross_table
-        if not len(table.cells):
-            return
+        """``cross`` events of the segments from each vehicle's last position to this one.
+
+        Candidates: the zones whose cover holds the new position, for segments short
+        enough that the cover is sure to hold both ends (``ZoneIndex.short_m``), and the
+        zones along longer segments from the coarse table; then the pairs neither inside
+        now nor held before, whose boxes meet, get an exact test.
+        """
         lat0, lon0, t0 = self._last_lat[slot], self._last_lon[slot], self._last_t[slot]
-        moved = np.nonzero(((lat0 != lat) | (lon0 != lon)) & (t0 < ts))[0]
-        if not len(moved):
+        moved_mask = ((lat0 != lat) | (lon0 != lon)) & (t0 < ts)
+        if not moved_mask.any():
             return
-        prev = self._last_cell[slot[moved]]
-        a, b = table.lookup(fine[moved]), table.lookup(prev)
-        rows = [moved[a.rows], moved[b.rows]]
-        zslots = [a.slots, b.slots]
-        path = self._path_hits(moved, fine[moved], prev)
-        rows.append(path.rows)
-        zslots.append(path.slots)
+        length_m = _metres(lat0, lon0, lat, lon)
+        short = self.zones.short_m
+        near = moved_mask[hits.rows] & ~inside
+        near &= length_m[hits.rows] <= short[hits.slots]
+        rows = [hits.rows[near]]
+        zslots = [hits.slots[near]]
+        table = self.zones.cross_table
+        moved = np.nonzero(moved_mask)[0]
+        if len(table.cells):
+            prev = self._last_cell[slot[moved]]
+            found = [table.lookup(fine[moved]), table.lookup(prev)]
+            path = self._path_hits(moved, fine[moved], prev)
+            coarse_rows = np.concatenate([moved[f.rows] for f in found] + [path.rows])
+            coarse_slots = np.concatenate([f.slots for f in found] + [path.slots])
+            long = length_m[coarse_rows] > short[coarse_slots]
+            rows.append(coarse_rows[long])
+            zslots.append(coarse_slots[long])
         row = np.concatenate(rows)
-        keys = np.unique((slot[row] << _ZONE_BITS) | np.concatenate(zslots))
-        keys = keys[~np.isin(keys, before) & ~np.isin(keys, near)]
+        keys = np.unique((slot[row] << ZONE_BITS) | np.concatenate(zslots))
+        now_in = np.sort((slot[hits.rows[inside]] << ZONE_BITS) | hits.slots[inside])
+        keys = keys[~_member(keys, before) & ~_member(keys, now_in)]
         if not len(keys):
             return
-        row_of = dict(zip(slot[moved].tolist(), moved.tolist(), strict=True))
-        row = np.array([row_of[k >> _ZONE_BITS] for k in keys.tolist()], dtype=np.int64)
-        zslot = keys & _ZONE_MASK
+        row_of = np.full(int(slot.max()) + 1, -1, dtype=np.int64)
+        row_of[slot] = np.arange(len(slot))
+        row = row_of[keys >> ZONE_BITS]
+        zslot = keys & ZONE_MASK
         west, south, east, north = self.zones.bounds[zslot].T
         x0, y0, x1, y1 = lon0[row], lat0[row], lon[row], lat[row]
         overlap = (
@@ -390,29 +434,47 @@ class ZoneEngine:
 
     def _expire(self, now: float, events: list[ZoneEvent]) -> None:
         """Exits for vehicles inside a zone that the geo-index marked stale or removed."""
-        for vslot in list(self._zones_of):
+        if not len(self.states):
+            return
+        holders = self.states.vehicles()
+        quiet = holders[self._last_seen[holders] <= now - self._stale_after_s]
+        for vslot in quiet.tolist():
             vehicle_id = self._ids[vslot]
             assert vehicle_id is not None
             tracked = self._vehicles.vehicle(vehicle_id)
             if tracked is not None and not tracked.stale:
                 continue
             reason: ExitReason = "removed" if tracked is None else "stale"
-            for zslot in list(self._zones_of[vslot]):
-                key = vslot << _ZONE_BITS | zslot
-                state = self._states[key]
-                self._forget_state(key)
-                compiled = self.zones.zones[zslot]
-                if state.inside and compiled is not None:
-                    events.append(self._exit(vslot, compiled, state, now, reason))
+            self._end(self.states.rows_of_vehicles(np.array([vslot])), now, reason, events)
             self._last_t[vslot] = np.nan  # no cross over the silence
+
+    def _end(
+        self,
+        rows: _I64,
+        now: float,
+        reason: ExitReason,
+        events: list[ZoneEvent],
+        compiled: CompiledZone | None = None,
+    ) -> None:
+        """Drop the state ``rows``: the pairs inside exit for ``reason`` (the vehicle's last
+        position, at ``now``); ``compiled`` is the zone when it is no longer indexed."""
+        states = self.states
+        for row in rows[states.inside[rows]].tolist():
+            key = int(states.keys[row])
+            vslot = key >> ZONE_BITS
+            zone = compiled or self.zones.zones[key & ZONE_MASK]
+            assert zone is not None
+            lat, lon = float(self._last_lat[vslot]), float(self._last_lon[vslot])
+            since = float(states.since[row])
+            events.append(self._event(vslot, zone, "exit", now, lat, lon, since, reason))
+        states.update(rows, *_NO_STATES)
 
     def _forget(self, now: float) -> None:
         """Free the numbers of vehicles not heard from for ``remove_after_s``."""
         used = len(self._ids)
         gone = np.nonzero(self._last_seen[:used] < now - self._remove_after_s)[0]
+        gone = gone[~_member(gone, self.states.vehicles())]  # exits first, once removed
         for vslot in gone.tolist():
-            if vslot in self._zones_of:
-                continue  # exits first (next tick, once the index has removed it)
             vehicle_id = self._ids[vslot]
             assert vehicle_id is not None
             del self._slot_of[vehicle_id]
@@ -446,14 +508,6 @@ class ZoneEngine:
         self._last_seen = grown(self._last_seen, np.inf)  # type: ignore[assignment]
         self._last_cell = grown(self._last_cell, 0)  # type: ignore[assignment]
 
-    def _forget_state(self, key: int) -> None:
-        del self._states[key]
-        vslot = key >> _ZONE_BITS
-        zones = self._zones_of[vslot]
-        zones.discard(key & _ZONE_MASK)
-        if not zones:
-            del self._zones_of[vslot]
-
     # --- events ------------------------------------------------------------------------
 
     def _event(
@@ -481,16 +535,9 @@ class ZoneEngine:
             reason=reason,
         )
 
-    def _exit(
-        self, vslot: int, compiled: CompiledZone, state: _State, now: float, reason: ExitReason
-    ) -> ZoneEvent:
-        """An exit the vehicle did not drive: at its last position, at ``now``."""
-        lat, lon = self._last_lat[vslot], self._last_lon[vslot]
-        return self._event(vslot, compiled, "exit", now, lat, lon, state.since, reason)
-
     # --- figures -----------------------------------------------------------------------
 
     @property
     def vehicles_inside(self) -> int:
         """Vehicles inside (or entering) at least one zone."""
-        return len(self._zones_of)
+        return len(self.states.vehicles())

@@ -95,11 +95,14 @@ class CellTable:
         return self.cells.nbytes + self.slots.nbytes + self.interior.nbytes
 
     def lookup(self, fine: U64) -> Hits:
-        """Every (row, zone) whose cell holds ``fine[row]`` (cells at FINEST or finer)."""
+        """Every (row, zone) whose cell holds ``fine[row]`` (cells at any resolution at
+        least as fine as the table's finest)."""
         rows: list[I64] = []
         found: list[I64] = []
+        order = np.argsort(fine)
+        ordered = fine[order]  # a parent is monotonic in its child: sorted keys, fast search
         for res in self.resolutions:
-            keys = parents(fine, res)
+            keys = parents(ordered, res)
             low = np.searchsorted(self.cells, keys, "left")
             high = np.searchsorted(self.cells, keys, "right")
             counts = high - low
@@ -107,7 +110,7 @@ class CellTable:
             if not len(hit):
                 continue
             counts = counts[hit]
-            rows.append(np.repeat(hit, counts))
+            rows.append(np.repeat(order[hit], counts))
             found.append(_ranges(low[hit], counts))
         if not rows:
             return Hits(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.bool_))
@@ -123,7 +126,7 @@ def _ranges(starts: I64, counts: I64) -> I64:
 
 
 class ZoneIndex:
-    """The compiled zones by slot, and the tables that find them."""
+    """The compiled zones by slot, their settings as arrays, and the tables that find them."""
 
     def __init__(self) -> None:
         self.zones: list[CompiledZone | None] = []
@@ -132,9 +135,15 @@ class ZoneIndex:
         self.inner = np.empty(0, dtype=object)
         self.outer = np.empty(0, dtype=object)
         self.bounds = np.empty((0, 4), dtype=np.float64)
+        """Each slot's outer bounds (west, south, east, north); NaN for a free slot."""
         self.margin = np.empty(0, dtype=np.bool_)
         """Whether a slot's zone has a margin (its outer shape differs from the inner)."""
-        """Each slot's outer bounds (west, south, east, north); NaN for a free slot."""
+        self.confirm = np.empty(0, dtype=np.int16)
+        self.dwell_s = np.empty(0, dtype=np.float64)
+        """The zone's dwell time; infinity for none."""
+        self.short_m = np.empty(0, dtype=np.float64)
+        """A segment at most this long that meets the zone has both ends in its cover
+        (so the cover finds its ``cross`` without the coarse table; see ``cover``)."""
         self._table: CellTable | None = CellTable.empty()
         self._cross: CellTable | None = CellTable.empty()
 
@@ -147,8 +156,8 @@ class ZoneIndex:
 
     def add(self, compiled: CompiledZone) -> int:
         """Hold ``compiled`` (its id must not be held); returns its slot."""
-        zone_id = compiled.zone.id
-        assert zone_id not in self.slot_of, zone_id
+        zone = compiled.zone
+        assert zone.id not in self.slot_of, zone.id
         if self._free:
             slot = self._free.pop()
         else:
@@ -158,11 +167,14 @@ class ZoneIndex:
             self.zones.append(None)
             self._grow(slot + 1)
         self.zones[slot] = compiled
-        self.slot_of[zone_id] = slot
+        self.slot_of[zone.id] = slot
         self.inner[slot] = compiled.inner
         self.outer[slot] = compiled.outer
         self.bounds[slot] = compiled.outer.bounds
         self.margin[slot] = compiled.outer is not compiled.inner
+        self.confirm[slot] = zone.confirm
+        self.dwell_s[slot] = np.inf if zone.dwell_s is None else zone.dwell_s
+        self.short_m[slot] = compiled.short_m
         self._table = self._cross = None
         return slot
 
@@ -174,25 +186,24 @@ class ZoneIndex:
         self.zones[slot] = None
         self.inner[slot] = self.outer[slot] = None
         self.bounds[slot] = np.nan
-        self.margin[slot] = False
         self._free.append(slot)
         self._table = self._cross = None
         return slot
+
+    _COLUMNS = ("inner", "outer", "bounds", "margin", "confirm", "dwell_s", "short_m")
 
     def _grow(self, size: int) -> None:
         if size <= len(self.inner):
             return
         capacity = max(size, 2 * len(self.inner), 64)
-        for name in ("inner", "outer"):
-            grown = np.empty(capacity, dtype=object)
-            grown[: len(getattr(self, name))] = getattr(self, name)
+        for name in self._COLUMNS:
+            old = getattr(self, name)
+            grown = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            if old.dtype == object:
+                grown[:] = None
+            grown[: len(old)] = old
             setattr(self, name, grown)
-        bounds = np.full((capacity, 4), np.nan)
-        bounds[: len(self.bounds)] = self.bounds
-        self.bounds = bounds
-        margin = np.zeros(capacity, dtype=np.bool_)
-        margin[: len(self.margin)] = self.margin
-        self.margin = margin
+        self.bounds[len(self.zones) :] = np.nan
 
     @property
     def table(self) -> CellTable:

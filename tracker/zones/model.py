@@ -355,8 +355,8 @@ def _centre(shape: BaseGeometry) -> tuple[float, float]:
 
 
 def grow(shape: BaseGeometry, margin_m: float) -> BaseGeometry:
-    """``shape`` grown by ``margin_m`` metres all round (itself for 0)."""
-    if margin_m <= 0:
+    """``shape`` grown by ``margin_m`` metres all round (shrunk if negative; itself for 0)."""
+    if margin_m == 0:
         return shape
     origin = _centre(shape)
     return from_local_metres(local_metres(shape, origin).buffer(margin_m, 8), origin)
