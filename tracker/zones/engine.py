@@ -91,7 +91,8 @@ def _member(values: npt.NDArray[np.int64], ordered: npt.NDArray[np.int64]) -> _B
     if not len(ordered):
         return np.zeros(len(values), dtype=np.bool_)
     at = np.minimum(np.searchsorted(ordered, values), len(ordered) - 1)
-    return ordered[at] == values
+    found: _B = ordered[at] == values
+    return found
 
 
 def _metres(lat0: _F64, lon0: _F64, lat1: _F64, lon1: _F64) -> _F64:

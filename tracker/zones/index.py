@@ -36,6 +36,7 @@ __all__ = [
     "ZoneIndex",
     "cells_at",
     "parents",
+    "ranges",
 ]
 
 CROSS_RESOLUTION: Final = 9
@@ -111,18 +112,19 @@ class CellTable:
                 continue
             counts = counts[hit]
             rows.append(np.repeat(order[hit], counts))
-            found.append(_ranges(low[hit], counts))
+            found.append(ranges(low[hit], counts))
         if not rows:
             return Hits(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.bool_))
         entries = np.concatenate(found)
         return Hits(np.concatenate(rows), self.slots[entries], self.interior[entries])
 
 
-def _ranges(starts: I64, counts: I64) -> I64:
+def ranges(starts: I64, counts: I64) -> I64:
     """``starts[i] .. starts[i] + counts[i]`` for every i, concatenated."""
     total = int(counts.sum())
     offsets = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(starts, counts) + (np.arange(total) - offsets)
+    found: I64 = np.repeat(starts, counts) + (np.arange(total) - offsets)
+    return found
 
 
 class ZoneIndex:

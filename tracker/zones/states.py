@@ -15,6 +15,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from tracker.zones.index import ranges
+
 __all__ = ["ZONE_BITS", "ZONE_MASK", "StateTable"]
 
 ZONE_BITS: Final = 24
@@ -58,9 +60,7 @@ class StateTable:
             return np.empty(0, dtype=np.int64)
         low = np.searchsorted(self.keys, vehicles.astype(np.int64) << ZONE_BITS)
         high = np.searchsorted(self.keys, (vehicles.astype(np.int64) + 1) << ZONE_BITS)
-        counts = high - low
-        offsets = np.repeat(np.cumsum(counts) - counts, counts)
-        return np.repeat(low, counts) + (np.arange(int(counts.sum())) - offsets)
+        return ranges(low, high - low)
 
     def rows_of_zone(self, zslot: int) -> I64:
         return np.nonzero((self.keys & ZONE_MASK) == zslot)[0]
