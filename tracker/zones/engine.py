@@ -409,7 +409,11 @@ class ZoneEngine:
         fine: npt.NDArray[np.uint64],
         prev: npt.NDArray[np.uint64],
     ) -> Hits:
-        """Zones in the cells between two positions more than one cell apart."""
+        """Zones in the cells between two positions more than one cell apart.
+
+        H3's path runs from cell centre to cell centre through hexagons, and a position
+        belongs to its cell's ancestors, which may be a hexagon's neighbour: two rings
+        around the path hold every ancestor the segment passes."""
         here = parents(fine, CROSS_RESOLUTION)
         there = parents(prev, CROSS_RESOLUTION)
         rows: list[int] = []
@@ -421,9 +425,10 @@ class ZoneEngine:
                     continue
                 if h3i.grid_distance(a, b) > MAX_PATH_CELLS:
                     continue
-                between = h3i.grid_path_cells(a, b)[1:-1]
+                path = h3i.grid_path_cells(a, b)
             except Exception:  # H3 cannot path across a pentagon: no crosses there
                 continue
+            between = list({near for cell in path for near in h3i.grid_disk(cell, 2)})
             rows.extend([int(moved[i])] * len(between))
             cells.extend(between)
         if not cells:

@@ -1,0 +1,126 @@
+"""The zone index: covers and lookups decide exactly as shapely does, for whole batches."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import h3.api.basic_int as h3i
+import numpy as np
+import shapely
+
+from tracker.zones.cover import FINEST, compile_zone
+from tracker.zones.index import ZoneIndex, cells_at, parents
+from tracker.zones.model import parse_zone
+
+M_PER_DEG = 111_320.0
+
+
+def polygon(lat: float, lon: float, radius_m: float, sides: int, turn: float) -> list[Any]:
+    ring = []
+    for k in range(sides):
+        angle = turn + 2 * math.pi * k / sides
+        r = radius_m * (0.6 if k % 2 and sides > 5 else 1.0)  # star-shaped: concave
+        ring.append(
+            [
+                lon + r * math.cos(angle) / (M_PER_DEG * math.cos(math.radians(lat))),
+                lat + r * math.sin(angle) / M_PER_DEG,
+            ]
+        )
+    return [*ring, ring[0]]
+
+
+def zones(count: int, seed: int) -> list[dict[str, Any]]:
+    """Circles, squares, stars with holes and large districts around Berlin."""
+    rng = random.Random(seed)
+    made = []
+    for n in range(count):
+        lat, lon = 52.5 + rng.uniform(-0.3, 0.3), 13.4 + rng.uniform(-0.5, 0.5)
+        size = rng.choice([30, 200, 1500, 15_000])
+        props: dict[str, Any] = {"margin_m": rng.choice([0, 10, 50])}
+        if n % 3 == 0:
+            props["radius_m"] = size
+            geometry: dict[str, Any] = {"type": "Point", "coordinates": [lon, lat]}
+        else:
+            rings = [polygon(lat, lon, size, rng.choice([4, 12, 40]), rng.uniform(0, 6))]
+            if n % 3 == 2:
+                rings.append(polygon(lat, lon, size / 5, 6, 0.0)[::-1])
+            geometry = {"type": "Polygon", "coordinates": rings}
+        made.append({"type": "Feature", "id": f"z{n}", "geometry": geometry, "properties": props})
+    return made
+
+
+def test_parents_by_bits_equal_h3() -> None:
+    rng = np.random.default_rng(1)
+    lat, lon = rng.uniform(-80, 80, 500), rng.uniform(-180, 180, 500)
+    fine = cells_at(lat, lon, FINEST)
+    for res in range(0, FINEST + 1):
+        expected = [h3i.cell_to_parent(int(c), res) for c in fine]
+        assert parents(fine, res).tolist() == expected
+
+
+def test_lookups_decide_exactly_as_shapely() -> None:
+    index = ZoneIndex()
+    for document in zones(60, seed=1):
+        index.add(compile_zone(parse_zone(document), 7))
+    rng = np.random.default_rng(2)
+    points = []
+    for compiled in index.zones:
+        assert compiled is not None
+        west, south, east, north = compiled.outer.bounds
+        w, h = east - west, north - south
+        points.append(
+            np.column_stack(
+                [
+                    rng.uniform(south - h / 3, north + h / 3, 400),
+                    rng.uniform(west - w / 3, east + w / 3, 400),
+                ]
+            )
+        )
+    both = np.concatenate(points)
+    lat, lon = both[:, 0].copy(), both[:, 1].copy()
+    hits, inside, within = index.locate(cells_at(lat, lon, FINEST), lat, lon)
+    found = set(zip(hits.rows[inside].tolist(), hits.slots[inside].tolist(), strict=True))
+    found_wide = set(zip(hits.rows[within].tolist(), hits.slots[within].tolist(), strict=True))
+    truth: set[tuple[int, int]] = set()
+    truth_wide: set[tuple[int, int]] = set()
+    for slot, compiled in enumerate(index.zones):
+        assert compiled is not None
+        truth.update(
+            (r, slot) for r in np.nonzero(shapely.contains_xy(compiled.inner, lon, lat))[0].tolist()
+        )
+        truth_wide.update(
+            (r, slot) for r in np.nonzero(shapely.contains_xy(compiled.outer, lon, lat))[0].tolist()
+        )
+    assert len(truth) > 1000
+    assert found == truth
+    assert found_wide == truth_wide
+
+
+def test_large_zones_cost_few_cells() -> None:
+    """A 15 km circle: a border band at fine cells, its inside compacted to coarse ones."""
+    big = parse_zone(
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [13.4, 52.5]},
+            "properties": {"radius_m": 15_000},
+        }
+    )
+    compiled = compile_zone(big, 7)
+    area_cells = math.pi * 15_000**2 / h3i.average_hexagon_area(compiled.resolution, "m^2")
+    assert compiled.cell_count < area_cells / 5
+    assert min(h3i.get_resolution(int(c)) for c in compiled.interior) < compiled.resolution
+
+
+def test_remove_and_reuse_slots() -> None:
+    index = ZoneIndex()
+    first, second = (compile_zone(parse_zone(d), 7) for d in zones(2, seed=3))
+    slot = index.add(first)
+    index.add(second)
+    assert index.remove(first.zone.id) == slot
+    assert index.remove(first.zone.id) is None
+    lat, lon = np.array([52.5]), np.array([13.4])
+    index.locate(cells_at(lat, lon, FINEST), lat, lon)  # tables rebuilt without it
+    assert slot not in index.table.slots.tolist()
+    assert index.add(first) == slot
