@@ -28,7 +28,7 @@ from tracker.zones.events import EventSink
 from tracker.zones.model import Zone, parse_zone
 from tracker.zones.store import ZoneStore
 
-__all__ = ["MAX_ZONES", "TooManyZones", "ZoneBook", "visible"]
+__all__ = ["MAX_ZONES", "TooManyZones", "ZoneBook", "ZoneExists", "visible"]
 
 logger = logging.getLogger(__name__)
 
