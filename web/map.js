@@ -6,6 +6,7 @@ import { areaFromQuery, bboxQuery, boundsOf, cellsOf, cellToBoundary, estimatedC
 import { FeedClient } from "./feed-client.js";
 import { installHistory } from "./history.js";
 import { createPanel, explainRefusal } from "./panel.js";
+import { installZones } from "./zones.js";
 
 const L = window.L;
 const embed = document.body.dataset.embed === "true";
@@ -196,6 +197,8 @@ const showCells = document.getElementById("show-cells");
 
 // Trails, day tracks and replay (web/history.js); the embed shows the live fleet only.
 const historyTools = embed ? null : installHistory({ map, token, area: () => area, resubscribe: subscribe });
+// Zones with their names, and the zone editor (web/zones.js); not in the embed.
+const zoneTools = embed ? null : installZones({ map, token });
 
 function feedUrl(query) {
   const search = new URLSearchParams({ ...query, ...historyTools?.feedParams() });
@@ -404,4 +407,5 @@ window.trackerMap = {
   unfollow,
   vehiclesInView: () => inView().length,
   history: historyTools,
+  zones: zoneTools,
 };
