@@ -141,6 +141,7 @@ def test_several_pings_of_one_vehicle_in_one_tick_in_order() -> None:
     drive.engine.record(batch, 3)
     events = drive.tick(3)
     assert [(e.type, e.t) for e in events] == [("enter", 2), ("exit", 3)]
+    assert drive.engine.vehicles_known == 1  # a new vehicle's pings: one vehicle
 
 
 def test_margin_keeps_a_vehicle_inside_until_beyond_it() -> None:

@@ -34,7 +34,9 @@ Pure and synchronous (time comes in as arguments); owns no tasks.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import time
 from collections.abc import Sequence
 from typing import Final, Protocol
@@ -63,6 +65,10 @@ a longer jump is a device that was off, not a drive through the zones between.""
 _F64 = npt.NDArray[np.float64]
 
 
+_VEHICLE_ID = operator.attrgetter("vehicle_id")
+_LAT = operator.attrgetter("lat")
+_LON = operator.attrgetter("lon")
+_TS = operator.attrgetter("ts")
 _I64 = npt.NDArray[np.int64]
 _B = npt.NDArray[np.bool_]
 
@@ -202,24 +208,18 @@ class ZoneEngine:
         """The recorded pings as columns, vehicle by vehicle in order, in rounds."""
         batches, seen_at = self._recorded, self._recorded_at
         self._recorded, self._recorded_at, self._recorded_count = [], [], 0
-        count = sum(len(b) for b in batches)
-        slot = np.empty(count, dtype=np.int64)
-        lat = np.empty(count)
-        lon = np.empty(count)
-        ts = np.empty(count)
+        pings = list(itertools.chain.from_iterable(batches))
+        count = len(pings)
         recv = np.repeat(seen_at, [len(b) for b in batches])
-        at = 0
-        slot_of = self._slot_of.get
-        for batch in batches:
-            for ping in batch:
-                number = slot_of(ping.vehicle_id)
-                if number is None:
-                    number = self._new_vehicle(ping.vehicle_id)
-                slot[at] = number
-                lat[at] = ping.lat
-                lon[at] = ping.lon
-                ts[at] = ping.ts
-                at += 1
+        ids = list(map(_VEHICLE_ID, pings))
+        numbers = list(map(self._slot_of.get, ids))
+        for at in [n for n, number in enumerate(numbers) if number is None]:
+            known = self._slot_of.get(ids[at])  # new, but maybe earlier in this tick
+            numbers[at] = self._new_vehicle(ids[at]) if known is None else known
+        slot = np.array(numbers, dtype=np.int64)
+        lat = np.fromiter(map(_LAT, pings), dtype=np.float64, count=count)
+        lon = np.fromiter(map(_LON, pings), dtype=np.float64, count=count)
+        ts = np.fromiter(map(_TS, pings), dtype=np.float64, count=count)
         self._last_seen[slot] = recv
         fine = cells_at(lat, lon, FINEST)
         order = np.argsort(slot, kind="stable")  # a vehicle's pings stay in time order
@@ -542,6 +542,11 @@ class ZoneEngine:
         )
 
     # --- figures -----------------------------------------------------------------------
+
+    @property
+    def vehicles_known(self) -> int:
+        """Vehicles the engine holds a number and a last position for."""
+        return len(self._slot_of)
 
     @property
     def vehicles_inside(self) -> int:

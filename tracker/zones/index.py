@@ -19,6 +19,7 @@ are indexed by slot. The tables are rebuilt lazily after a change (about 0.1 s f
 
 from __future__ import annotations
 
+import itertools
 from typing import Final, NamedTuple
 
 import h3.api.basic_int as h3i
@@ -59,12 +60,8 @@ def parents(cells: U64, res: int) -> U64:
 
 def cells_at(lat: npt.NDArray[np.float64], lon: npt.NDArray[np.float64], res: int) -> U64:
     """The H3 cell of each position at ``res`` (one H3 call each: h3 has no batch call)."""
-    cell = h3i.latlng_to_cell
-    return np.fromiter(
-        (cell(y, x, res) for y, x in zip(lat.tolist(), lon.tolist(), strict=True)),
-        dtype=np.uint64,
-        count=len(lat),
-    )
+    cells = map(h3i.latlng_to_cell, lat.tolist(), lon.tolist(), itertools.repeat(res))
+    return np.fromiter(cells, dtype=np.uint64, count=len(lat))
 
 
 class Hits(NamedTuple):
