@@ -147,7 +147,7 @@ def load_zones(tracker: Tracker, features: list[dict[str, Any]]) -> dict[str, fl
         tracker.zones.engine.put(one, time.time())
     index = tracker.zones.engine.zones
     table_started = time.perf_counter()
-    cells = len(index.table.cells)
+    cells = index.indexed_cells
     built = time.perf_counter()
     return {
         "zones": len(zones),
@@ -155,7 +155,7 @@ def load_zones(tracker: Tracker, features: list[dict[str, Any]]) -> dict[str, fl
         "zone_compile_s": round(compiled_at - parsed, 2),
         "zone_table_build_s": round(built - table_started, 3),
         "index_cells": cells,
-        "index_cross_cells": len(index.cross_table.cells),
+        "index_cross_cells": index.cross_cells,
         "index_arrays_mib": round(index.nbytes / 2**20, 1),
         "zones_compiled_rss_mib": round(covers_mib, 1),
     }

@@ -357,11 +357,11 @@ class ZoneEngine:
         near &= length_m[hits.rows] <= short[hits.slots]
         rows = [hits.rows[near]]
         zslots = [hits.slots[near]]
-        table = self.zones.cross_table
         moved = np.nonzero(moved_mask)[0]
-        if len(table.cells):
+        if len(self.zones):
             prev = self._last_cell[slot[moved]]
-            found = [table.lookup(fine[moved]), table.lookup(prev)]
+            lookup = self.zones.lookup
+            found = [lookup(fine[moved], cross=True), lookup(prev, cross=True)]
             path = self._path_hits(moved, fine[moved], prev)
             coarse_rows = np.concatenate([moved[f.rows] for f in found] + [path.rows])
             coarse_slots = np.concatenate([f.slots for f in found] + [path.slots])
@@ -433,7 +433,7 @@ class ZoneEngine:
             cells.extend(between)
         if not cells:
             return Hits(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.bool_))
-        hits = self.zones.cross_table.lookup(np.array(cells, dtype=np.uint64))
+        hits = self.zones.lookup(np.array(cells, dtype=np.uint64), cross=True)
         return Hits(np.array(rows, dtype=np.int64)[hits.rows], hits.slots, hits.interior)
 
     # --- vehicles ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from tracker.zones.cover import CompiledZone
 __all__ = [
     "CROSS_RESOLUTION",
     "MAX_ZONE_SLOTS",
+    "REBUILD_AFTER",
     "CellTable",
     "Hits",
     "ZoneIndex",
@@ -42,6 +43,9 @@ __all__ = [
 
 CROSS_RESOLUTION: Final = 9
 """Resolution of the table that finds zones along a segment (edge ~ 170 m)."""
+REBUILD_AFTER: Final = 256
+"""Zones added or removed since the full tables were built, at most (or a twentieth of
+all zones, if more), before they are built again."""
 MAX_ZONE_SLOTS: Final = 1 << 24
 """Slots are packed with a vehicle number into one int64 key by the engine."""
 
@@ -143,8 +147,14 @@ class ZoneIndex:
         self.short_m = np.empty(0, dtype=np.float64)
         """A segment at most this long that meets the zone has both ends in its cover
         (so the cover finds its ``cross`` without the coarse table; see ``cover``)."""
-        self._table: CellTable | None = CellTable.empty()
-        self._cross: CellTable | None = CellTable.empty()
+        self._main = {False: CellTable.empty(), True: CellTable.empty()}
+        """Cover and cross tables as last built in full."""
+        self._delta: dict[bool, CellTable | None] = {False: None, True: None}
+        """Tables of the zones added since (rebuilt on first use after a change)."""
+        self._recent: list[int] = []
+        self._stale = np.zeros(0, dtype=np.bool_)
+        """Slots whose cells in the full tables belong to a zone since removed."""
+        self._settled = True
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -174,7 +184,8 @@ class ZoneIndex:
         self.confirm[slot] = zone.confirm
         self.dwell_s[slot] = np.inf if zone.dwell_s is None else zone.dwell_s
         self.short_m[slot] = compiled.short_m
-        self._table = self._cross = None
+        self._recent.append(slot)
+        self._changed()
         return slot
 
     def remove(self, zone_id: str) -> int | None:
@@ -186,10 +197,14 @@ class ZoneIndex:
         self.inner[slot] = self.outer[slot] = None
         self.bounds[slot] = np.nan
         self._free.append(slot)
-        self._table = self._cross = None
+        if slot in self._recent:
+            self._recent.remove(slot)
+        else:
+            self._stale[slot] = True
+        self._changed()
         return slot
 
-    _COLUMNS = ("inner", "outer", "bounds", "margin", "confirm", "dwell_s", "short_m")
+    _COLUMNS = ("inner", "outer", "bounds", "margin", "confirm", "dwell_s", "short_m", "_stale")
 
     def _grow(self, size: int) -> None:
         if size <= len(self.inner):
@@ -204,27 +219,62 @@ class ZoneIndex:
             setattr(self, name, grown)
         self.bounds[len(self.zones) :] = np.nan
 
-    @property
-    def table(self) -> CellTable:
-        """Every zone's cover (built on first use after a change)."""
-        if self._table is None:
-            self._table = self._build(cross=False)
-        return self._table
+    def _changed(self) -> None:
+        self._delta = {False: None, True: None}
+        self._settled = False
+
+    def _settle(self) -> None:
+        """Before the first lookup after changes: the added zones' table is rebuilt; once
+        they (or the removed ones) are many, everything is (a full build of 10,000 zones
+        takes ~0.2 s of the event loop: so not at every edit, and once for a bulk load)."""
+        self._settled = True
+        if len(self._recent) + int(self._stale.sum()) > max(REBUILD_AFTER, len(self) // 20):
+            self._main = {
+                cross: self._build(self._current(), cross=cross) for cross in (False, True)
+            }
+            self._recent.clear()
+            self._stale[:] = False
+
+    def _current(self) -> list[int]:
+        return [slot for slot, compiled in enumerate(self.zones) if compiled is not None]
+
+    def lookup(self, fine: U64, *, cross: bool = False) -> Hits:
+        """Every (row, zone) whose cover (``cross``: border cells at CROSS_RESOLUTION at
+        most) holds ``fine[row]``: the full table, less removed zones, and the added ones."""
+        if not self._settled:
+            self._settle()
+        main = self._main[cross].lookup(fine)
+        if self._stale.any():
+            live = ~self._stale[main.slots]
+            main = Hits(main.rows[live], main.slots[live], main.interior[live])
+        if not self._recent:
+            return main
+        delta = self._delta[cross]
+        if delta is None:
+            delta = self._delta[cross] = self._build(self._recent, cross=cross)
+        added = delta.lookup(fine)
+        return Hits(*(np.concatenate(pair) for pair in zip(main, added, strict=True)))
 
     @property
-    def cross_table(self) -> CellTable:
-        """Every zone's border cells, at :data:`CROSS_RESOLUTION` or coarser."""
-        if self._cross is None:
-            self._cross = self._build(cross=True)
-        return self._cross
+    def indexed_cells(self) -> int:
+        """Cells in the cover tables (full and added), removed zones' cells included."""
+        if not self._settled:
+            self._settle()
+        delta = self._delta[False] or self._build(self._recent, cross=False)
+        return len(self._main[False].cells) + len(delta.cells)
 
-    def _build(self, *, cross: bool) -> CellTable:
+    @property
+    def cross_cells(self) -> int:
+        delta = self._delta[True] or self._build(self._recent, cross=True)
+        return len(self._main[True].cells) + len(delta.cells)
+
+    def _build(self, held: list[int], *, cross: bool) -> CellTable:
         cells: list[U64] = []
         slots: list[I64] = []
         flags: list[npt.NDArray[np.bool_]] = []
-        for slot, compiled in enumerate(self.zones):
-            if compiled is None:
-                continue
+        for slot in held:
+            compiled = self.zones[slot]
+            assert compiled is not None
             if cross:
                 own = compiled.border
                 if compiled.resolution > CROSS_RESOLUTION:
@@ -245,7 +295,7 @@ class ZoneIndex:
     ) -> tuple[Hits, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         """Every zone each position may be in, and whether it is in the zone itself
         (``inside``) and in the zone grown by its margin (``within``)."""
-        hits = self.table.lookup(fine)
+        hits = self.lookup(fine)
         inside = hits.interior.copy()
         within = hits.interior.copy()
         test = np.nonzero(~hits.interior)[0]
@@ -262,4 +312,5 @@ class ZoneIndex:
     def nbytes(self) -> int:
         """Bytes held by the tables and covers (not the shapes)."""
         covers = sum(z.interior.nbytes + z.border.nbytes for z in self.zones if z is not None)
-        return self.table.nbytes + self.cross_table.nbytes + covers + self.bounds.nbytes
+        tables = [*self._main.values(), *(t for t in self._delta.values() if t is not None)]
+        return sum(t.nbytes for t in tables) + covers + self.bounds.nbytes
