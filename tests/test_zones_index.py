@@ -12,8 +12,8 @@ import pytest
 import shapely
 
 from tracker.zones import index as index_module
-from tracker.zones.cover import FINEST, compile_zone
-from tracker.zones.index import ZoneIndex, cells_at, parents
+from tracker.zones.cover import FINEST, compile_zone, parents
+from tracker.zones.index import ZoneIndex, cells_at
 from tracker.zones.model import parse_zone
 
 M_PER_DEG = 111_320.0

@@ -262,13 +262,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
     add_web_routes(app, config)
     add_history_routes(app, tracker, readers=readers, area_limiter=area_limiter)
     add_device_routes(app, tracker.devices, body_reads)
-    add_zone_routes(
-        app,
-        tracker.zones,
-        readers=readers,
-        body_reads=body_reads,
-        resolution=config.h3_resolution,
-    )
+    add_zone_routes(app, tracker.zones, readers=readers, body_reads=body_reads)
 
     @app.get("/healthz")
     async def healthz() -> Response:

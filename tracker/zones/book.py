@@ -28,7 +28,7 @@ from tracker.zones.events import EventSink
 from tracker.zones.model import Zone, parse_zone
 from tracker.zones.store import ZoneStore
 
-__all__ = ["MAX_ZONES", "TooManyZones", "ZoneBook", "ZoneExists", "visible"]
+__all__ = ["MAX_ZONES", "Area", "TooManyZones", "ZoneBook", "ZoneExists"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,19 +126,24 @@ class ZoneExists(TrackerError):
     code = "zone_exists"
 
 
-def visible(compiled: CompiledZone, cells: frozenset[int] | None, resolution: int) -> bool:
-    """Whether a reader limited to ``cells`` (at ``resolution``; None: everywhere) may see
-    the zone: some cell of its cover lies in the reader's area."""
-    if cells is None:
-        return True
-    for cell in compiled.border.tolist():
-        if h3i.cell_to_parent(cell, resolution) in cells:
+class Area:
+    """A reader's area (cells of the index resolution; None: everywhere), ready to meet
+    the zones' footprints: set intersections, and the area's ancestors at the few
+    resolutions of large zones' compacted insides, worked out once a request."""
+
+    def __init__(self, cells: frozenset[int] | None) -> None:
+        self.cells = cells
+        self._up: dict[int, frozenset[int]] = {}
+
+    def sees(self, compiled: CompiledZone) -> bool:
+        """Whether some cell of the zone's cover lies in the area."""
+        if self.cells is None or not self.cells.isdisjoint(compiled.footprint):
             return True
-    for cell in compiled.interior.tolist():
-        own = h3i.get_resolution(cell)
-        if own >= resolution:
-            if h3i.cell_to_parent(cell, resolution) in cells:
+        for cell in compiled.coarse:
+            res = h3i.get_resolution(cell)
+            up = self._up.get(res)
+            if up is None:
+                up = self._up[res] = frozenset(h3i.cell_to_parent(c, res) for c in self.cells)
+            if cell in up:
                 return True
-        elif any(h3i.cell_to_parent(c, own) == cell for c in cells):
-            return True
-    return False
+        return False

@@ -34,17 +34,26 @@ from shapely.geometry.base import BaseGeometry
 
 from tracker.zones.model import Zone, grow, local_metres
 
-__all__ = ["BORDER_CELLS", "FINEST", "CompiledZone", "compile_zone", "cover_resolution"]
+__all__ = [
+    "BORDER_CELLS",
+    "FINEST",
+    "CompiledZone",
+    "compile_zone",
+    "cover_resolution",
+    "parents",
+]
 
 FINEST: Final = 13
 """The finest cover resolution (edge ~3.5 m): a zone smaller than that is all border."""
 BORDER_CELLS: Final = 32
-_M_PER_DEG: Final = 111_320.0
+"""About how many cell edges the zone's perimeter spans at its cover resolution."""
 COARSEST: Final = 9
 """The coarsest cover resolution (edge ~ 170 m): the border band of a large zone stays a
 few hundred metres wide, so few positions near it need an exact test, and a 1 Hz
 segment (up to ``short_m``, ~35 m) is sure to have both ends in the cover."""
-"""About how many cell edges the zone's perimeter spans at its cover resolution."""
+_M_PER_DEG: Final = 111_320.0
+_RES_SHIFT = np.uint64(52)
+_RES_MASK = np.uint64(0xF << 52)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +70,11 @@ class CompiledZone:
     """Cells wholly inside ``inner``, compacted (coarser than ``resolution`` where whole)."""
     border: npt.NDArray[np.uint64]
     """Cells at ``resolution`` that overlap ``outer`` but are not interior."""
+    footprint: frozenset[int]
+    """The cover's cells as cells of the index resolution (what area tokens hold), except
+    interior cells coarser than that, which are in ``coarse``."""
+    coarse: frozenset[int]
+    """Interior cells coarser than the index resolution (a large zone's inside)."""
     short_m: float
     """A segment at most this long that meets the zone has both its ends in the cover:
     a cell's descendants reach ~1.06 edges from its centre and the cover holds every
@@ -69,6 +83,13 @@ class CompiledZone:
     @property
     def cell_count(self) -> int:
         return len(self.interior) + len(self.border)
+
+
+def parents(cells: npt.NDArray[np.uint64], res: int) -> npt.NDArray[np.uint64]:
+    """The parent at ``res`` of each cell (each at ``res`` or finer), by bit arithmetic:
+    the resolution field set to ``res``, the digits below it set to 7 (unused)."""
+    unused = np.uint64((1 << (3 * (15 - res))) - 1)
+    return ((cells & ~_RES_MASK) | (np.uint64(res) << _RES_SHIFT)) | unused
 
 
 def cover_resolution(outer: BaseGeometry, index_resolution: int) -> int:
@@ -89,6 +110,10 @@ def compile_zone(zone: Zone, index_resolution: int) -> CompiledZone:
     outer = grow(inner, zone.margin_m)
     res = cover_resolution(outer, index_resolution)
     interior, border = _cover(inner, outer, res)
+    inside = np.array(sorted(interior), dtype=np.uint64)
+    edge = np.array(sorted(border), dtype=np.uint64)
+    level = (inside >> _RES_SHIFT) & np.uint64(0xF)
+    fine = np.concatenate([edge, inside[level >= index_resolution]])
     shapely.prepare(inner)
     if outer is not inner:
         shapely.prepare(outer)
@@ -97,8 +122,10 @@ def compile_zone(zone: Zone, index_resolution: int) -> CompiledZone:
         inner=inner,
         outer=outer,
         resolution=res,
-        interior=np.array(sorted(interior), dtype=np.uint64),
-        border=np.array(sorted(border), dtype=np.uint64),
+        interior=inside,
+        border=edge,
+        footprint=frozenset(np.unique(parents(fine, index_resolution)).tolist()),
+        coarse=frozenset(inside[level < index_resolution].tolist()),
         short_m=0.2 * h3.average_hexagon_edge_length(res, "m"),
     )
 

@@ -47,9 +47,9 @@ import numpy.typing as npt
 import shapely
 
 from tracker.pings import Ping
-from tracker.zones.cover import FINEST, CompiledZone
+from tracker.zones.cover import FINEST, CompiledZone, parents
 from tracker.zones.events import EventSink, EventType, ExitReason, ZoneEvent
-from tracker.zones.index import CROSS_RESOLUTION, Hits, ZoneIndex, cells_at, parents
+from tracker.zones.index import CROSS_RESOLUTION, Hits, ZoneIndex, cells_at
 from tracker.zones.states import ZONE_BITS, ZONE_MASK, StateTable
 
 __all__ = ["MAX_PATH_CELLS", "MAX_RECORDED_PINGS", "LoggingSink", "ZoneEngine"]

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import shapely
 
-from tracker.zones.cover import CompiledZone
+from tracker.zones.cover import CompiledZone, parents
 
 __all__ = [
     "CROSS_RESOLUTION",
@@ -37,7 +37,6 @@ __all__ = [
     "Hits",
     "ZoneIndex",
     "cells_at",
-    "parents",
     "ranges",
 ]
 
@@ -52,14 +51,6 @@ MAX_ZONE_SLOTS: Final = 1 << 24
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 _RES_SHIFT = np.uint64(52)
-_RES_MASK = np.uint64(0xF << 52)
-
-
-def parents(cells: U64, res: int) -> U64:
-    """The parent at ``res`` of each cell (each at ``res`` or finer), by bit arithmetic:
-    the resolution field set to ``res``, the digits below it set to 7 (unused)."""
-    unused = np.uint64((1 << (3 * (15 - res))) - 1)
-    return ((cells & ~_RES_MASK) | (np.uint64(res) << _RES_SHIFT)) | unused
 
 
 def cells_at(lat: npt.NDArray[np.float64], lon: npt.NDArray[np.float64], res: int) -> U64:

@@ -27,7 +27,7 @@ from tracker.auth import Readers
 from tracker.bodies import BodyReads
 from tracker.errors import BadBody, BadRequest, TrackerError, UnsupportedMediaType
 from tracker.regions import MAX_QUERY_BYTES
-from tracker.zones.book import ZoneBook, visible
+from tracker.zones.book import Area, ZoneBook
 from tracker.zones.cover import CompiledZone
 from tracker.zones.model import Zone, parse_zone
 
@@ -50,7 +50,7 @@ class UnknownZone(TrackerError):
 
 
 def add_zone_routes(
-    app: QuartTrio, book: ZoneBook, *, readers: Readers, body_reads: BodyReads, resolution: int
+    app: QuartTrio, book: ZoneBook, *, readers: Readers, body_reads: BodyReads
 ) -> None:
     """Serve ``/zones`` and ``/zones/{id}`` on ``app``."""
 
@@ -58,8 +58,8 @@ def add_zone_routes(
         """The zone, if the request's token may see it; 404 otherwise."""
         grant = readers.grant(request)
         compiled = book.get(zone_id)
-        cells = grant.cells if grant is not None else None
-        if compiled is None or not visible(compiled, cells, resolution):
+        area = Area(grant.cells if grant is not None else None)
+        if compiled is None or not area.sees(compiled):
             raise UnknownZone(f"no zone {zone_id[:80]!r}", id=zone_id[:80])
         return compiled
 
@@ -80,7 +80,7 @@ def add_zone_routes(
         if len(request.query_string) > MAX_QUERY_BYTES:
             raise BadRequest(f"the query is longer than {MAX_QUERY_BYTES} bytes")
         grant = readers.grant(request)
-        cells = grant.cells if grant is not None else None
+        area = Area(grant.cells if grant is not None else None)
         limit = _limit(request.args.get("limit"))
         after = request.args.get("after", "")
         kind = request.args.get("kind")
@@ -90,7 +90,7 @@ def add_zone_routes(
             zone = compiled.zone
             if zone.id <= after or (kind is not None and zone.kind != kind):
                 continue
-            if not visible(compiled, cells, resolution):
+            if not area.sees(compiled):
                 continue
             if len(page) == limit:
                 following = page[-1]["id"]
