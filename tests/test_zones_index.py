@@ -12,6 +12,7 @@ import pytest
 import shapely
 
 from tracker.zones import index as index_module
+from tracker.zones.book import Area
 from tracker.zones.cover import FINEST, compile_zone, parents
 from tracker.zones.index import ZoneIndex, cells_at
 from tracker.zones.model import parse_zone
@@ -149,3 +150,25 @@ def test_remove_and_reuse_slots() -> None:
     hits, _, _ = index.locate(cells_at(lat, lon, FINEST), lat, lon)
     assert slot not in hits.slots.tolist()
     assert index.add(first) == slot
+
+
+def test_an_area_sees_zones_that_reach_into_it() -> None:
+    """Also a large zone whose inside is compacted coarser than the area's cells."""
+    big = compile_zone(
+        parse_zone(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [13.4, 52.5]},
+                "properties": {"radius_m": 40_000},
+            }
+        ),
+        7,
+    )
+    assert big.coarse  # its inside holds cells coarser than the index's
+    centre = frozenset({h3i.latlng_to_cell(52.5, 13.4, 7)})
+    edge = frozenset({h3i.latlng_to_cell(52.5 + 40_000 / 111_320, 13.4, 7)})
+    far = frozenset({h3i.latlng_to_cell(48.1, 11.6, 7)})
+    assert Area(centre).sees(big)
+    assert Area(edge).sees(big)
+    assert not Area(far).sees(big)
+    assert Area(None).sees(big)
