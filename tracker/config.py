@@ -351,6 +351,14 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     gtfs_rt_max_bytes: Annotated[
         int, describe("Largest GTFS-realtime feed body read; a larger one is refused.", ge=1024)
     ] = 32 * MIB
+    quic_bind: Annotated[
+        str,
+        describe(
+            "Also serve HTTP/3 (QUIC) on this UDP address, HOST:PORT or PORT (on --host), "
+            "advertised to HTTP/1.1 and HTTP/2 clients by Alt-Svc; needs --certfile and "
+            "--keyfile. Empty: no HTTP/3."
+        ),
+    ] = ""
 
     def __post_init__(self) -> None:
         if self.remove_after_s <= self.stale_after_s:
@@ -412,12 +420,32 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise _bad("osmand_port", "must differ from --port", also=("port",))
         if any(c in self.frame_ancestors for c in ";,\r\n"):
             raise _bad("frame_ancestors", "is one CSP source list: no ';', ',' or newline")
+        if self.quic_bind:
+            try:
+                self.quic_address  # noqa: B018 -- parsing is the check
+            except ValueError as exc:
+                raise _bad("quic_bind", f"must be HOST:PORT or PORT: {exc}") from None
+            if not self.certfile:
+                raise _bad(
+                    "quic_bind",
+                    "needs --certfile and --keyfile: QUIC is always encrypted",
+                    also=("certfile", "keyfile"),
+                )
 
     @property
     def map_center_latlon(self) -> tuple[float, float]:
         """``map_center`` as numbers (ValueError if it is not two of them)."""
         lat, lon = (float(v) for v in self.map_center.split(","))
         return lat, lon
+
+    @property
+    def quic_address(self) -> tuple[str, int]:
+        """``quic_bind`` as (host, port); ValueError if it is neither HOST:PORT nor PORT."""
+        host, sep, port = self.quic_bind.strip().rpartition(":")
+        host = host.strip("[]") if sep else self.host
+        if not port.isdigit() or int(port) > 65535 or not host:
+            raise ValueError(f"{self.quic_bind[:60]!r} has no port from 0 to 65535 or no host")
+        return host, int(port)
 
     @property
     def history_target(self) -> str:

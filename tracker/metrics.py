@@ -165,6 +165,8 @@ class Metrics:
     connections_refused: int = _counter("Connections closed at once: at max_connections.")
     connections_evicted: int = _counter("Idle connections closed to make room for a new one.")
     h2_streams_reaped: int = _counter("HTTP/2 streams reset after a write timeout without window.")
+    h3_streams_reaped: int = _counter("HTTP/3 streams reset after a write timeout unacknowledged.")
+    quic_datagrams_dropped: int = _counter("QUIC datagrams dropped: their connection was busy.")
     bodies_timed_out: int = _counter("Request bodies too slow to arrive (408).")
     bodies_refused: int = _counter("Request bodies refused at max_body_reads (503).")
     bus_forwarded_pings: int = _counter("Pings forwarded to other instances (Redis bus).")

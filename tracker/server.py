@@ -10,8 +10,8 @@ is the core stopped. If a core task crashes, the nursery cancels the HTTP server
 error is raised out of :func:`serve`: the process exits non-zero rather than stay
 half-alive.
 
-The HTTP server is Hypercorn's ``worker_serve`` (0.18) cut down to what we use (TCP, no
-QUIC, one worker) and built from ``tracker.transport``'s connections, which add the
+The HTTP server is Hypercorn's ``worker_serve`` (0.18) cut down to what we use (TCP, one
+worker; QUIC from tracker.quic) and built from ``tracker.transport``'s connections, which add the
 connection cap, abortable writes, bounded HTTP/2 flow control and secured error
 responses. Its nurseries: ``lifespan_nursery`` (the ASGI lifespan), ``server_nursery``
 (one task per connection), ``accept_nursery`` (the accept loops, until shutdown): one for
@@ -47,6 +47,7 @@ from tracker.config import TrackerConfig
 from tracker.devices.routes import OsmAndOnly
 from tracker.logs import AccessLog
 from tracker.proxies import TrustedProxies
+from tracker.quic import bind_quic, serve_quic
 from tracker.service import Tracker
 from tracker.transport import (
     Connection,
@@ -153,6 +154,21 @@ async def _serve_http(
                 for bind in binds:  # as Hypercorn logs it (on the hypercorn.error logger)
                     what = "OsmAnd protocol" if served_app is osmand_asgi else "Running"
                     await transport.log.info(f"{what} on {bind} (CTRL + C to quit)")
+            if config.quic_bind:  # HTTP/3 (tracker.quic); sets Alt-Svc before TCP answers
+                quic_socket = bind_quic(transport)
+                await server_nursery.start(
+                    functools.partial(
+                        serve_quic,
+                        asgi,
+                        transport,
+                        context,
+                        ConnectionState(lifespan_state.copy()),
+                        quic_socket,
+                        gate=gate,
+                    )
+                )
+                quic_at = repr_socket_addr(quic_socket.family, quic_socket.getsockname())
+                await transport.log.info(f"Running on https://{quic_at} (QUIC)")
             task_status.started(served[0][2])
             try:
                 async with trio.open_nursery() as accept_nursery:

@@ -30,7 +30,7 @@ import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import msgspec
@@ -56,6 +56,7 @@ from tracker.metrics import Metrics
 __all__ = [
     "Connection",
     "ConnectionGate",
+    "Gated",
     "SecureH2Protocol",
     "SecureH11Protocol",
     "TransportConfig",
@@ -131,15 +132,26 @@ class WriteAborts:
             scope.deadline = deadline
 
 
+class Gated(Protocol):
+    """What the gate needs of a connection: a TCP :class:`Connection` or a QUIC one."""
+
+    @property
+    def evictable(self) -> bool:
+        """No request in flight: may be closed to make room."""
+
+    def evict(self) -> None:
+        """Close it to make room for another."""
+
+
 class ConnectionGate:
     """Keeps the open connections at or under ``limit``; see the module docstring."""
 
     def __init__(self, limit: int, metrics: Metrics) -> None:
         self.limit = limit
         self._metrics = metrics
-        self._open: dict[Connection, None] = {}  # in order of arrival
+        self._open: dict[Gated, None] = {}  # in order of arrival
 
-    def admit(self, connection: Connection) -> bool:
+    def admit(self, connection: Gated) -> bool:
         """Let ``connection`` in, closing an idle one for it if need be; False: refuse it."""
         if len(self._open) >= self.limit:
             victim = next((c for c in self._open if c.evictable), None)
@@ -151,7 +163,7 @@ class ConnectionGate:
         self._open[connection] = None
         return True
 
-    def release(self, connection: Connection) -> None:
+    def release(self, connection: Gated) -> None:
         """``connection`` has closed (idempotent)."""
         self._open.pop(connection, None)
 
