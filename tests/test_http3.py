@@ -200,7 +200,7 @@ async def test_a_client_that_grants_no_credit_is_conflated_bounded_and_reaped(
     server = await start_h3(start_server, tls, outbox_max_ticks=4, write_timeout_s=2.0)
     metrics, hub = server.tracker.metrics, server.tracker.hub
     feeds = 4
-    with trio.fail_after(12):
+    with trio.fail_after(30):
         async with (
             httpx.AsyncClient(base_url=server.url, verify=tls.trust, headers=INGEST_KEY) as http,
             trio.open_nursery() as nursery,
@@ -229,7 +229,7 @@ async def test_a_client_that_grants_no_credit_is_conflated_bounded_and_reaped(
                     await live.next_event()
                 assert metrics.h3_streams_reaped == feeds
                 assert metrics.bytes_sent > handed
-                with trio.fail_after(3):
+                with trio.fail_after(5):
                     while not all(r.reset for r in stalled):  # RESET_STREAM reached the client
                         await trio.sleep(0.05)
             nursery.cancel_scope.cancel()

@@ -344,13 +344,15 @@ class BoundedH3Protocol(H3Protocol):
         if stream_id not in self._ended:
             self._refuse(stream_id, ErrorCode.H3_NO_ERROR)  # answered before the body ended
         self._ended.discard(stream_id)
+        # Before any await: the app's task may be cancelled below (the app learns of the
+        # disconnect and stops its response); the connection's task then sends the reset.
+        self._owner.stream_ended()
         if tell_app:
             with trio.move_on_after(DISCONNECT_HANDOFF_S):
                 await stream.handle(StreamClosed(stream_id=stream_id))
         elif isinstance(stream, HTTPStream):
             stream.closed = True
         await self.send()
-        self._owner.stream_ended()
 
 
 class _QuicConnection:
@@ -383,10 +385,12 @@ class _QuicConnection:
         self._scope.cancel()
 
     def stream_ended(self) -> None:
-        """A request ended: the idle clock starts (closing at once when shutting down)."""
+        """A request ended: flush what it left, start the idle clock (or close if shutting
+        down); done by the connection's task, which this wakes."""
+        now = trio.current_time()
         if not self.busy:
-            self._idle_since = trio.current_time()
-            self._reschedule(self._idle_since)
+            self._idle_since = now
+        self._reschedule(now)
 
     def _reschedule(self, when: float) -> None:
         if self._wait is not None:
@@ -446,9 +450,11 @@ class _QuicConnection:
 
     async def send_all(self) -> None:
         """Send what aioquic has queued; an earlier timer wakes the connection's task."""
-        for data, address in self.quic.datagrams_to_send(now=trio.current_time()):
-            with contextlib.suppress(OSError):  # unreachable peer: QUIC's timers handle it
-                await self.server.socket.sendto(data, address)
+        # Shielded: aioquic counts these datagrams as sent; a UDP send does not wait long.
+        with trio.CancelScope(shield=True):
+            for data, address in self.quic.datagrams_to_send(now=trio.current_time()):
+                with contextlib.suppress(OSError):  # unreachable peer: QUIC's timers handle it
+                    await self.server.socket.sendto(data, address)
         timer = self.quic.get_timer()
         if timer is not None:
             self._reschedule(timer)
