@@ -136,6 +136,13 @@ def add_query(sections: Sections) -> None:
     parser.add_argument("--fleet-every-s", type=float, default=10.0, help="their ping interval")
     parser.add_argument("--load-vehicles", type=int, default=50_000, help="0: no ingest load")
     parser.add_argument("--load-connections", type=int, default=4)
+    parser.add_argument(
+        "--load-rate",
+        type=float,
+        default=150_000,
+        help="pings/s the load posts (the issue's sustained ingest target); 0: flat out, "
+        "as fast as the tracker acknowledges (beyond saturation)",
+    )
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.set_defaults(run=run_query)
 
@@ -223,7 +230,8 @@ async def _query_under_load(args: argparse.Namespace, path: str, now: float) -> 
         if args.load_vehicles:
             spawn = multiprocessing.get_context("spawn")  # its own process: not our CPU
             load = spawn.Process(
-                target=_post_load, args=(url, args.load_vehicles, args.load_connections)
+                target=_post_load,
+                args=(url, args.load_vehicles, args.load_connections, args.load_rate),
             )
             load.start()
         try:
@@ -231,38 +239,46 @@ async def _query_under_load(args: argparse.Namespace, path: str, now: float) -> 
                 await trio.sleep(args.warmup)
                 accepted_before = await _accepted(client)
                 load_started = time.perf_counter()
-                latencies = []
-                for _ in range(args.queries):  # what any request waits for, as a yardstick
-                    began = time.perf_counter()
-                    (await client.get("/healthz")).raise_for_status()
-                    latencies.append(time.perf_counter() - began)
-                figures.update(_percentiles("healthz", latencies))
                 day = {"from": f"{now - DAY_S:.3f}", "to": f"{now + 1:.3f}"}
-                for fmt in ("msgpack", "json"):
-                    latencies, count = [], 0
-                    for _ in range(args.queries):
+                latencies: dict[str, list[float]] = {"healthz": [], "msgpack": [], "json": []}
+                sizes = {}
+                for _ in range(args.queries):
+                    # Interleaved, so that each sees the same load: /healthz is what any
+                    # request waits for the loop (the yardstick), the tracks what they add.
+                    for name in latencies:
+                        path = "/healthz" if name == "healthz" else f"/vehicles/{QUERY_TRUCK}/track"
+                        params = {} if name == "healthz" else {**day, "format": name}
                         began = time.perf_counter()
-                        response = await client.get(
-                            f"/vehicles/{QUERY_TRUCK}/track", params={**day, "format": fmt}
-                        )
-                        latencies.append(time.perf_counter() - began)
+                        response = await client.get(path, params=params)
+                        latencies[name].append(time.perf_counter() - began)
                         response.raise_for_status()
-                        count = int(response.headers.get("content-length", 0))
-                    figures.update(_percentiles(f"track_day_{fmt}", latencies))
-                    figures[f"track_day_{fmt}_bytes"] = count
+                        sizes[name] = len(response.content)
+                figures.update(_percentiles("healthz", latencies["healthz"]))
+                for fmt in ("msgpack", "json"):
+                    figures.update(_percentiles(f"track_day_{fmt}", latencies[fmt]))
+                    figures[f"track_day_{fmt}_bytes"] = sizes[fmt]
                 hour = {"from": f"{now - 2 * 3600:.3f}", "to": f"{now - 3600:.3f}"}
                 bbox = f"{CITY[1] - 0.05},{CITY[0] - 0.03},{CITY[1] + 0.05},{CITY[0] + 0.03}"
-                latencies, positions, pages = [], 0, 0
+                area_latencies, positions, pages = [], 0, 0
                 for _ in range(args.area_queries):
                     began = time.perf_counter()
                     positions, pages = await _all_pages(client, {**hour, "bbox": bbox})
-                    latencies.append(time.perf_counter() - began)
-                figures.update(_percentiles("area_hour", latencies))
+                    area_latencies.append(time.perf_counter() - began)
+                figures.update(_percentiles("area_hour", area_latencies))
                 figures["area_hour_positions"] = positions
                 figures["area_hour_pages"] = pages
                 elapsed = time.perf_counter() - load_started
                 accepted = await _accepted(client) - accepted_before
                 figures["ingest_pings_per_s_meanwhile"] = round(accepted / elapsed)
+                figures["longest_tick_ms"] = round(
+                    1000 * await metric(client, "tracker_tick_duration_max_seconds")
+                )
+                figures["history_compacted_positions"] = await metric(
+                    client, "tracker_history_compacted_positions_total"
+                )
+                figures["history_refused_pings"] = await metric(
+                    client, "tracker_history_refused_pings_total"
+                )
         finally:
             if load is not None:
                 load.terminate()
@@ -299,13 +315,108 @@ def _percentiles(name: str, latencies: list[float]) -> Figures:
     }
 
 
-def _post_load(url: str, vehicles: int, connections: int) -> None:
-    """The ingest load, in its own process: bench.ingest's rounds, posted flat out."""
+def _post_load(url: str, vehicles: int, connections: int, rate: float) -> None:
+    """The ingest load, in its own process: bench.ingest's rounds (every vehicle once),
+    one every ``vehicles / rate`` seconds, or back to back with ``rate`` 0."""
     maker = bench_ingest.BodyMaker(vehicles, batch=5000)
-    trio.run(bench_ingest.post_rounds, url, maker, connections, math.inf, bench_ingest.Counts())
+    counts = bench_ingest.Counts()
+    if not rate:
+        trio.run(bench_ingest.post_rounds, url, maker, connections, math.inf, counts)
+    else:
+        trio.run(_post_paced, url, maker, connections, vehicles / rate, counts)
+
+
+async def _post_paced(
+    url: str,
+    maker: bench_ingest.BodyMaker,
+    connections: int,
+    period_s: float,
+    counts: bench_ingest.Counts,
+) -> None:
+    """A round every ``period_s`` (a late round starts at once, without catching up)."""
+    async with httpx.AsyncClient(
+        base_url=url, timeout=30, limits=httpx.Limits(max_connections=connections)
+    ) as client:
+        next_at = trio.current_time()
+        while True:
+            bodies = maker.round()
+            async with trio.open_nursery() as round_nursery:
+                for number in range(connections):
+                    round_nursery.start_soon(
+                        bench_ingest.post_all, client, bodies[number::connections], counts
+                    )
+            next_at = max(next_at + period_s, trio.current_time() - period_s)
+            await trio.sleep_until(next_at)
 
 
 SECTIONS.append(add_query)
+
+
+# --- replay: a stored hour played through the feed (issue 15) -------------------------------
+
+
+def add_replay(sections: Sections) -> None:
+    parser = sections.add_parser(
+        "replay",
+        help="an hour of a fleet replayed through GET /feed?...&from=&speed=",
+        description="""A store is filled with a city fleet's hour (--fleet vehicles, one ping
+every --fleet-every-s seconds, ending an hour ago) and compacted, then served by a
+tracker (no other load). The bench follows GET /feed over the city centre with
+from= and to= that hour at --speed, reading every event until `end`: time to the
+snapshot, wall time of the whole replay, events, bytes and history seconds played per
+wall second (the ideal is --speed).""",
+    )
+    parser.add_argument("--fleet", type=int, default=2000)
+    parser.add_argument("--fleet-every-s", type=float, default=10.0)
+    parser.add_argument("--speed", type=float, default=1000.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.set_defaults(run=run_replay)
+
+
+def run_replay(args: argparse.Namespace) -> Figures:
+    with tempfile.TemporaryDirectory(prefix="bench-history-") as directory:
+        path = f"{directory}/history.sqlite3"
+        now = time.time()
+        figures = _fill_store(path, now, args.fleet, args.fleet_every_s)
+        figures.update(trio.run(_replays, args, path, now))
+    return figures
+
+
+async def _replays(args: argparse.Namespace, path: str, now: float) -> Figures:
+    start, end = now - 2 * 3600, now - 3600
+    bbox = f"{CITY[1] - 0.05},{CITY[0] - 0.03},{CITY[1] + 0.05},{CITY[0] + 0.03}"
+    query = {"bbox": bbox, "from": f"{start:.3f}", "to": f"{end:.3f}", "speed": f"{args.speed:g}"}
+    firsts, walls, events, received = [], [], 0, 0
+    async with trio.open_nursery() as bench_nursery:
+        _, url = await start_tracker(bench_nursery, "--history", path)
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            for _ in range(args.runs):
+                began = time.perf_counter()
+                first, events, received = None, 0, 0
+                async with client.stream("GET", "/feed", params=query) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        received += len(line) + 1
+                        if line.startswith("event:"):
+                            events += 1
+                            first = first or time.perf_counter() - began
+                            if line.split(":", 1)[1].strip() == "end":
+                                break
+                walls.append(time.perf_counter() - began)
+                firsts.append(first or math.nan)
+        bench_nursery.cancel_scope.cancel()
+    wall = float(np.median(walls))
+    return {
+        "replay_speed": args.speed,
+        "replay_snapshot_ms_median": round(float(np.median(firsts)) * 1000, 1),
+        "replay_wall_s_median": round(wall, 2),
+        "replay_history_s_per_wall_s": round((end - start) / wall, 1),
+        "replay_events": events,
+        "replay_bytes": received,
+    }
+
+
+SECTIONS.append(add_replay)
 
 
 if __name__ == "__main__":

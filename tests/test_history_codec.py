@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracker.history import codec
+from tracker.history import codec, layout
 from tracker.history.codec import Positions
 from tracker.pings import Ping
 
@@ -232,3 +232,85 @@ def test_encode_decode_property(
     positions = Positions.from_columns(*columns[:6])
     positions = Positions(*positions[:-1], np.array(columns[6], dtype=np.uint64))
     assert_same(roundtrip(positions), quantised(positions))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.floats(-1e9, 1e9, allow_nan=False),
+            finite_lat,
+            finite_lon,
+            maybe,
+            st.one_of(st.just(NAN), st.floats(0, 360, allow_nan=False)),
+            st.integers(0, 2**64 - 1),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    st.lists(st.integers(1, 59), max_size=5),
+)
+def test_encode_groups_makes_the_blobs_encode_makes(
+    rows: list[tuple[int, float, float, float, float, float, int]], cuts: list[int]
+) -> None:
+    """One pass over many one-vehicle groups: byte for byte what encode() makes of each."""
+    columns = list(zip(*rows, strict=True))
+    positions = Positions.from_columns(*columns[:6])
+    positions = Positions(*positions[:-1], np.array(columns[6], dtype=np.uint64)).sorted()
+    vehicle_changes = np.flatnonzero(positions.vehicle[1:] != positions.vehicle[:-1]) + 1
+    inside = [cut for cut in cuts if cut < len(positions)]
+    starts = np.union1d(np.concatenate(([0], vehicle_changes)), inside).astype(np.intp)
+    ends = [*starts[1:].tolist(), len(positions)]
+    expected = [
+        codec.encode(positions.take(slice(lo, hi)))
+        for lo, hi in zip(starts.tolist(), ends, strict=True)
+    ]
+    assert codec.encode_groups(positions, starts) == expected
+
+
+def test_segments_are_the_groups_of_a_compaction_encoded_one_by_one() -> None:
+    raw = [
+        Positions.from_columns(
+            [2, 1, 1, 2],
+            [7300.0, 3599.0, 3600.5, 10.0],
+            [52.5, 52.6, 48.1, 52.5],
+            [13.4] * 4,
+            [1.0, NAN, 2.0, 3.0],
+            [NAN, 4.0, 5.0, 6.0],
+        ),
+        Positions.from_columns([1], [3601.0], [52.7], [13.5], [NAN], [NAN]),
+    ]
+    got = layout.segments(raw, 7)
+    merged = Positions.concat(raw).sorted().with_cells(7)
+    want_blobs = [codec.encode(part) for _, _, part in merged.groups(layout.BUCKET_S)]
+    assert [chunk.blob for chunk in got] == want_blobs
+    assert layout.seal([codec.decode(chunk.blob) for chunk in reversed(got)]) == got
+    assert [(c.vehicle, c.bucket, c.size) for c in got] == [
+        (1, 0, 1),
+        (1, 1, 2),
+        (2, 0, 1),
+        (2, 2, 1),
+    ]
+    assert layout.segments([], 7) == []
+
+
+def test_decode_many_is_decode_of_each() -> None:
+    rng = np.random.default_rng(7)
+    parts = []
+    for n in (0, 1, 5, 300, 0, 2000):
+        positions = Positions.from_columns(
+            np.sort(rng.integers(0, 5, n)),
+            np.sort(rng.uniform(1e9, 2e9, n)),
+            rng.uniform(-90, 90, n),
+            rng.uniform(-180, 180, n),
+            np.where(rng.random(n) < 0.5, NAN, rng.uniform(0, 1e5, n)),
+            np.where(rng.random(n) < 0.5, NAN, rng.uniform(0, 360, n)),
+        )
+        parts.append(Positions(*positions[:-1], rng.integers(0, 2**63, n).astype(np.uint64)))
+    blobs = [codec.encode(part) for part in parts]
+    for got, part in zip(codec.decode_many(blobs), parts, strict=True):
+        assert_same(got, quantised(part))
+    assert codec.decode_many([]) == []
+    with pytest.raises(ValueError, match="damaged"):
+        codec.decode_many([*blobs[:2], blobs[2][:-3]])

@@ -17,7 +17,9 @@ import pytest
 
 from tests.postgres_server import PostgresServer
 from tests.test_history_store import FOREVER, MUNICH, T0, assert_track_is, drive
-from tracker.history.postgres import VERSION, PostgresStore
+from tracker.history import codec, layout
+from tracker.history.codec import Positions
+from tracker.history.postgres import MIGRATIONS, VERSION, PostgresStore
 from tracker.history.store import StoreError
 
 PASSWORD = "s3cret-pw"
@@ -245,3 +247,35 @@ def test_the_urls_options_are_kept_so_a_schema_can_hold_the_tables(postgres: str
     assert row is not None and row[0] >= 5
     assert len(store.track("van", T0, FOREVER, limit=100)) == 10
     store.close()
+
+
+def test_a_version_1_database_reads_the_same_once_migrated(postgres: str) -> None:
+    """Tables of the first layout (versions in history_schema) keep every position."""
+    hour0 = drive("van", T0, 100)
+    hour1 = drive("van", T0 + 3600, 50)
+    chunk = layout.segments([Positions.from_pings(hour0, [1] * 100).with_cells(7)], 7)[0]
+    raw = Positions.from_pings(hour1, [1] * 50).sorted()
+    with psycopg.connect(postgres, autocommit=True) as connection:
+        for statement in MIGRATIONS[0]:
+            connection.execute(statement)
+        connection.execute("CREATE TABLE history_schema (version integer PRIMARY KEY)")
+        connection.execute("INSERT INTO history_schema VALUES (1)")
+        connection.execute("INSERT INTO history_meta VALUES ('resolution', '7')")
+        connection.execute("INSERT INTO history_vehicles (id, name) VALUES (1, 'van')")
+        connection.execute(
+            "INSERT INTO history_chunks VALUES (1, %s, %s, %s, %s, %s, %s)",
+            (chunk.bucket, chunk.t0_ms, chunk.t1_ms, chunk.size, chunk.cells, chunk.blob),
+        )
+        connection.execute(
+            "INSERT INTO history_raw (t0, t1, size, data) VALUES (%s, %s, 50, %s)",
+            (layout.ms(T0 + 3600), layout.ms(T0 + 3649), codec.encode(raw)),
+        )
+    store = PostgresStore(postgres)
+    store.migrate()
+    try:
+        assert store.stats().positions == 150
+        assert_track_is(store.track("van", T0, FOREVER, limit=1000), hour0 + hour1)
+        assert store.compact(FOREVER) == 50
+        assert_track_is(store.track("van", T0, FOREVER, limit=1000), hour0 + hour1)
+    finally:
+        store.close()

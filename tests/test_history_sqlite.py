@@ -20,8 +20,11 @@ import h3.api.basic_int as h3i
 import numpy as np
 import pytest
 
+from tracker.database import SqliteDatabase
+from tracker.history import codec, layout
+from tracker.history.codec import Positions
 from tracker.history.postgres import PostgresStore
-from tracker.history.sqlite import VERSION, SqliteStore
+from tracker.history.sqlite import MIGRATIONS, VERSION, SqliteStore
 from tracker.history.store import StoreError, open_store
 from tracker.pings import Ping
 
@@ -270,3 +273,49 @@ def test_open_store_refuses_other_targets_without_showing_passwords(target: str)
     with pytest.raises(ValueError, match="neither postgresql") as raised:
         open_store(target)
     assert "secret" not in str(raised.value)
+
+
+def test_a_version_1_file_reads_the_same_once_migrated(path: Path) -> None:
+    """A file of the first layout (one raw row per commit, one chunk row per vehicle and
+    hour, versions in schema_version) keeps every position through the migration."""
+    hour0, hour1 = pings("van", T0, 100), pings("van", T0 + 3600, 50)
+    os.makedirs(path.parent)
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER, applied_at REAL)")
+        connection.execute("INSERT INTO schema_version VALUES (1, 0)")
+    database = SqliteDatabase(path)
+    with database.write() as c:
+        for statement in MIGRATIONS[0]:  # version 1 as the first tracker made it
+            c.execute(statement)
+        c.execute("INSERT INTO meta VALUES ('resolution', '7')")
+        c.execute("INSERT INTO vehicles VALUES (1, 'van')")
+        chunk = layout.segments([Positions.from_pings(hour0, [1] * 100).with_cells(7)], 7)[0]
+        cells = np.array(chunk.cells, np.int64).tobytes()
+        c.execute(
+            "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (1, chunk.bucket, chunk.t0_ms, chunk.t1_ms, chunk.size, cells, chunk.blob),
+        )
+        c.executemany(
+            "INSERT INTO chunk_cells VALUES (?, ?, 1)",
+            ((cell, chunk.bucket) for cell in chunk.cells),
+        )
+        raw = Positions.from_pings(hour1, [1] * 50).sorted()
+        c.execute(
+            "INSERT INTO raw (t0, t1, size, data) VALUES (?, ?, ?, ?)",
+            (layout.ms(T0 + 3600), layout.ms(T0 + 3649), 50, codec.encode(raw)),
+        )
+    database.close()
+    migrated = SqliteStore(path)
+    migrated.migrate()
+    assert migrated.stats().positions == 150
+    assert len(migrated.track("van", T0, FOREVER, limit=1000)) == 150
+    migrated.append(pings("van", T0 + 3650, 10))
+    assert migrated.compact(FOREVER) == 60
+    track = migrated.track("van", T0, FOREVER, limit=1000)
+    np.testing.assert_allclose(
+        track.ts, [p.ts for p in hour0 + hour1] + [T0 + 3650 + i for i in range(10)]
+    )
+    assert migrated.stats().positions == 160
+    with migrated._database.snapshot() as connection:
+        assert connection.execute("SELECT count(*) FROM chunks").fetchone() == (2,)  # sealed
+    migrated.close()

@@ -12,12 +12,13 @@ import math
 from collections.abc import Iterator
 
 import h3.api.basic_int as h3i
+import msgspec
 import numpy as np
 import pytest
 
 from tracker.history.postgres import PostgresStore
 from tracker.history.sqlite import SqliteStore
-from tracker.history.store import HistoryStore, Track
+from tracker.history.store import HistoryStore, RejectedPings, Track
 from tracker.pings import Ping
 
 T0 = 1_764_000_000.0
@@ -224,7 +225,9 @@ def test_expire_deletes_in_small_steps_only_what_is_entirely_older(store: Histor
     while removed := store.expire(T0 + 4 * HOUR, limit=2):
         assert removed <= 2
         steps.append(removed)
-    assert sum(steps) == 6 + 1, "six chunks of hours 0-2, the raw batch of hour 3"
+    # Six chunks of hours 0-2; hour 3's raw batches, one per vehicle shard (van and bus
+    # are numbered 1 and 2: two shards).
+    assert sum(steps) == 6 + 2
     track = store.track("van", 0, FOREVER, limit=1000)
     assert_track_is(track, drive("van", T0 + 4 * HOUR, 10))
     assert store.stats().positions == 20
@@ -245,3 +248,88 @@ def test_migrate_twice_changes_nothing(store: HistoryStore) -> None:
     store.append(drive("van", T0, 10))
     store.migrate()
     assert len(store.track("van", T0, FOREVER, limit=100)) == 10
+
+
+def test_compaction_appends_segments_and_seals_a_bucket_once_it_is_over(
+    store: HistoryStore,
+) -> None:
+    """Each compaction appends its positions to the chunk as a segment (a late ping too);
+    once the hour is over its segments are merged into one, and nothing moves or doubles."""
+    van = drive("van", T0, 3000)
+    for minute in range(0, 3000, 600):
+        store.append(van[minute : minute + 600])
+        store.compact(T0 + minute + 600)
+        assert_track_is(store.track("van", T0, FOREVER, limit=10_000), van[: minute + 600])
+    late = drive("van", T0 + 0.5, 1, origin=(52.0, 13.0))
+    store.append(late)
+    store.compact(T0 + HOUR - 1)  # the hour is not over: still segments
+    assert segments(store, "van") == 6
+    store.compact(T0 + HOUR)
+    assert segments(store, "van") == 1
+    expected = sorted(van + late, key=lambda ping: ping.ts)
+    assert_track_is(store.track("van", T0, FOREVER, limit=10_000), expected)
+    found = whole_area(store, cells_around(52.0, 13.0, rings=1), limit=100)
+    assert_track_is(found["van"], late)
+    assert store.stats().positions == 3001
+
+
+def segments(store: HistoryStore, vehicle_id: str) -> int:
+    """How many segments the store keeps for ``vehicle_id``'s chunks."""
+    if isinstance(store, SqliteStore):
+        with store._database.snapshot() as connection:
+            (count,) = connection.execute(
+                "SELECT count(*) FROM chunks JOIN vehicles ON id = vehicle WHERE name = ?",
+                (vehicle_id,),
+            ).fetchone()
+    else:
+        assert isinstance(store, PostgresStore)
+        with store._database.snapshot() as connection:
+            row = connection.execute(
+                """SELECT count(*) FROM history_chunks JOIN history_vehicles ON id = vehicle
+                   WHERE name = %s""",
+                (vehicle_id,),
+            ).fetchone()
+            assert row is not None
+            (count,) = row
+    return int(count)
+
+
+def test_compact_and_expire_take_infinity_for_everything(store: HistoryStore) -> None:
+    store.append(drive("van", T0, 100))
+    assert store.compact(math.inf) == 100
+    assert store.compact(-math.inf) == 0
+    assert segments(store, "van") == 1
+    assert store.expire(-math.inf, limit=10) == 0
+    assert store.expire(math.inf, limit=10) == 1
+    assert store.stats().positions == 0
+    with pytest.raises(ValueError, match="NaN"):
+        store.compact(math.nan)
+
+
+def test_a_track_reads_only_its_vehicles_shard_of_raw_batches(store: HistoryStore) -> None:
+    """Raw batches are cut by vehicle shard: every vehicle of a fleet reads back its own."""
+    fleet = {f"v{n}": drive(f"v{n}", T0, 30, origin=(52.0 + n / 100, 13.0)) for n in range(150)}
+    for second in range(30):
+        store.append([pings[second] for pings in fleet.values()])
+    for name in ("v0", "v63", "v64", "v149"):
+        assert_track_is(store.track(name, T0, FOREVER, limit=100), fleet[name])
+    assert store.stats().positions == 150 * 30
+
+
+def test_pings_it_cannot_keep_are_refused_for_good_and_kept_aside(store: HistoryStore) -> None:
+    bad = [Ping(vehicle_id="van", lat=91.0, lon=13.0, ts=T0)]  # past the pole: no encoding
+    with pytest.raises(RejectedPings, match="cannot keep"):
+        store.append(drive("van", T0, 5) + bad)
+    assert store.stats().positions == 0  # nothing of the refused commit
+    store.reject(bad, "lat 91.0 is not within +-90")
+    if isinstance(store, SqliteStore):
+        with store._database.snapshot() as connection:
+            rows = connection.execute("SELECT reason, pings FROM rejected").fetchall()
+    else:
+        assert isinstance(store, PostgresStore)
+        with store._database.snapshot() as connection:
+            rows = connection.execute("SELECT reason, pings FROM history_rejected").fetchall()
+    ((reason, blob),) = rows
+    assert "91.0" in reason
+    assert msgspec.msgpack.decode(bytes(blob), type=list[Ping]) == bad
+    store.append(drive("van", T0, 5))  # the store goes on

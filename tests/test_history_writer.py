@@ -17,7 +17,7 @@ import trio.testing
 from tracker.config import TrackerConfig
 from tracker.errors import ServiceBusy
 from tracker.history import writer
-from tracker.history.store import AreaPage, StoreError, StoreStats, Track
+from tracker.history.store import AreaPage, RejectedPings, StoreError, StoreStats, Track
 from tracker.history.writer import EXPIRE_STEP, FLUSH_TIMEOUT_S, QUERY_TIMEOUT_S, History
 from tracker.metrics import Metrics
 from tracker.pings import Ping
@@ -32,6 +32,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.commits: list[list[Ping]] = []
+        self.rejected: list[tuple[list[Ping], str]] = []
+        self.poison: set[str] = set()  # vehicle ids append() refuses for what they are
         self.failing = False
         self.compacted: list[float] = []
         self.expiring: list[int] = []  # what expire() returns, call by call
@@ -47,7 +49,12 @@ class MemoryStore:
     def append(self, pings: Sequence[Ping]) -> None:
         if self.failing:
             raise StoreError("disk full")
+        if any(ping.vehicle_id in self.poison for ping in pings):
+            raise RejectedPings("cannot keep these pings: poison")
         self.commits.append(list(pings))
+
+    def reject(self, pings: Sequence[Ping], reason: str) -> None:
+        self.rejected.append((list(pings), reason))
 
     def compact(self, before: float) -> int:
         self.compacting.wait(timeout=30)
@@ -284,3 +291,31 @@ async def test_a_store_that_cannot_be_opened_fails_run() -> None:
     history = History(TrackerConfig(history="x.sqlite3"), Metrics(), broken)
     with pytest.raises(StoreError, match="newer"):
         await history.run()
+
+
+async def test_a_batch_the_store_refuses_is_kept_aside_and_blocks_nothing(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit refused for its content (RejectedPings) is not retried forever: its
+    batches are committed apart, the refused one in halves, down to REJECT_GRAIN pings
+    kept aside by the store (counted and logged), and later commits go on."""
+    store = MemoryStore()
+    store.poison = {"v150"}
+    history = make_history(store, history_commit_s=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(history.run)
+        history.record(pings(100))
+        history.record(pings(200, first=100))  # v150 is in here
+        history.record(pings(50, first=300))
+        await trio.sleep(1.5)
+        assert history.queued == 0 and not history.failing
+        history.record(pings(10, first=350))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    ((refused, reason),) = store.rejected
+    assert "v150" in {ping.vehicle_id for ping in refused} and "poison" in reason
+    assert len(refused) <= writer.REJECT_GRAIN
+    assert sorted(store.stored + refused, key=lambda p: p.ts) == pings(360)
+    assert history._metrics.history_rejected_pings == len(refused)
+    assert history._metrics.history_store_errors == 0
+    assert any("kept aside" in record.getMessage() for record in caplog.records)

@@ -192,6 +192,9 @@ class Metrics:
         "History store calls that failed (commits are retried; nothing queued is dropped)."
     )
     history_compacted_positions: int = _counter("Positions regrouped into track chunks.")
+    history_rejected_pings: int = _counter(
+        "Accepted pings the history store refused to keep (kept aside in its rejected table)."
+    )
     history_expired: int = _counter("Chunks and batches deleted for being past retention.")
     zone_events: int = _counter("Zone events decided (enter, exit, dwell, cross).")
     tick_seconds_max: float = 0.0

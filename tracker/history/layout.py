@@ -1,13 +1,17 @@
 """The two-level layout's logic that no database is part of, shared by every store.
 
-A store keeps *raw batches* (every ping of one commit, many vehicles, one blob) and
-*track chunks* (one vehicle, one :data:`BUCKET_S` time bucket, one blob plus the H3
+A store keeps *raw batches* (the pings of one commit whose vehicles fall in one of
+:data:`RAW_SHARDS` shards, one blob) and *track chunks* (one vehicle, one
+:data:`BUCKET_S` time bucket, kept as one or more *segments*, each a blob plus the H3
 cells it touched); ``docs/history.md`` says why. What a store does with its database is
 its own; what it does with the positions is here, once:
 
-* compaction: :func:`chunk_groups` cuts decoded raw batches into per-vehicle, per-bucket
-  groups with their cells, and :func:`merge_chunk` merges one group into the chunk already
-  kept for that vehicle and bucket (if any) and encodes it as a :class:`Chunk`;
+* appending: :func:`raw_shards` cuts a commit's positions by vehicle shard, so that a
+  track reads only its vehicle's shard of what is not compacted yet;
+* compaction: :func:`segments` cuts decoded raw batches into per-vehicle, per-bucket
+  segments with their cells, each appended to its chunk (the kept segments are not
+  read, let alone encoded again); once a bucket is over, :func:`seal` merges its
+  segments into one;
 * queries: :func:`chunks_to_read` says how few of a vehicle's chunks a limited track query
   needs (:func:`area_matches` counts towards a full area page), :func:`track_of` and
   :func:`area_page` select, order and cut positions into what
@@ -24,32 +28,47 @@ import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from tracker.history import codec
 from tracker.history.codec import Positions
-from tracker.history.store import AreaPage, StoreError, Track
+from tracker.history.store import AreaPage, RejectedPings, StoreError, Track
+from tracker.pings import Ping
 
 __all__ = [
     "BUCKET_S",
+    "RAW_SHARDS",
     "Chunk",
     "ChunkSpan",
     "area_matches",
     "area_page",
+    "bucket_before",
     "buckets",
-    "chunk_groups",
     "chunks_to_read",
+    "clamp_time",
     "decode_blobs",
-    "merge_chunk",
     "ms",
     "ms_range",
+    "raw_rows",
+    "raw_shards",
+    "rejected_blob",
+    "seal",
+    "segments",
     "track_of",
 ]
 
 BUCKET_S = 3600.0
 """A track chunk holds one vehicle's positions of one hour: a day's track is 24 chunks,
 and a chunk of a vehicle pinging every second (3,600 positions) compresses to ~10 KB."""
+
+
+RAW_SHARDS = 64
+"""Raw batches are cut by ``vehicle % RAW_SHARDS`` (fixed per store when it is created):
+a track reads one shard of the raw level, 1/64 of it, while a commit of a large fleet
+still writes a few blobs of thousands of pings each (encoding a blob has a fixed cost of
+about 0.1 ms)."""
 
 
 class Chunk(NamedTuple):
@@ -90,7 +109,7 @@ def ms(seconds: float) -> int:
 def decode_blobs(blobs: list[bytes], where: str) -> list[Positions]:
     """Every blob decoded; a damaged one is a StoreError naming ``where`` it was kept."""
     try:
-        return [codec.decode(blob) for blob in blobs]
+        return codec.decode_many(blobs)
     except ValueError as error:
         raise StoreError(f"{where} holds a damaged blob: {error}") from error
 
@@ -101,28 +120,103 @@ def ms_range(start: float, end: float) -> tuple[int, int]:
     return math.floor(start * codec.TS_PER_S), math.ceil(end * codec.TS_PER_S) + 1
 
 
-def chunk_groups(raw: Sequence[Positions], resolution: int) -> Iterator[tuple[int, int, Positions]]:
-    """``(vehicle, bucket, positions)`` of the decoded raw batches ``raw``, each group in
-    time order with its cells at ``resolution``."""
-    return Positions.concat(raw).sorted().with_cells(resolution).groups(BUCKET_S)
+def clamp_time(seconds: float) -> float:
+    """``seconds`` within the times a store can keep (:data:`codec.TS_MAX_S` either way),
+    so that ``compact(inf)`` or ``expire(inf)`` mean "everything"; NaN is a ValueError."""
+    if math.isnan(seconds):
+        raise ValueError("a time is NaN")
+    return min(max(seconds, -codec.TS_MAX_S), codec.TS_MAX_S)
 
 
-def merge_chunk(vehicle: int, bucket: int, new: Positions, old: bytes | None) -> Chunk:
-    """The chunk of ``vehicle`` and ``bucket`` with ``new`` positions added to ``old``
-    (the blob kept so far, if any), in time order (kept ones first among equal times)."""
-    if old is not None:
-        new = Positions.concat([codec.decode(old), new])
-        new = new.take(np.argsort(new.ts, kind="stable"))
-    ts_ms = np.round(new.ts * codec.TS_PER_S).astype(np.int64)
-    return Chunk(
-        vehicle,
-        bucket,
-        int(ts_ms[0]),
-        int(ts_ms[-1]),
-        len(new),
-        np.unique(new.cell).tolist(),
-        codec.encode(new),
-    )
+def bucket_before(seconds: float) -> int:
+    """The first bucket not entirely before ``seconds``: buckets below it are over."""
+    return math.floor(clamp_time(seconds) / BUCKET_S)
+
+
+def raw_shards(positions: Positions, shards: int) -> Iterator[tuple[int, Positions]]:
+    """``(shard, positions)`` of a :meth:`~Positions.sorted` set, by ``vehicle % shards``,
+    each in the order it had (by vehicle, then time)."""
+    shard = positions.vehicle % shards
+    order = np.argsort(shard, kind="stable")
+    positions, shard = positions.take(order), shard[order]
+    edges = np.flatnonzero(shard[1:] != shard[:-1]) + 1
+    bounds = [0, *edges.tolist(), len(positions)]
+    for lo, hi in itertools.pairwise(bounds):
+        if hi > lo:
+            yield int(shard[lo]), positions.take(slice(lo, hi))
+
+
+def raw_rows(
+    pings: Sequence[Ping], vehicles: Sequence[int], shards: int
+) -> list[tuple[int, int, int, int, bytes]]:
+    """A commit's ``pings`` (``vehicles``: the store's number of each) as raw batches,
+    one per vehicle shard: ``(shard, t0_ms, t1_ms, size, blob)``.
+
+    Raises :class:`RejectedPings` if they cannot be encoded (the store refuses them
+    whatever the moment: retrying would not help).
+    """
+    rows = []
+    try:
+        for shard, positions in raw_shards(Positions.from_pings(pings, vehicles).sorted(), shards):
+            t0, t1 = ms(float(positions.ts.min())), ms(float(positions.ts.max()))
+            rows.append((shard, t0, t1, len(positions), codec.encode(positions)))
+    except ValueError as error:
+        raise RejectedPings(f"cannot keep these pings: {error}") from error
+    return rows
+
+
+def rejected_blob(pings: Sequence[Ping]) -> bytes:
+    """Pings a store refused, as they came (msgpack, the ingest format), to keep aside."""
+    return msgspec.msgpack.encode(list(pings))
+
+
+def segments(raw: Sequence[Positions], resolution: int) -> list[Chunk]:
+    """The decoded raw batches ``raw`` as segments: one :class:`Chunk` per vehicle and
+    bucket, in time order, with its cells at ``resolution``, all encoded in one pass
+    (:func:`codec.encode_groups`)."""
+    return _chunks(Positions.concat(raw).sorted().with_cells(resolution))
+
+
+def seal(segments: Sequence[Positions]) -> list[Chunk]:
+    """Decoded segments of some chunks (in the order they were kept) as one sealed chunk
+    per vehicle and bucket, in time order (among equal times, in the order kept)."""
+    return _chunks(Positions.concat(segments).sorted())
+
+
+def _chunks(positions: Positions) -> list[Chunk]:
+    """``positions`` (sorted by vehicle and time, cells computed) as one :class:`Chunk`
+    per vehicle and bucket."""
+    n = len(positions)
+    if not n:
+        return []
+    bucket = np.floor(positions.ts / BUCKET_S).astype(np.int64)
+    vehicle = positions.vehicle
+    change = (vehicle[1:] != vehicle[:-1]) | (bucket[1:] != bucket[:-1])
+    starts = np.concatenate(([0], np.flatnonzero(change) + 1))
+    ends = np.append(starts[1:], n)
+    blobs = codec.encode_groups(positions, starts)
+    # Each group's distinct cells, ascending: sort (group, cell) pairs, keep the first of each.
+    group = np.repeat(np.arange(len(starts)), ends - starts)
+    order = np.lexsort((positions.cell, group))
+    sorted_group, sorted_cell = group[order], positions.cell[order]
+    first = np.ones(n, dtype=np.bool_)
+    first[1:] = (sorted_group[1:] != sorted_group[:-1]) | (sorted_cell[1:] != sorted_cell[:-1])
+    distinct_group, distinct_cell = sorted_group[first], sorted_cell[first]
+    cells = np.split(distinct_cell, np.flatnonzero(np.diff(distinct_group)) + 1)
+    ts_ms = np.round(positions.ts * codec.TS_PER_S).astype(np.int64)
+    return [
+        Chunk(v, b, t0, t1, size, group_cells.tolist(), blob)
+        for v, b, t0, t1, size, group_cells, blob in zip(
+            vehicle[starts].tolist(),
+            bucket[starts].tolist(),
+            ts_ms[starts].tolist(),
+            ts_ms[ends - 1].tolist(),
+            (ends - starts).tolist(),
+            cells,
+            blobs,
+            strict=True,
+        )
+    ]
 
 
 def chunks_to_read(spans: Sequence[ChunkSpan], start: float, end: float, limit: int) -> int:
@@ -154,11 +248,36 @@ def track_of(
 ) -> Track:
     """The first ``limit`` positions of the vehicle numbered ``vehicle`` in ``parts``
     (decoded chunks and raw batches of any vehicles) with ``start <= ts < end`` and
-    ``ts > after``, as the :class:`Track` of ``vehicle_id``."""
-    positions = Positions.concat(parts)
-    positions = _in_window(positions.take(positions.vehicle == vehicle), start, end, after)
-    positions = positions.take(np.argsort(positions.ts, kind="stable")[:limit])
-    return _track(vehicle_id, positions)
+    ``ts > after``, as the :class:`Track` of ``vehicle_id``.
+
+    Every blob a store keeps is ordered by vehicle, then time (raw batches are sorted
+    before they are encoded; a chunk is one vehicle's), so each part's rows for the
+    vehicle and the window are found by binary search and taken as slices (views, no
+    copy); only when the parts overlap in time (segments of a chunk, raw batches) is the
+    whole sorted again.
+    """
+    slices = [_vehicle_window(part, vehicle, start, end, after) for part in parts]
+    positions = Positions.concat([part for part in slices if len(part)])
+    if len(positions) > 1 and not bool(np.all(positions.ts[1:] >= positions.ts[:-1])):
+        positions = positions.take(np.argsort(positions.ts, kind="stable"))
+    return _track(vehicle_id, positions.take(slice(0, limit)))
+
+
+def _vehicle_window(
+    part: Positions, vehicle: int, start: float, end: float, after: float | None
+) -> Positions:
+    """The rows of ``vehicle`` with ``start <= ts < end`` (and ``ts > after``) of a part
+    ordered by vehicle, then time."""
+    if not len(part):
+        return part
+    if part.vehicle[0] != vehicle or part.vehicle[-1] != vehicle:
+        first, last = np.searchsorted(part.vehicle, [vehicle, vehicle + 1])
+        part = part.take(slice(int(first), int(last)))
+    lo = int(np.searchsorted(part.ts, start, "left"))
+    if after is not None:
+        lo = max(lo, int(np.searchsorted(part.ts, after, "right")))
+    hi = int(np.searchsorted(part.ts, end, "left"))
+    return part.take(slice(lo, max(lo, hi)))
 
 
 def area_matches(chunk: Positions, cells: npt.NDArray[np.uint64], start: float, end: float) -> int:

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Final
 
 import numpy as np
@@ -38,9 +40,8 @@ import psycopg
 from psycopg import sql
 
 from tracker.database import PG_TIMEOUT_S, Migrations, PostgresDatabase
-from tracker.history import codec, layout
-from tracker.history.codec import Positions
-from tracker.history.store import AreaPage, StoreError, StoreStats, Track
+from tracker.history import layout
+from tracker.history.store import AreaPage, StoreStats, Track
 from tracker.pings import Ping
 
 __all__ = ["PostgresStore"]
@@ -91,14 +92,40 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX history_chunks_cells ON history_chunks USING gin (cells)",
         "CREATE INDEX history_chunks_bucket ON history_chunks (bucket)",
     ),
+    (
+        # Raw batches cut by vehicle shard (layout.RAW_SHARDS): a track reads its
+        # vehicle's shard only. Batches kept before hold every shard: -1.
+        "ALTER TABLE history_raw ADD COLUMN shard integer NOT NULL DEFAULT -1",
+        "CREATE INDEX history_raw_shard ON history_raw (shard, t1)",
+        f"INSERT INTO history_meta VALUES ('raw_shards', '{layout.RAW_SHARDS}')",
+        # A chunk is one or more segments (seq > 0: appended by a compaction; 0: sealed).
+        "ALTER TABLE history_chunks ADD COLUMN seq bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE history_chunks DROP CONSTRAINT history_chunks_pkey",
+        "ALTER TABLE history_chunks ADD PRIMARY KEY (vehicle, bucket, seq)",
+        "CREATE INDEX history_chunks_unsealed ON history_chunks (bucket) WHERE seq > 0",
+        # Positions kept, counted as they come and go: stats() reads one row.
+        "CREATE TABLE history_counts (name text PRIMARY KEY, value bigint NOT NULL)",
+        """INSERT INTO history_counts VALUES ('positions',
+               (SELECT coalesce(sum(size), 0) FROM history_raw)
+             + (SELECT coalesce(sum(size), 0) FROM history_chunks))""",
+        # Pings the store refused to keep (it cannot encode them): kept as they came.
+        """CREATE TABLE history_rejected (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at double precision NOT NULL,
+            reason text NOT NULL,
+            pings bytea NOT NULL
+        )""",
+    ),
 )
 """Schema versions: ``MIGRATIONS[n]`` takes a database from version n to n + 1."""
 VERSION = len(MIGRATIONS)
 SCHEMA: Final = Migrations("history", MIGRATIONS, legacy_table="history_schema")
 """History's versions in ``schema_migrations`` (before: its own ``history_schema``)."""
 
-CHUNK_COLUMNS = ("vehicle", "bucket", "t0", "t1", "size", "cells", "data")
-CHUNK_TYPES = ("int4", "int4", "int8", "int8", "int4", "int8[]", "bytea")
+CHUNK_COLUMNS = ("vehicle", "bucket", "t0", "t1", "size", "cells", "data", "seq")
+CHUNK_TYPES = ("int4", "int4", "int8", "int8", "int4", "int8[]", "bytea", "int8")
+SEAL_STEP_CHUNKS = 500
+"""Chunks sealed per transaction (each decoded and encoded once: a few ms at most)."""
 
 
 class PostgresStore:
@@ -124,6 +151,7 @@ class PostgresStore:
         )
         self.url = url
         self.resolution = resolution
+        self.raw_shards = layout.RAW_SHARDS
         self.timeout_s = timeout_s
         self._where = self._database.where
         self._lock = threading.Lock()
@@ -139,51 +167,59 @@ class PostgresStore:
                    ON CONFLICT (key) DO NOTHING""",
                 (str(self.resolution),),
             )
-            row = connection.execute(
-                "SELECT value FROM history_meta WHERE key = 'resolution'"
-            ).fetchone()
-        assert row is not None
-        self.resolution = int(row[0])
+            meta = dict(connection.execute("SELECT key, value FROM history_meta").fetchall())
+        self.resolution = int(meta["resolution"])
+        self.raw_shards = int(meta["raw_shards"])
 
     def append(self, pings: Sequence[Ping]) -> None:
         if not pings:
             return
         numbers = self._numbers([ping.vehicle_id for ping in pings])
-        positions = Positions.from_pings(pings, numbers).sorted()
-        try:
-            blob = codec.encode(positions)
-        except ValueError as error:
-            raise StoreError(f"cannot keep these pings: {error}") from error
-        t0, t1 = (layout.ms(positions.ts.min()), layout.ms(positions.ts.max()))
+        rows = layout.raw_rows(pings, numbers, self.raw_shards)
+        with self._database.transaction() as connection:
+            with connection.cursor() as cursor:
+                cursor.executemany(
+                    """INSERT INTO history_raw (shard, t0, t1, size, data)
+                       VALUES (%s, %s, %s, %s, %s)""",
+                    rows,
+                )
+            self._count(connection, len(pings))
+
+    def reject(self, pings: Sequence[Ping], reason: str) -> None:
         with self._database.connection() as connection:
             connection.execute(
-                "INSERT INTO history_raw (t0, t1, size, data) VALUES (%s, %s, %s, %s)",
-                (t0, t1, len(positions), blob),
+                "INSERT INTO history_rejected (at, reason, pings) VALUES (%s, %s, %s)",
+                (time.time(), reason, layout.rejected_blob(pings)),
             )
 
     def compact(self, before: float) -> int:
+        before = layout.clamp_time(before)
         moved = 0
         while step := self._compact_step(before):
             moved += step
+        while self._seal_step(before):
+            pass
         return moved
 
     def expire(self, before: float, *, limit: int) -> int:
-        before_ms = layout.ms(before)
+        before_ms = layout.ms(layout.clamp_time(before))
         with self._database.transaction() as connection:
             chunks = connection.execute(
-                """DELETE FROM history_chunks WHERE (vehicle, bucket) IN (
-                       SELECT vehicle, bucket FROM history_chunks
-                       WHERE bucket < %s AND t1 < %s
-                       LIMIT %s FOR UPDATE SKIP LOCKED)""",
-                (int(before // layout.BUCKET_S) + 1, before_ms, limit),
-            ).rowcount
+                """DELETE FROM history_chunks WHERE (vehicle, bucket, seq) IN (
+                       SELECT vehicle, bucket, seq FROM history_chunks WHERE bucket < %s
+                       LIMIT %s FOR UPDATE SKIP LOCKED)
+                   RETURNING size""",
+                (layout.bucket_before(before), limit),
+            ).fetchall()
             batches = connection.execute(
                 """DELETE FROM history_raw WHERE id IN (
                        SELECT id FROM history_raw WHERE t1 < %s
-                       LIMIT %s FOR UPDATE SKIP LOCKED)""",
-                (before_ms, limit - chunks),
-            ).rowcount
-        return chunks + batches
+                       LIMIT %s FOR UPDATE SKIP LOCKED)
+                   RETURNING size""",
+                (before_ms, limit - len(chunks)),
+            ).fetchall()
+            self._count(connection, -sum(row[0] for row in chunks + batches))
+        return len(chunks) + len(batches)
 
     def track(
         self, vehicle_id: str, start: float, end: float, *, limit: int, after: float | None = None
@@ -197,9 +233,9 @@ class PostgresStore:
             spans = [
                 layout.ChunkSpan(*row)
                 for row in connection.execute(
-                    """SELECT bucket, t0, t1, size FROM history_chunks
+                    """SELECT bucket, min(t0), max(t1), sum(size) FROM history_chunks
                        WHERE vehicle = %s AND bucket BETWEEN %s AND %s AND t1 >= %s AND t0 < %s
-                       ORDER BY bucket""",
+                       GROUP BY bucket ORDER BY bucket""",
                     (vehicle, *layout.buckets(lo, end), lo_ms, hi_ms),
                 )
             ]
@@ -207,11 +243,17 @@ class PostgresStore:
             blobs = _column(
                 connection.execute(
                     """SELECT data FROM history_chunks
-                       WHERE vehicle = %s AND bucket = ANY(%s::int[])""",
+                       WHERE vehicle = %s AND bucket = ANY(%s::int[]) ORDER BY bucket, seq""",
                     (vehicle, needed),
                 )
             )
-            blobs += self._raw_blobs(connection, lo_ms, hi_ms)
+            blobs += _column(
+                connection.execute(
+                    """SELECT data FROM history_raw
+                       WHERE shard IN (-1, %s) AND t1 >= %s AND t0 < %s ORDER BY id""",
+                    (vehicle % self.raw_shards, lo_ms, hi_ms),
+                )
+            )
         return layout.track_of(
             vehicle_id,
             vehicle,
@@ -259,8 +301,7 @@ class PostgresStore:
         with self._database.connection() as connection:
             row = connection.execute(
                 """SELECT
-                       (SELECT coalesce(sum(size), 0) FROM history_raw)
-                     + (SELECT coalesce(sum(size), 0) FROM history_chunks),
+                       (SELECT value FROM history_counts WHERE name = 'positions'),
                        pg_total_relation_size('history_raw')
                      + pg_total_relation_size('history_chunks')
                      + pg_total_relation_size('history_vehicles')"""
@@ -274,18 +315,15 @@ class PostgresStore:
     # -- compaction ------------------------------------------------------------------
 
     def _compact_step(self, before: float) -> int:
-        """Merge up to :data:`COMPACT_STEP_POSITIONS` raw positions into chunks, in one
-        transaction; 0 when nothing is left, or when another instance is compacting."""
-        with self._database.transaction() as connection:
-            locked = connection.execute(
-                "SELECT pg_try_advisory_xact_lock(%s)", (COMPACTION_LOCK,)
-            ).fetchone()
-            if not locked or not locked[0]:
-                log.debug("another instance is compacting; skipping this turn")
+        """Append up to :data:`COMPACT_STEP_POSITIONS` raw positions to their chunks as new
+        segments, in one transaction; 0 when nothing is left, or when another instance
+        is compacting. Batches are taken shard by shard (see the SQLite store)."""
+        with self._compaction() as connection:
+            if connection is None:
                 return 0
             batches = connection.execute(
                 """SELECT id, size FROM history_raw WHERE t1 < %s
-                   ORDER BY id LIMIT %s FOR UPDATE""",
+                   ORDER BY shard, id LIMIT %s FOR UPDATE""",
                 (layout.ms(before), COMPACT_STEP_BATCHES),
             ).fetchall()
             if not batches:
@@ -299,43 +337,70 @@ class PostgresStore:
                     (ids,),
                 )
             )
-            groups = list(
-                layout.chunk_groups(layout.decode_blobs(blobs, self._where), self.resolution)
-            )
-            old = self._chunks_for_update(connection, [(v, b) for v, b, _ in groups])
-            chunks = [layout.merge_chunk(v, b, new, old.get((v, b))) for v, b, new in groups]
-            if old:
-                connection.execute(
-                    """DELETE FROM history_chunks WHERE (vehicle, bucket) IN (
-                           SELECT * FROM unnest(%s::int[], %s::int[]))""",
-                    ([v for v, _ in old], [b for _, b in old]),
-                )
-            self._copy_chunks(connection, chunks)
+            chunks = layout.segments(layout.decode_blobs(blobs, self._where), self.resolution)
+            self._copy_chunks(connection, chunks, max(ids))  # a raw id is never reused
             connection.execute("DELETE FROM history_raw WHERE id = ANY(%s::bigint[])", (ids,))
             return int(sizes[take - 1])
 
-    @staticmethod
-    def _chunks_for_update(
-        connection: psycopg.Connection[Any], keys: list[tuple[int, int]]
-    ) -> dict[tuple[int, int], bytes]:
-        rows = connection.execute(
-            """SELECT vehicle, bucket, data FROM history_chunks
-               WHERE (vehicle, bucket) IN (SELECT * FROM unnest(%s::int[], %s::int[]))
-               FOR UPDATE""",
-            ([v for v, _ in keys], [b for _, b in keys]),
-        )
-        return {(vehicle, bucket): bytes(data) for vehicle, bucket, data in rows}
+    def _seal_step(self, before: float) -> int:
+        """Merge the segments of up to :data:`SEAL_STEP_CHUNKS` chunks whose bucket is over
+        into one each; 0 when none is left (or another instance is compacting)."""
+        with self._compaction() as connection:
+            if connection is None:
+                return 0
+            keys = connection.execute(
+                """SELECT DISTINCT vehicle, bucket FROM history_chunks
+                   WHERE seq > 0 AND bucket < %s LIMIT %s""",
+                (layout.bucket_before(before), SEAL_STEP_CHUNKS),
+            ).fetchall()
+            if not keys:
+                return 0
+            vehicles, buckets = [v for v, _ in keys], [b for _, b in keys]
+            rows = connection.execute(
+                """DELETE FROM history_chunks WHERE (vehicle, bucket) IN (
+                       SELECT * FROM unnest(%s::int[], %s::int[]))
+                   RETURNING vehicle, bucket, seq, data""",
+                (vehicles, buckets),
+            ).fetchall()
+            rows.sort(key=lambda row: (row[0], row[1], row[2]))
+            chunks = layout.seal(layout.decode_blobs([bytes(row[3]) for row in rows], self._where))
+            self._copy_chunks(connection, chunks, 0)
+            return len(keys)
+
+    @contextmanager
+    def _compaction(self) -> Iterator[psycopg.Connection[Any] | None]:
+        """A transaction holding the compaction lock; None if another instance holds it
+        (two instances merging the same chunk at once would lose one side)."""
+        with self._database.transaction() as connection:
+            locked = connection.execute(
+                "SELECT pg_try_advisory_xact_lock(%s)", (COMPACTION_LOCK,)
+            ).fetchone()
+            if not locked or not locked[0]:
+                log.debug("another instance is compacting; skipping this turn")
+                yield None
+            else:
+                yield connection
 
     @staticmethod
-    def _copy_chunks(connection: psycopg.Connection[Any], chunks: list[layout.Chunk]) -> None:
-        """Write ``chunks`` with one binary COPY (a compaction writes thousands)."""
+    def _copy_chunks(
+        connection: psycopg.Connection[Any], chunks: list[layout.Chunk], seq: int
+    ) -> None:
+        """Write ``chunks`` as segments ``seq`` with one binary COPY (thousands a step)."""
         statement = sql.SQL("COPY history_chunks ({}) FROM STDIN (FORMAT BINARY)").format(
             sql.SQL(", ").join(map(sql.Identifier, CHUNK_COLUMNS))
         )
         with connection.cursor() as cursor, cursor.copy(statement) as copy:
             copy.set_types(list(CHUNK_TYPES))
             for chunk in chunks:
-                copy.write_row(chunk)
+                copy.write_row((*chunk, seq))
+
+    @staticmethod
+    def _count(connection: psycopg.Connection[Any], positions: int) -> None:
+        if positions:
+            connection.execute(
+                "UPDATE history_counts SET value = value + %s WHERE name = 'positions'",
+                (positions,),
+            )
 
     # -- vehicles --------------------------------------------------------------------
 

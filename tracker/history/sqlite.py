@@ -29,14 +29,14 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 import numpy as np
 
 from tracker.database import Migrations, SqliteDatabase
-from tracker.history import codec, layout
-from tracker.history.codec import Positions
+from tracker.history import layout
 from tracker.history.store import AreaPage, StoreError, StoreStats, Track
 from tracker.pings import Ping
 
@@ -45,6 +45,8 @@ __all__ = ["SqliteStore"]
 COMPACT_STEP_POSITIONS: Final = 200_000
 """Raw positions merged per compaction transaction: short locks, bounded memory."""
 COMPACT_STEP_BATCHES: Final = 1_000
+SEAL_STEP_CHUNKS: Final = 500
+"""Chunks sealed per transaction (each decoded and encoded once: a few ms at most)."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -78,6 +80,45 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (cell, bucket, vehicle)
         ) WITHOUT ROWID""",
     ),
+    (
+        # Raw batches cut by vehicle shard (layout.RAW_SHARDS): a track reads its
+        # vehicle's shard only. Batches kept before hold every shard: -1.
+        "ALTER TABLE raw ADD COLUMN shard INTEGER NOT NULL DEFAULT -1",
+        "CREATE INDEX raw_shard ON raw (shard, t1)",
+        f"INSERT INTO meta (key, value) VALUES ('raw_shards', '{layout.RAW_SHARDS}')",
+        # A chunk is one or more segments (seq > 0: appended by a compaction; 0: sealed).
+        """CREATE TABLE chunks_v2 (
+            vehicle INTEGER NOT NULL,
+            bucket INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            t0 INTEGER NOT NULL,
+            t1 INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            cells BLOB NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (vehicle, bucket, seq)
+        )""",
+        "INSERT INTO chunks_v2 SELECT vehicle, bucket, 0, t0, t1, size, cells, data FROM chunks",
+        "DROP TABLE chunks",
+        "ALTER TABLE chunks_v2 RENAME TO chunks",
+        "CREATE INDEX chunks_bucket ON chunks (bucket)",
+        "CREATE INDEX chunks_unsealed ON chunks (bucket) WHERE seq > 0",
+        # Positions kept, counted as they come and go: stats() reads one row.
+        "CREATE TABLE counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+        """INSERT INTO counts VALUES ('positions',
+               (SELECT coalesce(sum(size), 0) FROM raw)
+             + (SELECT coalesce(sum(size), 0) FROM chunks))""",
+        # Compaction steps so far: each step's segments are numbered by it (raw ids
+        # cannot: SQLite reuses the largest rowid once it is deleted).
+        "INSERT INTO counts VALUES ('compactions', 0)",
+        # Pings the store refused to keep (it cannot encode them): kept as they came.
+        """CREATE TABLE rejected (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            reason TEXT NOT NULL,
+            pings BLOB NOT NULL
+        )""",
+    ),
 )
 """Schema versions: ``MIGRATIONS[n]`` takes a file from version n to n + 1."""
 VERSION: Final = len(MIGRATIONS)
@@ -97,6 +138,7 @@ class SqliteStore:
         self.path = self._database.path
         self._where = self._database.where = f"history file {self.path}"
         self.resolution = resolution
+        self.raw_shards = layout.RAW_SHARDS
         self._lock = threading.Lock()
         self._vehicles: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -109,10 +151,9 @@ class SqliteStore:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('resolution', ?)",
                 (str(self.resolution),),
             )
-            (resolution,) = connection.execute(
-                "SELECT value FROM meta WHERE key = 'resolution'"
-            ).fetchone()
-        self.resolution = int(resolution)
+            meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        self.resolution = int(meta["resolution"])
+        self.raw_shards = int(meta["raw_shards"])
 
     def append(self, pings: Sequence[Ping]) -> None:
         if not pings:
@@ -120,20 +161,11 @@ class SqliteStore:
         try:
             with self._database.write() as connection:
                 numbers = self._numbers(connection, [ping.vehicle_id for ping in pings])
-                positions = Positions.from_pings(pings, numbers).sorted()
-                try:
-                    blob = codec.encode(positions)
-                except ValueError as error:
-                    raise StoreError(f"cannot keep these pings: {error}") from error
-                connection.execute(
-                    "INSERT INTO raw (t0, t1, size, data) VALUES (?, ?, ?, ?)",
-                    (
-                        layout.ms(positions.ts.min()),
-                        layout.ms(positions.ts.max()),
-                        len(positions),
-                        blob,
-                    ),
+                rows = layout.raw_rows(pings, numbers, self.raw_shards)
+                connection.executemany(
+                    "INSERT INTO raw (shard, t0, t1, size, data) VALUES (?, ?, ?, ?, ?)", rows
                 )
+                self._count(connection, len(pings))
         except StoreError:
             # Vehicles numbered in the rolled-back transaction are numbered no more.
             with self._lock:
@@ -141,37 +173,48 @@ class SqliteStore:
                 self._names.clear()
             raise
 
+    def reject(self, pings: Sequence[Ping], reason: str) -> None:
+        with self._database.write() as connection:
+            connection.execute(
+                "INSERT INTO rejected (at, reason, pings) VALUES (?, ?, ?)",
+                (time.time(), reason, layout.rejected_blob(pings)),
+            )
+
     def compact(self, before: float) -> int:
+        before = layout.clamp_time(before)
         moved = 0
         while step := self._compact_step(before):
             moved += step
+        while self._seal_step(before):
+            pass
         return moved
 
     def expire(self, before: float, *, limit: int) -> int:
-        before_ms = layout.ms(before)
+        before_ms = layout.ms(layout.clamp_time(before))
         with self._database.write() as connection:
             chunks = connection.execute(
-                """SELECT vehicle, bucket, cells FROM chunks
-                   WHERE bucket < ? AND t1 < ? LIMIT ?""",
-                (int(before // layout.BUCKET_S) + 1, before_ms, limit),
+                """SELECT vehicle, bucket, cells, size FROM chunks WHERE bucket < ? LIMIT ?""",
+                (layout.bucket_before(before), limit),
             ).fetchall()
             connection.executemany(
                 "DELETE FROM chunk_cells WHERE cell = ? AND bucket = ? AND vehicle = ?",
-                (
+                {
                     (cell, bucket, vehicle)
-                    for vehicle, bucket, cells in chunks
+                    for vehicle, bucket, cells, _ in chunks
                     for cell in np.frombuffer(cells, np.int64).tolist()
-                ),
+                },
             )
             connection.executemany(
                 "DELETE FROM chunks WHERE vehicle = ? AND bucket = ?",
-                ((vehicle, bucket) for vehicle, bucket, _ in chunks),
+                {(vehicle, bucket) for vehicle, bucket, _, _ in chunks},
             )
             batches = connection.execute(
-                "DELETE FROM raw WHERE id IN (SELECT id FROM raw WHERE t1 < ? LIMIT ?)",
+                """DELETE FROM raw WHERE id IN (SELECT id FROM raw WHERE t1 < ? LIMIT ?)
+                   RETURNING size""",
                 (before_ms, limit - len(chunks)),
-            ).rowcount
-        return len(chunks) + batches
+            ).fetchall()
+            self._count(connection, -sum(row[-1] for row in chunks + batches))
+        return len(chunks) + len(batches)
 
     def track(
         self, vehicle_id: str, start: float, end: float, *, limit: int, after: float | None = None
@@ -185,15 +228,21 @@ class SqliteStore:
             spans = [
                 layout.ChunkSpan(*row)
                 for row in connection.execute(
-                    """SELECT bucket, t0, t1, size FROM chunks
+                    """SELECT bucket, min(t0), max(t1), sum(size) FROM chunks
                        WHERE vehicle = ? AND bucket BETWEEN ? AND ? AND t1 >= ? AND t0 < ?
-                       ORDER BY bucket""",
+                       GROUP BY bucket ORDER BY bucket""",
                     (vehicle, *layout.buckets(lo, end), lo_ms, hi_ms),
                 )
             ]
             needed = spans[: layout.chunks_to_read(spans, lo, end, limit)]
             blobs = self._chunk_blobs(connection, vehicle, [span.bucket for span in needed])
-            blobs += self._raw_blobs(connection, lo_ms, hi_ms)
+            blobs += _column(
+                connection.execute(
+                    """SELECT data FROM raw WHERE shard IN (-1, ?) AND t1 >= ? AND t0 < ?
+                       ORDER BY id""",
+                    (vehicle % self.raw_shards, lo_ms, hi_ms),
+                )
+            )
         return layout.track_of(
             vehicle_id,
             vehicle,
@@ -214,7 +263,7 @@ class SqliteStore:
         after: tuple[str, float] | None = None,
     ) -> AreaPage:
         lo_ms, hi_ms = layout.ms_range(start, end)
-        query = """SELECT v.name, c.vehicle, c.bucket
+        query = """SELECT DISTINCT v.name, c.vehicle, c.bucket
                    FROM chunks c JOIN vehicles v ON v.id = c.vehicle
                    WHERE (c.vehicle, c.bucket) IN (
                        SELECT vehicle, bucket FROM chunk_cells
@@ -257,10 +306,7 @@ class SqliteStore:
     def stats(self) -> StoreStats:
         """Positions kept, and the bytes of the file and its write-ahead log."""
         with self._database.snapshot() as connection:
-            row = connection.execute(
-                """SELECT (SELECT coalesce(sum(size), 0) FROM raw)
-                        + (SELECT coalesce(sum(size), 0) FROM chunks)"""
-            ).fetchone()
+            row = connection.execute("SELECT value FROM counts WHERE name = 'positions'").fetchone()
         return StoreStats(positions=int(row[0]), bytes_on_disk=self._database.size_on_disk())
 
     def close(self) -> None:
@@ -270,48 +316,101 @@ class SqliteStore:
     # -- compaction ------------------------------------------------------------------
 
     def _compact_step(self, before: float) -> int:
-        """Merge up to :data:`COMPACT_STEP_POSITIONS` raw positions into chunks, in one
-        transaction; 0 when nothing is left."""
+        """Append up to :data:`COMPACT_STEP_POSITIONS` raw positions to their chunks as new
+        segments, in one transaction; 0 when nothing is left.
+
+        Batches are taken shard by shard, so that a vehicle's positions of a compaction
+        are mostly one segment; a kept segment is neither read nor encoded again.
+        """
         with self._database.write() as connection:
             batches = connection.execute(
-                "SELECT id, size FROM raw WHERE t1 < ? ORDER BY id LIMIT ?",
+                "SELECT id, size FROM raw WHERE t1 < ? ORDER BY shard, id LIMIT ?",
                 (layout.ms(before), COMPACT_STEP_BATCHES),
             ).fetchall()
             if not batches:
                 return 0
             sizes = np.cumsum([size for _, size in batches])
             take = max(1, int(np.searchsorted(sizes, COMPACT_STEP_POSITIONS, side="right")))
-            ids = json.dumps([batch_id for batch_id, _ in batches[:take]])
+            taken = [batch_id for batch_id, _ in batches[:take]]
+            ids = json.dumps(taken)
             blobs = _column(
                 connection.execute(
                     "SELECT data FROM raw WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
                     (ids,),
                 )
             )
-            chunks = []
-            for vehicle, bucket, new in layout.chunk_groups(
-                layout.decode_blobs(blobs, self._where), self.resolution
-            ):
-                old = connection.execute(
-                    "SELECT data FROM chunks WHERE vehicle = ? AND bucket = ?", (vehicle, bucket)
-                ).fetchone()
-                chunks.append(layout.merge_chunk(vehicle, bucket, new, old and old[0]))
-            # A merged chunk's cells include the old ones: its cell rows are only added to.
-            connection.executemany(
-                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (c.vehicle, c.bucket, c.t0_ms, c.t1_ms, c.size, _cells_blob(c.cells), c.blob)
-                    for c in chunks
-                ),
-            )
-            connection.executemany(
-                "INSERT OR IGNORE INTO chunk_cells VALUES (?, ?, ?)",
-                ((cell, c.bucket, c.vehicle) for c in chunks for cell in c.cells),
-            )
+            (seq,) = connection.execute(
+                "UPDATE counts SET value = value + 1 WHERE name = 'compactions' RETURNING value"
+            ).fetchone()
+            chunks = layout.segments(layout.decode_blobs(blobs, self._where), self.resolution)
+            self._insert_chunks(connection, chunks, seq)
             connection.execute(
                 "DELETE FROM raw WHERE id IN (SELECT value FROM json_each(?))", (ids,)
             )
             return int(sizes[take - 1])
+
+    def _seal_step(self, before: float) -> int:
+        """Merge the segments of up to :data:`SEAL_STEP_CHUNKS` chunks whose bucket is over
+        (entirely before ``before``) into one each; 0 when none is left."""
+        with self._database.write() as connection:
+            keys = connection.execute(
+                """SELECT DISTINCT vehicle, bucket FROM chunks
+                   WHERE seq > 0 AND bucket < ? LIMIT ?""",
+                (layout.bucket_before(before), SEAL_STEP_CHUNKS),
+            ).fetchall()
+            if not keys:
+                return 0
+            rows = connection.execute(
+                """SELECT vehicle, bucket, data FROM chunks WHERE (vehicle, bucket) IN (
+                       SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]')
+                       FROM json_each(?))
+                   ORDER BY vehicle, bucket, seq""",
+                (json.dumps(keys),),
+            ).fetchall()
+            alone = [
+                key
+                for key, group in itertools.groupby(rows, lambda row: row[:2])
+                if len(list(group)) == 1
+            ]
+            connection.executemany(  # a chunk of one segment is sealed as it is
+                "UPDATE chunks SET seq = 0 WHERE vehicle = ? AND bucket = ?", alone
+            )
+            single = set(alone)
+            merged = [row for row in rows if row[:2] not in single]
+            chunks = layout.seal(
+                layout.decode_blobs([bytes(row[2]) for row in merged], self._where)
+            )
+            connection.executemany(
+                "DELETE FROM chunks WHERE vehicle = ? AND bucket = ?",
+                ((chunk.vehicle, chunk.bucket) for chunk in chunks),
+            )
+            self._insert_chunks(connection, chunks, 0)
+            return len(keys)
+
+    @staticmethod
+    def _insert_chunks(
+        connection: sqlite3.Connection, chunks: list[layout.Chunk], seq: int
+    ) -> None:
+        """Keep ``chunks`` as segments ``seq`` with their cells (a chunk's cell rows
+        cover every segment's cells: they are only added to until the chunk expires)."""
+        connection.executemany(
+            "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (c.vehicle, c.bucket, seq, c.t0_ms, c.t1_ms, c.size, _cells_blob(c.cells), c.blob)
+                for c in chunks
+            ),
+        )
+        connection.executemany(
+            "INSERT OR IGNORE INTO chunk_cells VALUES (?, ?, ?)",
+            ((cell, c.bucket, c.vehicle) for c in chunks for cell in c.cells),
+        )
+
+    @staticmethod
+    def _count(connection: sqlite3.Connection, positions: int) -> None:
+        if positions:
+            connection.execute(
+                "UPDATE counts SET value = value + ? WHERE name = 'positions'", (positions,)
+            )
 
     # -- vehicles --------------------------------------------------------------------
 
@@ -363,7 +462,7 @@ class SqliteStore:
         return _column(
             connection.execute(
                 """SELECT data FROM chunks WHERE vehicle = ?
-                   AND bucket IN (SELECT value FROM json_each(?))""",
+                   AND bucket IN (SELECT value FROM json_each(?)) ORDER BY bucket, seq""",
                 (vehicle, json.dumps(buckets)),
             )
         )

@@ -21,12 +21,25 @@ from tracker.config import without_password
 from tracker.database import POSTGRES_SCHEMES, DatabaseError
 from tracker.pings import Ping
 
-__all__ = ["AreaPage", "HistoryStore", "StoreError", "StoreStats", "Track", "open_store"]
+__all__ = [
+    "AreaPage",
+    "HistoryStore",
+    "RejectedPings",
+    "StoreError",
+    "StoreStats",
+    "Track",
+    "open_store",
+]
 
 
 StoreError = DatabaseError
 """The store cannot do what was asked (unreachable, corrupt, wrong schema version): a
 store's failures are its database's (:class:`tracker.database.DatabaseError`)."""
+
+
+class RejectedPings(StoreError):
+    """The store refuses these pings for what they are, not for its state: appending
+    them again would fail again (see :meth:`HistoryStore.reject`)."""
 
 
 class Track(NamedTuple):
@@ -74,11 +87,19 @@ class HistoryStore(Protocol):
     def append(self, pings: Sequence[Ping]) -> None:
         """Keep ``pings`` durably in one commit (returns once committed)."""
 
+    def reject(self, pings: Sequence[Ping], reason: str) -> None:
+        """Keep pings that :meth:`append` refused (:class:`RejectedPings`) aside, as they
+        came, with the reason: they are not history, but not lost either."""
+
     def compact(self, before: float) -> int:
-        """Regroup what was appended before ``before`` into track chunks; positions moved."""
+        """Regroup what was appended before ``before`` into track chunks; positions moved.
+
+        ``inf`` compacts everything. Chunks whose bucket is entirely before ``before``
+        are sealed (their segments merged into one) on the way."""
 
     def expire(self, before: float, *, limit: int) -> int:
-        """Delete at most ``limit`` chunks or batches entirely older than ``before``.
+        """Delete at most ``limit`` chunks or batches entirely older than ``before``
+        (a chunk once its whole bucket is; ``inf``: everything).
 
         Small steps, each its own short transaction: the caller repeats until it returns 0,
         so retention never holds a long lock.

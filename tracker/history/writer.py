@@ -42,7 +42,7 @@ import trio
 
 from tracker.config import TrackerConfig
 from tracker.errors import ServiceBusy
-from tracker.history.store import AreaPage, HistoryStore, StoreError, Track
+from tracker.history.store import AreaPage, HistoryStore, RejectedPings, StoreError, Track
 from tracker.logs import Episode, Throttle
 from tracker.metrics import Metrics
 from tracker.pings import Ping
@@ -65,9 +65,12 @@ size, back to back, so no single transaction grows with the outage."""
 RETRY_FIRST_S: Final = 0.5
 RETRY_MAX_S: Final = 30.0
 """A failing commit is retried after 0.5 s, then twice as long each time, up to 30 s."""
+REJECT_GRAIN: Final = 64
+"""Pings a refused commit is split down to before they are kept aside together."""
 COMPACT_EVERY_S: Final = 60.0
-COMPACT_AGE_S: Final = 120.0
-"""Every minute, raw batches older than two minutes are regrouped into track chunks."""
+COMPACT_AGE_S: Final = 5.0
+"""Every minute, raw batches older than five seconds are appended to their track chunks
+(a late ping is simply one more segment, so there is no point waiting for it)."""
 EXPIRE_EVERY_S: Final = 600.0
 EXPIRE_STEP: Final = 100
 """Every ten minutes, what is older than the retention is deleted, 100 chunks or batches
@@ -81,15 +84,51 @@ QUERY_TIMEOUT_S: Final = 10.0
 MAINTENANCE_LOG_INTERVAL_S: Final = 60.0
 
 
-def _append(store: HistoryStore, batches: list[list[Ping]]) -> None:
-    """One commit of every batch, in the writer thread; ``batches`` is emptied once committed.
+def _append(store: HistoryStore, batches: list[list[Ping]]) -> int:
+    """One commit of every batch, in the writer thread; ``batches`` is emptied as they
+    are kept. Returns how many pings the store refused and kept aside (0 normally).
 
     The join, and freeing the committed pings (the caller no longer holds them: emptying
     ``batches`` drops their last references, unless the bus still has them), happen here
     and cost the event loop nothing: a second of pings is a few hundred thousand objects.
+
+    A commit the store refuses for its content (:class:`RejectedPings`, which retrying
+    cannot mend) is not retried forever, blocking every ping behind it: its batches are
+    committed one by one, a refused one in halves, until what is refused is at most
+    :data:`REJECT_GRAIN` pings, which the store keeps aside (``reject``), so that nothing
+    acknowledged is dropped silently. Each batch leaves ``batches`` once kept, so a
+    failure half-way (the store going down) retries only what is left.
     """
-    store.append(batches[0] if len(batches) == 1 else list(itertools.chain(*batches)))
+    try:
+        store.append(batches[0] if len(batches) == 1 else list(itertools.chain(*batches)))
+    except RejectedPings:
+        return _append_apart(store, batches)
     batches.clear()
+    return 0
+
+
+def _append_apart(store: HistoryStore, batches: list[list[Ping]]) -> int:
+    rejected = 0
+    while batches:
+        batch = batches[0]
+        try:
+            store.append(batch)
+        except RejectedPings as error:
+            if len(batch) > REJECT_GRAIN:
+                half = len(batch) // 2
+                batches[:1] = [batch[:half], batch[half:]]
+                continue
+            store.reject(batch, str(error))
+            rejected += len(batch)
+            logger.error(
+                "history: the store refused %d acknowledged pings (%s); they are kept "
+                "aside in its rejected table",
+                len(batch),
+                error,
+                extra={"rejected_pings": len(batch)},
+            )
+        del batches[0]
+    return rejected
 
 
 class History:
@@ -248,15 +287,17 @@ class History:
             del self._queue[:taken]  # still counted in _queued until committed
             started = time.perf_counter()
             try:
-                await self._write(functools.partial(_append, store, batches))
+                rejected = await self._write(functools.partial(_append, store, batches))
             except Exception as exc:  # any store failure: keep the pings, retry later
                 self._metrics.history_store_errors += 1
                 self._outage.happened(error=f"{type(exc).__name__}: {exc}")
                 return False
             finally:  # not committed (failed, or cancelled before it began): back at the head
                 self._queue[:0] = batches  # (a committed commit's list was emptied)
-            self._queued -= count
-            self._metrics.history_committed_pings += count
+                kept = count - sum(map(len, batches))  # all, or what a split commit kept
+                self._queued -= kept
+                self._metrics.history_committed_pings += kept
+            self._metrics.history_rejected_pings += rejected
             self._metrics.history_commit_seconds.observe(time.perf_counter() - started)
             self._retry_in_s = RETRY_FIRST_S
             self._outage.over()
