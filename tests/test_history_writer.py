@@ -36,6 +36,8 @@ class MemoryStore:
         self.poison: set[str] = set()  # vehicle ids append() refuses for what they are
         self.failing = False
         self.compacted: list[float] = []
+        self.compacted_round = False
+        self.sealed: list[float] = []
         self.expiring: list[int] = []  # what expire() returns, call by call
         self.expired: list[tuple[float, int]] = []
         self.closed = False
@@ -56,10 +58,18 @@ class MemoryStore:
     def reject(self, pings: Sequence[Ping], reason: str) -> None:
         self.rejected.append((list(pings), reason))
 
-    def compact(self, before: float) -> int:
+    def compact(self, before: float, *, steps: int | None = None) -> int:
         self.compacting.wait(timeout=30)
+        if self.compacted_round:  # the step after a round's one step: nothing left
+            self.compacted_round = False
+            return 0
         self.compacted.append(before)
+        self.compacted_round = True
         return 3
+
+    def seal(self, before: float, *, limit: int) -> int:
+        self.sealed.append(before)
+        return 0
 
     def expire(self, before: float, *, limit: int) -> int:
         self.expired.append((before, limit))
@@ -262,6 +272,7 @@ async def test_compaction_regroups_older_batches_every_minute(
         await trio.sleep(writer.COMPACT_EVERY_S * 3 + 1)
         nursery.cancel_scope.cancel()
     assert store.compacted == [NOW - writer.COMPACT_AGE_S] * 3
+    assert store.sealed == [NOW - writer.COMPACT_AGE_S] * 3
     assert history._metrics.history_compacted_positions == 9
 
 

@@ -212,13 +212,13 @@ def encode(positions: Positions) -> bytes:
 
 def encode_groups(positions: Positions, starts: npt.NDArray[np.intp]) -> list[bytes]:
     """``encode(positions[lo:hi])`` for each group of rows starting at ``starts`` (the
-    first is 0; each group holds one vehicle), in one pass over the columns.
+    first is 0), in one pass over the columns.
 
-    What compaction does with a minute of a fleet: thousands of small groups, where
-    :func:`encode` would spend most of its time on per-array overhead (about 0.1 ms a
-    blob). Here deltas, zigzags, widths and byte planes are computed once for all rows;
-    a group then costs a few slices of the byte planes and its zlib call. The blobs are
-    byte for byte those :func:`encode` makes.
+    What compaction does with a minute of a fleet (thousands of small groups), and a
+    commit with its vehicle shards: :func:`encode` would spend most of its time on
+    per-array overhead (about 0.1 ms a blob). Here deltas, zigzags, widths and byte
+    planes are computed once for all rows; a group then costs a few slices of the byte
+    planes and its zlib call. The blobs are byte for byte those :func:`encode` makes.
     """
     _check(positions)
     n = len(positions)
@@ -232,35 +232,36 @@ def encode_groups(positions: Positions, starts: npt.NDArray[np.intp]) -> list[by
             _fixed(positions.heading, 1, 360),
         ]
     )
-    cell = positions.cell.view(np.int64)
-    run_starts = np.union1d(starts, np.flatnonzero(cell[1:] != cell[:-1]) + 1)
-    run_lengths = np.diff(np.append(run_starts, n)).astype(np.int64)
-    run_values = cell[run_starts]
-    runs = np.stack([run_lengths, run_values])
-    run_firsts = np.searchsorted(run_starts, starts)
-    run_ends = np.append(run_firsts[1:], len(run_starts))
     widths, planes = _grouped_deltas(columns, starts)
-    run_widths, run_planes = _grouped_deltas(runs, run_firsts)
-    width_rows, run_width_rows = widths.T.tolist(), run_widths.T.tolist()
-    bases = columns[:, starts].T.tolist()
-    run_bases = runs[:, np.minimum(run_firsts, len(run_starts) - 1)].T.tolist()
-    vehicles = positions.vehicle[starts].tolist()
+    parts = [
+        (widths.T.tolist(), columns[:, starts].T.tolist(), planes, starts.tolist(), ends.tolist())
+    ]
+    for values in (positions.vehicle, positions.cell.view(np.int64)):  # as runs, per group
+        run_starts = np.union1d(starts, np.flatnonzero(values[1:] != values[:-1]) + 1)
+        runs = np.stack([np.diff(np.append(run_starts, n)), values[run_starts]])
+        firsts = np.searchsorted(run_starts, starts)
+        run_widths, run_planes = _grouped_deltas(runs, firsts)
+        run_ends = np.append(firsts[1:], len(run_starts))
+        parts.append(
+            (
+                run_widths.T.tolist(),
+                runs[:, firsts].T.tolist(),
+                run_planes,
+                firsts.tolist(),
+                run_ends.tolist(),
+            )
+        )
+    order = (parts[1], parts[0], parts[2])  # the blob's order: vehicles, columns, cells
     pack, blobs = _ARRAY.pack, []
-    bounds = zip(
-        starts.tolist(), ends.tolist(), run_firsts.tolist(), run_ends.tolist(), strict=True
-    )
-    for group, (lo, hi, rlo, rhi) in enumerate(bounds):
-        size, run_count = hi - lo, rhi - rlo
-        directory = [pack(1, 1, size), pack(1, 1, vehicles[group])]
-        payloads = [b"\0", b"\0"]
-        for column, (width, base) in enumerate(zip(width_rows[group], bases[group], strict=True)):
-            directory.append(pack(size, width, base))
-            payloads.append(planes[column, :width, lo:hi].tobytes())
-        for array, (width, base) in enumerate(
-            zip(run_width_rows[group], run_bases[group], strict=True)
-        ):
-            directory.append(pack(run_count, width, base))
-            payloads.append(run_planes[array, :width, rlo:rhi].tobytes())
+    for group, size in enumerate((ends - starts).tolist()):
+        directory, payloads = [], []
+        for group_widths, group_bases, group_planes, firsts_, ends_ in order:
+            lo, hi = firsts_[group], ends_[group]
+            for row, (width, base) in enumerate(
+                zip(group_widths[group], group_bases[group], strict=True)
+            ):
+                directory.append(pack(hi - lo, width, base))
+                payloads.append(group_planes[row, :width, lo:hi].tobytes())
         body = b"".join(directory + payloads)
         blobs.append(_PREFIX.pack(MAGIC, VERSION, ZLIB, size) + zlib.compress(body, ZLIB_LEVEL))
     return blobs

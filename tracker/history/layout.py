@@ -52,7 +52,6 @@ __all__ = [
     "ms",
     "ms_range",
     "raw_rows",
-    "raw_shards",
     "rejected_blob",
     "seal",
     "segments",
@@ -133,36 +132,38 @@ def bucket_before(seconds: float) -> int:
     return math.floor(clamp_time(seconds) / BUCKET_S)
 
 
-def raw_shards(positions: Positions, shards: int) -> Iterator[tuple[int, Positions]]:
-    """``(shard, positions)`` of a :meth:`~Positions.sorted` set, by ``vehicle % shards``,
-    each in the order it had (by vehicle, then time)."""
-    shard = positions.vehicle % shards
-    order = np.argsort(shard, kind="stable")
-    positions, shard = positions.take(order), shard[order]
-    edges = np.flatnonzero(shard[1:] != shard[:-1]) + 1
-    bounds = [0, *edges.tolist(), len(positions)]
-    for lo, hi in itertools.pairwise(bounds):
-        if hi > lo:
-            yield int(shard[lo]), positions.take(slice(lo, hi))
-
-
 def raw_rows(
     pings: Sequence[Ping], vehicles: Sequence[int], shards: int
 ) -> list[tuple[int, int, int, int, bytes]]:
     """A commit's ``pings`` (``vehicles``: the store's number of each) as raw batches,
-    one per vehicle shard: ``(shard, t0_ms, t1_ms, size, blob)``.
+    one per vehicle shard (``vehicle % shards``), each ordered by vehicle, then time:
+    ``(shard, t0_ms, t1_ms, size, blob)``, all encoded in one pass.
 
     Raises :class:`RejectedPings` if they cannot be encoded (the store refuses them
     whatever the moment: retrying would not help).
     """
-    rows = []
+    positions = Positions.from_pings(pings, vehicles)
+    positions = positions.take(
+        np.lexsort((positions.ts, positions.vehicle, positions.vehicle % shards))
+    )
+    shard_of = positions.vehicle % shards
+    starts = np.concatenate(([0], np.flatnonzero(shard_of[1:] != shard_of[:-1]) + 1))
+    ends = np.append(starts[1:], len(positions))
     try:
-        for shard, positions in raw_shards(Positions.from_pings(pings, vehicles).sorted(), shards):
-            t0, t1 = ms(float(positions.ts.min())), ms(float(positions.ts.max()))
-            rows.append((shard, t0, t1, len(positions), codec.encode(positions)))
+        blobs = codec.encode_groups(positions, starts)
     except ValueError as error:
         raise RejectedPings(f"cannot keep these pings: {error}") from error
-    return rows
+    ts_ms = np.round(positions.ts * codec.TS_PER_S).astype(np.int64)
+    return list(
+        zip(
+            shard_of[starts].tolist(),
+            np.minimum.reduceat(ts_ms, starts).tolist(),
+            np.maximum.reduceat(ts_ms, starts).tolist(),
+            (ends - starts).tolist(),
+            blobs,
+            strict=True,
+        )
+    )
 
 
 def rejected_blob(pings: Sequence[Ping]) -> bytes:

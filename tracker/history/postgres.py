@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 POOL_SIZE = 8
 """Connections per store: the writer thread, query threads (History runs 4) and replays."""
-COMPACT_STEP_POSITIONS = 200_000
+COMPACT_STEP_POSITIONS = 100_000
 """Raw positions merged per compaction transaction: short locks, bounded memory."""
 COMPACT_STEP_BATCHES = 1_000
 COMPACTION_LOCK: Final = 0x7472616B_68697332
@@ -192,13 +192,17 @@ class PostgresStore:
                 (time.time(), reason, layout.rejected_blob(pings)),
             )
 
-    def compact(self, before: float) -> int:
+    def compact(self, before: float, *, steps: int | None = None) -> int:
         before = layout.clamp_time(before)
-        moved = 0
-        while step := self._compact_step(before):
-            moved += step
-        while self._seal_step(before):
-            pass
+        moved = done = 0
+        while steps is None or done < steps:
+            step = self._compact_step(before)
+            if not step:
+                break
+            moved, done = moved + step, done + 1
+        if steps is None:
+            while self.seal(before, limit=SEAL_STEP_CHUNKS):
+                pass
         return moved
 
     def expire(self, before: float, *, limit: int) -> int:
@@ -342,16 +346,16 @@ class PostgresStore:
             connection.execute("DELETE FROM history_raw WHERE id = ANY(%s::bigint[])", (ids,))
             return int(sizes[take - 1])
 
-    def _seal_step(self, before: float) -> int:
-        """Merge the segments of up to :data:`SEAL_STEP_CHUNKS` chunks whose bucket is over
-        into one each; 0 when none is left (or another instance is compacting)."""
+    def seal(self, before: float, *, limit: int) -> int:
+        """Merge the segments of up to ``limit`` chunks whose bucket is over into one each,
+        in one transaction; 0 when none is left (or another instance is compacting)."""
         with self._compaction() as connection:
             if connection is None:
                 return 0
             keys = connection.execute(
                 """SELECT DISTINCT vehicle, bucket FROM history_chunks
                    WHERE seq > 0 AND bucket < %s LIMIT %s""",
-                (layout.bucket_before(before), SEAL_STEP_CHUNKS),
+                (layout.bucket_before(before), limit),
             ).fetchall()
             if not keys:
                 return 0

@@ -42,7 +42,7 @@ from tracker.pings import Ping
 
 __all__ = ["SqliteStore"]
 
-COMPACT_STEP_POSITIONS: Final = 200_000
+COMPACT_STEP_POSITIONS: Final = 100_000
 """Raw positions merged per compaction transaction: short locks, bounded memory."""
 COMPACT_STEP_BATCHES: Final = 1_000
 SEAL_STEP_CHUNKS: Final = 500
@@ -180,13 +180,17 @@ class SqliteStore:
                 (time.time(), reason, layout.rejected_blob(pings)),
             )
 
-    def compact(self, before: float) -> int:
+    def compact(self, before: float, *, steps: int | None = None) -> int:
         before = layout.clamp_time(before)
-        moved = 0
-        while step := self._compact_step(before):
-            moved += step
-        while self._seal_step(before):
-            pass
+        moved = done = 0
+        while steps is None or done < steps:
+            step = self._compact_step(before)
+            if not step:
+                break
+            moved, done = moved + step, done + 1
+        if steps is None:
+            while self.seal(before, limit=SEAL_STEP_CHUNKS):
+                pass
         return moved
 
     def expire(self, before: float, *, limit: int) -> int:
@@ -349,14 +353,14 @@ class SqliteStore:
             )
             return int(sizes[take - 1])
 
-    def _seal_step(self, before: float) -> int:
-        """Merge the segments of up to :data:`SEAL_STEP_CHUNKS` chunks whose bucket is over
-        (entirely before ``before``) into one each; 0 when none is left."""
+    def seal(self, before: float, *, limit: int) -> int:
+        """Merge the segments of up to ``limit`` chunks whose bucket is over (entirely
+        before ``before``) into one each, in one transaction; 0 when none is left."""
         with self._database.write() as connection:
             keys = connection.execute(
                 """SELECT DISTINCT vehicle, bucket FROM chunks
                    WHERE seq > 0 AND bucket < ? LIMIT ?""",
-                (layout.bucket_before(before), SEAL_STEP_CHUNKS),
+                (layout.bucket_before(before), limit),
             ).fetchall()
             if not keys:
                 return 0

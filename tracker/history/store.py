@@ -91,11 +91,18 @@ class HistoryStore(Protocol):
         """Keep pings that :meth:`append` refused (:class:`RejectedPings`) aside, as they
         came, with the reason: they are not history, but not lost either."""
 
-    def compact(self, before: float) -> int:
-        """Regroup what was appended before ``before`` into track chunks; positions moved.
+    def compact(self, before: float, *, steps: int | None = None) -> int:
+        """Append what was appended before ``before`` to track chunks as segments, in
+        steps of one short transaction each; positions moved (0: nothing was left).
 
-        ``inf`` compacts everything. Chunks whose bucket is entirely before ``before``
-        are sealed (their segments merged into one) on the way."""
+        With ``steps``, at most that many steps; without, until nothing is left, and then
+        every chunk whose bucket is entirely before ``before`` is sealed too
+        (:meth:`seal`). ``inf`` compacts everything.
+        """
+
+    def seal(self, before: float, *, limit: int) -> int:
+        """Merge the segments of at most ``limit`` chunks whose bucket is entirely before
+        ``before`` into one each, in one transaction; chunks sealed (0: none was left)."""
 
     def expire(self, before: float, *, limit: int) -> int:
         """Delete at most ``limit`` chunks or batches entirely older than ``before``

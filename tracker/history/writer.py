@@ -65,12 +65,16 @@ size, back to back, so no single transaction grows with the outage."""
 RETRY_FIRST_S: Final = 0.5
 RETRY_MAX_S: Final = 30.0
 """A failing commit is retried after 0.5 s, then twice as long each time, up to 30 s."""
+SEAL_STEP: Final = 200
+"""Chunks sealed per store transaction (each a decode and an encode of up to an hour of
+one vehicle: a few ms at most)."""
 REJECT_GRAIN: Final = 64
 """Pings a refused commit is split down to before they are kept aside together."""
 COMPACT_EVERY_S: Final = 60.0
 COMPACT_AGE_S: Final = 5.0
 """Every minute, raw batches older than five seconds are appended to their track chunks
-(a late ping is simply one more segment, so there is no point waiting for it)."""
+(a late ping is simply one more segment, so there is no point waiting for it), one step
+(one store transaction) per turn of the writer thread."""
 EXPIRE_EVERY_S: Final = 600.0
 EXPIRE_STEP: Final = 100
 """Every ten minutes, what is older than the retention is deleted, 100 chunks or batches
@@ -334,8 +338,14 @@ class History:
         while True:
             await trio.sleep(COMPACT_EVERY_S)
             before = self._now() - COMPACT_AGE_S
-            moved = await self._maintain("compaction", functools.partial(store.compact, before))
-            self._metrics.history_compacted_positions += moved
+            # Step by step: commits waiting for the writer thread go in between, so a
+            # long compaction never holds ingest's pings back (a 503 once the queue fills).
+            step = functools.partial(store.compact, before, steps=1)
+            while moved := await self._maintain("compaction", step):
+                self._metrics.history_compacted_positions += moved
+            seal = functools.partial(store.seal, before, limit=SEAL_STEP)
+            while await self._maintain("sealing", seal):
+                pass
 
     async def _expire_forever(self) -> None:
         """Delete what is older than the retention, in small steps, every
