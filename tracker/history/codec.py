@@ -329,6 +329,9 @@ def decode_many(blobs: Sequence[bytes]) -> list[Positions]:
 _ARRAYS = 9
 """Arrays in a blob: vehicle runs (lengths, values), ts, lat, lon, speed, heading, cell
 runs (lengths, values)."""
+_GATHER_BELOW = 512
+"""Arrays shorter than this are unshuffled together, by gathering their bytes; longer
+ones each alone (the gather costs more per byte than it saves per array)."""
 _DIRECTORY = struct.Struct("<" + "IBq" * _ARRAYS)
 """A blob's directory: :data:`_ARRAY` for each of its arrays, unpacked at once."""
 _Entry = tuple[int, int, int, memoryview]
@@ -374,8 +377,18 @@ def _undelta_many(entries: list[_Entry]) -> Int64Array:
     total = int(lengths.sum())
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(entries) else lengths
     zigzag = np.zeros(total, dtype=np.uint64)
+    for i, (length, width, _, payload) in enumerate(entries):
+        if length >= _GATHER_BELOW:  # a long array: its planes as they lie, no gathering
+            planes = np.frombuffer(payload, dtype=np.uint8).reshape(width, length)
+            row = zigzag[starts[i] : starts[i] + length]
+            for plane in range(width):
+                row |= planes[plane].astype(np.uint64) << np.uint64(8 * plane)
     for width in {entry[1] for entry in entries}:
-        chosen = [i for i, entry in enumerate(entries) if entry[1] == width and entry[0]]
+        chosen = [
+            i
+            for i, entry in enumerate(entries)
+            if entry[1] == width and 0 < entry[0] < _GATHER_BELOW
+        ]
         if not chosen:
             continue
         data = np.frombuffer(b"".join(entries[i][3] for i in chosen), dtype=np.uint8)
