@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -48,6 +48,7 @@ __all__ = [
     "buckets",
     "chunks_to_read",
     "clamp_time",
+    "compact_in_steps",
     "decode_blobs",
     "ms",
     "ms_range",
@@ -130,6 +131,30 @@ def clamp_time(seconds: float) -> float:
 def bucket_before(seconds: float) -> int:
     """The first bucket not entirely before ``seconds``: buckets below it are over."""
     return math.floor(clamp_time(seconds) / BUCKET_S)
+
+
+def compact_in_steps(
+    step: Callable[[float], int],
+    seal: Callable[..., int],
+    before: float,
+    *,
+    steps: int | None,
+    seal_limit: int,
+) -> int:
+    """What :meth:`HistoryStore.compact <tracker.history.store.HistoryStore.compact>`
+    does with a store's one-transaction ``step`` (positions moved, 0 when none is left)
+    and its ``seal``: at most ``steps`` steps, or all of them and then every sealing."""
+    before = clamp_time(before)
+    moved = done = 0
+    while steps is None or done < steps:
+        count = step(before)
+        if not count:
+            break
+        moved, done = moved + count, done + 1
+    if steps is None:
+        while seal(before, limit=seal_limit):
+            pass
+    return moved
 
 
 def raw_rows(

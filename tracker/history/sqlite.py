@@ -181,17 +181,9 @@ class SqliteStore:
             )
 
     def compact(self, before: float, *, steps: int | None = None) -> int:
-        before = layout.clamp_time(before)
-        moved = done = 0
-        while steps is None or done < steps:
-            step = self._compact_step(before)
-            if not step:
-                break
-            moved, done = moved + step, done + 1
-        if steps is None:
-            while self.seal(before, limit=SEAL_STEP_CHUNKS):
-                pass
-        return moved
+        return layout.compact_in_steps(
+            self._compact_step, self.seal, before, steps=steps, seal_limit=SEAL_STEP_CHUNKS
+        )
 
     def expire(self, before: float, *, limit: int) -> int:
         before_ms = layout.ms(layout.clamp_time(before))
