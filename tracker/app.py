@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from tracker.auth import (
     COOKIE,
+    Grant,
     Keyring,
     Readers,
     bearer,
@@ -42,9 +43,10 @@ from tracker.errors import (
     UnknownVehicle,
     UnsupportedMediaType,
 )
+from tracker.fleets import narrowing
 from tracker.headers import security_headers
 from tracker.history.replay import Replays
-from tracker.history.routes import add_history_routes
+from tracker.history.routes import VehicleIdConverter, add_history_routes
 from tracker.ingest import media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
 from tracker.logs import Throttle
@@ -52,6 +54,7 @@ from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tracker.pings import MAX_VEHICLE_ID_CHARS
 from tracker.regions import AREA_CONCURRENCY, AREA_PARAMS, MAX_QUERY_BYTES, parse_area_async
 from tracker.service import Tracker
+from tracker.views import View
 from tracker.web import add_web_routes
 from tracker.zones.routes import add_zone_routes
 
@@ -144,12 +147,16 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
     @app.post("/ingest")
     async def ingest() -> Response:
-        key = check_ingest_key(request.headers.get("X-Ingest-Key"), config.ingest_key_list)
+        key = request.headers.get("X-Ingest-Key") or ""
+        fleet = check_ingest_key(key, tracker.fleets)
         media_is_json(request.content_type)  # 415 before reading the body
         body = await body_reads.read(request.body)
         g.body_read = True
         reply = tracker.ingest(
-            body, request.content_type, admit=functools.partial(ingest_rate.admit, key)
+            body,
+            request.content_type,
+            admit=functools.partial(ingest_rate.admit, key),
+            fleet=fleet,
         )
         return _json_response(reply)
 
@@ -163,9 +170,16 @@ def create_app(tracker: Tracker) -> QuartTrio:
         fmt = args.pop("format", ["msgpack"])[-1]
         if fmt not in FEED_FORMATS:
             raise BadRequest(f"format {fmt!r} is not one of {sorted(FEED_FORMATS)}")
+        narrow = narrowing(args, grant, tracker.fleets)  # fleet=, vehicles=, the token's
+        narrowed = narrow.fleets is not None or narrow.vehicles is not None
+        if narrowed and "from" in args:
+            raise BadRequest("replays (from=) are of areas, not of fleets or vehicles")
         replay = replays.request(args, now=time.time()) if "from" in args else None
+        cells: frozenset[int] | None
         if grant is not None and grant.cells is not None and not args.keys() & set(AREA_PARAMS):
             cells = grant.cells  # no area asked for: the token's whole area
+        elif narrow.vehicles is not None and not args.keys() & set(AREA_PARAMS):
+            cells = None  # vehicles, wherever they go
         else:
             cells = await parse_area_async(
                 args,
@@ -173,16 +187,20 @@ def create_app(tracker: Tracker) -> QuartTrio:
                 max_cells=config.max_feed_cells,
                 limiter=area_limiter,
             )
-        if grant is not None:
+        if grant is not None and cells is not None:
             grant.check(cells)
+        view = View(cells, narrow.fleets, narrow.vehicles)
         slot = slots.acquire(
             token=grant.holder if grant else None, address=request.remote_addr or "unknown"
         )
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
         is_json = FEED_FORMATS[fmt]
         if replay is None:
-            stream = _feed_body(tracker, cells, is_json=is_json, last_event_id=last_event_id)
+            stream = _feed_body(
+                tracker, view, is_json=is_json, last_event_id=last_event_id, grant=grant
+            )
         else:  # history through the same stream (tracker.history.replay)
+            assert cells is not None  # a replay is of an area
             try:
                 replayed = await replays.open(
                     replay, cells, is_json=is_json, last_event_id=last_event_id
@@ -200,7 +218,9 @@ def create_app(tracker: Tracker) -> QuartTrio:
         response.timeout = None
         return response
 
-    @app.get("/vehicles/<vehicle_id>")
+    app.url_map.converters["vehicle_id"] = VehicleIdConverter  # ids with slashes (fleets)
+
+    @app.get("/vehicles/<vehicle_id:vehicle_id>")
     async def vehicle(vehicle_id: str) -> Response:
         """Where one vehicle is now, wherever it is (a map's search box, follow mode).
 
@@ -219,6 +239,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
             )
         if grant is not None:
             grant.check(frozenset({int(report.cell, 16)}))
+            grant.check_vehicle(vehicle_id, tracker.fleets)
         response = _json_response(report)
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -285,14 +306,22 @@ def create_app(tracker: Tracker) -> QuartTrio:
 
 async def _feed_body(
     tracker: Tracker,
-    cells: frozenset[int],
+    view: View,
     *,
     is_json: bool,
     last_event_id: str | None,
+    grant: Grant | None,
 ) -> AsyncIterator[bytes]:
     """A feed as a response body: opened on its first step, so that a response never sent
-    leaves nothing behind, and closed however the response ends."""
-    async with tracker.open_feed(cells, is_json=is_json, last_event_id=last_event_id) as feed:
+    leaves nothing behind, and closed however the response ends (at the latest when its
+    token expires or is revoked)."""
+    async with tracker.open_feed(
+        view,
+        is_json=is_json,
+        last_event_id=last_event_id,
+        expires=None if grant is None else grant.expires,
+        jti=None if grant is None else grant.jti,
+    ) as feed:
         async for chunk in feed:
             yield chunk
 

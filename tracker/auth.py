@@ -12,7 +12,16 @@ secrets) whose claims bound what the holder sees:
   sees every area;
 * ``admin`` (optional, ``true``): the holder may also change what the tracker holds (zones,
   webhooks, tracking links); never with an area. Reading routes take any token; writing
-  routes call :meth:`Readers.admin`.
+  routes call :meth:`Readers.admin`;
+* ``vehicles`` (optional, a list of wire ids, at most :data:`MAX_TOKEN_VEHICLES`) or
+  ``fleets`` (a list of fleet names, at most :data:`MAX_TOKEN_FLEETS`): the holder sees
+  only those vehicles (a tracking link), or only those fleets' vehicles (a subcontractor),
+  optionally only within ``area``. Such a token reads nothing else: no other vehicle of
+  the same cells, no area snapshot, no other vehicle's history or position. Never with
+  ``admin``.
+
+A token whose ``jti`` was revoked (``tracker.revocation``) is refused (401
+``token_revoked``) until it expires; an expired one is 401 ``token_expired``.
 
 EventSource cannot set headers, so a token is accepted as ``?token=`` (feed and embed URLs),
 as ``Authorization: Bearer``, or from the HttpOnly cookie ``POST /session`` sets. Several
@@ -30,11 +39,10 @@ See ``docs/security.md`` for the threat model.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -48,9 +56,14 @@ from tracker.errors import (
     AdminRequired,
     ForbiddenArea,
     ForbiddenOrigin,
+    ForbiddenVehicle,
     IngestKeyRefused,
+    TokenExpired,
+    TokenRevoked,
     Unauthorized,
 )
+from tracker.fleets import FLEET_NAME, Fleets, KeyFleet
+from tracker.pings import MAX_VEHICLE_ID_CHARS
 from tracker.regions import parse_area
 
 __all__ = [
@@ -69,6 +82,10 @@ COOKIE = "tracker_token"
 """Name of the HttpOnly cookie that carries a feed token (set by ``POST /session``)."""
 MAX_TOKEN_CHARS = 8192
 """Longest token even looked at: a real one is a few hundred characters."""
+MAX_TOKEN_VEHICLES = 100
+"""Most vehicles one token may be bound to (a tracking link has one)."""
+MAX_TOKEN_FLEETS = 32
+"""Most fleets one token may be bound to."""
 LATEST_EXP = 253_402_300_799
 """9999-12-31T23:59:59Z. A later ``exp`` (even correctly signed) is refused: neither floats,
 dates nor cookies can carry it."""
@@ -94,6 +111,33 @@ class Grant:
     for a token without one); never the token itself, nor its spelling."""
     admin: bool = False
     """The token may change what the tracker holds (its ``admin`` claim is ``true``)."""
+    vehicles: frozenset[str] | None = None
+    """The only vehicles (wire ids) the token sees; None: not bound to vehicles."""
+    fleets: frozenset[str] | None = None
+    """The only fleets whose vehicles the token sees; None: not bound to fleets."""
+    jti: str | None = None
+    """The token's id (what revocation names)."""
+
+    @property
+    def narrowed(self) -> bool:
+        """Bound to vehicles or fleets: it reads no area as a whole."""
+        return self.vehicles is not None or self.fleets is not None
+
+    def check_vehicle(self, wire_id: str, fleets: Fleets) -> None:
+        """Refuse (403) a vehicle the token is not bound to (its area is checked apart)."""
+        if self.vehicles is not None and wire_id not in self.vehicles:
+            raise ForbiddenVehicle("the token is bound to other vehicles")
+        if self.fleets is not None and fleets.fleet_of(wire_id) not in self.fleets:
+            raise ForbiddenVehicle("the token is bound to other fleets")
+
+    def check_fleets(self, fleets: frozenset[str]) -> None:
+        """Refuse (403) a fleet filter beyond the token's fleets."""
+        if self.vehicles is not None:
+            raise ForbiddenVehicle(
+                "the token is bound to vehicles: ask for them (vehicles=...), not for an area"
+            )
+        if self.fleets is not None and not fleets <= self.fleets:
+            raise ForbiddenVehicle("the token is bound to other fleets")
 
     def check(self, cells: frozenset[int]) -> None:
         """Refuse a feed that asks for anything beyond the grant."""
@@ -119,6 +163,8 @@ class Keyring:
         self._max_cells = max_cells
         self._grant = lru_cache(maxsize=1024)(self._verify)
         self._cells = lru_cache(maxsize=256)(self._area_cells)
+        self.revoked: Callable[[str], bool] = _nothing_revoked
+        """Whether a ``jti`` is revoked (the app sets ``tracker.revocation``'s)."""
 
     @classmethod
     def for_config(cls, config: TrackerConfig) -> Keyring:
@@ -135,18 +181,27 @@ class Keyring:
         ttl_s: float,
         area: Mapping[str, Sequence[str]] | None = None,
         admin: bool = False,
+        vehicles: Sequence[str] | None = None,
+        fleets: Sequence[str] | None = None,
     ) -> str:
         """A token valid for ``ttl_s`` seconds, for ``area`` (a feed query) or everywhere;
-        ``admin`` tokens (everywhere only) may also change zones, webhooks and links.
+        ``admin`` tokens (everywhere only) may also change zones, webhooks and links;
+        ``vehicles`` or ``fleets`` bind it to those (a tracking link: one vehicle).
 
-        The area is checked now (a token must never carry an area no feed could use).
+        The area and bindings are checked now (a token must never carry what no feed could
+        use). Its ``jti`` ends in ``.<exp>``, so revoking it knows how long to remember.
         """
-        if admin and area is not None:
-            raise ValueError("an admin token has no area")
+        if admin and (area is not None or vehicles is not None or fleets is not None):
+            raise ValueError("an admin token has no area, vehicles or fleets")
         now = int(time.time())
-        claims: dict[str, Any] = {"exp": now + int(ttl_s), "iat": now, "jti": secrets.token_hex(8)}
+        exp = now + int(ttl_s)
+        claims: dict[str, Any] = {"exp": exp, "iat": now, "jti": f"{secrets.token_hex(8)}.{exp}"}
         if admin:
             claims["admin"] = True
+        if vehicles is not None:
+            claims["vehicles"] = list(_vehicles(list(vehicles)))
+        if fleets is not None:
+            claims["fleets"] = list(_fleets(list(fleets)))
         if area is not None:
             parse_area(area, resolution=self._resolution, max_cells=self._max_cells)
             claims["area"] = {name: list(values) for name, values in area.items()}
@@ -158,7 +213,9 @@ class Keyring:
             raise Unauthorized("the token is not a JWT: too long, or not ASCII")
         grant = self._grant(token)
         if grant.expires <= time.time():
-            raise Unauthorized("the token has expired; ask for a new one")
+            raise TokenExpired("the token has expired; ask for a new one")
+        if grant.jti is not None and self.revoked(grant.jti):
+            raise TokenRevoked("the token was revoked")
         return grant
 
     def _verify(self, token: str) -> Grant:
@@ -172,9 +229,22 @@ class Keyring:
                 raise Unauthorized("the token's area claim is malformed")
             cells = self._cells(tuple(sorted((name, tuple(v)) for name, v in area.items())))
         admin = claims.get("admin", False) is True
-        if admin and cells is not None:
-            raise Unauthorized("the token is not valid: an admin token cannot have an area")
-        return Grant(cells, float(claims["exp"]), _holder(token, claims), admin=admin)
+        vehicles = None if "vehicles" not in claims else _vehicles(claims["vehicles"])
+        fleets = None if "fleets" not in claims else _fleets(claims["fleets"])
+        if admin and (cells is not None or vehicles is not None or fleets is not None):
+            raise Unauthorized(
+                "the token is not valid: an admin token cannot have an area, vehicles or fleets"
+            )
+        jti = claims.get("jti")
+        return Grant(
+            cells,
+            float(claims["exp"]),
+            _holder(token, claims),
+            admin=admin,
+            vehicles=vehicles,
+            fleets=fleets,
+            jti=jti if isinstance(jti, str) else None,
+        )
 
     def _area_cells(self, area: tuple[tuple[str, tuple[str, ...]], ...]) -> frozenset[int]:
         """The cells of a token's area; cached per area, as many tokens (and every spelling
@@ -195,7 +265,7 @@ class Keyring:
                     token, secret, algorithms=[ALGORITHM], options={"require": ["exp"]}
                 )
             except jwt.ExpiredSignatureError as exc:
-                raise Unauthorized("the token has expired; ask for a new one") from exc
+                raise TokenExpired("the token has expired; ask for a new one") from exc
             except jwt.InvalidSignatureError:
                 continue
             except jwt.PyJWTError as exc:
@@ -247,6 +317,40 @@ class Readers:
         if not grant.admin:
             raise AdminRequired("this needs an admin token (tracker token --admin)")
         return grant
+
+
+def _nothing_revoked(jti: str) -> bool:
+    return False
+
+
+def _vehicles(claim: object) -> frozenset[str]:
+    """A ``vehicles`` claim checked: 1 to 100 vehicle ids (401 otherwise)."""
+    if (
+        not isinstance(claim, list)
+        or not 0 < len(claim) <= MAX_TOKEN_VEHICLES
+        or not all(
+            isinstance(v, str) and 0 < len(v) <= MAX_VEHICLE_ID_CHARS and v.isprintable()
+            for v in claim
+        )
+    ):
+        raise Unauthorized(
+            f"the token's vehicles claim is malformed: 1 to {MAX_TOKEN_VEHICLES} vehicle ids "
+            f"of 1 to {MAX_VEHICLE_ID_CHARS} characters"
+        )
+    return frozenset(claim)
+
+
+def _fleets(claim: object) -> frozenset[str]:
+    """A ``fleets`` claim checked: 1 to 32 fleet names (401 otherwise)."""
+    if (
+        not isinstance(claim, list)
+        or not 0 < len(claim) <= MAX_TOKEN_FLEETS
+        or not all(isinstance(f, str) and FLEET_NAME.fullmatch(f) for f in claim)
+    ):
+        raise Unauthorized(
+            f"the token's fleets claim is malformed: 1 to {MAX_TOKEN_FLEETS} fleet names"
+        )
+    return frozenset(claim)
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -313,10 +417,12 @@ def _origin(text: str) -> str | None:
     return f"{parts.scheme}://{host}"
 
 
-def check_ingest_key(presented: str | None, keys: Sequence[str]) -> str:
-    """The ingest key presented, if it is one of ``keys`` (compared in constant time)."""
+def check_ingest_key(presented: str | None, fleets: Fleets) -> KeyFleet:
+    """The fleet the ingest key presented speaks for: an ingest key (the default fleet) or a
+    key of a fleet in the devices file (each compared in constant time)."""
     if not presented:
         raise IngestKeyRefused("POST /ingest needs an ingest key in the X-Ingest-Key header")
-    if not any(hmac.compare_digest(presented.encode(), key.encode()) for key in keys):
+    fleet = fleets.key_fleet(presented)
+    if fleet is None:
         raise IngestKeyRefused("the X-Ingest-Key is not one of this tracker's ingest keys")
-    return presented
+    return fleet

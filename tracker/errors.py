@@ -125,6 +125,25 @@ class Unauthorized(TrackerError):
         return {"WWW-Authenticate": 'Bearer realm="tracker"'}
 
 
+class TokenExpired(Unauthorized):
+    """A token past its ``exp`` (a tracking link's page says "this link has expired")."""
+
+    code = "token_expired"
+
+
+class TokenRevoked(Unauthorized):
+    """A token whose ``jti`` was revoked (``DELETE /links/{id}``, ``tracker revoke``)."""
+
+    code = "token_revoked"
+
+
+class ForbiddenVehicle(TrackerError):
+    """A token bound to vehicles or fleets asked for a vehicle or an area beyond them."""
+
+    status = 403
+    code = "forbidden_vehicle"
+
+
 class DeviceUnauthorized(Unauthorized):
     """A device (OsmAnd, OwnTracks) without its key, or with a wrong one.
 

@@ -19,10 +19,25 @@ import trio
 from tracker.hub import Batch, FeedHub, Frame, Resume, Subscription
 from tracker.metrics import Metrics
 
-__all__ = ["HEARTBEAT", "SHUTDOWN_EVENT", "encode_event", "feed_events", "render", "sse_event"]
+__all__ = [
+    "FINAL_EVENTS",
+    "HEARTBEAT",
+    "SHUTDOWN_EVENT",
+    "encode_event",
+    "feed_events",
+    "render",
+    "sse_event",
+]
 
 HEARTBEAT = b": keep-alive\n\n"
 SHUTDOWN_EVENT = b"event: shutdown\ndata: server is restarting; reconnect\n\n"
+FINAL_EVENTS = {
+    "shutdown": SHUTDOWN_EVENT,
+    "expired": b"event: expired\ndata: the token has expired\n\n",
+    "revoked": b"event: revoked\ndata: the token was revoked\n\n",
+}
+"""The last event of a feed the server ends, by why (``Subscription.ending``): a client
+reconnects after ``shutdown``, never after ``expired`` or ``revoked``."""
 
 
 def sse_event(kind: bytes, event_id: str, data_lines: list[bytes]) -> bytes:
@@ -100,8 +115,9 @@ async def feed_events(
         with trio.move_on_after(heartbeat_s):
             await sub.wait()
         if sub.closed:
-            metrics.bytes_sent += len(SHUTDOWN_EVENT)
-            yield SHUTDOWN_EVENT
+            final = FINAL_EVENTS[sub.ending]
+            metrics.bytes_sent += len(final)
+            yield final
             return
         owed = sub.take()
         _count(metrics, owed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h3.api.basic_int as h3i
@@ -34,14 +35,30 @@ _NO_POSITIONS = PositionColumns.of(())
 _NO_PREVIOUS = np.empty((0, 2), dtype=np.float64)
 
 
+def _default_fleet(vehicle_id: str) -> str:
+    """Every vehicle in one fleet (an index without fleets)."""
+    return "default"
+
+
 class Vehicle:
     """One tracked vehicle: its published position and the newest ping not yet published."""
 
-    __slots__ = ("cell", "last_ts", "pending", "published", "recv", "stale", "vehicle_id", "vid")
+    __slots__ = (
+        "cell",
+        "fleet",
+        "last_ts",
+        "pending",
+        "published",
+        "recv",
+        "stale",
+        "vehicle_id",
+        "vid",
+    )
 
-    def __init__(self, vid: int, vehicle_id: str) -> None:
+    def __init__(self, vid: int, vehicle_id: str, fleet: str) -> None:
         self.vid = vid
         self.vehicle_id = vehicle_id
+        self.fleet = fleet
         self.cell = 0  # published cell; 0 until the first tick publishes it
         self.published: Position | None = None
         self.pending: Ping | None = None
@@ -106,7 +123,10 @@ class GeoIndex:
         stale_after_s: float,
         remove_after_s: float,
         forget_after_ticks: int = 0,
+        fleet_of: Callable[[str], str] = _default_fleet,
     ) -> None:
+        self.fleet_of = fleet_of
+        """The fleet of a vehicle id (``tracker.fleets.Fleets.fleet_of``)."""
         self.resolution = resolution
         self.stale_after_s = stale_after_s
         self.remove_after_s = remove_after_s
@@ -129,7 +149,7 @@ class GeoIndex:
         """Take a validated ping; False if it is not newer than the vehicle's last one."""
         vehicle = self._by_id.get(ping.vehicle_id)
         if vehicle is None:
-            vehicle = Vehicle(self._next_vid, ping.vehicle_id)
+            vehicle = Vehicle(self._next_vid, ping.vehicle_id, self.fleet_of(ping.vehicle_id))
             self._next_vid += 1
             self._by_id[ping.vehicle_id] = vehicle
             self._by_vid[vehicle.vid] = vehicle
@@ -282,6 +302,14 @@ class GeoIndex:
     def vehicle(self, vehicle_id: str) -> Vehicle | None:
         """A tracked vehicle's state (read it, do not change it), or None if unknown."""
         return self._by_id.get(vehicle_id)
+
+    def fleet_of_vid(self, vid: int) -> str | None:
+        """The fleet of a vehicle by number, also for recently removed vehicles."""
+        vehicle = self._by_vid.get(vid)
+        if vehicle is not None:
+            return vehicle.fleet
+        name = self._graveyard.get(vid)
+        return None if name is None else self.fleet_of(name)
 
     def name_of(self, vid: int) -> str | None:
         """The vehicle id behind a number, also for recently removed vehicles."""

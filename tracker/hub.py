@@ -12,18 +12,20 @@ Synchronous except :meth:`Subscription.wait`; owns no tasks.
 from __future__ import annotations
 
 import base64
+import heapq
 import secrets
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from tracker.config import TrackerConfig
 from tracker.frames import TickFrames, encode_snapshot
-from tracker.geoindex import GeoIndex
+from tracker.geoindex import CellState, GeoIndex
 from tracker.metrics import Metrics
+from tracker.views import View, ViewKey, Watched
 from tracker.wire import decode_frame, frame_to_json
 
 __all__ = [
@@ -118,10 +120,13 @@ class HubStatistics:
 
 
 class Subscription:
-    """One feed connection's interest (a set of cells) and its bounded outbox."""
+    """One feed connection's interest (a :class:`~tracker.views.View`) and its bounded outbox."""
 
-    def __init__(self, cells: frozenset[int], *, is_json: bool, tag: str, hub: FeedHub) -> None:
-        self.cells = cells
+    def __init__(self, view: View, *, is_json: bool, tag: str, hub: FeedHub) -> None:
+        self.view = view
+        self.cells = view.cells or frozenset()
+        self.jti: str | None = None  # the token's id, if it has one (revocation ends us)
+        self.ending = "shutdown"  # why the hub closed us: shutdown, expired, revoked
         self.is_json = is_json
         self.tag = tag  # identifies the area and format inside event ids
         self.closed = False
@@ -160,8 +165,11 @@ class Subscription:
         self._outbox_bytes = 0
         self._wakeup.set()
 
-    def close(self) -> None:
-        """Ask the connection to finish (server shutdown)."""
+    def close(self, ending: str = "shutdown") -> None:
+        """Ask the connection to finish: server shutdown, or its token expired or was
+        revoked (``ending``, which picks the final event; the first reason stays)."""
+        if not self.closed:
+            self.ending = ending
         self.closed = True
         self._wakeup.set()
 
@@ -175,7 +183,7 @@ class Subscription:
         """Everything owed now: queued batches, or a snapshot replacing them."""
         if self.owes_snapshot:
             self.owes_snapshot = False
-            return Resume(self._hub.snapshot(self.cells), [])
+            return Resume(self._hub.snapshot(self.view), [])
         batches = list(self._outbox)
         self._outbox.clear()
         self._outbox_bytes = 0
@@ -221,21 +229,48 @@ class FeedHub:
         self.metrics = metrics
         self.epoch = secrets.token_hex(4)
         self._by_cell: dict[int, set[Subscription]] = {}
+        self._by_key: dict[ViewKey, set[Subscription]] = {}  # narrowed views (tracker.views)
+        self._watched_since: dict[ViewKey, int] = {}  # a key's frames are logged after it
         self._subscriptions: set[Subscription] = set()
-        self._replay: deque[tuple[int, dict[int, Frame], int]] = deque()
+        self._replay: deque[_Logged] = deque()
         self._replay_bytes = 0
         self._snapshot_cache: dict[int, Frame | None] = {}
+        self._view_snapshots: dict[ViewKey, list[Frame]] = {}
+        self._endings: list[tuple[float, int, Subscription]] = []  # heap: when tokens expire
+        self._by_jti: dict[str, set[Subscription]] = {}
         self._closed = False
 
     # --- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, cells: frozenset[int], *, is_json: bool) -> Subscription:
-        """Register interest in ``cells``; every later tick touching them is queued."""
-        sub = Subscription(cells, is_json=is_json, tag=area_tag(cells, is_json), hub=self)
+    def subscribe(
+        self,
+        view: View | frozenset[int],
+        *,
+        is_json: bool,
+        expires: float | None = None,
+        jti: str | None = None,
+    ) -> Subscription:
+        """Register interest in a view (or an area's cells); every later tick touching it
+        is queued. A feed read with a token is ended when the token ``expires`` (checked
+        every tick: :meth:`end_expired`) or its ``jti`` is revoked (:meth:`end_token`)."""
+        if not isinstance(view, View):
+            view = View(view)
+        sub = Subscription(view, is_json=is_json, tag=view.tag(is_json), hub=self)
         if self._closed:
             sub.close()  # shutdown began: it gets its first event, then the final one
-        for cell in cells:
-            self._by_cell.setdefault(cell, set()).add(sub)
+        if expires is not None:
+            heapq.heappush(self._endings, (expires, id(sub), sub))
+            self._compact_endings()
+        if jti is not None:
+            sub.jti = jti
+            self._by_jti.setdefault(jti, set()).add(sub)
+        if view.plain:
+            for cell in sub.cells:
+                self._by_cell.setdefault(cell, set()).add(sub)
+        for key in view.watch_keys():
+            if key not in self._by_key:
+                self._watched_since[key] = self.index.tick  # its frames begin next tick
+            self._by_key.setdefault(key, set()).add(sub)
         self._subscriptions.add(sub)
         return sub
 
@@ -244,11 +279,34 @@ class FeedHub:
         if sub not in self._subscriptions:
             return
         self._subscriptions.discard(sub)
-        for cell in sub.cells:
-            watchers = self._by_cell[cell]
-            watchers.discard(sub)
-            if not watchers:
-                del self._by_cell[cell]
+        if sub.jti is not None:
+            _forget(self._by_jti, (sub.jti,), sub)
+        if sub.view.plain:
+            _forget(self._by_cell, sub.cells, sub)
+        keys = sub.view.watch_keys()
+        _forget(self._by_key, keys, sub)
+        for key in keys - self._by_key.keys():
+            del self._watched_since[key]
+
+    def end_expired(self, now: float) -> None:
+        """End every feed whose token expired by ``now`` (``expired`` event, then close)."""
+        while self._endings and self._endings[0][0] <= now:
+            sub = heapq.heappop(self._endings)[2]
+            if sub in self._subscriptions:
+                sub.close("expired")
+
+    def end_token(self, jti: str) -> int:
+        """End every feed read with the token ``jti`` (revoked); returns how many."""
+        subs = list(self._by_jti.get(jti, ()))
+        for sub in subs:
+            sub.close("revoked")
+        return len(subs)
+
+    def _compact_endings(self) -> None:
+        """Drop the expiry entries of feeds gone (kept lazily; bounded to twice the live)."""
+        if len(self._endings) > 2 * len(self._subscriptions) + 64:
+            self._endings = [e for e in self._endings if e[2] in self._subscriptions]
+            heapq.heapify(self._endings)
 
     def resnapshot_all(self) -> None:
         """Give every feed a fresh snapshot (the bus reconnected: batches may be missing)."""
@@ -292,29 +350,49 @@ class FeedHub:
 
     # --- ticks ---------------------------------------------------------------------------
 
+    def watched(self) -> Watched:
+        """The narrowed views some feed watches: what the next tick must encode for them."""
+        if not self._by_key:
+            return Watched()
+        fleet_keys = frozenset(key for key in self._by_key if isinstance(key, tuple))
+        vehicles = {}
+        for key in self._by_key:
+            if isinstance(key, str) and (vehicle := self.index.vehicle(key)) is not None:
+                vehicles[vehicle.vid] = key
+        return Watched(fleet_keys, vehicles)
+
     def publish(self, tick: TickFrames) -> None:
         """Encode a tick's frames once and queue them for their subscribers; never blocks."""
         frames = {
             cell: Frame(cell, data, tick.long.get(cell)) for cell, data in tick.frames.items()
         }
+        views = {
+            key: [Frame(f.cell, f.data, f.long) for f in view_frames]
+            for key, view_frames in tick.views.items()
+        }
         self._snapshot_cache.clear()
-        self._remember(tick.tick, frames)
+        self._view_snapshots.clear()
+        self._remember(_Logged.of(tick.tick, frames, views))
         owed: dict[Subscription, list[Frame]] = {}
         for cell, frame in frames.items():
             for sub in self._by_cell.get(cell, ()):
                 owed.setdefault(sub, []).append(frame)
+        for key, key_frames in views.items():
+            for sub in self._by_key.get(key, ()):
+                admitted = [f for f in key_frames if sub.view.admits(f.cell)]
+                if admitted:
+                    owed.setdefault(sub, []).extend(admitted)
         for sub, sub_frames in owed.items():
             sub.push(Batch(tick.tick, sub_frames))
 
-    def _remember(self, tick: int, frames: dict[int, Frame]) -> None:
-        size = sum(f.held_bytes for f in frames.values())
-        self._replay.append((tick, frames, size))
-        self._replay_bytes += size
+    def _remember(self, logged: _Logged) -> None:
+        self._replay.append(logged)
+        self._replay_bytes += logged.size
         while self._replay and (
             len(self._replay) > self.config.replay_ticks
             or self._replay_bytes > self.config.replay_max_bytes
         ):
-            self._replay_bytes -= self._replay.popleft()[2]
+            self._replay_bytes -= self._replay.popleft().size
 
     # --- starting a feed -----------------------------------------------------------------
 
@@ -331,15 +409,15 @@ class FeedHub:
         """
         since = self._resumable_tick(sub, last_event_id)
         if since is not None:
-            batches = self._missed(sub.cells, since)
+            batches = self._missed(sub.view, since)
             if batches is not None:
                 replay_size = sum(len(f.b64) for b in batches for f in b.frames)
-                snapshot = self.snapshot(sub.cells)
+                snapshot = self.snapshot(sub.view)
                 if replay_size <= sum(len(f.b64) for f in snapshot):
                     self.metrics.replays += 1
                     return Resume(None, batches)
                 return Resume(snapshot, [])
-        return Resume(self.snapshot(sub.cells), [])
+        return Resume(self.snapshot(sub.view), [])
 
     def _resumable_tick(self, sub: Subscription, last_event_id: str | None) -> int | None:
         parts = (last_event_id or "").strip().split(".")
@@ -351,20 +429,75 @@ class FeedHub:
             return None
         return tick if 0 <= tick <= self.index.tick else None
 
-    def _missed(self, cells: frozenset[int], since: int) -> list[Batch] | None:
-        """Batches for ``cells`` after tick ``since``, or None if the log no longer has them."""
-        if since < self.index.tick and (not self._replay or self._replay[0][0] > since + 1):
+    def _missed(self, view: View, since: int) -> list[Batch] | None:
+        """Batches of ``view`` after tick ``since``, or None if the log no longer has them."""
+        if since < self.index.tick and (not self._replay or self._replay[0].tick > since + 1):
             return None
         batches = []
-        for tick, frames, _ in self._replay:
-            if tick > since:
-                hits = [frames[c] for c in cells & frames.keys()]
+        keys = view.watch_keys()
+        if any(self._watched_since.get(key, since + 1) > since for key in keys):
+            return None  # nobody watched it for a while: its frames were never made
+        sub_cells = view.cells or frozenset()
+        for logged in self._replay:
+            if logged.tick > since:
+                if view.plain:
+                    hits = [logged.frames[c] for c in sub_cells & logged.frames.keys()]
+                else:
+                    hits = [
+                        f
+                        for key in keys & logged.views.keys()
+                        for f in logged.views[key]
+                        if view.admits(f.cell)
+                    ]
                 if hits:
-                    batches.append(Batch(tick, hits))
+                    batches.append(Batch(logged.tick, hits))
         return batches
 
-    def snapshot(self, cells: Iterable[int]) -> list[Frame]:
-        """Frames with every published vehicle of ``cells``; each cell's built once per tick."""
+    def snapshot(self, view: View | Iterable[int]) -> list[Frame]:
+        """Frames with every published vehicle of a view (or of cells); each cell's or
+        narrowed key's built once per tick."""
+        if not isinstance(view, View):
+            return self._cell_snapshot(view)
+        if view.plain:
+            return self._cell_snapshot(view.cells or ())
+        result = []
+        for key in view.watch_keys():
+            if key not in self._view_snapshots:
+                self._view_snapshots[key] = self._key_snapshot(key)
+            result += [f for f in self._view_snapshots[key] if view.admits(f.cell)]
+        return result
+
+    def _key_snapshot(self, key: ViewKey) -> list[Frame]:
+        """A narrowed key's snapshot: a cell's vehicles of one fleet, or one vehicle."""
+        if isinstance(key, tuple):
+            cell, fleet = key
+            state = self.index.cell_state(cell)
+            if state is None:
+                return []
+            vids = {vid for vid, _ in state.names if self.index.fleet_of_vid(vid) == fleet}
+            if not vids:
+                return []
+            state = CellState(
+                cell,
+                state.t_ms,
+                positions=[p for p in state.positions if p.vid in vids],
+                names=[n for n in state.names if n[0] in vids],
+                stale=[vid for vid in state.stale if vid in vids],
+            )
+            return [Frame(cell, encode_snapshot(state))]
+        vehicle = self.index.vehicle(key)
+        if vehicle is None or vehicle.published is None:
+            return []
+        state = CellState(
+            vehicle.cell,
+            self.index.t_ms,
+            positions=[vehicle.published],
+            names=[(vehicle.vid, vehicle.vehicle_id)],
+            stale=[vehicle.vid] if vehicle.stale else [],
+        )
+        return [Frame(vehicle.cell, encode_snapshot(state))]
+
+    def _cell_snapshot(self, cells: Iterable[int]) -> list[Frame]:
         result = []
         for cell in cells:
             if cell in self._snapshot_cache:
@@ -380,5 +513,30 @@ class FeedHub:
 
 def area_tag(cells: frozenset[int], is_json: bool) -> str:
     """A short stable hash of an area and format, for event ids (live and replayed)."""
-    digest = zlib.crc32(b"".join(c.to_bytes(8, "little") for c in sorted(cells)))
-    return f"{digest ^ int(is_json):08x}"
+    return View(cells).tag(is_json)
+
+
+@dataclass(frozen=True)
+class _Logged:
+    """One tick in the replay log: its cell frames and its narrowed views' frames."""
+
+    tick: int
+    frames: dict[int, Frame]
+    views: dict[ViewKey, list[Frame]]
+    size: int = 0
+    """What the log's byte budget counts for this tick."""
+
+    @classmethod
+    def of(cls, tick: int, frames: dict[int, Frame], views: dict[ViewKey, list[Frame]]) -> _Logged:
+        size = sum(f.held_bytes for f in frames.values())
+        size += sum(f.held_bytes for view_frames in views.values() for f in view_frames)
+        return cls(tick, frames, views, size)
+
+
+def _forget(index: dict[Any, set[Subscription]], keys: Iterable[Any], sub: Subscription) -> None:
+    """Take ``sub`` out of ``index`` under each of ``keys``, dropping emptied keys."""
+    for key in keys:
+        watchers = index[key]
+        watchers.discard(sub)
+        if not watchers:
+            del index[key]

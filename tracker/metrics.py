@@ -154,6 +154,9 @@ class Metrics:
 
     pings_accepted: int = _counter("Pings accepted into the geo-index.")
     pings_rejected: int = _counter("Pings rejected as invalid.")
+    pings_refused_fleet: int = _counter(
+        "Pings refused because their key may not report for the vehicle's fleet."
+    )
     pings_ignored: int = _counter("Pings ignored as not newer than the vehicle's last one.")
     ticks: int = _counter("Ticks published.")
     events_sent: int = _counter("SSE events handed to connections (snapshots and batches).")

@@ -43,6 +43,9 @@ class Ping(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Fals
     ts: float
     speed: float | None = None
     heading: float | None = None
+    fleet: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
+    """The vehicle's fleet, named per ping only by a key of an admin fleet (else the
+    key's own fleet; see ``tracker.fleets``)."""
 
 
 class Rejection(msgspec.Struct, frozen=True):

@@ -41,6 +41,7 @@ from tracker.config import TrackerConfig
 from tracker.devices.gateway import DeviceGateway
 from tracker.devices.sources import run_sources
 from tracker.feed import feed_events
+from tracker.fleets import DEFAULT_KEY, KeyFleet
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
 from tracker.history.store import open_store
@@ -53,6 +54,7 @@ from tracker.zones.book import ZoneBook
 from tracker.zones.engine import ZoneEngine
 from tracker.zones.events import EventSink
 from tracker.zones.store import ZoneStore
+from tracker.views import View
 
 __all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker", "VehicleReport"]
 
@@ -145,11 +147,15 @@ class Tracker:
     ) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.devices = DeviceGateway(config, self.ingest_pings)
+        self.metrics.sources = self.devices.stats
+        self.fleets = self.devices.fleets
         self.index = GeoIndex(
             resolution=config.h3_resolution,
             stale_after_s=config.stale_after_s,
             remove_after_s=config.remove_after_s,
             forget_after_ticks=config.replay_ticks,
+            fleet_of=self.fleets.fleet_of,
         )
         self.hub = FeedHub(config, self.index, self.metrics)
         self.bus: Bus = bus or self._make_bus()
@@ -173,8 +179,6 @@ class Tracker:
             else None
         )
         """Where accepted pings are kept (None: history is off)."""
-        self.devices = DeviceGateway(config, self.ingest_pings)
-        self.metrics.sources = self.devices.stats
         self.zones = ZoneBook(
             ZoneEngine(
                 self.index,
@@ -257,8 +261,10 @@ class Tracker:
         """Publish everything ingested since the last tick to the feeds."""
         started = time.perf_counter()
         now = time.time()
+        watched = self.hub.watched()  # before advance: a vehicle removed now is still known
         changes = self.index.advance(now)
-        self.hub.publish(encode_tick(changes))
+        self.hub.publish(encode_tick(changes, watched, self.index.fleet_of_vid))
+        self.hub.end_expired(now)
         self.metrics.zone_events += len(self.zones.engine.tick(now))
         self.metrics.observe_tick(time.perf_counter() - started)
         self.metrics.observe_published(now, changes.ping_ts)
@@ -281,13 +287,14 @@ class Tracker:
         *,
         admit: Callable[[int], None] = _admit_all,
         now: float | None = None,
+        fleet: KeyFleet = DEFAULT_KEY,
     ) -> IngestReply:
         """Decode one posted batch, then take it as :meth:`ingest_pings` does.
 
         Raises a :class:`~tracker.errors.TrackerError` when the body does not decode.
         """
         pings, rejections = decode_body(body, content_type, self.config)
-        return self.ingest_pings(pings, rejections=rejections, admit=admit, now=now)
+        return self.ingest_pings(pings, rejections=rejections, admit=admit, now=now, fleet=fleet)
 
     def ingest_pings(
         self,
@@ -296,8 +303,9 @@ class Tracker:
         rejections: Rejections | None = None,
         admit: Callable[[int], None] = _admit_all,
         now: float | None = None,
+        fleet: KeyFleet = DEFAULT_KEY,
     ) -> IngestReply:
-        """Check and apply decoded pings, and forward what was taken to the bus.
+        """Check and apply decoded pings of ``fleet``'s key, and forward what was taken.
 
         The one way in for pings, whoever decoded them (``/ingest``, the device
         protocols, GTFS-realtime feeds): the same checks, reasons and metrics for all.
@@ -311,13 +319,16 @@ class Tracker:
         history = self.history
         if history is not None:
             admit = functools.partial(_admit_both, admit, history.admit)
+        if rejections is None:
+            rejections = Rejections()
+        pings = self._placed(pings, rejections, fleet)
         zones = self.zones.engine
         keep = self.bus.forwards or history or zones.active
         forwarded: list[Ping] | None = [] if keep else None
         now = time.time() if now is None else now
         reply = apply_pings(
             pings,
-            rejections if rejections is not None else Rejections(),
+            rejections,
             index=self.index,
             config=self.config,
             metrics=self.metrics,
@@ -332,11 +343,35 @@ class Tracker:
             zones.record(forwarded, now)
         return reply
 
+    def _placed(
+        self, pings: Sequence[Ping | None], rejections: Rejections, fleet: KeyFleet
+    ) -> Sequence[Ping | None]:
+        """The pings named by their wire ids; one the key may not send becomes None, with
+        its reason, and is counted (``tracker_pings_refused_fleet_total``)."""
+        if self.fleets.single and fleet == DEFAULT_KEY and not any(p and p.fleet for p in pings):
+            return pings  # one fleet, and nobody names one: every id is its own wire id
+        placed: list[Ping | None] = []
+        for position, ping in enumerate(pings):
+            where = None if ping is None else self.fleets.place(ping, fleet)
+            if isinstance(where, str):
+                rejections.add(position, where)
+                self.metrics.pings_refused_fleet += 1
+                where = None
+            placed.append(where)
+        return placed
+
     @asynccontextmanager
     async def open_feed(
-        self, cells: frozenset[int], *, is_json: bool, last_event_id: str | None
+        self,
+        view: View | frozenset[int],
+        *,
+        is_json: bool,
+        last_event_id: str | None,
+        expires: float | None = None,
+        jti: str | None = None,
     ) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Open one feed of ``cells``; yields its SSE byte chunks, endless until shutdown.
+        """Open one feed of a view (or of cells); yields its SSE byte chunks, endless until
+        shutdown, or until its token ``expires`` or its ``jti`` is revoked.
 
         The bus first makes sure the area's vehicles are here (Redis bus), then the hub
         subscribes the feed and decides its first event (replay of ``last_event_id`` or a
@@ -344,13 +379,16 @@ class Tracker:
         and unwatches at once. After :meth:`shutdown` a feed still opens, and ends after
         its first event with the ``shutdown`` event.
         """
+        if not isinstance(view, View):
+            view = View(view)
+        cells = view.cells or frozenset()  # vehicles anywhere: what this instance holds
         try:
             await self.bus.watch(cells)
         except BaseException:
             self.bus.unwatch(cells)
             raise
         try:
-            sub = self.hub.subscribe(cells, is_json=is_json)
+            sub = self.hub.subscribe(view, is_json=is_json, expires=expires, jti=jti)
             try:
                 first = self.hub.start(sub, last_event_id)
                 self.metrics.feeds_opened += 1

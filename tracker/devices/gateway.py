@@ -27,6 +27,7 @@ import msgspec
 from tracker.config import TrackerConfig
 from tracker.devices.identity import Registry
 from tracker.errors import NothingAccepted, TrackerError
+from tracker.fleets import DEFAULT_FLEET, Fleets, KeyFleet
 from tracker.limits import IngestRate
 from tracker.pings import IngestReply, Ping
 
@@ -42,7 +43,12 @@ class Ingest(Protocol):
     """``Tracker.ingest_pings``, as the gateway calls it."""
 
     def __call__(
-        self, pings: Sequence[Ping | None], *, admit: Callable[[int], None], now: float | None
+        self,
+        pings: Sequence[Ping | None],
+        *,
+        admit: Callable[[int], None],
+        now: float | None,
+        fleet: KeyFleet,
     ) -> IngestReply: ...
 
 
@@ -82,6 +88,8 @@ class DeviceGateway:
     def __init__(self, config: TrackerConfig, ingest: Ingest) -> None:
         self.config = config
         self.registry = Registry.for_config(config)
+        self.fleets = Fleets(self.registry.fleets, config.ingest_key_list)
+        """Every fleet and its keys (devices file and ingest keys): what ``/ingest`` checks."""
         self.sources: dict[str, SourceStats] = {}
         self._ingest = ingest
         self._rate = IngestRate(config.device_rate_per_s, what="device")
@@ -118,14 +126,16 @@ class DeviceGateway:
         *,
         admit: Callable[[int], None] = _unlimited,
         now: float | None = None,
+        fleet: str = DEFAULT_FLEET,
     ) -> IngestReply:
-        """Ingest ``pings`` from ``source``; rejected pings are counted and acknowledged.
+        """Ingest ``pings`` of devices of ``fleet`` from ``source``; rejected pings are
+        counted and acknowledged.
 
         Raises only what refuses the whole batch before it is applied (a rate limit).
         """
         stats = self.source(source)
         try:
-            reply = self._ingest(pings, admit=admit, now=now)
+            reply = self._ingest(pings, admit=admit, now=now, fleet=KeyFleet(fleet))
         except NothingAccepted as exc:
             reply = msgspec.convert({"accepted": 0, "ignored": 0, **exc.details}, IngestReply)
         except TrackerError as exc:

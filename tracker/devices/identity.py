@@ -16,28 +16,30 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
 
 from tracker.config import ConfigError, TrackerConfig, env_name, flag
 from tracker.errors import BadRequest, DeviceUnauthorized, UnknownDevice
+from tracker.fleets import DEFAULT_FLEET, FLEET_NAME
 
 __all__ = ["DEFAULT_FLEET", "DeviceEntry", "DevicesFile", "Fleet", "Registry", "check_device_id"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FLEET = "default"
 MAX_DEVICE_ID_CHARS = 64  # what a Ping's vehicle_id holds
 MAX_KEY_CHARS = 256  # longest key even compared
 
 
 class Fleet(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A group of devices sharing keys; ``register``: take unknown devices on first sight."""
+    """A group of devices sharing keys; ``register``: take unknown devices on first sight;
+    ``admin``: its keys may name any fleet per ping at ``/ingest`` (``tracker.fleets``)."""
 
     keys: list[str] = []
     register: bool = False
+    admin: bool = False
 
 
 class DeviceEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,6 +78,9 @@ class Registry:
     """The fleets and devices this process knows, and the devices it registered itself."""
 
     def __init__(self, spec: DevicesFile, *, max_registered: int) -> None:
+        for name in spec.fleets:
+            if not FLEET_NAME.fullmatch(name):
+                raise ValueError(f"fleet name {name!r}: 1 to 32 of A-Z a-z 0-9 _ . - (no '/')")
         for device_id, entry in spec.devices.items():
             if entry.fleet not in spec.fleets:
                 raise ValueError(f"device {device_id!r} names an unknown fleet {entry.fleet!r}")
@@ -98,6 +103,11 @@ class Registry:
             raise ConfigError(f"{where}: cannot be read: {exc.strerror}") from None
         except (msgspec.DecodeError, ValueError) as exc:
             raise ConfigError(f"{where}: not a devices file (docs/devices.md): {exc}") from None
+
+    @property
+    def fleets(self) -> Mapping[str, Fleet]:
+        """The configured fleets by name (``default`` without a devices file)."""
+        return self._fleets
 
     @property
     def registered(self) -> int:

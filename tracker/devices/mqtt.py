@@ -177,4 +177,4 @@ class MqttSource:
                 self.gateway.refuse(SOURCE, exc)
         if pings:
             with contextlib.suppress(TrackerError):  # refused whole: the gateway counted it
-                self.gateway.take(SOURCE, pings)
+                self.gateway.take(SOURCE, pings, fleet=self.fleet)

@@ -96,9 +96,9 @@ def add_device_routes(app: QuartTrio, gateway: DeviceGateway, body_reads: BodyRe
                 params = dict(form)
             ping = decode_query(params, now=now)
         key = params.get("key") or _basic()[1]
-        gateway.registry.authenticate(ping.vehicle_id, key)
+        fleet = gateway.registry.authenticate(ping.vehicle_id, key)
         admit = gateway.device_admit("osmand", ping.vehicle_id)
-        return _reply(gateway.take("osmand", [ping], admit=admit, now=now))
+        return _reply(gateway.take("osmand", [ping], admit=admit, now=now, fleet=fleet))
 
     @app.post("/owntracks")
     @_counted(gateway, "owntracks-http")
@@ -109,11 +109,11 @@ def add_device_routes(app: QuartTrio, gateway: DeviceGateway, body_reads: BodyRe
         device_id = "/".join(part for part in (user, request.headers.get("X-Limit-D")) if part)
         if not device_id:
             raise BadRequest("OwnTracks needs X-Limit-U and X-Limit-D, or a Basic auth user")
-        gateway.registry.authenticate(device_id, password or request.args.get("key"))
+        fleet = gateway.registry.authenticate(device_id, password or request.args.get("key"))
         ping = decode_message(await read_body(), device_id)
         if ping is not None:
             admit = gateway.device_admit("owntracks-http", device_id)
-            gateway.take("owntracks-http", [ping], admit=admit, now=now)
+            gateway.take("owntracks-http", [ping], admit=admit, now=now, fleet=fleet)
         return _reply([])
 
 

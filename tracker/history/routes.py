@@ -42,7 +42,7 @@ from quart_trio import QuartTrio
 from werkzeug.routing import PathConverter
 
 from tracker.auth import Grant, Readers
-from tracker.errors import BadRequest, HistoryDisabled
+from tracker.errors import BadRequest, ForbiddenVehicle, HistoryDisabled
 from tracker.history.cursor import (
     bind_query,
     decode_area_cursor,
@@ -71,6 +71,7 @@ __all__ = [
     "MAX_TOLERANCE_M",
     "MAX_TRACK_WINDOW_S",
     "PageQuery",
+    "VehicleIdConverter",
     "add_history_routes",
     "parse_page_query",
     "parse_tolerance",
@@ -173,7 +174,7 @@ def add_history_routes(
     """
     config = tracker.config
     resolution = config.h3_resolution
-    app.url_map.converters["vehicle_id"] = _VehicleIdConverter
+    app.url_map.converters["vehicle_id"] = VehicleIdConverter
 
     def reading() -> tuple[Grant | None, History, dict[str, list[str]]]:
         """Who asks, the history they read, and the query: checked in this order."""
@@ -191,6 +192,8 @@ def add_history_routes(
     async def vehicle_track(vehicle_id: str) -> Response:
         grant, history, args = reading()
         vehicle_id = parse_vehicle_id(vehicle_id, request.scope.get("raw_path", b""))
+        if grant is not None:
+            grant.check_vehicle(vehicle_id, tracker.fleets)  # 403 beyond its vehicles, fleets
         query = parse_page_query(
             args,
             now=time.time(),
@@ -221,6 +224,11 @@ def add_history_routes(
     @app.get("/history")
     async def area_history() -> Response:
         grant, history, args = reading()
+        if grant is not None and grant.narrowed:
+            raise ForbiddenVehicle(
+                "the token is bound to vehicles or fleets: read their tracks "
+                "(/vehicles/{id}/track), not an area's history"
+            )
         query = parse_page_query(
             args,
             now=time.time(),
@@ -259,7 +267,7 @@ def add_history_routes(
         return Response(await history.read(answer), content_type=CONTENT_TYPES[query.fmt])
 
 
-class _VehicleIdConverter(PathConverter):
+class VehicleIdConverter(PathConverter):
     """Any vehicle id in a path: slashes included (as ``path``), and line breaks, which
     ``path`` refuses (a ping's id may hold any character). An empty path segment (a
     leading ``/``, or ``//``) still cannot be matched: werkzeug's router drops those."""

@@ -1,0 +1,93 @@
+"""Views: what one feed watches, and the keys its frames are published under.
+
+A feed watches one :class:`View`:
+
+* an **area**: cells; it gets every cell's frame (one encoding per cell per tick);
+* an area narrowed to **fleets** (``fleet=a,b``): it gets the frames of the keys
+  ``(cell, fleet)``, holding only that fleet's vehicles;
+* **vehicles** (``vehicles=van-12,van-40``), followed wherever they go, optionally only
+  within cells (a tracking link bound to an area): it gets the frames keyed by each
+  vehicle's wire id, holding only that vehicle.
+
+Frames of ``(cell, fleet)`` and vehicle keys are encoded only for keys some feed watches
+(:class:`Watched`, asked of the hub before each tick), once each, and shared by every feed
+watching the same key: the encode-once rule of area feeds, per view.
+
+Pure and synchronous; owns no tasks.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["FleetKey", "Narrowing", "View", "ViewKey", "Watched"]
+
+FleetKey = tuple[int, str]
+"""A cell's vehicles of one fleet."""
+ViewKey = FleetKey | str
+"""What a narrowed view's frames are keyed by: ``(cell, fleet)``, or a vehicle's wire id."""
+
+
+@dataclass(frozen=True)
+class View:
+    """What one feed watches: ``cells`` (None: anywhere, vehicles only), narrowed to
+    ``fleets`` or to ``vehicles`` (wire ids) when set."""
+
+    cells: frozenset[int] | None
+    fleets: frozenset[str] | None = None
+    vehicles: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cells is None and self.vehicles is None:
+            raise ValueError("only a view of vehicles may leave the cells out")
+        if self.fleets is not None and self.vehicles is not None:
+            raise ValueError("a view narrows to fleets or to vehicles, not both")
+
+    @property
+    def plain(self) -> bool:
+        """An area view: it takes every cell frame of its cells."""
+        return self.fleets is None and self.vehicles is None
+
+    def watch_keys(self) -> frozenset[ViewKey]:
+        """The keys of a narrowed view's frames (empty for an area view)."""
+        if self.vehicles is not None:
+            return frozenset(self.vehicles)
+        if self.fleets is not None and self.cells is not None:
+            return frozenset((cell, fleet) for cell in self.cells for fleet in self.fleets)
+        return frozenset()
+
+    def admits(self, cell: int) -> bool:
+        """Whether a frame of ``cell`` belongs to the view (vehicle frames are cut by area)."""
+        return self.cells is None or cell in self.cells
+
+    def tag(self, is_json: bool) -> str:
+        """A short stable hash of the view and format, for event ids (see ``hub.area_tag``)."""
+        parts = [c.to_bytes(8, "little") for c in sorted(self.cells or ())]
+        if self.fleets is not None:
+            parts += [b"\0f", *(f.encode() + b"\0" for f in sorted(self.fleets))]
+        if self.vehicles is not None:
+            parts += [b"\0v", *(v.encode() + b"\0" for v in sorted(self.vehicles))]
+        digest = zlib.crc32(b"".join(parts))
+        return f"{digest ^ int(is_json):08x}"
+
+
+@dataclass(frozen=True)
+class Watched:
+    """The narrowed keys some feed watches now: which frames a tick must encode."""
+
+    fleet_keys: frozenset[FleetKey] = frozenset()
+    vehicles: Mapping[int, str] = field(default_factory=dict)
+    """The watched vehicles the index knows: number (``vid``) to wire id."""
+
+    def __bool__(self) -> bool:
+        return bool(self.fleet_keys or self.vehicles)
+
+
+@dataclass(frozen=True)
+class Narrowing:
+    """What a feed request narrows its view to: fleets, or vehicles (None: not narrowed)."""
+
+    fleets: frozenset[str] | None = None
+    vehicles: frozenset[str] | None = None
