@@ -24,9 +24,10 @@ import trio
 READY = b"press Ctrl-C"
 """What every long-running ``tracker`` command prints once it is serving."""
 
-QUIET_ENV = {"TRACKER_HISTORY": "off"}
-"""What child trackers get unless a test says otherwise: no history file in the working
-directory (``serve`` and ``demo`` keep one by default); pass ``--history PATH``."""
+QUIET_ENV = {"TRACKER_HISTORY": "off", "TRACKER_REVOCATIONS_FILE": "", "TRACKER_META_FILE": ""}
+"""What child trackers get unless a test says otherwise: no history or revocations file in
+the working directory (``serve`` and ``demo`` keep them by default); pass ``--history PATH``
+or ``--revocations-file PATH``."""
 
 CHUNK = 65536
 

@@ -49,7 +49,9 @@ from tracker.history.replay import Replays
 from tracker.history.routes import VehicleIdConverter, add_history_routes
 from tracker.ingest import media_is_json
 from tracker.limits import IngestRate, StreamSlots, held_while_streaming
+from tracker.links import add_link_routes
 from tracker.logs import Throttle
+from tracker.meta import add_meta_routes
 from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tracker.pings import MAX_VEHICLE_ID_CHARS
 from tracker.regions import AREA_CONCURRENCY, AREA_PARAMS, MAX_QUERY_BYTES, parse_area_async
@@ -97,6 +99,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = config.ingest_max_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # feeds are endless; see docs/architecture.md
     keyring = Keyring.for_config(config)
+    keyring.revoked = tracker.revocations.is_revoked
     readers = Readers(keyring, open_feeds=config.open_feeds)
     slots = StreamSlots(
         per_token=config.max_streams_per_token,
@@ -284,6 +287,8 @@ def create_app(tracker: Tracker) -> QuartTrio:
     add_history_routes(app, tracker, readers=readers, area_limiter=area_limiter)
     add_device_routes(app, tracker.devices, body_reads)
     add_zone_routes(app, tracker.zones, readers=readers, body_reads=body_reads)
+    add_link_routes(app, tracker, readers=readers, body_reads=body_reads)
+    add_meta_routes(app, tracker, readers=readers, body_reads=body_reads)
 
     @app.get("/healthz")
     async def healthz() -> Response:

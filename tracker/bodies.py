@@ -20,12 +20,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterable
 
 import trio
+from quart import Request, g
 
 from tracker.config import TrackerConfig
-from tracker.errors import PayloadTooLarge, RequestTimeout, ServiceBusy
+from tracker.errors import PayloadTooLarge, RequestTimeout, ServiceBusy, UnsupportedMediaType
 from tracker.metrics import Metrics
 
-__all__ = ["BodyReads"]
+__all__ = ["BodyReads", "json_body"]
 
 BUSY_RETRY_AFTER_S = 1.0  # what a refused upload is told to wait
 
@@ -75,3 +76,15 @@ class BodyReads:
                 received=len(received),
             )
         return bytes(received)
+
+
+async def json_body(reads: BodyReads, request: Request, *, limit: int, what: str) -> bytes:
+    """A small JSON request body (an admin's ``POST /links``, ``PUT /meta``): 415 unless
+    ``application/json``, 413 beyond ``limit`` bytes, read by ``reads``; marks it read."""
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(f"{what} takes application/json", allowed=["application/json"])
+    if (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes", limit=limit)
+    body = await reads.read(request.body, limit=limit)
+    g.body_read = True
+    return body

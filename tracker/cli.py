@@ -1,4 +1,4 @@
-"""The ``tracker`` command: ``serve``, ``simulate``, ``demo`` and ``token``.
+"""The ``tracker`` command: ``serve``, ``simulate``, ``demo``, ``token`` and ``revoke``.
 
 Every option is generated from a field of a config Struct (``TrackerConfig``,
 ``FleetConfig``, ``SendConfig``), so flags, help, ``TRACKER_*`` environment variables and
@@ -39,6 +39,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import httpx
+import jwt
 import msgspec
 import trio
 
@@ -49,6 +51,8 @@ from tracker.auth import Keyring, new_secret
 from tracker.config import (
     BOOLEAN_WORDS,
     DEFAULT_HISTORY,
+    DEFAULT_META,
+    DEFAULT_REVOCATIONS,
     ENV_PREFIX,
     ConfigError,
     LogConfig,
@@ -80,7 +84,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SERVICE_DEFAULTS = {"HISTORY": DEFAULT_HISTORY}
+SERVICE_DEFAULTS = {
+    "HISTORY": DEFAULT_HISTORY,
+    "REVOCATIONS_FILE": DEFAULT_REVOCATIONS,
+    "META_FILE": DEFAULT_META,
+}
 """What ``serve`` and ``demo`` change from the defaults: history kept in a local file (the
 config's own default, history off, is for a tracker embedded in tests and benchmarks)."""
 DEMO_DEFAULTS = {"VEHICLES": "2000", "OPEN_FEEDS": "true", "CORS_ORIGINS": "*"}
@@ -191,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(not with --area)",
     )
     token_parser.add_argument(
+        "--vehicle",
+        action="append",
+        default=[],
+        help="a tracking link: the token sees only this vehicle (wire id; repeat for more), "
+        "wherever it goes (with --area: only inside it); revoke it with tracker revoke",
+    )
+    token_parser.add_argument(
+        "--fleet",
+        action="append",
+        default=[],
+        help="the token sees only this fleet's vehicles (repeat for more)",
+    )
+    token_parser.add_argument(
         "--ttl", default="1h", help="how long it is valid: 90s, 30m, 1h, 7d (default 1h)"
     )
     token_parser.add_argument(
@@ -201,6 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_options(
         token_parser,
+        TrackerConfig,
+        only=TOKEN_OPTIONS,
+        descriptions={"token_secrets": TOKEN_SECRETS_HELP},
+    )
+    revoke_parser = commands.add_parser(
+        "revoke",
+        help="revoke one token or tracking link on every instance, until it expires",
+        description="Revoke a token by its id (jti, the id POST /links returns): DELETE "
+        "/links/{id} on the running tracker, with an admin token minted from its secret.",
+    )
+    revoke_parser.add_argument("jti", help="the id of the token or link to revoke")
+    revoke_parser.add_argument(
+        "--base-url",
+        default="",
+        help="the tracker to ask (default: http://HOST:PORT of TRACKER_HOST and TRACKER_PORT)",
+    )
+    _add_options(
+        revoke_parser,
         TrackerConfig,
         only=TOKEN_OPTIONS,
         descriptions={"token_secrets": TOKEN_SECRETS_HELP},
@@ -517,21 +556,48 @@ def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             "no token secret: set TRACKER_TOKEN_SECRETS (or --token-secrets) to the "
             "server's secret; a secret made up by tracker serve dies with the server"
         )
-    if args.admin and args.area:
-        raise ConfigError("--admin and --area: an admin token sees every area")
+    if args.admin and (args.area or args.vehicle or args.fleet):
+        raise ConfigError("--admin and --area, --vehicle or --fleet: an admin token sees all")
+    if args.vehicle and args.fleet:
+        raise ConfigError("--vehicle or --fleet, not both")
     area = urllib.parse.parse_qs(args.area, keep_blank_values=True) if args.area else None
     try:
         token = Keyring.for_config(config).mint(
-            ttl_s=_parse_ttl(args.ttl), area=area, admin=args.admin
+            ttl_s=_parse_ttl(args.ttl),
+            area=area,
+            admin=args.admin,
+            vehicles=args.vehicle or None,
+            fleets=args.fleet or None,
         )
     except TrackerError as exc:
-        raise ConfigError(f"area {args.area!r}: {exc.message}") from exc
+        raise ConfigError(f"--area, --vehicle or --fleet: {exc.message}") from exc
     base = (args.base_url or _base_url(config)).rstrip("/")
     query = f"{args.area}&" if args.area else f"bbox={EXAMPLE_BBOX}&"
+    if args.vehicle:  # a tracking link: its page follows the vehicle, no area needed
+        query = f"{args.area}&" if args.area else ""
+        jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+        print(f"id:     {jti}  (tracker revoke {jti})", file=sys.stderr)
     print(token)
     print(f"feed:   {base}/feed?{query}token={token}")
     print(f"embed:  {base}/embed?{query}token={token}")
     print(f"iframe: {iframe_snippet(f'{base}/embed?{query}token={token}')}")
+
+
+def _revoke(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``tracker revoke``: ``DELETE /links/{jti}`` on the running tracker, as an admin."""
+    config = config_from(args, environ)
+    if not config.token_secret_list:
+        raise ConfigError("no token secret: set TRACKER_TOKEN_SECRETS to the server's secret")
+    admin = Keyring.for_config(config).mint(ttl_s=60, admin=True)
+    base = (args.base_url or _base_url(config)).rstrip("/")
+    url = f"{base}/links/{urllib.parse.quote(args.jti, safe='')}"
+    try:
+        reply = httpx.delete(url, headers={"Authorization": f"Bearer {admin}"}, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"tracker: cannot reach {base}: {exc}", file=sys.stderr)
+        return 1
+    print(reply.text)
+    return 0 if reply.status_code == 200 else 1
 
 
 def command_environ(command: str, environ: Mapping[str, str]) -> dict[str, str]:
@@ -546,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _tune_garbage_collector()
     try:
-        if args.command != "token":
+        if args.command not in ("token", "revoke"):
             logs = _struct_from(LogConfig, args, os.environ)
             configure_logging(level=logs.log_level, log_format=logs.log_format)
         environ = command_environ(args.command, os.environ)
@@ -557,6 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_simulate_until_signalled, fleet, _struct_from(SendConfig, args, os.environ))
         elif args.command == "token":
             _mint(args, os.environ)
+        elif args.command == "revoke":
+            return _revoke(args, os.environ)
         else:
             fleet = _struct_from(FleetConfig, args, environ)
             with tempfile.TemporaryDirectory(prefix="tracker-demo-") as scratch:

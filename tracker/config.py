@@ -23,6 +23,7 @@ _S = TypeVar("_S", bound=msgspec.Struct)
 
 __all__ = [
     "BOOLEAN_WORDS",
+    "DEFAULT_REVOCATIONS",
     "ENV_PREFIX",
     "ConfigError",
     "LogConfig",
@@ -44,6 +45,10 @@ DEFAULT_HISTORY: Final = "tracker-data/history.sqlite3"
 """Where ``tracker serve`` and ``tracker demo`` keep history unless told otherwise."""
 DEFAULT_STATE: Final = "tracker-data/state.sqlite3"
 """Where durable tables go when history is off (:attr:`TrackerConfig.database_target`)."""
+DEFAULT_REVOCATIONS: Final = "tracker-data/revoked.jsonl"
+"""Where ``tracker serve`` and ``tracker demo`` keep revoked token ids unless told otherwise."""
+DEFAULT_META: Final = "tracker-data/vehicle-meta.jsonl"
+"""Where ``tracker serve`` and ``tracker demo`` keep vehicle metadata unless told otherwise."""
 
 
 def describe(description: str, **bounds: float) -> msgspec.Meta:
@@ -252,6 +257,28 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         str,
         describe("Who may put /embed in a frame: a CSP frame-ancestors source list."),
     ] = "*"
+    revocations_file: Annotated[
+        str,
+        describe(
+            "Where revoked token ids are kept until their tokens expire (survives restarts; "
+            "with --bus, Redis shares them between instances too): empty for memory only. "
+            f"tracker serve and demo default to {DEFAULT_REVOCATIONS}."
+        ),
+    ] = ""
+    revocations_max: Annotated[
+        int,
+        describe("Revoked tokens remembered at most (more: 503 until some expire).", ge=1),
+    ] = 100_000
+    meta_file: Annotated[
+        str,
+        describe(
+            "Where vehicle metadata (PUT /meta/{id}: name, kind, plate, properties) is kept: "
+            f"empty for memory only. tracker serve and demo default to {DEFAULT_META}."
+        ),
+    ] = ""
+    meta_max: Annotated[int, describe("Vehicles with metadata at most (more: 503).", ge=1)] = (
+        100_000
+    )
     history: Annotated[
         str,
         describe(

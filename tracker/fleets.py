@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_KEY",
     "FLEET_NAME",
     "MAX_FEED_VEHICLES",
+    "FleetKeys",
     "Fleets",
     "KeyFleet",
     "narrowing",

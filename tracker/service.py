@@ -48,12 +48,14 @@ from tracker.history.store import open_store
 from tracker.history.writer import History
 from tracker.hub import FeedHub
 from tracker.ingest import apply_pings, decode_body
+from tracker.meta import MetaStore
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
 from tracker.zones.book import ZoneBook
 from tracker.zones.engine import ZoneEngine
 from tracker.zones.events import EventSink
 from tracker.zones.store import ZoneStore
+from tracker.revocation import RedisRevocations, Revocation, Revocations, expiry_of
 from tracker.views import View
 
 __all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker", "VehicleReport"]
@@ -149,6 +151,10 @@ class Tracker:
         self.metrics = Metrics()
         self.devices = DeviceGateway(config, self.ingest_pings)
         self.metrics.sources = self.devices.stats
+        self.revocations = Revocations(config.revocations_file, max_entries=config.revocations_max)
+        """Revoked token ids (``tracker.revocation``): their feeds end, their requests 401."""
+        self.meta = MetaStore(config.meta_file, max_entries=config.meta_max)
+        """What each vehicle is (``tracker.meta``): read by clients once per session."""
         self.fleets = self.devices.fleets
         self.index = GeoIndex(
             resolution=config.h3_resolution,
@@ -159,6 +165,13 @@ class Tracker:
         )
         self.hub = FeedHub(config, self.index, self.metrics)
         self.bus: Bus = bus or self._make_bus()
+        self.revocations.listen(self.hub.end_token)
+        self.shared_revocations = (
+            RedisRevocations(config.bus, self.revocations, timeout_s=config.bus_timeout_s)
+            if config.bus
+            else None
+        )
+        """Revocations shared with the other instances (a Redis bus), else None."""
         self.lifecycle = Lifecycle.STARTING
         self.stopping = trio.Event()
         """Set once :meth:`shutdown` began: feeds not held by the hub (replays) end on it."""
@@ -233,9 +246,13 @@ class Tracker:
         if self.history is not None:
             await self.history.open()  # a store that cannot open is a startup error, not a crash
         await self.zones.open()
+        self.revocations.load(time.time())
+        self.meta.load()
         try:
             async with trio.open_nursery() as tracker_nursery:
                 await tracker_nursery.start(self.bus.run)
+                if self.shared_revocations is not None:
+                    await tracker_nursery.start(self.shared_revocations.run)
                 if self.history is not None:
                     await tracker_nursery.start(self.history.run)
                 await tracker_nursery.start(run_sources, self.devices)
@@ -408,6 +425,17 @@ class Tracker:
                 self.hub.unsubscribe(sub)
         finally:
             self.bus.unwatch(cells)
+
+    async def revoke(self, jti: str) -> Revocation:
+        """Revoke the token ``jti`` here and on every instance, until it expires: its feeds
+        end with a ``revoked`` event and it is refused from now on. Idempotent. Raises
+        ``RevocationUnavailable`` (503) when the other instances could not be told."""
+        now = time.time()
+        revocation = Revocation(jti, expiry_of(jti, now))
+        self.revocations.apply(revocation, now)
+        if self.shared_revocations is not None:
+            await self.shared_revocations.publish(revocation)
+        return revocation
 
     def locate(self, vehicle_id: str) -> VehicleReport | None:
         """Where ``vehicle_id`` was last published, or None if this instance has not

@@ -6,6 +6,9 @@
 //   feed.onUpdate((changes, table) => draw(table.vehicles));
 //   feed.onState((state) => console.log(state, feed.problem)); // connecting | live | reconnecting | offline | ended
 //
+// A feed whose token expires or is revoked ends (`ended`, with `problem.error`
+// "token_expired" or "token_revoked"); it is not reopened.
+//
 // When the server refuses a feed (EventSource only says "error"), the client asks once
 // more with fetch() to learn why: `feed.problem` is then {status, error, message} from the
 // JSON error body (401 no or an expired token, 403 outside the token's area, 429 ...).
@@ -53,7 +56,8 @@ export class FeedClient {
     return this.#state;
   }
 
-  /** Why the server refused the feed, while offline: {status, error, message}; else null. */
+  /** Why the server refused the feed, while offline, or ended it (a token that expired or
+   * was revoked): {status, error, message}; else null. */
   get problem() {
     return this.#problem;
   }
@@ -112,6 +116,13 @@ export class FeedClient {
         source.close();
         this.#changeState("ended", relay);
       });
+      for (const [name, error] of [["expired", "token_expired"], ["revoked", "token_revoked"]]) {
+        source.addEventListener(name, (message) => {
+          closed = true; // the token is over: reconnecting would only be refused
+          source.close();
+          this.#changeState("ended", relay, { status: 401, error, message: message.data });
+        });
+      }
       source.onopen = () => this.#changeState("live", relay);
       source.onerror = async () => {
         if (source.readyState !== EventSource.CLOSED) {
@@ -217,7 +228,7 @@ export class FeedClient {
     const same = problem?.status === this.#problem?.status && problem?.message === this.#problem?.message;
     if (state === this.#state && same) return;
     this.#state = state;
-    this.#problem = state === "offline" ? problem : null;
+    this.#problem = state === "offline" || state === "ended" ? problem : null;
     for (const fn of this.#listeners.state) fn(state, this.#problem);
   }
 
