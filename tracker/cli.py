@@ -557,7 +557,9 @@ def _mint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             "server's secret; a secret made up by tracker serve dies with the server"
         )
     if args.admin and (args.area or args.vehicle or args.fleet):
-        raise ConfigError("--admin and --area, --vehicle or --fleet: an admin token sees all")
+        raise ConfigError(
+            "--admin with --area, --vehicle or --fleet: an admin token sees every area"
+        )
     if args.vehicle and args.fleet:
         raise ConfigError("--vehicle or --fleet, not both")
     area = urllib.parse.parse_qs(args.area, keep_blank_values=True) if args.area else None
