@@ -12,7 +12,7 @@ from tests.conftest import BERLIN, BERLIN_BBOX, StartServer, ping, post_pings
 from tests.credentials import SECRET, SECURE, admin_token, mint_token
 from tracker.auth import Keyring
 
-ADMIN = {"Authorization": f"Bearer {admin_token()}"}
+ADMIN = {"Authorization": f"Bearer {admin_token(ttl_s=3600)}"}
 VAN = {
     "name": "Van 12 · Müller",
     "kind": "van",

@@ -21,7 +21,7 @@ from tests.redis_server import RedisServer, tracker_instances
 from tests.sse import Feed, feed_head, open_feed
 from tracker.revocation import Revocation, Revocations, expiry_of
 
-ADMIN = {"Authorization": f"Bearer {admin_token()}"}
+ADMIN = {"Authorization": f"Bearer {admin_token(ttl_s=3600)}"}
 
 
 async def _link(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import coredis.exceptions
 import msgspec
 import trio
 from coredis.retry import NoRetryPolicy
+from coredis.tokens import PureToken
 
 from tracker.busplan import Backoff
 from tracker.config import without_password
@@ -235,7 +236,9 @@ class RedisRevocations:
         now = time.time()
         with trio.fail_after(self._timeout):
             await self._client.zremrangebyscore(KEY, -math.inf, now)
-            entries = await self._client.zrangebyscore(KEY, now, math.inf, withscores=True)
+            entries = await self._client.zrange(
+                KEY, now, math.inf, sortby=PureToken.BYSCORE, withscores=True
+            )
         for member, score in entries:
             if isinstance(member, bytes) and len(member) <= MAX_JTI_CHARS:
                 self._take(Revocation(member.decode("utf-8", "replace"), float(score)), now)
