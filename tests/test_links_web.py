@@ -86,3 +86,17 @@ def test_an_expired_link_says_so(page: Page, url: str, vehicle: str) -> None:
     page.reload()  # opened after its end: the page asks the server why, and says so
     page.wait_for_function("() => window.trackerLink?.state === 'ended'", timeout=15_000)
     assert "has expired" in page.locator("#link-card").inner_text()
+
+
+def test_the_map_lists_vehicles_by_their_names(browser: Browser, url: str, vehicle: str) -> None:
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(f"{url}/?token={ADMIN['Authorization'].split()[1]}")
+        page.wait_for_function(
+            "() => document.querySelector('#vehicle-list')?.textContent.includes('van 7')",
+            timeout=20_000,
+        )
+        assert f"Your parcel, van 7 ({vehicle})" in page.locator("#vehicle-list").inner_text()
+    finally:
+        context.close()

@@ -180,6 +180,9 @@ class Bus(Protocol):
     def unwatch(self, cells: frozenset[int]) -> None:
         """A feed watching ``cells`` ended."""
 
+    async def where(self, vehicles: Sequence[str]) -> list[int | None]:
+        """The shard each vehicle was last published to by any instance (None: unknown)."""
+
     @property
     def forwards(self) -> bool:
         """Whether :meth:`forward` wants the accepted pings at all."""
@@ -203,6 +206,9 @@ class LocalBus:
 
     def unwatch(self, cells: frozenset[int]) -> None:
         pass
+
+    async def where(self, vehicles: Sequence[str]) -> list[int | None]:
+        return [None] * len(vehicles)
 
     @property
     def forwards(self) -> bool:
@@ -396,6 +402,17 @@ class RedisBus:
             index_resolution=self._config.h3_resolution,
             resolution=self._config.bus_shard_resolution,
         )
+
+    async def where(self, vehicles: Sequence[str]) -> list[int | None]:
+        """The shard Redis last saw each vehicle in; None for an unknown one, and for all
+        while Redis does not answer (a followed vehicle is then found on a later tick)."""
+        if not vehicles or self._link.state != CONNECTED:
+            return [None] * len(vehicles)
+        try:
+            return await self._where(list(vehicles))
+        except BusUnavailable as exc:
+            self._down(exc)
+            return [None] * len(vehicles)
 
     async def _where(self, vehicles: list[str]) -> list[int | None]:
         """The shard Redis last saw each vehicle in (None: unknown)."""

@@ -350,6 +350,10 @@ class FeedHub:
 
     # --- ticks ---------------------------------------------------------------------------
 
+    def followed(self) -> list[str]:
+        """The vehicles (wire ids) some feed follows."""
+        return [key for key in self._by_key if isinstance(key, str)]
+
     def watched(self) -> Watched:
         """The narrowed views some feed watches: what the next tick must encode for them."""
         if not self._by_key:

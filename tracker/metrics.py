@@ -159,6 +159,10 @@ class Metrics:
     )
     pings_ignored: int = _counter("Pings ignored as not newer than the vehicle's last one.")
     ticks: int = _counter("Ticks published.")
+    view_frames: int = _counter(
+        "Frames encoded for fleet and vehicle feeds: once per watched (cell, fleet) or "
+        "vehicle and tick, however many feeds watch it."
+    )
     events_sent: int = _counter("SSE events handed to connections (snapshots and batches).")
     bytes_sent: int = _counter("SSE bytes handed to connections, heartbeats included.")
     snapshots_sent: int = _counter("Snapshot events sent.")

@@ -25,13 +25,14 @@ ticker or a bus task is logged once and propagates, so the server goes down with
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import msgspec
 import trio
@@ -42,6 +43,7 @@ from tracker.devices.gateway import DeviceGateway
 from tracker.devices.sources import run_sources
 from tracker.feed import feed_events
 from tracker.fleets import DEFAULT_KEY, KeyFleet
+from tracker.following import Follower
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
 from tracker.history.store import open_store
@@ -172,6 +174,18 @@ class Tracker:
             else None
         )
         """Revocations shared with the other instances (a Redis bus), else None."""
+        self.follower = (
+            Follower(
+                self.bus,
+                self.index,
+                followed=self.hub.followed,
+                shard_resolution=config.bus_shard_resolution,
+                next_tick=self.next_tick,
+            )
+            if config.bus
+            else None
+        )
+        """Keeps a Redis bus watching the shards of followed vehicles, else None."""
         self.lifecycle = Lifecycle.STARTING
         self.stopping = trio.Event()
         """Set once :meth:`shutdown` began: feeds not held by the hub (replays) end on it."""
@@ -253,6 +267,8 @@ class Tracker:
                 await tracker_nursery.start(self.bus.run)
                 if self.shared_revocations is not None:
                     await tracker_nursery.start(self.shared_revocations.run)
+                if self.follower is not None:
+                    await tracker_nursery.start(self.follower.run)
                 if self.history is not None:
                     await tracker_nursery.start(self.history.run)
                 await tracker_nursery.start(run_sources, self.devices)
@@ -280,7 +296,9 @@ class Tracker:
         now = time.time()
         watched = self.hub.watched()  # before advance: a vehicle removed now is still known
         changes = self.index.advance(now)
-        self.hub.publish(encode_tick(changes, watched, self.index.fleet_of_vid))
+        frames = encode_tick(changes, watched, self.index.fleet_of_vid)
+        self.metrics.view_frames += sum(len(view) for view in frames.views.values())
+        self.hub.publish(frames)
         self.hub.end_expired(now)
         self.metrics.zone_events += len(self.zones.engine.tick(now))
         self.metrics.observe_tick(time.perf_counter() - started)
@@ -398,14 +416,15 @@ class Tracker:
         """
         if not isinstance(view, View):
             view = View(view)
-        cells = view.cells or frozenset()  # vehicles anywhere: what this instance holds
+        cells = view.cells or frozenset()  # vehicles anywhere: the follower's shards
         try:
             await self.bus.watch(cells)
         except BaseException:
             self.bus.unwatch(cells)
             raise
         try:
-            sub = self.hub.subscribe(view, is_json=is_json, expires=expires, jti=jti)
+            async with self._following(view):
+                sub = self.hub.subscribe(view, is_json=is_json, expires=expires, jti=jti)
             try:
                 first = self.hub.start(sub, last_event_id)
                 self.metrics.feeds_opened += 1
@@ -425,6 +444,12 @@ class Tracker:
                 self.hub.unsubscribe(sub)
         finally:
             self.bus.unwatch(cells)
+
+    def _following(self, view: View) -> AbstractAsyncContextManager[None]:
+        """While a vehicle feed opens, its vehicles' shards are watched (Redis bus)."""
+        if self.follower is None or view.vehicles is None:
+            return contextlib.nullcontext()
+        return self.follower.opening(view.vehicles)
 
     async def revoke(self, jti: str) -> Revocation:
         """Revoke the token ``jti`` here and on every instance, until it expires: its feeds

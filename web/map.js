@@ -5,6 +5,7 @@
 import { areaFromQuery, bboxQuery, boundsOf, cellsOf, cellToBoundary, estimatedCells } from "./area.js";
 import { FeedClient } from "./feed-client.js";
 import { installHistory } from "./history.js";
+import { VehicleMeta } from "./meta.js";
 import { createPanel, explainRefusal } from "./panel.js";
 import { installZones } from "./zones.js";
 
@@ -147,10 +148,16 @@ const VehicleLayer = L.Layer.extend({
 });
 const vehicleLayer = new VehicleLayer().addTo(map);
 
-/** A vehicle's id, speed, heading and last seen, as rows of [name, value]. */
+// What each vehicle is (name, kind, plate): asked once per session, shown in popup and list.
+const vehicleMeta = new VehicleMeta(token);
+
+/** A vehicle's name, id, speed, heading and last seen, as rows of [name, value]. */
 function describe(v) {
   const age = Math.max(0, (historyTools?.replayTime() ?? Date.now() / 1000) - v.ts);
+  const meta = vehicleMeta.get(v.id);
+  const about = [meta?.name && ["name", meta.name], meta?.kind && ["kind", meta.kind], meta?.plate && ["plate", meta.plate]];
   return [
+    ...about.filter(Boolean),
     ["vehicle", v.id],
     ["speed", v.speed === null ? "not reported" : `${(v.speed * 3.6).toFixed(0)} km/h`],
     ["heading", v.heading === null ? "not reported" : `${v.heading.toFixed(0)}°`],
@@ -172,11 +179,16 @@ map.on("click", (e) => {
   const box = document.createElement("div");
   const table = document.createElement("table");
   table.className = "vehicle-popup";
-  for (const [name, value] of describe(best)) {
-    const row = table.insertRow();
-    row.insertCell().textContent = name;
-    row.insertCell().textContent = value;
-  }
+  const fill = () => {
+    table.replaceChildren();
+    for (const [name, value] of describe(best)) {
+      const row = table.insertRow();
+      row.insertCell().textContent = name;
+      row.insertCell().textContent = value;
+    }
+  };
+  fill();
+  vehicleMeta.onChange = fill; // its name may arrive after the click (asked once)
   box.append(table);
   if (!embed) {
     const button = document.createElement("button");
@@ -369,7 +381,7 @@ function inView() {
 
 const panel = embed
   ? null
-  : createPanel({ token, inView, follow, unfollow, onProblem: (p) => showState("offline", p) });
+  : createPanel({ token, inView, follow, unfollow, meta: vehicleMeta, onProblem: (p) => showState("offline", p) });
 
 if (!embed) {
   setInterval(() => {

@@ -41,9 +41,10 @@ export function explainRefusal(problem, { token, embed }) {
 
 /**
  * The panel of the map page (index.html's #panel). `inView()` lists the vehicles in view;
- * `follow(id, where)` and `unfollow()` drive the map; `onProblem` shows a refusal.
+ * `follow(id, where)` and `unfollow()` drive the map; `meta` names the vehicles (meta.js);
+ * `onProblem` shows a refusal.
  */
-export function createPanel({ token, inView, follow, unfollow, onProblem }) {
+export function createPanel({ token, inView, follow, unfollow, meta, onProblem }) {
   const panel = document.getElementById("panel");
   const toggle = document.getElementById("panel-toggle");
   const body = document.querySelector("#vehicle-list tbody");
@@ -117,7 +118,7 @@ export function createPanel({ token, inView, follow, unfollow, onProblem }) {
       if (v.stale) row.className = "stale";
       const speed = v.speed === null ? "–" : (v.speed * 3.6).toFixed(0);
       const seen = `${Math.max(0, now - v.ts).toFixed(0)} s${v.stale ? " · stale" : ""}`;
-      for (const text of [v.id, speed, seen]) row.insertCell().textContent = text;
+      for (const text of [meta?.label(v.id) ?? v.id, speed, seen]) row.insertCell().textContent = text;
       return row;
     });
     body.replaceChildren(...rows);

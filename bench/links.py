@@ -1,0 +1,188 @@
+"""Tracking links at scale: N open links (one vehicle each) plus M area feeds over a fleet.
+
+    python -m bench.links                      # 10,000 links + 1,000 area feeds, 50,000 vehicles
+    python -m bench.links --links 2000 --areas 500 --vehicles 20000 --seconds 15
+
+Runs the fleet twice on fresh trackers, in one invocation so that the two compare on the
+same machine state: first the area feeds alone, then the same area feeds plus the links.
+Each link is a real link token (``Keyring.mint(vehicles=[id])``, the tracker started with
+the same secret) read as ``/feed?token=...`` by :mod:`bench.loadclient`, which decodes
+every frame; area feeds are random city viewports as in :mod:`bench.fleet`. Links and
+area feeds are read by separate client processes, so each kind gets its own figures:
+positions delivered, bytes per position on the wire (SSE framing included), latency from
+the ping's timestamp to the event read. Over the measured window the tracker's CPU time
+(its worker process, from ``/proc``) gives CPU per second and per delivered position; its
+resident memory at the end, minus the area-only run's, divided by the links, gives memory
+per link (open connection, subscription, outbox, per-vehicle frames included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import trio
+import trio.lowlevel
+
+from bench.common import INGEST_KEY, cpu_seconds, rss_bytes, start_tracker, viewport
+from bench.fleet import metric, percentile_ms, run_clients, wait_for_metric
+from simulator.fleet import Fleet, FleetConfig
+from tracker.auth import Keyring
+
+SECRET = "bench-links-secret-" + "x" * 32
+
+
+@dataclass
+class Group:
+    """What one kind of feed received in the measured window."""
+
+    feeds: int
+    connected: int
+    positions_per_s: float
+    bytes_per_position: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    errors: int
+
+
+@dataclass
+class Run:
+    """One run: the tracker's cost and what each kind of feed received."""
+
+    links: int
+    areas: int
+    vehicles: int
+    tracker_cpu_cores: float
+    tracker_cpu_us_per_position: float
+    tracker_rss_mib: float
+    view_frames_per_s: float
+    """Frames encoded per second for vehicle feeds: one per watched vehicle and tick, shared
+    by every feed of that vehicle (encode once)."""
+    link_feeds: Group | None
+    area_feeds: Group
+
+
+def _group(results: list[dict[str, Any]], seconds: float) -> Group:
+    histogram = np.sum([np.array(r["latency_ms"]) for r in results], axis=0)
+    positions = sum(r["positions"] for r in results)
+    return Group(
+        feeds=sum(r["feeds"] for r in results),
+        connected=sum(r["connected"] for r in results),
+        positions_per_s=round(positions / seconds),
+        bytes_per_position=round(sum(r["bytes"] for r in results) / max(1, positions), 1),
+        latency_p50_ms=percentile_ms(histogram, 50),
+        latency_p99_ms=percentile_ms(histogram, 99),
+        errors=sum(len(r["errors"]) for r in results),
+    )
+
+
+async def one_run(args: argparse.Namespace, links: int) -> Run:
+    """A fresh tracker, the simulated fleet, ``args.areas`` area feeds and ``links`` links."""
+    rng = random.Random(args.seed)
+    areas = [viewport(rng, 0.5, 5.0) for _ in range(args.areas)]
+    ids = Fleet(FleetConfig(vehicles=args.vehicles, seed=args.seed), start_time=0).vehicle_ids
+    keyring = Keyring([SECRET], resolution=7, max_cells=4000)
+    followed = rng.sample(ids, links)
+    tokens = [f"token={keyring.mint(ttl_s=3600, vehicles=[v])}" for v in followed]
+    async with trio.open_nursery() as bench_nursery:
+        options = ("--tick", "1", "--token-secrets", SECRET, "--max-connections", "0")
+        tracker, url = await start_tracker(bench_nursery, *options)
+        simulate = [sys.executable, "-m", "tracker", "simulate", "--url", url, "--quiet"]
+        simulate += ["--ingest-key", INGEST_KEY]
+        simulate += ["--vehicles", str(args.vehicles), "--seed", str(args.seed)]
+        simulate += ["--ping-interval-min-s", "1", "--ping-interval-max-s", "1"]
+        simulate += ["--dropout-rate", "0", "--offline-rate", "0"]
+        bench_nursery.start_soon(
+            functools.partial(trio.run_process, simulate, stdout=subprocess.DEVNULL, check=False)
+        )
+        with trio.fail_after(90):
+            await wait_for_metric(url, "tracker_vehicles", args.vehicles * 0.95)
+        window: dict[str, float] = {}
+        done = trio.Event()
+
+        async def sample() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                await trio.sleep(args.warmup)
+                window["cpu"] = cpu_seconds(tracker.pid)
+                window["start"] = trio.current_time()
+                window["frames"] = await metric(http, "tracker_view_frames_total")
+                await done.wait()
+                window["cpu"] = cpu_seconds(tracker.pid) - window["cpu"]
+                window["wall"] = trio.current_time() - window["start"]
+                window["rss"] = rss_bytes(tracker.pid)
+                frames = await metric(http, "tracker_view_frames_total") - window["frames"]
+                window["frames"] = frames
+
+        bench_nursery.start_soon(sample)
+        results: dict[str, list[dict[str, Any]]] = {}
+
+        async def read(kind: str, queries: list[str], clients: int) -> None:
+            results[kind] = await run_clients(url, queries, clients, args.warmup, args.seconds)
+
+        async with trio.open_nursery() as clients_nursery:
+            clients_nursery.start_soon(read, "areas", areas, args.area_clients)
+            if links:
+                clients_nursery.start_soon(read, "links", tokens, args.link_clients)
+        done.set()
+        await trio.lowlevel.checkpoint()
+        bench_nursery.cancel_scope.cancel()
+    everything = results["areas"] + results.get("links", [])
+    positions = sum(r["positions"] for r in everything)
+    return Run(
+        links=links,
+        areas=args.areas,
+        vehicles=args.vehicles,
+        tracker_cpu_cores=round(window["cpu"] / window["wall"], 2),
+        tracker_cpu_us_per_position=round(window["cpu"] / max(1, positions) * 1e6, 2),
+        tracker_rss_mib=round(window["rss"] / 2**20, 1),
+        view_frames_per_s=round(window["frames"] / window["wall"]),
+        link_feeds=_group(results["links"], args.seconds) if links else None,
+        area_feeds=_group(results["areas"], args.seconds),
+    )
+
+
+async def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Area feeds alone, then with the links; the links' share of the cost."""
+    alone = await one_run(args, 0)
+    both = await one_run(args, args.links)
+    extra_rss = (both.tracker_rss_mib - alone.tracker_rss_mib) * 2**20
+    return {
+        "areas_alone": asdict(alone),
+        "areas_and_links": asdict(both),
+        "kib_per_link": round(extra_rss / max(1, args.links) / 1024, 2),
+        "extra_cpu_cores_for_links": round(both.tracker_cpu_cores - alone.tracker_cpu_cores, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--links", type=int, default=10_000)
+    parser.add_argument("--areas", type=int, default=1000)
+    parser.add_argument("--vehicles", type=int, default=50_000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--link-clients", type=int, default=2, help="load client processes")
+    parser.add_argument("--area-clients", type=int, default=1, help="load client processes")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args()
+    figures = trio.run(compare, args)
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores")
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"machine": platform.platform(), **figures}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
