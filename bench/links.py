@@ -2,6 +2,7 @@
 
     python -m bench.links                      # 10,000 links + 1,000 area feeds, 50,000 vehicles
     python -m bench.links --links 2000 --areas 500 --vehicles 20000 --seconds 15
+    python -m bench.links --core               # the core alone: no HTTP, no sockets
 
 Runs the fleet twice on fresh trackers, in one invocation so that the two compare on the
 same machine state: first the area feeds alone, then the same area feeds plus the links.
@@ -14,6 +15,14 @@ the ping's timestamp to the event read. Over the measured window the tracker's C
 (its worker process, from ``/proc``) gives CPU per second and per delivered position; its
 resident memory at the end, minus the area-only run's, divided by the links, gives memory
 per link (open connection, subscription, outbox, per-vehicle frames included).
+
+``--core`` measures what links cost the core itself, without HTTP (whose per-connection
+cost, about 36 KiB, is the fan-out work of issue 19): a :class:`~tracker.service.Tracker`
+in this process, the fleet moving by random steps, the area views and the links
+subscribed to its hub, every tick published and every subscription's events rendered
+as a feed renders them. It reports CPU per tick with and without the links (process time,
+median of the ticks), the bytes of each link's events per position, and the memory the
+links' subscriptions hold (tracemalloc), per link.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ import platform
 import random
 import subprocess
 import sys
+import time
+import tracemalloc
+import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,10 +46,17 @@ import numpy as np
 import trio
 import trio.lowlevel
 
-from bench.common import INGEST_KEY, cpu_seconds, rss_bytes, start_tracker, viewport
+from bench.common import CITY, INGEST_KEY, cpu_seconds, rss_bytes, start_tracker, viewport
 from bench.fleet import metric, percentile_ms, run_clients, wait_for_metric
 from simulator.fleet import Fleet, FleetConfig
 from tracker.auth import Keyring
+from tracker.config import TrackerConfig
+from tracker.feed import render
+from tracker.hub import Subscription
+from tracker.pings import Ping
+from tracker.regions import parse_area
+from tracker.service import Tracker
+from tracker.views import View
 
 SECRET = "bench-links-secret-" + "x" * 32
 
@@ -164,6 +183,90 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def core(args: argparse.Namespace) -> dict[str, Any]:
+    """The core alone: area views, then area views and links, over a moving fleet."""
+    config = TrackerConfig(tick_s=1.0, history="", replay_ticks=2)  # the log at its size
+    tracker = Tracker(config)
+    rng = np.random.default_rng(args.seed)
+    n = args.vehicles
+    ids = [f"v{number:05d}" for number in range(n)]
+    lat = CITY[0] + rng.uniform(-0.1, 0.1, n)
+    lon = CITY[1] + rng.uniform(-0.16, 0.16, n)
+    now = time.time() - 60
+    area_rng = random.Random(args.seed)
+    areas = [
+        parse_area(
+            urllib.parse.parse_qs(viewport(area_rng, 0.5, 5.0)),
+            resolution=config.h3_resolution,
+            max_cells=config.max_feed_cells,
+        )
+        for _ in range(args.areas)
+    ]
+
+    def step() -> None:
+        nonlocal now
+        lat[:] += rng.normal(0, 0.0001, n)
+        lon[:] += rng.normal(0, 0.00015, n)
+        now += 1
+        pings = [
+            Ping(vehicle_id=v, lat=a, lon=o, ts=now, speed=8.0, heading=90.0)
+            for v, a, o in zip(ids, lat.tolist(), lon.tolist(), strict=True)
+        ]
+        tracker.ingest_pings(pings, now=now + 0.5)
+
+    def measure(subs: list[Subscription], ticks: int) -> tuple[float, float, int, int]:
+        """Median process time of a tick (publish, then render every owed event); bytes
+        and events sent to ``subs`` (for links: positions, one vehicle each)."""
+        times, sent, positions = [], 0, 0
+        for _ in range(ticks):
+            step()
+            started = time.process_time()
+            tracker.tick()
+            rendered = [(sub, render(sub.take(), sub, tracker.hub)) for sub in subs]
+            times.append(time.process_time() - started)
+            sent += sum(len(chunk) for _, chunk in rendered)
+            positions += sum(1 for _, chunk in rendered if chunk)  # a link: one vehicle
+        return float(np.median(times)), times[-1], sent, positions
+
+    step()
+    tracker.tick()
+    area_subs = [tracker.hub.subscribe(View(cells), is_json=False) for cells in areas]
+    for sub in area_subs:
+        tracker.hub.start(sub, None)
+    alone, _, _, _ = measure(area_subs, args.ticks)
+    measure([], 3)  # every structure at its steady size before memory is compared
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    links = [
+        tracker.hub.subscribe(
+            View(None, vehicles=frozenset({v})), is_json=False, expires=now + 3600, jti=f"j{v}"
+        )
+        for v in random.Random(args.seed).sample(ids, args.links)
+    ]
+    for sub in links:
+        tracker.hub.start(sub, None)
+    held = tracemalloc.take_snapshot().compare_to(before, "filename")  # at rest, no tick
+    if os.environ.get("LINKS_MEMORY_TOP"):
+        for line in tracemalloc.take_snapshot().compare_to(before, "lineno")[:12]:
+            print(line, file=sys.stderr)
+    tracemalloc.stop()
+    measure(links, 2)  # the links' frames in steady state
+    with_links, _, _, _ = measure(area_subs + links, args.ticks)
+    _, _, link_bytes, link_positions = measure(links, args.ticks)
+    frames = tracker.metrics.view_frames
+    return {
+        "vehicles": n,
+        "areas": args.areas,
+        "links": args.links,
+        "tick_cpu_ms_areas_alone": round(alone * 1000, 1),
+        "tick_cpu_ms_with_links": round(with_links * 1000, 1),
+        "cpu_us_per_link_position": round((with_links - alone) / max(1, args.links) * 1e6, 2),
+        "link_bytes_per_position": round(link_bytes / max(1, link_positions), 1),
+        "core_bytes_per_link": round(sum(d.size_diff for d in held) / max(1, args.links)),
+        "view_frames_encoded": frames,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--links", type=int, default=10_000)
@@ -174,9 +277,11 @@ def main() -> None:
     parser.add_argument("--link-clients", type=int, default=2, help="load client processes")
     parser.add_argument("--area-clients", type=int, default=1, help="load client processes")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--core", action="store_true", help="the core alone, in this process")
+    parser.add_argument("--ticks", type=int, default=10, help="--core: ticks measured")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
-    figures = trio.run(compare, args)
+    figures = trio.run(core if args.core else compare, args)
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores")
     print(json.dumps(figures, indent=2))
     if args.json:

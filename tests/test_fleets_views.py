@@ -12,7 +12,7 @@ from tracker.client import FeedView
 from tracker.config import TrackerConfig
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
-from tracker.hub import Batch, FeedHub, Frame, Subscription
+from tracker.hub import FeedHub, Frame, Subscription
 from tracker.metrics import Metrics
 from tracker.pings import Ping
 from tracker.views import View
@@ -153,7 +153,7 @@ def test_a_vehicle_view_within_an_area_loses_the_vehicle_outside_it() -> None:
     assert client.by_id() == {}
 
 
-def test_a_vehicle_view_resumes_from_its_event_id() -> None:
+def test_a_vehicle_view_resumes_with_a_snapshot_of_one_frame() -> None:
     world = World()
     world.ping("v1", A_POINT)
     world.ping("v2", A_POINT)
@@ -161,22 +161,30 @@ def test_a_vehicle_view_resumes_from_its_event_id() -> None:
     sub = world.hub.subscribe(View(None, vehicles=frozenset({"v1"})), is_json=False)
     last = world.hub.event_id(world.index.tick, sub)
     world.ping("v1", A_POINT, 0.0001)
-    world.ping("v2", A_POINT, 0.0001)
+    world.tick()
+    again = world.hub.subscribe(View(None, vehicles=frozenset({"v1"})), is_json=False)
+    resume = world.hub.start(again, last)
+    assert resume.snapshot is not None and _names(resume.snapshot) == {"v1"}
+    assert len(resume.snapshot) == 1  # no larger than the one batch a replay would send
+
+
+def test_a_fleet_view_resumes_only_when_watched_all_along() -> None:
+    world = World()
+    view = View(frozenset({A}), fleets=frozenset({"acme"}))
+    world.ping("acme/v1", A_POINT)
+    world.tick()
+    sub = world.hub.subscribe(view, is_json=False)
+    last = world.hub.event_id(world.index.tick, sub)
+    world.ping("acme/v1", A_POINT, 0.0001)
     world.tick()
     world.hub.unsubscribe(sub)
-    again = world.hub.subscribe(View(None, vehicles=frozenset({"v1"})), is_json=False)
+    again = world.hub.subscribe(view, is_json=False)
     assert world.hub.start(again, last).snapshot is not None  # nobody watched in between
-    keeps = world.hub.subscribe(View(None, vehicles=frozenset({"v1"})), is_json=False)
-    last = world.hub.event_id(world.index.tick, keeps)
-    world.hub.unsubscribe(again)
-    world.ping("v1", A_POINT, 0.0002)
+    last = world.hub.event_id(world.index.tick, again)
+    world.ping("acme/v1", A_POINT, 0.0002)
     world.tick()
-    resume = world.hub.start(world.hub.subscribe(keeps.view, is_json=False), last)
-    assert resume.snapshot is None
-    assert [b.tick for b in resume.batches] == [world.index.tick]
-    assert all(isinstance(b, Batch) for b in resume.batches)
-    other = world.hub.subscribe(View(None, vehicles=frozenset({"v2"})), is_json=False)
-    assert world.hub.start(other, last).snapshot is not None  # another view's id: a snapshot
+    resume = world.hub.start(world.hub.subscribe(view, is_json=False), last)
+    assert resume.snapshot is None and [b.tick for b in resume.batches] == [world.index.tick]
 
 
 def test_a_removed_vehicle_is_removed_from_its_view() -> None:

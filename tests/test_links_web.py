@@ -16,7 +16,7 @@ from tracker.auth import Keyring
 
 SECRET = "k" * 40
 KEYRING = Keyring([SECRET], resolution=7, max_cells=4000)
-ADMIN = {"Authorization": f"Bearer {KEYRING.mint(ttl_s=600, admin=True)}"}
+ADMIN = {"Authorization": f"Bearer {KEYRING.mint(ttl_s=7200, admin=True)}"}
 
 
 @pytest.fixture(scope="module")

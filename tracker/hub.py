@@ -376,7 +376,11 @@ class FeedHub:
         }
         self._snapshot_cache.clear()
         self._view_snapshots.clear()
-        self._remember(_Logged.of(tick.tick, frames, views))
+        # A vehicle's frames are not logged: its snapshot is one frame, never larger than
+        # a replay, so a vehicle feed resumes with a snapshot (the rule of every feed), and
+        # a log of them would cost every link replay_ticks frames of memory.
+        fleet_views = {key: f for key, f in views.items() if isinstance(key, tuple)}
+        self._remember(_Logged.of(tick.tick, frames, fleet_views))
         owed: dict[Subscription, list[Frame]] = {}
         for cell, frame in frames.items():
             for sub in self._by_cell.get(cell, ()):
@@ -437,6 +441,8 @@ class FeedHub:
         """Batches of ``view`` after tick ``since``, or None if the log no longer has them."""
         if since < self.index.tick and (not self._replay or self._replay[0].tick > since + 1):
             return None
+        if view.vehicles is not None:
+            return None  # not logged (see publish): a snapshot, as large as one batch
         batches = []
         keys = view.watch_keys()
         if any(self._watched_since.get(key, since + 1) > since for key in keys):
