@@ -379,7 +379,9 @@ class FeedHub:
         # A vehicle's frames are not logged: its snapshot is one frame, never larger than
         # a replay, so a vehicle feed resumes with a snapshot (the rule of every feed), and
         # a log of them would cost every link replay_ticks frames of memory.
-        fleet_views = {key: f for key, f in views.items() if isinstance(key, tuple)}
+        fleet_views: dict[ViewKey, list[Frame]] = {
+            key: f for key, f in views.items() if isinstance(key, tuple)
+        }
         self._remember(_Logged.of(tick.tick, frames, fleet_views))
         owed: dict[Subscription, list[Frame]] = {}
         for cell, frame in frames.items():
