@@ -199,3 +199,20 @@ def test_a_removed_vehicle_is_removed_from_its_view() -> None:
     assert decode_frame(base64.b64decode(frame.b64)).removed != b""
     world.hub.unsubscribe(sub)
     assert world.hub.watched().vehicles == {}
+
+
+def test_a_json_vehicle_feed_renders_moves_from_their_long_form() -> None:
+    world = World()
+    world.ping("v1", A_POINT)
+    world.tick()
+    binary = world.hub.subscribe(View(None, vehicles=frozenset({"v1"})), is_json=False)
+    world.ping("v1", A_POINT, 0.0001)
+    world.tick()
+    (frame,) = _frames(binary)
+    assert frame.long is None  # nobody reads it as JSON: no long form made
+    as_json = world.hub.subscribe(View(None, vehicles=frozenset({"v1"})), is_json=True)
+    world.ping("v1", A_POINT, 0.0002)
+    world.tick()
+    (frame,) = _frames(as_json)
+    assert frame.long is not None
+    assert b'"id":"v1"' in frame.json(world.index.name_of)

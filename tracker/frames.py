@@ -197,7 +197,13 @@ class _Cuts:
         return cuts
 
     def _cut(self, key: ViewKey, cell: int) -> _Cut:
-        return self.by_key.setdefault(key, {}).setdefault(cell, _Cut())
+        by_cell = self.by_key.get(key)
+        if by_cell is None:
+            by_cell = self.by_key[key] = {}
+        cut = by_cell.get(cell)
+        if cut is None:
+            cut = by_cell[cell] = _Cut()
+        return cut
 
 
 def encode_views(
@@ -212,26 +218,29 @@ def encode_views(
     with NumPy (a Python pass over every row costs tens of milliseconds at 50k vehicles).
     """
     cuts = _Cuts(watched, fleet_of)
+    vehicles = cuts.vehicles
     for cell, change in changes.cells.items():
-        if cell not in cuts.fleets_of_cell and not cuts.vehicles:
+        every = cell in cuts.fleets_of_cell  # else only the watched vehicles' entries
+        if not every and not vehicles:
             continue
         for vid, name in change.names:
-            for cut in cuts.of(cell, vid):
-                cut.names.append((vid, name))
-        for vid in change.gone:
-            for cut in cuts.of(cell, vid):
-                cut.gone.append(vid)
-        for vid in change.stale:
-            for cut in cuts.of(cell, vid):
-                cut.stale.append(vid)
-        for vid in change.removed:
-            for cut in cuts.of(cell, vid):
-                cut.removed.append(vid)
+            if every or vid in vehicles:
+                for cut in cuts.of(cell, vid):
+                    cut.names.append((vid, name))
+        for column in ("gone", "stale", "removed"):
+            for vid in getattr(change, column):
+                if every or vid in vehicles:
+                    for cut in cuts.of(cell, vid):
+                        getattr(cut, column).append(vid)
     if rows is not None:
+        vids = rows.records["vid"]
         for row, cell in _watched_rows(rows, cuts):
-            for cut in cuts.of(cell, int(rows.records["vid"][row])):
+            for cut in cuts.of(cell, int(vids[row])):
                 cut.rows.append(row)
-    return {key: _encode_cuts(by_cell, rows, changes) for key, by_cell in cuts.by_key.items()}
+    return {
+        key: _encode_cuts(by_cell, rows, changes, long=key in watched.json_keys)
+        for key, by_cell in cuts.by_key.items()
+    }
 
 
 def _watched_rows(rows: _Rows, cuts: _Cuts) -> list[tuple[int, int]]:
@@ -257,12 +266,21 @@ def _watched_rows(rows: _Rows, cuts: _Cuts) -> list[tuple[int, int]]:
 
 
 def _encode_cuts(
-    by_cell: dict[int, _Cut], rows: _Rows | None, changes: TickChanges
+    by_cell: dict[int, _Cut], rows: _Rows | None, changes: TickChanges, *, long: bool
 ) -> list[ViewFrame]:
+    """A view's frames; with ``long`` (a JSON feed watches it) each with moves also gets its
+    long form, else none (JSON is rendered from it only)."""
     frames = []
     for cell, cut in by_cell.items():
         records = moves = long_records = b""
-        if cut.rows and rows is not None:
+        if rows is not None and len(cut.rows) == 1:  # a vehicle's own row: no array
+            row = cut.rows[0]
+            if rows.fits[row]:
+                moves = rows.moves[row : row + 1].tobytes()
+            else:
+                records = rows.records[row : row + 1].tobytes()
+            long_records = rows.records[row : row + 1].tobytes() if moves else b""
+        elif cut.rows and rows is not None:
             taken = np.array(cut.rows, dtype=np.intp)
             fits = rows.fits[taken]
             records = rows.records[taken][~fits].tobytes()
@@ -270,8 +288,8 @@ def _encode_cuts(
             long_records = rows.records[taken].tobytes() if moves else b""
         change = CellChange(names=cut.names, gone=cut.gone, stale=cut.stale, removed=cut.removed)
         data = _encode(cell, changes.t_ms, change, records, moves)
-        long = _encode(cell, changes.t_ms, change, long_records, b"") if moves else None
-        frames.append(ViewFrame(cell, data, long))
+        spelled = _encode(cell, changes.t_ms, change, long_records, b"") if moves and long else None
+        frames.append(ViewFrame(cell, data, spelled))
     return frames
 
 

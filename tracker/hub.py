@@ -231,6 +231,7 @@ class FeedHub:
         self._by_cell: dict[int, set[Subscription]] = {}
         self._by_key: dict[ViewKey, set[Subscription]] = {}  # narrowed views (tracker.views)
         self._watched_since: dict[ViewKey, int] = {}  # a key's frames are logged after it
+        self._json_narrowed = 0  # narrowed JSON feeds: their keys' frames need a long form
         self._subscriptions: set[Subscription] = set()
         self._replay: deque[_Logged] = deque()
         self._replay_bytes = 0
@@ -267,6 +268,8 @@ class FeedHub:
         if view.plain:
             for cell in sub.cells:
                 self._by_cell.setdefault(cell, set()).add(sub)
+        if is_json and not view.plain:
+            self._json_narrowed += 1
         for key in view.watch_keys():
             if key not in self._by_key:
                 self._watched_since[key] = self.index.tick  # its frames begin next tick
@@ -284,6 +287,8 @@ class FeedHub:
         if sub.view.plain:
             _forget(self._by_cell, sub.cells, sub)
         keys = sub.view.watch_keys()
+        if sub.is_json and not sub.view.plain:
+            self._json_narrowed -= 1
         _forget(self._by_key, keys, sub)
         for key in keys - self._by_key.keys():
             del self._watched_since[key]
@@ -363,7 +368,12 @@ class FeedHub:
         for key in self._by_key:
             if isinstance(key, str) and (vehicle := self.index.vehicle(key)) is not None:
                 vehicles[vehicle.vid] = key
-        return Watched(fleet_keys, vehicles)
+        json_keys = frozenset(
+            key
+            for key, subs in self._by_key.items()
+            if self._json_narrowed and any(sub.is_json for sub in subs)
+        )
+        return Watched(fleet_keys, vehicles, json_keys)
 
     def publish(self, tick: TickFrames) -> None:
         """Encode a tick's frames once and queue them for their subscribers; never blocks."""

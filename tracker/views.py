@@ -80,6 +80,8 @@ class Watched:
     fleet_keys: frozenset[FleetKey] = frozenset()
     vehicles: Mapping[int, str] = field(default_factory=dict)
     """The watched vehicles the index knows: number (``vid``) to wire id."""
+    json_keys: frozenset[ViewKey] = frozenset()
+    """The keys a JSON feed watches: their frames need a long form (JSON renders from it)."""
 
     def __bool__(self) -> bool:
         return bool(self.fleet_keys or self.vehicles)

@@ -291,6 +291,8 @@ def _fits_int8(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
 def encode_vids(vids: Iterable[int]) -> bytes:
     """Pack vehicle numbers as little-endian u32s (the gone/stale/removed columns)."""
     vids = list(vids)
+    if not vids:
+        return b""  # most columns of most frames: no format string to parse
     return struct.pack(f"<{len(vids)}I", *vids)
 
 
