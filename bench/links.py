@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import random
@@ -129,18 +130,23 @@ async def one_run(args: argparse.Namespace, links: int) -> Run:
         window: dict[str, float] = {}
         done = trio.Event()
 
+        async def frames_encoded(http: httpx.AsyncClient) -> float:
+            try:  # an overloaded tracker may not answer /metrics in time: say so, go on
+                return await metric(http, "tracker_view_frames_total")
+            except httpx.HTTPError:
+                return math.nan
+
         async def sample() -> None:
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                 await trio.sleep(args.warmup)
                 window["cpu"] = cpu_seconds(tracker.pid)
                 window["start"] = trio.current_time()
-                window["frames"] = await metric(http, "tracker_view_frames_total")
+                window["frames"] = await frames_encoded(http)
                 await done.wait()
                 window["cpu"] = cpu_seconds(tracker.pid) - window["cpu"]
                 window["wall"] = trio.current_time() - window["start"]
                 window["rss"] = rss_bytes(tracker.pid)
-                frames = await metric(http, "tracker_view_frames_total") - window["frames"]
-                window["frames"] = frames
+                window["frames"] = await frames_encoded(http) - window["frames"]
 
         bench_nursery.start_soon(sample)
         results: dict[str, list[dict[str, Any]]] = {}
@@ -164,7 +170,7 @@ async def one_run(args: argparse.Namespace, links: int) -> Run:
         tracker_cpu_cores=round(window["cpu"] / window["wall"], 2),
         tracker_cpu_us_per_position=round(window["cpu"] / max(1, positions) * 1e6, 2),
         tracker_rss_mib=round(window["rss"] / 2**20, 1),
-        view_frames_per_s=round(window["frames"] / window["wall"]),
+        view_frames_per_s=round(window["frames"] / window["wall"], 1),
         link_feeds=_group(results["links"], args.seconds) if links else None,
         area_feeds=_group(results["areas"], args.seconds),
     )
