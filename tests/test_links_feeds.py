@@ -135,13 +135,13 @@ async def test_a_link_sees_only_its_van_wherever_it_goes(
 
 async def test_a_stream_ends_when_its_token_expires(start_server: StartServer) -> None:
     server = await start_server(**SECURE)
-    token = KEYRING.mint(ttl_s=2, vehicles=["van-1"])
+    token = KEYRING.mint(ttl_s=4, vehicles=["van-1"])
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
         async with open_feed(http, f"token={token}") as feed:
             assert (await feed.next_event()).event == "snapshot"
-            event = await feed.next_event(timeout=5)
+            event = await feed.next_event(timeout=10)
             while event.event != "expired":
-                event = await feed.next_event(timeout=5)
+                event = await feed.next_event(timeout=10)
         again = await feed_head(http, f"/feed?token={token}")
     assert again.status_code == 401 and again.json()["error"] == "token_expired"
 
