@@ -15,7 +15,15 @@ import jwt
 import pytest
 import trio
 
-from tests.conftest import BERLIN, BERLIN_BBOX, MUNICH, RunningServer, StartServer, ping
+from tests.conftest import (
+    BERLIN,
+    BERLIN_BBOX,
+    MUNICH,
+    RunningServer,
+    StartServer,
+    ping,
+    post_pings,
+)
 from tests.credentials import SECRET, SECURE, sign_claims
 from tests.sse import Feed, feed_head, open_feed
 from tests.test_fleets_ingest import ACME, BETA, DEVICES, _post
@@ -189,3 +197,26 @@ async def test_huge_and_forged_bindings_are_refused(start_server: StartServer) -
         ):
             response = await feed_head(http, f"/feed?{query}&token={link}")
             assert response.status_code in (400, 403), (query, response.text)
+
+
+async def test_a_replay_ends_when_its_token_expires(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server(
+        **SECURE, history=str(tmp_path / "history.sqlite3"), history_commit_s=0.05
+    )
+    start = time.time() - 600
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        pings = [ping("van-1", BERLIN[0] + i * 1e-4, BERLIN[1], start + i) for i in range(300)]
+        assert (await post_pings(http, pings)).status_code == 200
+        history = server.tracker.history
+        assert history is not None
+        with trio.fail_after(10):
+            while history.queued:
+                await trio.sleep(0.05)
+        token = KEYRING.mint(ttl_s=3)
+        query = f"bbox={BERLIN_BBOX}&from={start}&to={start + 300}&speed=1&token={token}"
+        async with open_feed(http, query) as feed:
+            event = await feed.next_event(timeout=10)
+            while event.event != "expired":
+                event = await feed.next_event(timeout=20)

@@ -31,6 +31,7 @@ from tracker.auth import (
     bearer,
     check_ingest_key,
     check_session_origin,
+    ending_with_token,
 )
 from tracker.bodies import BodyReads
 from tracker.devices.routes import add_device_routes
@@ -214,7 +215,10 @@ def create_app(tracker: Tracker) -> QuartTrio:
             if replayed is None:  # resumed after its end: 204 stops EventSource
                 slot.release()
                 return Response(b"", status=204)
-            stream = replayed
+            # the hub ends live feeds with their tokens; a replay is ended here
+            stream = (
+                replayed if grant is None else ending_with_token(replayed, grant, keyring.revoked)
+            )
         response = Response(held_while_streaming(stream, slot), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"

@@ -42,7 +42,7 @@ import hashlib
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -62,6 +62,7 @@ from tracker.errors import (
     TokenRevoked,
     Unauthorized,
 )
+from tracker.feed import FINAL_EVENTS
 from tracker.fleets import FLEET_NAME, Fleets, KeyFleet
 from tracker.pings import MAX_VEHICLE_ID_CHARS
 from tracker.regions import parse_area
@@ -74,6 +75,7 @@ __all__ = [
     "bearer",
     "check_ingest_key",
     "check_session_origin",
+    "ending_with_token",
     "new_secret",
 ]
 
@@ -351,6 +353,28 @@ def _fleets(claim: object) -> frozenset[str]:
             f"the token's fleets claim is malformed: 1 to {MAX_TOKEN_FLEETS} fleet names"
         )
     return frozenset(claim)
+
+
+async def ending_with_token(
+    stream: AsyncIterator[bytes], grant: Grant, revoked: Callable[[str], bool]
+) -> AsyncIterator[bytes]:
+    """``stream`` until ``grant``'s token expires or is revoked, then its final event.
+
+    For streams the hub does not hold (history replays), which it cannot end: checked at
+    every chunk, so such a stream ends within one heartbeat (``heartbeat_s``) of its token.
+    """
+    try:
+        async for chunk in stream:
+            if grant.expires <= time.time():
+                yield FINAL_EVENTS["expired"]
+                return
+            if grant.jti is not None and revoked(grant.jti):
+                yield FINAL_EVENTS["revoked"]
+                return
+            yield chunk
+    finally:
+        if isinstance(stream, AsyncGenerator):  # ended early: let it clean up now
+            await stream.aclose()
 
 
 def bearer(authorization: str | None) -> str | None:
