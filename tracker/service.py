@@ -53,12 +53,12 @@ from tracker.ingest import apply_pings, decode_body
 from tracker.meta import MetaStore
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
+from tracker.revocation import RedisRevocations, Revocation, Revocations, expiry_of
+from tracker.views import View
 from tracker.zones.book import ZoneBook
 from tracker.zones.engine import ZoneEngine
 from tracker.zones.events import EventSink
 from tracker.zones.store import ZoneStore
-from tracker.revocation import RedisRevocations, Revocation, Revocations, expiry_of
-from tracker.views import View
 
 __all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker", "VehicleReport"]
 
