@@ -72,6 +72,7 @@ async def test_deleting_the_session_clears_the_cookie(start_server: StartServer)
         (jwt.encode({"area": {}}, SECRET, "HS256"), "not valid"),  # no exp
         (jwt.encode({"exp": time.time() + 60}, None, "none"), "not valid"),  # alg: none
     ],
+    ids=["expired", "forged", "not-a-jwt", "no-exp", "alg-none"],  # stable across processes
 )
 async def test_expired_forged_and_malformed_tokens_get_401(
     start_server: StartServer, token: str, says: str

@@ -45,7 +45,7 @@ async def test_healthz_answers_while_feeds_ask_for_costly_areas(
     assert sorted(statuses) == [200] * 4 + [400] * 4
     # Chunks hold the loop for a few ms; the bound leaves room for a loaded machine's
     # scheduling and still fails the 9 s hold of the 60 strips before.
-    assert probe.worst < 1.0, probe.worst
+    assert probe.worst < 3.0, probe.worst  # a loaded machine alone took 1.2 s
 
 
 @pytest.mark.parametrize(

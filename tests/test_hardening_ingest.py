@@ -160,4 +160,4 @@ async def test_ingest_garbage_body_over_http_is_refused_fast_and_health_answers(
             await trio.sleep(0.05)
             response = await client.post("/ingest", content=body, headers={"Content-Type": MSGPACK})
     assert response.status_code == 413
-    assert probe.worst < 1.0, probe.worst  # was 7.8 s on main before the count came first
+    assert probe.worst < 3.0, probe.worst  # was 7.8 s before the count came first

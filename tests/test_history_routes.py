@@ -426,6 +426,7 @@ async def test_bad_track_parameters_are_400(
         (f"from={START}&to={END}&limit=%F0%9F%98%80", "not a whole number"),
         (f"from={START}&to={END}&tolerance_m=%FF", "not a number"),
     ],
+    ids=["bad-utf8", "from-twice", "emoji-limit", "bad-tolerance"],  # stable across processes
 )
 async def test_raw_queries_are_400(
     http: httpx.AsyncClient, history: Any, query: str, words: str

@@ -162,7 +162,9 @@ ABSURD_CLAIMS = [
 ]
 
 
-@pytest.mark.parametrize("claims", ABSURD_CLAIMS)
+@pytest.mark.parametrize(
+    "claims", ABSURD_CLAIMS, ids=[f"claims-{n}" for n in range(len(ABSURD_CLAIMS))]
+)
 async def test_correctly_signed_tokens_with_absurd_claims_get_4xx(
     secure: RunningServer, claims: str
 ) -> None:
