@@ -66,6 +66,12 @@ def same(shown: list[Position], expected: list[Position]) -> bool:
     )
 
 
+def shown_in_order(shown: list[Position], expected: list[Position]) -> bool:
+    """Every shown position is one of ``expected`` (as :func:`same` compares), in order."""
+    remaining = iter(expected)
+    return all(any(same([position], [candidate]) for candidate in remaining) for position in shown)
+
+
 async def history_server(start_server: StartServer, tmp_path: Path, **config: Any) -> RunningServer:
     return await start_server(
         history=str(tmp_path / "history.sqlite3"), history_commit_s=0.05, **config
@@ -132,10 +138,14 @@ async def test_a_replay_plays_the_stored_drive_in_order_then_ends(
     assert {v: s.position[1:3] for v, s in snapshot.by_id().items()} == {
         v: track[-1][1:] for v, track in before.items()
     }
-    # Then every stored position of the window, in time order, at the wire's precision.
+    # Then the stored positions of the window, in time order, at the wire's precision:
+    # each one a tick of its own, unless a tick came late (a loaded machine) and covered
+    # what it missed in one batch, showing the last position of it, as documented.
     shown = published(feed)
     for vehicle, track in stored(pings, frm, to).items():
-        assert same(shown[vehicle][-len(track) :], track), vehicle
+        window = [p for p in shown[vehicle] if p[0] >= track[0][0] - 0.051]
+        assert shown_in_order(window, track), vehicle
+        assert same(window[-1:], track[-1:]) and len(window) >= len(track) // 2, vehicle
     # van-3 left the area during the drive: the replay dropped it, as a live feed would.
     assert "van-3" in shown and "van-3" not in final_ids(feed)
     assert all(e.id.startswith("replay.") for e in feed.events)
