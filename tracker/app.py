@@ -23,6 +23,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from tracker.alerts.routes import add_alert_routes
 from tracker.auth import (
     COOKIE,
     Grant,
@@ -287,6 +288,16 @@ def create_app(tracker: Tracker) -> QuartTrio:
         response.delete_cookie(COOKIE, httponly=True, samesite="Strict")
         return response
 
+    add_alert_routes(
+        app,
+        tracker.alerts,
+        tracker.webhooks,
+        config=config,
+        readers=readers,
+        slots=slots,
+        area_limiter=area_limiter,
+        body_reads=body_reads,
+    )
     add_web_routes(app, config)
     add_history_routes(app, tracker, readers=readers, area_limiter=area_limiter)
     add_device_routes(app, tracker.devices, body_reads)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 
+from tracker.alerts.targets import AllowList
 from tracker.logs import LOG_FORMATS, LOG_LEVELS
 
 _S = TypeVar("_S", bound=msgspec.Struct)
@@ -321,6 +322,60 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         ),
     ] = ""
 
+    alerts_queue_events: Annotated[
+        int,
+        describe(
+            "Zone events waiting to be written to the alerts log, at most; beyond it ingest "
+            "answers 503 with Retry-After and /healthz reports it (docs/alerts.md).",
+            ge=1,
+        ),
+    ] = 100_000
+    alerts_memory_events: Annotated[
+        int,
+        describe(
+            "Newest alert events kept in memory for streams; older are read from the log.", ge=1
+        ),
+    ] = 10_000
+    alerts_retention_s: Annotated[
+        float,
+        describe("How long alert events are kept in the log (seconds, or 12h, 30d).", gt=0),
+    ] = 7 * DAY_S
+    alerts_retention_events: Annotated[
+        int, describe("Most alert events kept in the log; the oldest go first.", ge=1)
+    ] = 1_000_000
+    webhook_allow: Annotated[
+        str,
+        describe(
+            "Comma-separated webhook targets allowed beyond public addresses: CIDR ranges "
+            "(10.0.0.0/8, 127.0.0.1/32) open addresses; host names (hooks.example.com, "
+            "*.example.com), if any, restrict targets to those names. Empty: any public "
+            "address, never loopback, private, link-local or metadata ones."
+        ),
+    ] = ""
+    webhook_timeout_s: Annotated[
+        float,
+        describe("Deadline of one webhook request (resolving, connecting, the answer).", gt=0),
+    ] = 10.0
+    webhook_attempts: Annotated[
+        int,
+        describe("Attempts per event and webhook; then it goes to the dead letters.", ge=1, le=50),
+    ] = 8
+    webhook_backoff_s: Annotated[
+        float, describe("Wait before the second attempt; doubles each time (with jitter).", gt=0)
+    ] = 1.0
+    webhook_backoff_max_s: Annotated[
+        float, describe("Longest wait between two attempts of one event.", gt=0)
+    ] = 300.0
+    webhook_concurrency: Annotated[
+        int, describe("Webhook requests in flight at once, over every subscription.", ge=1)
+    ] = 64
+    webhook_max_subscriptions: Annotated[
+        int, describe("Most webhook subscriptions (more: 409).", ge=1)
+    ] = 256
+    webhook_dead_letters: Annotated[
+        int, describe("Dead letters kept per webhook; the oldest go first (counted).", ge=1)
+    ] = 10_000
+
     osmand_port: Annotated[
         int,
         describe(
@@ -443,6 +498,10 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             self.gtfs_rt_feeds  # noqa: B018 -- parsing is the check
         except ValueError as exc:
             raise _bad("gtfs_rt", f"must be comma-separated URL or name=URL: {exc}") from None
+        try:
+            AllowList(_split(self.webhook_allow))
+        except ValueError as exc:
+            raise _bad("webhook_allow", f"takes CIDR ranges and host names: {exc}") from None
         if self.osmand_port and self.osmand_port == self.port:
             raise _bad("osmand_port", "must differ from --port", also=("port",))
         if any(c in self.frame_ancestors for c in ";,\r\n"):

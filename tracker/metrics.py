@@ -191,6 +191,20 @@ class Metrics:
     bus_republished_pings: int = _counter(
         "Vehicle positions published again after a Redis outage (Redis had none newer)."
     )
+    alert_events: int = _counter("Zone events handed to the alerts log.")
+    alert_events_logged: int = _counter("Zone events committed to the alerts log.")
+    alert_events_dropped: int = _counter(
+        "Zone events dropped: the alerts log queue was over twice its bound, or not flushed."
+    )
+    alert_refused_pings: int = _counter("Pings refused with 503: the alerts log queue was full.")
+    alert_store_errors: int = _counter("Alerts log store calls that failed (retried).")
+    alert_events_expired: int = _counter("Alert events deleted for being past retention.")
+    webhook_deliveries: int = _counter("Webhook requests answered 2xx.")
+    webhook_failed_attempts: int = _counter("Webhook requests that failed (retried or not).")
+    webhook_dead_letters: int = _counter("Events a webhook did not take after every attempt.")
+    webhook_refused_targets: int = _counter(
+        "Webhook requests not sent: the target resolved to an address the allow-list refuses."
+    )
     history_committed_pings: int = _counter("Pings committed to the history store.")
     history_refused_pings: int = _counter(
         "Pings refused with 503 because the history queue was full."
@@ -209,6 +223,7 @@ class Metrics:
     batch_pings: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     ping_delay_s: Histogram = field(default_factory=lambda: Histogram(DELAY_BUCKETS_S))
     history_commit_seconds: Histogram = field(default_factory=lambda: Histogram(COMMIT_BUCKETS_S))
+    alert_commit_seconds: Histogram = field(default_factory=lambda: Histogram(COMMIT_BUCKETS_S))
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
     feeds: Callable[[], Iterable[FeedDepth]] = _no_feeds
     bus_state: Callable[[], str] = _local_bus
@@ -272,6 +287,12 @@ class _TrackerCollector(Collector):
             "tracker_history_commit_seconds",
             "Time of each history commit (in the writer thread).",
             m.history_commit_seconds,
+        )
+        yield _histogram(
+            "tracker_alert_commit_seconds",
+            "Time of each alert log commit, from the tick's hand-over to its ids (thread "
+            "hop, transaction, fsync).",
+            m.alert_commit_seconds,
         )
         yield from _feed_depths(list(m.feeds()))
         state = m.bus_state()

@@ -16,8 +16,9 @@ drive it without any server):
 Tasks: :meth:`Tracker.run` (started by ``tracker.server.serve`` into its
 ``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks, history's
 (``tracker.history.writer``: commits, compaction, retention; it flushes on the way out),
-the device sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``) and the
-ticker.
+the device sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``), the alert
+log (:attr:`Tracker.alerts`: commits and retention of zone events, ``tracker.alerts.log``),
+the webhook deliveries (:attr:`Tracker.webhooks`) and the ticker.
 It runs until its owner cancels it. It never swallows a crash: an exception from the
 ticker or a bus task is logged once and propagates, so the server goes down with it
 (non-zero exit) instead of answering requests with a dead core.
@@ -37,6 +38,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import msgspec
 import trio
 
+from tracker.alerts.log import AlertLog
+from tracker.alerts.store import AlertStore
+from tracker.alerts.webhooks import Webhooks
 from tracker.bus import Bus, LocalBus, RedisBus
 from tracker.config import TrackerConfig
 from tracker.devices.gateway import DeviceGateway
@@ -200,6 +204,12 @@ class Tracker:
         )
         self.metrics.feeds = self.hub.subscriptions  # read at scrape time, no record each
         self.metrics.bus_state = lambda: self.bus.state
+        self.alerts = AlertLog(
+            config, self.metrics, functools.partial(AlertStore.open, config.database_target)
+        )
+        """The durable log of zone events: the zone engine's sink (``tracker.alerts``)."""
+        self.webhooks = Webhooks(config, self.metrics, self.alerts)
+        """Webhook subscriptions and their delivery tasks, reading :attr:`alerts`."""
         self.history = (
             History(config, self.metrics, functools.partial(open_store, config.history_target))
             if config.history_target
@@ -257,6 +267,7 @@ class Tracker:
         and is raised to the caller.
         """
         self._last_tick_at = trio.current_time()  # a ticker that never ticks is stuck too
+        await self.alerts.open()  # a store that cannot open is a startup error, not a crash
         if self.history is not None:
             await self.history.open()  # a store that cannot open is a startup error, not a crash
         await self.zones.open()
@@ -264,6 +275,8 @@ class Tracker:
         self.meta.load()
         try:
             async with trio.open_nursery() as tracker_nursery:
+                await tracker_nursery.start(self.alerts.run)
+                await tracker_nursery.start(self.webhooks.run)
                 await tracker_nursery.start(self.bus.run)
                 if self.shared_revocations is not None:
                     await tracker_nursery.start(self.shared_revocations.run)
@@ -351,6 +364,7 @@ class Tracker:
         it could be taken; accepted pings are in the index on return, and queued for
         history (committed within ``history_commit_s``).
         """
+        admit = functools.partial(_admit_both, admit, self.alerts.admit)
         history = self.history
         if history is not None:
             admit = functools.partial(_admit_both, admit, history.admit)
@@ -501,6 +515,10 @@ class Tracker:
         history = "off" if self.history is None else "failing" if self.history.failing else "ok"
         if self.history is not None and (trouble := self.history.warning()):
             warnings.append(trouble)
+        if trouble := self.alerts.problem():
+            problems.append(trouble)
+        if trouble := self.alerts.warning():
+            warnings.append(trouble)
         return Health(
             status="ok" if not problems else "failing",
             problems=problems,
@@ -529,6 +547,7 @@ class Tracker:
             self.lifecycle = Lifecycle.STOPPING
         self.stopping.set()
         self.hub.close_all()
+        self.alerts.close_streams()
 
 
 def _reported(value: float | None) -> float | None:

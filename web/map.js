@@ -4,6 +4,7 @@
 
 import { areaFromQuery, bboxQuery, boundsOf, cellsOf, cellToBoundary, estimatedCells } from "./area.js";
 import { FeedClient } from "./feed-client.js";
+import { installAlerts } from "./alerts.js";
 import { installHistory } from "./history.js";
 import { VehicleMeta } from "./meta.js";
 import { createPanel, explainRefusal } from "./panel.js";
@@ -206,6 +207,9 @@ let feed = null;
 let area = null;
 const cellLayer = L.layerGroup().addTo(map);
 const showCells = document.getElementById("show-cells");
+
+// The latest zone events, live (web/alerts.js); not in the embed.
+if (!embed) installAlerts({ map, token });
 
 // Trails, day tracks and replay (web/history.js); the embed shows the live fleet only.
 const historyTools = embed ? null : installHistory({ map, token, area: () => area, resubscribe: subscribe });

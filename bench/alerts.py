@@ -1,0 +1,273 @@
+"""Alerts: event latency from ping to SSE, webhook delivery rate, a stalled receiver.
+
+Until the zone engine is wired (bench.zones), a stand-in engine turns every accepted ping
+into one zone event at the tick that publishes it (:class:`EveryPingIsAnEvent`), so the
+path measured is the real one from there on: ``/ingest`` -> tick -> ``AlertLog.emit`` ->
+group commit (SQLite, ``synchronous=FULL``) -> ``GET /alerts`` over a loopback socket.
+The tracker runs in this process (``tracker.server.serve``), as events can only be
+injected here; senders and readers share its interpreter, so the figures are an upper
+bound of what a separate process would show.
+
+* ``latency``: pings at ``--rate`` per second for ``--seconds``; each event's latency is
+  the time it arrives on an SSE stream minus its ping's ``ts`` (set when sent). Target:
+  p99 within one tick plus 100 ms.
+* ``webhooks``: ``--events`` events emitted at once to one subscription of a local
+  receiver (keep-alive, 204): deliveries per second; then again with a second
+  subscription whose receiver never answers (``--stalled``), and the ratio.
+
+Usage: ``python -m bench.alerts latency|webhooks|all [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+
+from tracker.config import TrackerConfig
+from tracker.pings import IngestReply, Ping
+from tracker.server import serve
+from tracker.service import Tracker
+from tracker.zones.events import ZoneEvent
+
+Figures = dict[str, Any]
+INGEST_KEY = "bench-ingest-key"
+
+
+class EveryPingIsAnEvent(Tracker):
+    """A tracker whose stand-in zone engine raises one ``enter`` per accepted ping, at the
+    tick that publishes it (the real engine decides events at the same point)."""
+
+    def __init__(self, config: TrackerConfig) -> None:
+        super().__init__(config)
+        self._pending: list[Ping] = []
+
+    def ingest_pings(self, pings: Sequence[Ping | None], **kwargs: Any) -> IngestReply:
+        reply = super().ingest_pings(pings, **kwargs)
+        self._pending.extend(p for p in pings if p is not None)
+        return reply
+
+    def tick(self) -> None:
+        super().tick()
+        pending, self._pending = self._pending, []
+        self.alerts.emit(
+            [
+                ZoneEvent(
+                    zone="bench",
+                    kind="depot",
+                    vehicle=p.vehicle_id,
+                    type="enter",
+                    t=p.ts,
+                    lat=p.lat,
+                    lon=p.lon,
+                )
+                for p in pending
+            ]
+        )
+
+
+def _config(directory: str, **overrides: Any) -> TrackerConfig:
+    return TrackerConfig(
+        **{
+            "port": 0,
+            "open_feeds": True,
+            "ingest_keys": INGEST_KEY,
+            "ingest_rate_per_key": 0,
+            "history": str(Path(directory) / "bench.sqlite3"),
+            **overrides,
+        }
+    )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _serving(
+    nursery: trio.Nursery, config: TrackerConfig, tracker: Tracker
+) -> tuple[str, trio.Event]:
+    shutdown = trio.Event()
+    binds = await nursery.start(functools.partial(serve, config, shutdown, tracker=tracker))
+    return binds[0], shutdown
+
+
+async def latency(args: argparse.Namespace) -> Figures:
+    """Ping -> SSE latency of every event over ``args.seconds``."""
+    with tempfile.TemporaryDirectory() as directory:
+        config = _config(directory, tick_s=args.tick)
+        tracker = EveryPingIsAnEvent(config)
+        latencies: list[float] = []
+        async with trio.open_nursery() as nursery:
+            url, shutdown = await _serving(nursery, config, tracker)
+            async with (
+                httpx.AsyncClient(base_url=url, timeout=30) as http,
+                trio.open_nursery() as reader_nursery,
+            ):
+                ready = trio.Event()
+                reader_nursery.start_soon(_read_latencies, http, latencies, ready)
+                await ready.wait()
+                await _send_pings(http, args.rate, args.seconds)
+                await trio.sleep(args.tick + 1.0)  # the last tick and its commit
+                reader_nursery.cancel_scope.cancel()
+            shutdown.set()
+        sent = int(args.rate * args.seconds)
+        return {
+            "tick_s": args.tick,
+            "events_sent": sent,
+            "events_received": len(latencies),
+            "latency_p50_ms": round(1000 * _percentile(latencies, 0.5), 1),
+            "latency_p99_ms": round(1000 * _percentile(latencies, 0.99), 1),
+            "latency_max_ms": round(1000 * max(latencies), 1),
+            "target_ms": round(1000 * args.tick + 100),
+            "commit_mean_ms": round(
+                1000
+                * tracker.metrics.alert_commit_seconds.sum
+                / max(1, tracker.metrics.alert_commit_seconds.count),
+                1,
+            ),
+            "commits": tracker.metrics.alert_commit_seconds.count,
+        }
+
+
+async def _read_latencies(
+    http: httpx.AsyncClient, latencies: list[float], ready: trio.Event
+) -> None:
+    async with http.stream("GET", "/alerts") as response:
+        ready.set()
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                latencies.append(time.time() - json.loads(line[6:])["t"])
+
+
+async def _send_pings(http: httpx.AsyncClient, rate: float, seconds: float) -> None:
+    """``rate`` pings a second in 20 batches a second, each ping stamped when sent."""
+    per_batch = max(1, round(rate / 20))
+    start = trio.current_time()
+    batches = int(seconds * 20)
+    for number in range(batches):
+        await trio.sleep_until(start + number / 20)
+        now = time.time()
+        pings = [
+            {"vehicle_id": f"v{number}-{i}", "lat": 52.52, "lon": 13.405, "ts": now}
+            for i in range(per_batch)
+        ]
+        response = await http.post(
+            "/ingest",
+            content=msgspec.msgpack.encode(pings),
+            headers={"Content-Type": "application/msgpack", "X-Ingest-Key": INGEST_KEY},
+        )
+        response.raise_for_status()
+
+
+async def webhooks(args: argparse.Namespace) -> Figures:
+    """Deliveries per second to one local receiver, alone and beside a stalled one."""
+    await _delivery_rate(200, stalled=False)  # warm-up: imports, first connections
+    alone = await _delivery_rate(args.events, stalled=False)
+    beside = await _delivery_rate(args.events, stalled=True)
+    return {
+        "events": args.events,
+        "deliveries_per_s": round(alone),
+        "deliveries_per_s_beside_a_stalled_receiver": round(beside),
+        "ratio": round(beside / alone, 2),
+    }
+
+
+async def _delivery_rate(events: int, *, stalled: bool) -> float:
+    with tempfile.TemporaryDirectory() as directory:
+        config = _config(directory, webhook_allow="127.0.0.1/32", webhook_timeout_s=60.0)
+        tracker = Tracker(config)
+        received = 0
+        done = trio.Event()
+
+        async def answer(stream: trio.SocketStream, *, stall: bool) -> None:
+            nonlocal received
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(buffer) < length:
+                    buffer += await stream.receive_some(65536)
+                buffer = buffer[length:]
+                if stall:
+                    await trio.sleep_forever()
+                received += 1
+                if received == events:
+                    done.set()
+                await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+        async with trio.open_nursery() as nursery:
+            _, shutdown = await _serving(nursery, config, tracker)
+            ports = []
+            for stall in [False, True] if stalled else [False]:
+                listeners = await nursery.start(
+                    functools.partial(
+                        trio.serve_tcp, functools.partial(answer, stall=stall), 0, host="127.0.0.1"
+                    )
+                )
+                ports.append(listeners[0].socket.getsockname()[1])
+            for port in ports:
+                await tracker.webhooks.add(f"http://127.0.0.1:{port}/hook", [], [])
+            started = time.perf_counter()
+            tracker.alerts.emit(
+                [
+                    ZoneEvent(
+                        zone="bench",
+                        kind="depot",
+                        vehicle=f"v{i}",
+                        type="enter",
+                        t=time.time(),
+                        lat=52.52,
+                        lon=13.405,
+                    )
+                    for i in range(events)
+                ]
+            )
+            with trio.fail_after(120):
+                await done.wait()
+            took = time.perf_counter() - started
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+        return events / took
+
+
+RUNS = {"latency": latency, "webhooks": webhooks}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=[*RUNS, "all"])
+    parser.add_argument("--rate", type=float, default=200.0, help="pings (events) per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--tick", type=float, default=0.5, help="tick_s of the tracker")
+    parser.add_argument("--events", type=int, default=2000, help="webhook events")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    args = parser.parse_args(argv)
+    figures: Figures = {}
+    for name, run in RUNS.items():
+        if args.what in (name, "all"):
+            figures[name] = trio.run(run, args)
+            for key, value in figures[name].items():
+                print(f"{name}.{key}: {value}")
+    figures["median_note"] = "one run; quote medians of several"
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
