@@ -221,13 +221,13 @@ class Tracker:
                 self.index,
                 stale_after_s=config.stale_after_s,
                 remove_after_s=config.remove_after_s,
-                sink=zone_sink,
+                sink=zone_sink or self.alerts,
             ),
             ZoneStore(config.database_target),
             resolution=config.h3_resolution,
         )
-        """Zones and their engine (``tracker.zones``): events go to ``zone_sink`` (the
-        alerts log; None: logged at debug level only)."""
+        """Zones and their engine (``tracker.zones``): events go to ``zone_sink``, by
+        default the alerts log (:attr:`alerts`)."""
         self.metrics.gauges.update(
             zones=("Zones held.", lambda: len(self.zones)),
             zone_vehicles_inside=(
