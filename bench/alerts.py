@@ -1,16 +1,15 @@
 """Alerts: event latency from ping to SSE, webhook delivery rate, a stalled receiver.
 
-Until the zone engine is wired (bench.zones), a stand-in engine turns every accepted ping
-into one zone event at the tick that publishes it (:class:`EveryPingIsAnEvent`), so the
-path measured is the real one from there on: ``/ingest`` -> tick -> ``AlertLog.emit`` ->
-group commit (SQLite, ``synchronous=FULL``) -> ``GET /alerts`` over a loopback socket.
-The tracker runs in this process (``tracker.server.serve``), as events can only be
-injected here; senders and readers share its interpreter, so the figures are an upper
-bound of what a separate process would show.
+The whole path, over loopback sockets: ``/ingest`` -> the tick -> the zone engine ->
+``AlertLog.emit`` -> group commit (SQLite, ``synchronous=FULL``) -> ``GET /alerts``. The
+tracker runs in this process (``tracker.server.serve``; the webhook run emits events
+directly); senders and readers share its interpreter, so the figures are an upper bound
+of what a separate process would show.
 
-* ``latency``: pings at ``--rate`` per second for ``--seconds``; each event's latency is
-  the time it arrives on an SSE stream minus its ping's ``ts`` (set when sent). Target:
-  p99 within one tick plus 100 ms.
+* ``latency``: one zone (a 500 m circle), ``--rate`` vehicles at 1 Hz for ``--seconds``,
+  each alternating between a point inside and one 2 km outside, so every ping raises an
+  ``enter`` or an ``exit``; an event's latency is the time it arrives on the stream minus
+  its ping's ``ts`` (stamped when sent). Target: p99 within one tick plus 100 ms.
 * ``webhooks``: ``--events`` events emitted at once to one subscription of a local
   receiver (keep-alive, 204): deliveries per second; then again with a second
   subscription whose receiver never answers (``--stalled``), and the ratio.
@@ -26,7 +25,6 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,45 +33,20 @@ import msgspec
 import trio
 
 from tracker.config import TrackerConfig
-from tracker.pings import IngestReply, Ping
 from tracker.server import serve
 from tracker.service import Tracker
 from tracker.zones.events import ZoneEvent
+from tracker.zones.model import parse_zone
 
 Figures = dict[str, Any]
 INGEST_KEY = "bench-ingest-key"
-
-
-class EveryPingIsAnEvent(Tracker):
-    """A tracker whose stand-in zone engine raises one ``enter`` per accepted ping, at the
-    tick that publishes it (the real engine decides events at the same point)."""
-
-    def __init__(self, config: TrackerConfig) -> None:
-        super().__init__(config)
-        self._pending: list[Ping] = []
-
-    def ingest_pings(self, pings: Sequence[Ping | None], **kwargs: Any) -> IngestReply:
-        reply = super().ingest_pings(pings, **kwargs)
-        self._pending.extend(p for p in pings if p is not None)
-        return reply
-
-    def tick(self) -> None:
-        super().tick()
-        pending, self._pending = self._pending, []
-        self.alerts.emit(
-            [
-                ZoneEvent(
-                    zone="bench",
-                    kind="depot",
-                    vehicle=p.vehicle_id,
-                    type="enter",
-                    t=p.ts,
-                    lat=p.lat,
-                    lon=p.lon,
-                )
-                for p in pending
-            ]
-        )
+CENTRE = (52.52, 13.405)
+DEPOT = {
+    "type": "Feature",
+    "id": "depot",
+    "geometry": {"type": "Point", "coordinates": [CENTRE[1], CENTRE[0]]},
+    "properties": {"name": "bench depot", "kind": "depot", "radius_m": 500},
+}
 
 
 def _config(directory: str, **overrides: Any) -> TrackerConfig:
@@ -106,10 +79,11 @@ async def latency(args: argparse.Namespace) -> Figures:
     """Ping -> SSE latency of every event over ``args.seconds``."""
     with tempfile.TemporaryDirectory() as directory:
         config = _config(directory, tick_s=args.tick)
-        tracker = EveryPingIsAnEvent(config)
+        tracker = Tracker(config)
         latencies: list[float] = []
         async with trio.open_nursery() as nursery:
             url, shutdown = await _serving(nursery, config, tracker)
+            await tracker.zones.put([parse_zone(DEPOT)], replace=True)
             async with (
                 httpx.AsyncClient(base_url=url, timeout=30) as http,
                 trio.open_nursery() as reader_nursery,
@@ -121,10 +95,9 @@ async def latency(args: argparse.Namespace) -> Figures:
                 await trio.sleep(args.tick + 1.0)  # the last tick and its commit
                 reader_nursery.cancel_scope.cancel()
             shutdown.set()
-        sent = int(args.rate * args.seconds)
         return {
             "tick_s": args.tick,
-            "events_sent": sent,
+            "pings_sent": int(max(20, round(args.rate)) * int(args.seconds)),
             "events_received": len(latencies),
             "latency_p50_ms": round(1000 * _percentile(latencies, 0.5), 1),
             "latency_p99_ms": round(1000 * _percentile(latencies, 0.99), 1),
@@ -151,16 +124,18 @@ async def _read_latencies(
 
 
 async def _send_pings(http: httpx.AsyncClient, rate: float, seconds: float) -> None:
-    """``rate`` pings a second in 20 batches a second, each ping stamped when sent."""
-    per_batch = max(1, round(rate / 20))
+    """``rate`` vehicles at 1 Hz in 20 batches a second, each ping stamped when sent; a
+    vehicle is inside the zone in even seconds and 2 km east of it in odd ones."""
+    vehicles = max(20, round(rate))
     start = trio.current_time()
-    batches = int(seconds * 20)
-    for number in range(batches):
+    for number in range(int(seconds * 20)):
         await trio.sleep_until(start + number / 20)
+        second, slot = divmod(number, 20)
+        lon = CENTRE[1] + (0.0 if second % 2 == 0 else 0.03)
         now = time.time()
         pings = [
-            {"vehicle_id": f"v{number}-{i}", "lat": 52.52, "lon": 13.405, "ts": now}
-            for i in range(per_batch)
+            {"vehicle_id": f"v{k}", "lat": CENTRE[0], "lon": lon, "ts": now}
+            for k in range(slot, vehicles, 20)
         ]
         response = await http.post(
             "/ingest",
@@ -252,7 +227,7 @@ RUNS = {"latency": latency, "webhooks": webhooks}
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=[*RUNS, "all"])
-    parser.add_argument("--rate", type=float, default=200.0, help="pings (events) per second")
+    parser.add_argument("--rate", type=float, default=200.0, help="vehicles at 1 Hz (events/s)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--tick", type=float, default=0.5, help="tick_s of the tracker")
     parser.add_argument("--events", type=int, default=2000, help="webhook events")
