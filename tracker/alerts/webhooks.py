@@ -230,7 +230,8 @@ class Webhooks:
         try:
             target = self.allow.check_url(hook.url)
         except TargetRefused as refused:
-            # Stored under an older, wider allow-list: kept (and listed), never called.
+            # Stored under an older, wider allow-list: kept in the database, not started
+            # (nor listed) until the allow-list takes it again.
             logger.warning("webhook %s is not started: %s", hook.id, refused)
             return
         sub = _Subscription(
