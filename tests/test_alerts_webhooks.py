@@ -283,3 +283,27 @@ async def test_subscriptions_and_cursors_survive_a_restart(
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
         view = (await http.get(f"/webhooks/{hook['id']}", headers=ADMIN)).json()
         assert view["url"] == receiver.url
+
+
+async def test_a_subscription_behind_retention_skips_what_was_deleted_and_says_so(
+    start_server: StartServer,
+    settings: dict[str, Any],
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    receiver = await Receiver("stall").start(nursery)
+    server = await start_server(**{**settings, "alerts_retention_events": 2})
+    log = server.tracker.alerts
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        await subscribe(http, receiver.url)
+        log.emit([zone_event(0)])  # its delivery stalls
+        await receiver.wait_for(1)
+        log.emit([zone_event(i) for i in range(1, 6)])
+        with trio.fail_after(5):
+            while log.last_id < 6:
+                await trio.sleep(0.01)
+        assert await log.expire() == 4  # events 1-4 go; the stalled delivery of 1 goes on
+        receiver.mode = "ok"
+        await receiver.wait_for(4, timeout=10)  # 1 again (its retry), then 5 and 6
+    assert [json.loads(r.body)["id"] for r in receiver.received[1:]] == [1, 5, 6]
+    assert "fell behind retention: events 2 to 4" in caplog.text

@@ -247,6 +247,8 @@ class Webhooks:
         with trio.CancelScope() as scope:
             sub.scopes.add(scope)
             while True:
+                if sub.cursor + 1 < self._log.first_id:
+                    self._skip_expired(sub)
                 try:
                     events = await self._log.read(sub.cursor, PAGE)
                 except DatabaseError as error:  # the log's own episode says so too
@@ -256,9 +258,6 @@ class Webhooks:
                     await trio.sleep(STORE_RETRY_S)
                     continue
                 if not events:
-                    if sub.cursor + 1 < self._log.first_id:
-                        self._skip_expired(sub)
-                        continue
                     await self._log.wait_beyond(sub.cursor)
                     if self._log.closed:
                         await trio.sleep_forever()  # shutdown: wait to be cancelled
@@ -270,7 +269,7 @@ class Webhooks:
                     self._log.save_cursor(sub.hook.id, event.id)
 
     def _skip_expired(self, sub: _Subscription) -> None:
-        """Retention deleted events this subscription had not settled: said, counted."""
+        """Retention deleted events this subscription had not settled: said (ERROR)."""
         logger.error(
             "webhook %s fell behind retention: events %d to %d were deleted before delivery",
             sub.hook.id,
