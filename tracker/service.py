@@ -267,9 +267,9 @@ class Tracker:
         and is raised to the caller.
         """
         self._last_tick_at = trio.current_time()  # a ticker that never ticks is stuck too
-        await self.alerts.open()  # a store that cannot open is a startup error, not a crash
         if self.history is not None:
             await self.history.open()  # a store that cannot open is a startup error, not a crash
+        await self.alerts.open()  # after history's: that names the database in errors
         await self.zones.open()
         self.revocations.load(time.time())
         self.meta.load()
