@@ -12,13 +12,15 @@ drive it without any server):
 * :meth:`Tracker.locate` says where one vehicle was last published (a map's search);
 * :meth:`Tracker.health` and :attr:`Tracker.ready` say whether it can do its job;
 * :meth:`Tracker.shutdown` begins shutdown: every feed gets its final event.
+* :attr:`Tracker.alerts` is the log of zone events (the zone engine's sink) and
+  :attr:`Tracker.webhooks` their webhook deliveries (``tracker.alerts``); their tasks
+  (commits, retention, one delivery task per subscription) run in ``tracker_nursery``.
 
 Tasks: :meth:`Tracker.run` (started by ``tracker.server.serve`` into its
 ``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks, history's
 (``tracker.history.writer``: commits, compaction, retention; it flushes on the way out),
-the device sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``), the alert
-log (:attr:`Tracker.alerts`: commits and retention of zone events, ``tracker.alerts.log``),
-the webhook deliveries (:attr:`Tracker.webhooks`) and the ticker.
+the device sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``) and the
+ticker.
 It runs until its owner cancels it. It never swallows a crash: an exception from the
 ticker or a bus task is logged once and propagates, so the server goes down with it
 (non-zero exit) instead of answering requests with a dead core.
