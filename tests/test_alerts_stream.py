@@ -12,7 +12,8 @@ import trio
 
 from tests.alerts_tools import open_alerts, zone_event
 from tests.conftest import BERLIN_BBOX, MUNICH, StartServer
-from tests.credentials import SECURE, mint_token
+from tests.credentials import SECRET, SECURE, mint_token
+from tracker.auth import Keyring
 
 
 @pytest.fixture
@@ -209,3 +210,20 @@ async def test_backlog_starts_with_the_newest_matching_events(
             assert len(await reader.until_quiet()) == 10
         for bad in ["101", "-1", "x", "1e2", "0" * 10]:
             assert (await http.get(f"/alerts?backlog={bad}")).status_code == 400, bad
+
+
+async def test_a_token_bound_to_vehicles_sees_only_their_events(
+    start_server: StartServer, state: dict[str, Any]
+) -> None:
+    """A tracking link (a token bound to one van) must not read the fleet's alerts."""
+    server = await start_server(**SECURE, **state)
+    keyring = Keyring([SECRET], resolution=7, max_cells=4000)
+    van = keyring.mint(ttl_s=60, vehicles=["v2"])
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+        open_alerts(http, f"token={van}") as reader,
+    ):
+        server.tracker.alerts.emit([zone_event(i) for i in range(1, 5)])
+        server.tracker.alerts.emit([zone_event(2, type="exit")])
+        seen = await reader.alerts(2)
+    assert [(a["vehicle"], a["type"]) for a in seen] == [("v2", "enter"), ("v2", "exit")]

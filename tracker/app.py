@@ -297,6 +297,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
         slots=slots,
         area_limiter=area_limiter,
         body_reads=body_reads,
+        fleet_of=tracker.fleets.fleet_of,
     )
     add_web_routes(app, config)
     add_history_routes(app, tracker, readers=readers, area_limiter=area_limiter)

@@ -4,7 +4,8 @@
 limiter and body reads as feeds, so tokens, areas and limits mean the same thing here:
 
 * ``GET /alerts?zones=&kind=&<area>``: an area token only sees events whose position is in
-  its area (an area asked for beyond it: 403); ``Last-Event-ID`` (header, or
+  its area (an area asked for beyond it: 403), a token bound to vehicles or fleets (a
+  tracking link) only their events; ``Last-Event-ID`` (header, or
   ``?last_event_id=``) resumes from the log. Streams count against the feeds' per-token
   and per-address limits.
 * ``POST/GET/DELETE /webhooks``, ``GET /webhooks/{id}``, ``GET /webhooks/{id}/dead-letters``
@@ -15,7 +16,7 @@ Every refusal is a :class:`~tracker.errors.TrackerError` (a JSON body). Owns no 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -129,6 +130,7 @@ def add_alert_routes(
     slots: StreamSlots,
     area_limiter: trio.CapacityLimiter,
     body_reads: BodyReads,
+    fleet_of: Callable[[str], str | None],
 ) -> None:
     """Register ``/alerts`` and ``/webhooks`` on ``app`` (see the module doc)."""
 
@@ -197,7 +199,12 @@ def add_alert_routes(
             token=grant.holder if grant else None, address=request.remote_addr or "unknown"
         )
         wanted = AlertFilter(
-            zones=frozenset(zones) or None, kinds=frozenset(kinds) or None, cells=cells
+            zones=frozenset(zones) or None,
+            kinds=frozenset(kinds) or None,
+            cells=cells,
+            vehicles=grant.vehicles if grant is not None else None,
+            fleets=grant.fleets if grant is not None else None,
+            fleet_of=fleet_of,
         )
         stream = alert_stream(
             log,

@@ -14,7 +14,7 @@ it, the events from now on. Lives exactly as long as its HTTP response; owns no 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -39,12 +39,16 @@ class AlertFilter:
     """Which events a reader wants: every condition given must hold (None: any).
 
     ``cells`` is an area (the request's, or its token's), matched by the index cell of
-    the event's position.
+    the event's position; ``vehicles`` and ``fleets`` are those a token is bound to (a
+    tracking link sees its vehicle's events only), ``fleet_of`` names a vehicle's fleet.
     """
 
     zones: frozenset[str] | None = None
     kinds: frozenset[str] | None = None
     cells: frozenset[int] | None = None
+    vehicles: frozenset[str] | None = None
+    fleets: frozenset[str] | None = None
+    fleet_of: Callable[[str], str | None] | None = None
 
     def matches(self, logged: LoggedEvent) -> bool:
         """Whether ``logged`` passes."""
@@ -53,6 +57,11 @@ class AlertFilter:
             (self.zones is None or event.zone in self.zones)
             and (self.kinds is None or event.kind in self.kinds)
             and (self.cells is None or logged.cell in self.cells)
+            and (self.vehicles is None or event.vehicle in self.vehicles)
+            and (
+                self.fleets is None
+                or (self.fleet_of is not None and self.fleet_of(event.vehicle) in self.fleets)
+            )
         )
 
     def select(self, events: Iterable[LoggedEvent]) -> list[LoggedEvent]:
