@@ -215,7 +215,7 @@ def test_removed_while_inside() -> None:
 def test_zone_changed_or_deleted_while_inside() -> None:
     drive = Drive(square(), square(id="other", half_m=50))
     drive.ping(100, 0)
-    drive.put(square(dwell_s=5), 105)
+    drive.put(square(half_m=150), 105)  # another place: exits, enters anew
     drive.engine.delete("other", 106)
     events = drive.tick(107)
     assert sorted((e.zone, e.reason) for e in events) == [
@@ -224,6 +224,16 @@ def test_zone_changed_or_deleted_while_inside() -> None:
     ]
     assert kinds(drive.ping(110, 0)) == ["enter"]  # the changed zone, entered anew
     assert not drive.engine.delete("other", 111)
+
+
+def test_a_renamed_zone_keeps_its_vehicles_inside() -> None:
+    drive = Drive(square(dwell_s=100))
+    drive.ping(100, 0)
+    drive.put(square(name="Depot Nord", kind="customer", dwell_s=5, note="x"), 101)
+    (dwell,) = drive.ping(106, 10)  # the visit goes on, with the new dwell time and kind
+    assert (dwell.type, dwell.kind) == ("dwell", "customer")
+    (leave,) = drive.ping(110, 300)
+    assert (leave.reason, leave.inside_s) == ("left", 10)
 
 
 def test_pings_without_zones_are_not_kept_and_the_backlog_is_bounded() -> None:

@@ -52,7 +52,7 @@ from tracker.zones.events import EventSink, EventType, ExitReason, ZoneEvent
 from tracker.zones.index import CROSS_RESOLUTION, Hits, ZoneIndex, cells_at
 from tracker.zones.states import ZONE_BITS, ZONE_MASK, StateTable
 
-__all__ = ["MAX_PATH_CELLS", "MAX_RECORDED_PINGS", "LoggingSink", "ZoneEngine"]
+__all__ = ["MAX_PATH_CELLS", "MAX_RECORDED_PINGS", "LoggingSink", "ZoneEngine", "same_place"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,12 @@ _NO_STATES = (
     np.empty(0, np.float64),
     np.empty(0, np.bool_),
 )
+
+
+def same_place(old: CompiledZone, new: CompiledZone) -> bool:
+    """Whether two versions of a zone cover the same ground (the same cells, too)."""
+    a, b = old.zone, new.zone
+    return (a.geometry, a.radius_m, a.margin_m) == (b.geometry, b.radius_m, b.margin_m)
 
 
 def _member(values: npt.NDArray[np.int64], ordered: npt.NDArray[np.int64]) -> _B:
@@ -152,7 +158,15 @@ class ZoneEngine:
     # --- zones -------------------------------------------------------------------------
 
     def put(self, compiled: CompiledZone, now: float) -> None:
-        """Hold a new or changed zone; vehicles inside a changed one exit (``zone_changed``)."""
+        """Hold a new or changed zone; vehicles inside a changed one exit (``zone_changed``).
+
+        A change that keeps the zone's place (geometry and margin: its name, kind, dwell
+        time, ``confirm`` or properties changed) keeps the vehicles inside, and their
+        visits: a renamed depot raises no exits and enters."""
+        old = self.zones.get(compiled.zone.id)
+        if old is not None and same_place(old, compiled):
+            self.zones.swap(compiled)
+            return
         self._drop_zone(compiled.zone.id, "zone_changed", now)
         self.zones.add(compiled)
 

@@ -179,6 +179,17 @@ class ZoneIndex:
         self._changed()
         return slot
 
+    def swap(self, compiled: CompiledZone) -> None:
+        """Hold a new version of a zone that covers the same ground in its slot (the
+        tables stay as they are: its cells are the same)."""
+        slot = self.slot_of[compiled.zone.id]
+        self.zones[slot] = compiled
+        self.inner[slot] = compiled.inner
+        self.outer[slot] = compiled.outer
+        self.confirm[slot] = compiled.zone.confirm
+        dwell = compiled.zone.dwell_s
+        self.dwell_s[slot] = np.inf if dwell is None else dwell
+
     def remove(self, zone_id: str) -> int | None:
         """Drop a zone; returns the slot it had (None if unknown)."""
         slot = self.slot_of.pop(zone_id, None)
