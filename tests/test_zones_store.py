@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
+from tracker.config import TrackerConfig
 from tracker.database import DatabaseError
+from tracker.service import Tracker
+from tracker.zones.model import parse_zone
 from tracker.zones.store import MIGRATIONS, ZoneStore
 
 
@@ -22,10 +25,14 @@ def feature(zone_id: str, name: str = "Depot") -> dict[str, Any]:
     }
 
 
+def stored(store: ZoneStore) -> list[dict[str, Any]]:
+    return [feature for feature, _ in store.features(sorted(store.versions()))]
+
+
 def round_trip(target: str) -> None:
     store = ZoneStore(target)
     try:
-        assert store.load() == []
+        assert stored(store) == []
         store.put([feature("b"), feature("a")])
         store.put([feature("a", "Depot Nord")])
         store.delete("b")
@@ -34,7 +41,7 @@ def round_trip(target: str) -> None:
         store.close()
     again = ZoneStore(target)
     try:
-        assert again.load() == [feature("a", "Depot Nord")]
+        assert stored(again) == [feature("a", "Depot Nord")]
     finally:
         again.close()
 
@@ -50,7 +57,8 @@ def test_postgresql(postgres: str) -> None:
 def test_a_new_sqlite_file_is_made_only_when_a_zone_is_written(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.sqlite3"
     store = ZoneStore(str(path))
-    assert store.load() == []
+    assert stored(store) == []
+    assert not store.present
     assert not path.exists()
     store.put([feature("a")])
     assert path.exists()
@@ -68,4 +76,25 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
             "INSERT INTO schema_migrations VALUES (?, ?, 0)", ("zones", MIGRATIONS.version + 1)
         )
     with pytest.raises(DatabaseError, match="upgrade the tracker"):
-        ZoneStore(path).load()
+        ZoneStore(path).versions()
+
+
+async def test_an_instance_takes_in_what_another_changed(tmp_path: Path) -> None:
+    """Two trackers on one database: what one writes or deletes, the other's refresh
+    (every REFRESH_S, from Tracker.run) takes in."""
+    target = str(tmp_path / "shared.sqlite3")
+    config = TrackerConfig(history=target)
+    one, two = Tracker(config), Tracker(config)
+    await one.zones.open()
+    await two.zones.open()
+    await one.zones.put([parse_zone(feature("a")), parse_zone(feature("b"))], replace=False)
+    assert await two.zones.refresh() == 2
+    assert sorted(two.zones.engine.zones.slot_of) == ["a", "b"]
+    assert await two.zones.refresh() == 0  # nothing new
+    await one.zones.put([parse_zone(feature("a", "Depot Nord"))], replace=True)
+    await one.zones.delete("b")
+    assert await two.zones.refresh() == 2
+    renamed = two.zones.get("a")
+    assert renamed is not None and renamed.zone.name == "Depot Nord"
+    assert two.zones.get("b") is None
+    assert await one.zones.refresh() == 0  # its own writes are known

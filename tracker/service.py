@@ -19,8 +19,8 @@ drive it without any server):
 Tasks: :meth:`Tracker.run` (started by ``tracker.server.serve`` into its
 ``service_nursery``) owns ``tracker_nursery``, which holds the bus's tasks, history's
 (``tracker.history.writer``: commits, compaction, retention; it flushes on the way out),
-the device sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``) and the
-ticker.
+the device sources (MQTT, GTFS-realtime feeds: ``tracker.devices.sources``), the zones'
+refresh from the database (``tracker.zones.book``) and the ticker.
 It runs until its owner cancels it. It never swallows a crash: an exception from the
 ticker or a bus task is logged once and propagates, so the server goes down with it
 (non-zero exit) instead of answering requests with a dead core.
@@ -287,6 +287,7 @@ class Tracker:
                 if self.history is not None:
                     await tracker_nursery.start(self.history.run)
                 await tracker_nursery.start(run_sources, self.devices)
+                await tracker_nursery.start(self.zones.follow)
                 task_status.started()
                 await self._tick_forever()
         except BaseException as exc:

@@ -8,7 +8,9 @@ threads; the engine itself only ever changes on the event loop.
 
 At start (:meth:`ZoneBook.open`, from ``Tracker.run``) every stored zone is read back
 and compiled (about a millisecond each, in a worker thread), before the tracker reports
-started.
+started. Then :meth:`ZoneBook.follow` (a task of ``Tracker.run``) looks every
+:data:`REFRESH_S` for zones written or deleted by other instances sharing the database
+(each row's ``updated_at``), and takes them in.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Final
 import h3.api.basic_int as h3i
 import trio
 
+from tracker.database import DatabaseError
 from tracker.errors import TrackerError
 from tracker.zones.cover import CompiledZone, compile_zone
 from tracker.zones.engine import ZoneEngine
@@ -28,10 +31,12 @@ from tracker.zones.events import EventSink
 from tracker.zones.model import Zone, parse_zone
 from tracker.zones.store import ZoneStore
 
-__all__ = ["MAX_ZONES", "Area", "TooManyZones", "ZoneBook", "ZoneExists"]
+__all__ = ["MAX_ZONES", "REFRESH_S", "Area", "TooManyZones", "ZoneBook", "ZoneExists"]
 
 logger = logging.getLogger(__name__)
 
+REFRESH_S: Final = 10.0
+"""How often the database is asked for zones changed by other instances."""
 MAX_ZONES: Final = 100_000
 """Zones one tracker holds at most (the benchmark measures 10,000)."""
 
@@ -51,6 +56,8 @@ class ZoneBook:
         self.store = store
         self.resolution = resolution
         self._lock = trio.Lock()
+        self._versions: dict[str, float] = {}
+        """When each zone held was last written to the database (``updated_at``)."""
 
     @property
     def sink(self) -> EventSink:
@@ -72,16 +79,60 @@ class ZoneBook:
 
     async def open(self) -> None:
         """Read every stored zone back into the engine."""
+        if self.store is None or not self.store.present:
+            return
+        async with self._lock:
+            count = await self._take_in(await trio.to_thread.run_sync(self.store.versions))
+        if count:
+            logger.info("%d zones loaded from %s", count, self.store.where)
+
+    async def follow(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Take in, every :data:`REFRESH_S`, what other instances changed; runs until
+        cancelled. A database that does not answer is logged and asked again later."""
+        task_status.started()
         if self.store is None:
             return
-        features = await trio.to_thread.run_sync(self.store.load)
-        zones = [parse_zone(feature) for feature in features]
-        compiled = await trio.to_thread.run_sync(self._compile_all, zones)
+        while True:
+            await trio.sleep(REFRESH_S)
+            await self.refresh()
+
+    async def refresh(self) -> int:
+        """Take in the zones changed or deleted in the database since last seen; how many."""
+        assert self.store is not None
+        if not self.store.present and not self._versions:
+            return 0
+        try:
+            async with self._lock:
+                return await self._take_in(await trio.to_thread.run_sync(self.store.versions))
+        except DatabaseError as error:
+            logger.warning("zones not refreshed from the database: %s", error)
+            return 0
+
+    async def _take_in(self, versions: dict[str, float]) -> int:
+        """Hold the stored zones whose version differs from ours, drop those gone."""
+        assert self.store is not None
         now = time.time()
-        for one in compiled:
+        changed = [i for i, when in versions.items() if self._versions.get(i) != when]
+        gone = [i for i in self._versions if i not in versions]
+        for zone_id in gone:
+            self.engine.delete(zone_id, now)
+            del self._versions[zone_id]
+        if not changed:
+            return len(gone)
+        rows = await trio.to_thread.run_sync(self.store.features, changed)
+        zones: list[tuple[Zone, float]] = []
+        for feature, when in rows:
+            try:
+                zones.append((parse_zone(feature), when))
+            except TrackerError as error:  # written by a newer tracker, or by hand
+                logger.warning("stored zone %r skipped: %s", feature.get("id"), error.message)
+        compiled = await trio.to_thread.run_sync(self._compile_all, [z for z, _ in zones])
+        for one, (_, when) in zip(compiled, zones, strict=True):
             self.engine.put(one, now)
-        if compiled:
-            logger.info("%d zones loaded from %s", len(compiled), self.store.where)
+            self._versions[one.zone.id] = when
+        return len(gone) + len(compiled)
 
     def _compile_all(self, zones: list[Zone]) -> list[CompiledZone]:
         return [compile_zone(zone, self.resolution) for zone in zones]
@@ -101,12 +152,14 @@ class ZoneBook:
                 raise ZoneExists(f"zone {taken!r} exists; PUT /zones/{{id}} replaces it", id=taken)
             if len(index) + sum(new) > MAX_ZONES:
                 raise TooManyZones(f"a tracker holds at most {MAX_ZONES} zones")
+            written = 0.0
             if self.store is not None:
                 store = self.store
-                await trio.to_thread.run_sync(store.put, [z.feature() for z in zones])
+                written = await trio.to_thread.run_sync(store.put, [z.feature() for z in zones])
             now = time.time()
             for one in compiled:
                 self.engine.put(one, now)
+                self._versions[one.zone.id] = written
         return new
 
     async def delete(self, zone_id: str) -> bool:
@@ -116,6 +169,7 @@ class ZoneBook:
                 return False
             if self.store is not None:
                 await trio.to_thread.run_sync(self.store.delete, zone_id)
+            self._versions.pop(zone_id, None)
             return self.engine.delete(zone_id, time.time())
 
 

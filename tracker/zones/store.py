@@ -44,17 +44,39 @@ class ZoneStore:
         self._migrated = False
         self._mark = "?" if isinstance(self._database, SqliteDatabase) else "%s"
 
-    def load(self) -> list[dict[str, Any]]:
-        """Every stored zone's Feature (none, and no file made, for a new SQLite file)."""
+    @property
+    def present(self) -> bool:
+        """Whether there can be zones stored: a PostgreSQL database, or an SQLite file
+        that exists (a cheap check, fine on the event loop)."""
         database = self._database
-        if isinstance(database, SqliteDatabase) and not os.path.exists(database.path):
-            return []
-        with self._writing() as connection:
-            rows = connection.execute("SELECT feature FROM zones_zones ORDER BY id").fetchall()
-        return [msgspec.json.decode(row[0]) for row in rows]
+        return not isinstance(database, SqliteDatabase) or os.path.exists(database.path)
 
-    def put(self, features: Sequence[dict[str, Any]]) -> None:
-        """Store (insert or replace) ``features`` in one transaction."""
+    def versions(self) -> dict[str, float]:
+        """Every stored zone's id and when it was last written (none for a new file)."""
+        if not self.present:
+            return {}
+        with self._writing() as connection:
+            rows = connection.execute("SELECT id, updated_at FROM zones_zones").fetchall()
+        return {str(row[0]): float(row[1]) for row in rows}
+
+    def features(self, ids: Sequence[str]) -> list[tuple[dict[str, Any], float]]:
+        """The Features of ``ids`` that are stored, with when each was last written."""
+        found: list[tuple[dict[str, Any], float]] = []
+        if not ids or not self.present:
+            return found
+        with self._writing() as connection:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start : start + 500])
+                marks = ", ".join([self._mark] * len(chunk))
+                rows = connection.execute(
+                    f"SELECT feature, updated_at FROM zones_zones WHERE id IN ({marks})", chunk
+                ).fetchall()
+                found += [(msgspec.json.decode(row[0]), float(row[1])) for row in rows]
+        return found
+
+    def put(self, features: Sequence[dict[str, Any]]) -> float:
+        """Store (insert or replace) ``features`` in one transaction; returns the time
+        written with them (what :meth:`versions` will say)."""
         now = time.time()
         mark = self._mark
         statement = (
@@ -66,6 +88,7 @@ class ZoneStore:
             for feature in features:
                 text = msgspec.json.encode(feature).decode()
                 connection.execute(statement, (feature["id"], text, now))
+        return now
 
     def delete(self, zone_id: str) -> None:
         with self._writing() as connection:
