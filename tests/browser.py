@@ -80,9 +80,11 @@ def chromium() -> Iterator[Browser]:
 
 
 @contextmanager
-def watched_page(browser: Browser, *, width: int = 1000, height: int = 700) -> Iterator[Page]:
+def watched_page(
+    browser: Browser, *, width: int = 1000, height: int = 700, is_mobile: bool = False
+) -> Iterator[Page]:
     """A page in a fresh context of ``browser``; fails the test if the page's scripts threw."""
-    context = browser.new_context(viewport={"width": width, "height": height})
+    context = browser.new_context(viewport={"width": width, "height": height}, is_mobile=is_mobile)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))

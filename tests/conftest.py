@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
@@ -23,6 +23,9 @@ from tracker.config import TrackerConfig
 from tracker.logs import CHATTY_LOGGERS
 from tracker.server import serve
 from tracker.service import Tracker
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 FAST: dict[str, Any] = {
     "host": "127.0.0.1",
@@ -151,6 +154,16 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, one for the whole run (each test gets a fresh context:
+    ``tests.browser.watched_page``). Imported here only when a browser test asks."""
+    from tests.browser import chromium
+
+    with chromium() as running:
+        yield running
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo
+from tests.browser import demo, watched_page
 from tests.processes import free_port
 from tracker.auth import Keyring
 
@@ -38,21 +38,10 @@ def vehicle(url: str) -> str:
     raise AssertionError("the demo fleet did not appear")
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as running:
-        yield running
-
-
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert errors == []
+    with watched_page(browser, width=390, height=844, is_mobile=True) as page:
+        yield page
 
 
 def test_a_link_follows_its_vehicle_then_says_it_was_revoked(

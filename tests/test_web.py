@@ -16,7 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo, static_server, watched_page
+from tests.browser import demo, static_server, watched_page
 from tests.processes import free_port
 
 BBOX = "13.33,52.48,13.47,52.56"
@@ -37,12 +37,6 @@ def wait_for_fleet(url: str, vehicles: int, timeout: float = 60) -> None:
     while httpx.get(f"{url}/healthz").json()["vehicles"] < vehicles:
         assert time.monotonic() < deadline, f"fewer than {vehicles} vehicles after {timeout} s"
         time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as running:
-        yield running
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo, static_server, watched_page
+from tests.browser import demo, static_server, watched_page
 from tests.credentials import mint_token
 from tests.processes import free_port
 from tracker.cli import main
@@ -38,12 +38,6 @@ def url(portal: tuple[str, Path]) -> Iterator[str]:
     env = {"TRACKER_TOKEN_SECRETS": SECRET, "TRACKER_OPEN_FEEDS": "false"}
     origin = portal[0].rstrip("/")
     with demo(free_port(), "--vehicles", "800", "--cors-origins", origin, env=env) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as running:
         yield running
 
 

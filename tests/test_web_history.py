@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo, watched_page
+from tests.browser import demo, watched_page
 from tests.processes import free_port
 
 BBOX = "13.33,52.48,13.47,52.56"
@@ -24,12 +24,6 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     options = ("--vehicles", "300", "--history", str(history), "--history-commit", "0.2")
     with demo(free_port(), *options) as running:
         time.sleep(4)  # some history to show
-        yield running
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as running:
         yield running
 
 

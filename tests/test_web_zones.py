@@ -9,7 +9,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.browser import chromium, demo
+from tests.browser import demo, watched_page
 from tests.credentials import SECRET, admin_token
 from tests.processes import free_port
 
@@ -30,23 +30,12 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as running:
-        yield running
-
-
 @pytest.fixture
 def page(browser: Browser, url: str) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1000, "height": 700})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"{url}/?bbox={BBOX}&token={admin_token()}")
-    page.wait_for_function("() => window.trackerMap?.zones !== undefined")
-    yield page
-    context.close()
-    assert errors == []
+    with watched_page(browser) as page:
+        page.goto(f"{url}/?bbox={BBOX}&token={admin_token()}")
+        page.wait_for_function("() => window.trackerMap?.zones !== undefined")
+        yield page
 
 
 def test_a_zone_made_over_the_api_is_drawn_with_its_name(page: Page, url: str) -> None:
