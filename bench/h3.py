@@ -289,6 +289,8 @@ def event_fields(event: bytes) -> tuple[str, str]:
 
 # The benchmark.
 
+TRANSPORTS = ("h1", "h2", "h3")
+
 
 @dataclass
 class Counts:
@@ -316,61 +318,82 @@ def _free_udp_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def _count(read: Any, counts: Counts, until: float) -> None:
+async def _count(read: Any, counts: Counts) -> None:
+    """Read a feed until cancelled: every byte, every event split, batches counted."""
     buffer = bytearray()
-    while trio.current_time() < until:
-        chunk = await read()
-        if not chunk:
-            counts.errors.append("feed ended")
-            return
+    while chunk := await read():
         counts.bytes += len(chunk)
         buffer += chunk
         counts.batches += sum(e.startswith(b"event: batch") for e in split_events(buffer))
+    counts.errors.append("feed ended")
 
 
-async def _tcp_feed(
-    url: str, query: str, cafile: str, http2: bool, counts: Counts, until: float
+async def _feed(
+    transport: str,
+    target: tuple[str, int],
+    query: str,
+    cafile: str,
+    counts: Counts,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with (
-        httpx.AsyncClient(
-            base_url=url, http1=not http2, http2=http2, verify=cafile, timeout=None
-        ) as client,
-        client.stream("GET", f"/feed?{query}") as response,
-    ):
-        chunks = response.aiter_raw()
-        await _count(functools.partial(anext, chunks, b""), counts, until)
-
-
-async def _h3_feed(port: int, query: str, cafile: str, counts: Counts, until: float) -> None:
-    async with H3Client.connect("127.0.0.1", port, cafile) as client:
-        response = await client.request("GET", f"/feed?{query}")
-        await _count(response.read, counts, until)
+    """One feed on its own connection, reported started once its headers arrived."""
+    url, port = target
+    try:
+        if transport == "h3":
+            async with H3Client.connect("127.0.0.1", port, cafile) as client:
+                response = await client.request("GET", f"/feed?{query}")
+                task_status.started()
+                await _count(response.read, counts)
+            return
+        http2 = transport == "h2"
+        async with (
+            httpx.AsyncClient(
+                base_url=url, http1=not http2, http2=http2, verify=cafile, timeout=None
+            ) as client,
+            client.stream("GET", f"/feed?{query}") as response,
+        ):
+            task_status.started()
+            chunks = response.aiter_raw()
+            await _count(functools.partial(anext, chunks, b""), counts)
+    except (OSError, httpx.HTTPError, trio.TooSlowError) as error:
+        counts.errors.append(repr(error)[:200])
+        task_status.started()
 
 
 async def _phase(
-    transport: str, args: argparse.Namespace, url: str, port: int, cafile: str, pid: int
+    transport: str,
+    args: argparse.Namespace,
+    target: tuple[str, int],
+    cafile: str,
+    pid: int,
 ) -> dict[str, Any]:
-    """Open ``--feeds`` feeds over ``transport`` (none: no feed), measure the server's CPU."""
+    """Open ``--feeds`` feeds over ``transport`` (none: no feed), all of them before the
+    warm-up; then measure the server's CPU and the batches received over ``--seconds``."""
     rng = random.Random(11)
     counts = Counts()
-    start = trio.current_time() + args.warmup
-    until = start + args.seconds
     async with trio.open_nursery() as nursery:
-        for _ in range(0 if transport == "none" else args.feeds):
-            query = viewport(rng)
-            if transport == "h3":
-                nursery.start_soon(_h3_feed, port, query, cafile, counts, until)
-            else:
-                http2 = transport == "h2"
-                nursery.start_soon(_tcp_feed, url, query, cafile, http2, counts, until)
-            await trio.sleep(args.open_interval)
-        await trio.sleep_until(start)
+        opening = trio.Semaphore(args.handshakes)
+
+        async def open_one(query: str) -> None:
+            async with opening:
+                await nursery.start(_feed, transport, target, query, cafile, counts)
+
+        async with trio.open_nursery() as openers:
+            for _ in range(0 if transport == "none" else args.feeds):
+                openers.start_soon(open_one, viewport(rng))
+        opened = args.feeds - len(counts.errors) if transport != "none" else 0
+        await trio.sleep(args.warmup)
         cpu_start, batches_start = cpu_seconds(pid), counts.batches
-        await trio.sleep_until(until)
+        await trio.sleep(args.seconds)
         cpu = cpu_seconds(pid) - cpu_start
         batches = counts.batches - batches_start
         nursery.cancel_scope.cancel()
-    return {"cpu_s": cpu, "batches": batches, "errors": counts.errors[:3]}
+    return {
+        "cpu_s": cpu,
+        "batches": batches,
+        "feeds": opened,
+        "errors": counts.errors[:3],
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -378,7 +401,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cafile, certfile, keyfile = _certificate(Path(directory))
         port = _free_udp_port()
         command = [sys.executable, "-m", "tracker", "serve", *UNLIMITED, "--port", "0"]
-        command += ["--certfile", certfile, "--keyfile", keyfile, "--tick", str(args.tick)]
+        command += [
+            "--certfile",
+            certfile,
+            "--keyfile",
+            keyfile,
+            "--tick",
+            str(args.tick),
+        ]
         command += ["--quic-bind", f"127.0.0.1:{port}", "--max-connections", "0"]
         async with trio.open_nursery() as nursery:
             run_process = functools.partial(
@@ -391,14 +421,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             process: trio.Process = await nursery.start(run_process)
             url = await _serving_url(process)
             nursery.start_soon(
-                drive_fleet, url, args.vehicles, args.tick, trio.current_time() + 3600, cafile
+                drive_fleet,
+                url,
+                args.vehicles,
+                args.tick,
+                trio.current_time() + 3600,
+                cafile,
             )
             await trio.sleep(2)
             phases: dict[str, list[dict[str, Any]]] = {}
             for _ in range(args.rounds):
-                for name in ("none", "h1", "h2", "h3"):
+                for name in ("none", *args.transports):
                     phases.setdefault(name, []).append(
-                        await _phase(name, args, url, port, cafile, process.pid)
+                        await _phase(name, args, (url, port), cafile, process.pid)
                     )
             nursery.cancel_scope.cancel()
     return _report(args, phases)
@@ -416,14 +451,18 @@ def _report(args: argparse.Namespace, phases: dict[str, list[dict[str, Any]]]) -
         "fleet_only_cpu_s": round(idle, 3),
         "machine": f"{platform.machine()} {platform.python_version()}",
     }
-    for name in ("h1", "h2", "h3"):
-        costs = [(p["cpu_s"] - idle) / (args.feeds * ticks) * 1e6 for p in phases[name]]
+    for name in args.transports:
+        runs = [p for p in phases[name] if p["feeds"]]
+        costs = [(p["cpu_s"] - idle) / (p["feeds"] * ticks) * 1e6 for p in runs]
+        delivered = [p["batches"] / (p["feeds"] * ticks) for p in runs]
+        per_event = [(p["cpu_s"] - idle) / max(1, p["batches"]) * 1e6 for p in runs]
         result[name] = {
-            "us_per_feed_per_tick_median": round(statistics.median(costs), 1),
+            "us_per_event_median": round(statistics.median(per_event), 1) if runs else None,
+            "us_per_event_runs": [round(c, 1) for c in per_event],
+            "us_per_feed_per_tick_median": round(statistics.median(costs), 1) if costs else None,
             "us_per_feed_per_tick_runs": [round(c, 1) for c in costs],
-            "batches_per_feed_per_tick": round(
-                statistics.median(p["batches"] for p in phases[name]) / (args.feeds * ticks), 2
-            ),
+            "feeds_opened": [p["feeds"] for p in phases[name]],
+            "batches_per_feed_per_tick": round(statistics.median(delivered), 2) if runs else None,
             "errors": [e for p in phases[name] for e in p["errors"]][:3],
         }
     return result
@@ -446,7 +485,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--open-interval", type=float, default=0.005)
+    parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
+    parser.add_argument(
+        "--handshakes",
+        type=int,
+        default=8,
+        help="connections opening at once (TLS handshakes)",
+    )
     args = parser.parse_args()
     print(json.dumps(trio.run(run, args), indent=2))
 

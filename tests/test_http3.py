@@ -8,6 +8,7 @@ header of its HTTPS responses, as a browser does.
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from tests.conftest import (
     StartServer,
     ping,
 )
+from tests.processes import run_tracker
 from tests.rawhttp import move_fleet
 from tracker.client import FeedView
 from tracker.config import ConfigError, load_config
@@ -280,3 +282,27 @@ async def test_connections_over_the_limit_are_refused_or_evict_idle_ones(
                 assert (await newcomer.request("GET", "/healthz")).status == 200
                 await idle.closed.wait()  # the idle one made room, as TCP ones do
             assert metrics.connections_evicted == 1
+
+
+def test_tracker_serve_explains_quic_options_in_one_line(tls: Tls) -> None:
+    result = run_tracker("serve", "--port", "0", "--quic-bind", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "tracker: bad configuration: --quic-bind needs --certfile and --keyfile: QUIC is "
+        "always encrypted (TRACKER_QUIC_BIND, TRACKER_CERTFILE, TRACKER_KEYFILE)\n"
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = run_tracker(
+            "serve",
+            *("--port", "0", "--certfile", tls.certfile, "--keyfile", tls.keyfile),
+            *("--quic-bind", f"127.0.0.1:{port}"),
+        )
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("tracker:")]
+    assert line == (
+        f"tracker: cannot listen for HTTP/3 on 127.0.0.1 UDP port {port}: Address already in "
+        "use (--quic-bind, TRACKER_QUIC_BIND)"
+    )
+    assert "Traceback" not in result.stderr

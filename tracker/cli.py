@@ -68,6 +68,7 @@ from tracker.devices.identity import Registry
 from tracker.errors import TrackerError
 from tracker.history.store import StoreError
 from tracker.logs import configure_logging
+from tracker.quic import QuicBindError
 from tracker.server import serve
 from tracker.service import CoreCrashed
 from tracker.web import load_streets
@@ -328,6 +329,8 @@ def _startup_failure(exc: BaseException, config: TrackerConfig) -> str | None:
             return (
                 f"cannot open the history store ({flag('history')}, {env_name('history')}): {leaf}"
             )
+        if isinstance(leaf, QuicBindError):
+            return str(leaf)
         if not isinstance(leaf, OSError):
             continue
         if leaf.errno == errno.EADDRINUSE:

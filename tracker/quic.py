@@ -102,6 +102,7 @@ __all__ = [
     "STREAM_HIGH_WATER",
     "STREAM_WINDOW",
     "BoundedH3Protocol",
+    "QuicBindError",
     "QuicServer",
     "StreamStalled",
     "alt_svc",
@@ -130,18 +131,24 @@ _CONNECTION_HEADERS = frozenset(
 )
 
 
+class QuicBindError(OSError):
+    """The ``--quic-bind`` address cannot be bound; the message is one line for a person."""
+
+
 def bind_quic(config: TransportConfig) -> socket.socket:
     """The UDP socket of ``--quic-bind``; sets the ``Alt-Svc`` HTTP/1.1 and HTTP/2 send."""
     host, port = config.tracker.quic_address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock.bind((host, port))  # no SO_REUSEADDR: on UDP it lets two servers share a port
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise QuicBindError(
+            f"cannot listen for HTTP/3 on {host} UDP port {port}: {exc.strerror} "
+            "(--quic-bind, TRACKER_QUIC_BIND)"
+        ) from None
     config.alt_svc_headers = [alt_svc(sock.getsockname()[1])]
     return sock
 
