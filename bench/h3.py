@@ -159,7 +159,8 @@ class H3Client:
                     yield client
                 finally:
                     client.quic.close()
-                    await client._transmit()
+                    with trio.CancelScope(shield=True):  # the server frees it at once
+                        await client._transmit()
                     nursery.cancel_scope.cancel()
         client._sock.close()
         if refused is not None:
