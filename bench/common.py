@@ -44,17 +44,26 @@ unless a benchmark passes ``--history`` (a later option wins)."""
 
 
 async def start_tracker(
-    nursery: trio.Nursery, *options: str, baseline: bool = False
+    nursery: trio.Nursery,
+    *options: str,
+    baseline: bool = False,
+    env: dict[str, str] | None = None,
 ) -> tuple[trio.Process, str]:
     """``tracker serve --port 0 *options`` in a child process; its URL once it listens.
 
-    With ``baseline``, the naive server of :mod:`bench.baseline` instead. The process
-    belongs to ``nursery``: cancelling the nursery stops it.
+    With ``baseline``, the naive server of :mod:`bench.baseline` instead. ``env`` adds
+    environment variables (``TRACKER_*`` options that have no flag to turn them off).
+    The process belongs to ``nursery``: cancelling the nursery stops it.
     """
     server = ["bench.baseline"] if baseline else ["tracker", "serve", *UNLIMITED]
     command = [sys.executable, "-m", *server, "--port", "0", *options]
     run = functools.partial(
-        trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False
+        trio.run_process,
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
     process: trio.Process = await nursery.start(run)
     return process, await serving_url(process)

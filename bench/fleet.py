@@ -12,6 +12,13 @@ over the same window. Prints a table; ``--json FILE`` also writes the figures.
 
 With ``--idle N`` it instead opens N feeds on an empty area and reports the tracker's
 resident memory per connection.
+
+Per-feed cost (issue 19): before the subscribers connect, the tracker's CPU and tick rate
+are sampled for ``--base-seconds`` with the fleet running; the CPU it uses beyond that
+while the feeds are served, divided by feeds and ticks delivered, is the CPU per feed
+per tick. Its resident memory before and with the feeds gives the memory per live feed.
+``--framework-feeds`` serves HTTP/1.1 feeds through Quart (``TRACKER_DIRECT_FEEDS=false``),
+for the old path next to the new one.
 """
 
 from __future__ import annotations
@@ -61,6 +68,19 @@ class FleetFigures:
     client_cpu_cores: float
     conflations: int
     errors: int
+    path: str = "direct"
+    tick_s: float = 1.0
+    ticks_per_s: float = 0.0
+    """Ticks delivered per second in the window (1 / tick_s if every tick arrived)."""
+    base_cpu_cores: float = 0.0
+    """The tracker's CPU before any feed connected (ingest and ticks only)."""
+    events_per_s: float = 0.0
+    """SSE events received per second over all feeds: one per feed per tick delivered."""
+    feed_cpu_us_per_feed_tick: float = 0.0
+    """Tracker CPU beyond the base per event received (one feed, one tick), in microseconds."""
+    rss_before_feeds_mib: float = 0.0
+    kib_per_feed: float = 0.0
+    """Tracker RSS with the feeds, less before them, per connected feed."""
 
 
 async def metric(client: httpx.AsyncClient, name: str) -> float:
@@ -78,16 +98,24 @@ async def wait_for_metric(url: str, name: str, at_least: float) -> None:
 
 
 async def run_clients(
-    url: str, queries: list[str], clients: int, warmup: float, seconds: float
+    url: str,
+    queries: list[str],
+    clients: int,
+    warmup: float,
+    seconds: float,
+    *,
+    verify_every: int = 1,
+    bytes_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the load clients in parallel, each with its share of the queries."""
     results: list[dict[str, Any]] = []
+    options = ["--verify-every", str(verify_every)] + (["--bytes-only"] if bytes_only else [])
 
     async def one(share: list[str]) -> None:
         done = await trio.run_process(
             [
                 *(sys.executable, "-m", "bench.loadclient", "--url", url),
-                *("--warmup", str(warmup), "--seconds", str(seconds)),
+                *("--warmup", str(warmup), "--seconds", str(seconds), *options),
             ],
             stdin="\n".join(share).encode(),
             capture_stdout=True,
@@ -136,8 +164,9 @@ async def _fan_out(args: argparse.Namespace, redis: RedisServer | None) -> Fleet
         )
         if redis is not None:
             options += ("--bus", redis.url)
+        env = {"TRACKER_DIRECT_FEEDS": "false"} if args.framework_feeds else None
         trackers = [
-            await start_tracker(bench_nursery, *options, baseline=args.baseline)
+            await start_tracker(bench_nursery, *options, baseline=args.baseline, env=env)
             for _ in range(args.instances)
         ]
         urls = [url for _, url in trackers]
@@ -151,9 +180,10 @@ async def _fan_out(args: argparse.Namespace, redis: RedisServer | None) -> Fleet
         )
         with trio.fail_after(60):
             await wait_for_metric(urls[0], "tracker_vehicles", args.vehicles * 0.95)
-        clients_done = trio.Event()
+        clients_done, sampled = trio.Event(), trio.Event()
         window: dict[str, float] = {}
         pids = [process.pid for process, _ in trackers]
+        base = await sample_base(urls[0], pids, args.base_seconds)
 
         async def sample_trackers() -> None:
             await trio.sleep(args.warmup)
@@ -163,6 +193,7 @@ async def _fan_out(args: argparse.Namespace, redis: RedisServer | None) -> Fleet
             window["cpu"] = sum(map(cpu_seconds, pids)) - window["cpu"]
             window["wall"] = trio.current_time() - window["start"]
             window["rss"] = sum(map(rss_bytes, pids))
+            sampled.set()
 
         bench_nursery.start_soon(sample_trackers)
         results: list[dict[str, Any]] = []
@@ -170,17 +201,31 @@ async def _fan_out(args: argparse.Namespace, redis: RedisServer | None) -> Fleet
         async def clients_of(number: int) -> None:
             share = queries[number :: args.instances]
             results.extend(
-                await run_clients(urls[number], share, args.clients, args.warmup, args.seconds)
+                await run_clients(
+                    urls[number],
+                    share,
+                    args.clients,
+                    args.warmup,
+                    args.seconds,
+                    verify_every=args.verify_every,
+                    bytes_only=args.bytes_only,
+                )
             )
 
         async with trio.open_nursery() as clients_nursery:
             for number in range(args.instances):
                 clients_nursery.start_soon(clients_of, number)
         clients_done.set()
-        await trio.lowlevel.checkpoint()
+        await sampled.wait()
         bench_nursery.cancel_scope.cancel()
     histogram = np.sum([np.array(r["latency_ms"]) for r in results], axis=0)
     positions = sum(r["positions"] for r in results)
+    connected = sum(r["connected"] for r in results)
+    # Ticks delivered: batches of distinct ticks read by the verified feeds in the window
+    # (every tick changes some cell of a busy viewport), not the tracker's own count.
+    ticks_per_s = max(r["ticks_seen"] for r in results) / args.seconds
+    events_per_s = sum(r["events"] for r in results) / args.seconds
+    feed_cores = window["cpu"] / window["wall"] - base["cores"]
     return FleetFigures(
         server="baseline" if args.baseline else ("tracker+redis" if redis else "tracker"),
         instances=args.instances,
@@ -199,17 +244,37 @@ async def _fan_out(args: argparse.Namespace, redis: RedisServer | None) -> Fleet
         client_cpu_cores=round(sum(r["cpu_seconds"] for r in results) / window["wall"], 2),
         conflations=sum(r["snapshots_after_first"] for r in results),
         errors=sum(len(r["errors"]) for r in results),
+        path="framework" if args.framework_feeds else "direct",
+        tick_s=args.tick,
+        ticks_per_s=round(ticks_per_s, 2),
+        base_cpu_cores=round(base["cores"], 3),
+        events_per_s=round(events_per_s),
+        feed_cpu_us_per_feed_tick=round(feed_cores / max(1, events_per_s) * 1e6, 2),
+        rss_before_feeds_mib=round(base["rss"] / 2**20, 1),
+        kib_per_feed=round((window["rss"] - base["rss"]) / max(1, connected) / 1024, 1),
     )
+
+
+async def sample_base(url: str, pids: list[int], seconds: float) -> dict[str, float]:
+    """The trackers' CPU (cores) and RSS with the fleet running and no feed yet."""
+    await trio.sleep(2.0)  # the fleet settles
+    cpu, start = sum(map(cpu_seconds, pids)), trio.current_time()
+    await trio.sleep(seconds)
+    cores = (sum(map(cpu_seconds, pids)) - cpu) / (trio.current_time() - start)
+    return {"cores": cores, "rss": float(sum(map(rss_bytes, pids)))}
 
 
 async def idle_memory(args: argparse.Namespace) -> dict[str, float]:
     """Tracker memory per idle feed: RSS with N quiet feeds open, minus RSS before."""
     async with trio.open_nursery() as bench_nursery:
-        tracker, url = await start_tracker(bench_nursery, baseline=args.baseline)
+        env = {"TRACKER_DIRECT_FEEDS": "false"} if args.framework_feeds else None
+        tracker, url = await start_tracker(bench_nursery, baseline=args.baseline, env=env)
         await trio.sleep(1.0)
         before = rss_bytes(tracker.pid)
         queries = [EMPTY_AREA] * args.idle
-        bench_nursery.start_soon(run_clients, url, queries, args.clients, 0.0, 3600.0)
+        bench_nursery.start_soon(
+            functools.partial(run_clients, url, queries, args.clients, 0.0, 3600.0, bytes_only=True)
+        )
         with trio.fail_after(120):
             await wait_for_metric(url, "tracker_subscribers", args.idle)
         await trio.sleep(2.0)
@@ -220,6 +285,7 @@ async def idle_memory(args: argparse.Namespace) -> dict[str, float]:
         "rss_before_mib": round(before / 2**20, 1),
         "rss_after_mib": round(after / 2**20, 1),
         "kib_per_idle_connection": round((after - before) / args.idle / 1024, 1),
+        "path": "framework" if args.framework_feeds else "direct",
     }
 
 
@@ -245,6 +311,20 @@ def main() -> None:
     )
     parser.add_argument(
         "--baseline", action="store_true", help="serve with the naive JSON-per-ping baseline"
+    )
+    parser.add_argument(
+        "--framework-feeds",
+        action="store_true",
+        help="serve HTTP/1.1 feeds through Quart (the old path), not tracker.direct",
+    )
+    parser.add_argument(
+        "--base-seconds", type=float, default=5.0, help="CPU sampled before feeds connect"
+    )
+    parser.add_argument(
+        "--verify-every", type=int, default=1, help="every K-th feed decodes every frame itself"
+    )
+    parser.add_argument(
+        "--bytes-only", action="store_true", help="other feeds count bytes only (memory runs)"
     )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()

@@ -1,6 +1,8 @@
 """Fan-out against the number of subscribers, tracker and naive baseline, with a plot.
 
     python -m bench.sweep --vehicles 20000 --subscribers 100,250,500,1000 --out bench-results
+    python -m bench.sweep --vehicles 5000 --subscribers 500,2000 --tick 0.1 --viewport-km 2,3 \
+        --paths direct,framework --no-baseline --rounds 3     # issue 19: old and new path
 
 Runs :mod:`bench.fleet` once per subscriber count for the tracker and once for the naive
 JSON-per-ping baseline (``--no-baseline`` skips it), writes every run's figures to
@@ -18,12 +20,21 @@ import sys
 from typing import Any
 
 
-def run_fleet(out: str, vehicles: int, subscribers: int, seconds: float, baseline: bool) -> Any:
-    """One bench.fleet run in its own process; its figures."""
-    name = f"{'baseline' if baseline else 'tracker'}-{subscribers}.json"
-    path = os.path.join(out, name)
+def run_fleet(
+    out: str,
+    vehicles: int,
+    subscribers: int,
+    seconds: float,
+    baseline: bool,
+    options: tuple[str, ...] = (),
+    name: str = "",
+) -> Any:
+    """One bench.fleet run in its own process (``options`` passed on); its figures."""
+    name = name or f"{'baseline' if baseline else 'tracker'}-{subscribers}"
+    path = os.path.join(out, f"{name}.json")
     command = [sys.executable, "-m", "bench.fleet", "--vehicles", str(vehicles)]
     command += ["--subscribers", str(subscribers), "--seconds", str(seconds), "--json", path]
+    command += list(options)
     subprocess.run(command + (["--baseline"] if baseline else []), check=True)
     with open(path) as figures:
         return json.load(figures)
@@ -37,10 +48,10 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, (rate, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for server, style in (("tracker", "-o"), ("baseline", "--s")):
-        mine = sorted((r for r in runs if r["server"] == server), key=lambda r: r["subscribers"])
-        if not mine:
-            continue
+    labels = sorted({_label(r) for r in runs})
+    for server in labels:
+        style = "--s" if server == "baseline" else "-o"
+        mine = sorted((r for r in runs if _label(r) == server), key=lambda r: r["subscribers"])
         subscribers = [r["subscribers"] for r in mine]
         rate.plot(subscribers, [r["positions_per_s"] for r in mine], style, label=server)
         latency.plot(subscribers, [r["latency_p50_ms"] for r in mine], style, label=f"{server} p50")
@@ -56,6 +67,11 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def _label(run: dict[str, Any]) -> str:
+    """baseline, or the tracker and its feed path."""
+    return "baseline" if run["server"] == "baseline" else f"tracker {run.get('path', 'direct')}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vehicles", type=int, default=20_000)
@@ -63,12 +79,33 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--tick", default="1.0", help="the tracker's tick (bench.fleet --tick)")
+    parser.add_argument("--viewport-km", default="0.5,5")
+    parser.add_argument("--clients", default="2", help="load client processes per run")
+    parser.add_argument("--verify-every", default="1")
+    parser.add_argument(
+        "--paths",
+        default="direct",
+        help="feed paths to run, alternating: direct (tracker.direct), framework (Quart)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each, alternated")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    common = ("--tick", args.tick, "--viewport-km", args.viewport_km, "--clients", args.clients)
+    common += ("--verify-every", args.verify_every)
     runs = []
     for subscribers in [int(n) for n in args.subscribers.split(",")]:
-        for baseline in (False,) if args.no_baseline else (False, True):
-            runs.append(run_fleet(args.out, args.vehicles, subscribers, args.seconds, baseline))
+        for round_ in range(args.rounds):
+            for path in args.paths.split(","):
+                options = common + (("--framework-feeds",) if path == "framework" else ())
+                name = f"tracker-{path}-{subscribers}-{round_}"
+                runs.append(
+                    run_fleet(
+                        args.out, args.vehicles, subscribers, args.seconds, False, options, name
+                    )
+                )
+            if not args.no_baseline:
+                runs.append(run_fleet(args.out, args.vehicles, subscribers, args.seconds, True))
     with open(os.path.join(args.out, "sweep.json"), "w") as out:
         json.dump(runs, out, indent=2)
     plot(runs, os.path.join(args.out, "fanout.png"))

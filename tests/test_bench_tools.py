@@ -12,7 +12,13 @@ import trio
 
 import bench.core
 from bench.ingest import BodyMaker
-from bench.loadclient import ClientStats, Dechunker, record_event
+from bench.loadclient import (
+    ClientStats,
+    Dechunker,
+    FrameCache,
+    record_cached_event,
+    record_event,
+)
 from tracker.pings import Ping
 from tracker.wire import MOVE, Position, encode_frame
 
@@ -64,3 +70,22 @@ async def test_core_bench_drives_the_core_without_http() -> None:
         figures = await bench.core.measure(args)
     assert figures["tick_ms_median"] > 0 and figures["feed_bytes_per_tick"] > 0
     assert figures["ingest_pings_per_s_median"] > 0
+
+
+def test_the_frame_cache_counts_what_decoding_every_frame_counts() -> None:
+    now = time.time()
+    t_ms = round(now * 1000)
+    positions = [Position(n, 52.52, 13.405, now - 0.5, 10.0, 90.0) for n in range(1, 4)]
+    step = MOVE.pack(4, 0, 1, -1, 5, 20, 45)
+    frame = base64.b64encode(encode_frame(CELL, t_ms, positions=positions, moves=step))
+    event = b"event: batch\nid: 1.2.3\ndata: " + frame + b"\ndata: " + frame
+    decoded, cached = ClientStats(), ClientStats()
+    cache = FrameCache(cached)
+    record_event(event, decoded, received=now + 0.25, measuring=True)
+    for _ in range(3):  # the same frame on three feeds: decoded once
+        record_cached_event(event, cached, now + 0.25, True, cache)
+    assert cached.distinct_frames == 1
+    assert (cached.frames, cached.positions) == (3 * decoded.frames, 3 * decoded.positions)
+    assert cached.latency_ms.sum() == 3 * decoded.latency_ms.sum()
+    first = [int(np.flatnonzero(s.latency_ms)[0]) for s in (cached, decoded)]
+    assert abs(first[0] - first[1]) <= 1  # the same latency, rounded to the millisecond

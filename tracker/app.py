@@ -36,6 +36,8 @@ from tracker.auth import (
 )
 from tracker.bodies import BodyReads
 from tracker.devices.routes import add_device_routes
+from tracker.direct import EXTENSION as DIRECT_FEED
+from tracker.direct import Handoff, serve_feed
 from tracker.errors import (
     BadRequest,
     ForbiddenArea,
@@ -200,9 +202,27 @@ def create_app(tracker: Tracker) -> QuartTrio:
         )
         last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
         is_json = FEED_FORMATS[fmt]
-        if replay is None:
-            stream = _feed_body(
-                tracker, view, is_json=is_json, last_event_id=last_event_id, grant=grant
+        handoff = request.scope.get("extensions", {}).get(DIRECT_FEED)
+        if replay is None and isinstance(handoff, Handoff):  # HTTP/1.1: see tracker.direct
+            handoff.adopt(
+                functools.partial(
+                    serve_feed,
+                    tracker,
+                    view,
+                    is_json=is_json,
+                    last_event_id=last_event_id,
+                    slot=slot,
+                    expires=None if grant is None else grant.expires,
+                    jti=None if grant is None else grant.jti,
+                )
+            )
+            body = _nothing()  # the slot is serve_feed's to release
+        elif replay is None:
+            body = held_while_streaming(
+                _feed_body(
+                    tracker, view, is_json=is_json, last_event_id=last_event_id, grant=grant
+                ),
+                slot,
             )
         else:  # history through the same stream (tracker.history.replay)
             assert cells is not None  # a replay is of an area
@@ -220,7 +240,8 @@ def create_app(tracker: Tracker) -> QuartTrio:
             stream = (
                 replayed if grant is None else ending_with_token(replayed, grant, keyring.revoked)
             )
-        response = Response(held_while_streaming(stream, slot), content_type="text/event-stream")
+            body = held_while_streaming(stream, slot)
+        response = Response(body, content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.timeout = None
@@ -376,3 +397,9 @@ def _session_token(body: bytes) -> str:
         raise Unauthorized(
             'POST /session needs a token: Authorization: Bearer <token>, or {"token": ...}'
         ) from exc
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    """An empty streaming body: what a response handed to a direct feed carries."""
+    return
+    yield

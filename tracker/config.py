@@ -71,7 +71,7 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     keyfile: Annotated[str, describe("TLS private key (PEM) for certfile.")] = ""
     tick_s: Annotated[
         float, describe("Seconds between position batches sent to feeds.", ge=0.01, le=10)
-    ] = 1.0
+    ] = 0.1
     h3_resolution: Annotated[
         int, describe("H3 resolution of the geo-index (7: ~5 km2 cells, see docs).", ge=7, le=10)
     ] = 7
@@ -105,15 +105,22 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         int,
         describe("Kernel send buffer per connection; bounds memory of a stalled client.", ge=4096),
     ] = 256 * KIB
+    direct_feeds: Annotated[
+        bool,
+        describe(
+            "Write HTTP/1.1 feeds straight to the socket once authorised (tracker.direct); "
+            "off: every feed goes through the framework, as HTTP/2 feeds do."
+        ),
+    ] = True
     outbox_max_ticks: Annotated[
         int, describe("Batches queued per feed before it is conflated into a snapshot.", ge=1)
-    ] = 10
+    ] = 30
     outbox_max_bytes: Annotated[
         int, describe("Bytes queued per feed before it is conflated into a snapshot.", ge=1024)
     ] = 1 * MIB
     replay_ticks: Annotated[
         int, describe("Ticks of batches kept for Last-Event-ID resume.", ge=0)
-    ] = 120
+    ] = 600
     replay_max_bytes: Annotated[
         int, describe("Bytes of batches kept for Last-Event-ID resume.", ge=0)
     ] = 64 * MIB

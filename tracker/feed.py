@@ -23,8 +23,10 @@ __all__ = [
     "FINAL_EVENTS",
     "HEARTBEAT",
     "SHUTDOWN_EVENT",
+    "count_sent",
     "encode_event",
     "feed_events",
+    "first_chunk",
     "render",
     "sse_event",
 ]
@@ -66,13 +68,17 @@ def encode_event(
 ) -> bytes:
     """One ``snapshot`` or ``batch`` event of ``frames``: what live feeds and replays send.
 
-    Binary feeds: one base64 frame per ``data:`` line. JSON feeds: one JSON array of frames.
+    Binary feeds: one base64 frame per ``data:`` line, each the frame's own shared line
+    (``Frame.line``). JSON feeds: one JSON array of frames.
     """
     if is_json:
-        lines = [b"[" + b",".join(f.json(name_of) for f in frames) + b"]"]
-    else:
-        lines = [f.b64 for f in frames]
-    return sse_event(kind, event_id, lines)
+        return sse_event(kind, event_id, [b"[" + b",".join(f.json(name_of) for f in frames) + b"]"])
+    if not frames:
+        return sse_event(kind, event_id, [])
+    parts = [f.line for f in frames]
+    parts.insert(0, b"event: %b\nid: %b\n" % (kind, event_id.encode()))
+    parts.append(b"\n")
+    return b"".join(parts)
 
 
 def render(resume: Resume, sub: Subscription, hub: FeedHub) -> bytes:
@@ -106,9 +112,8 @@ async def feed_events(
     it is endless. Subscribing and unsubscribing are the caller's
     (:meth:`tracker.service.Tracker.open_feed`).
     """
-    # retry: shares the first event's block (a block of its own is an empty event).
-    chunk = b"retry: %d\n" % retry_ms + (render(first, sub, hub) or b"\n")
-    _count(metrics, first)
+    chunk = first_chunk(first, sub, hub, retry_ms)
+    count_sent(metrics, first)
     while True:
         metrics.bytes_sent += len(chunk)
         yield chunk
@@ -120,11 +125,18 @@ async def feed_events(
             yield final
             return
         owed = sub.take()
-        _count(metrics, owed)
+        count_sent(metrics, owed)
         chunk = render(owed, sub, hub) or HEARTBEAT
 
 
-def _count(metrics: Metrics, resume: Resume) -> None:
+def first_chunk(first: Resume, sub: Subscription, hub: FeedHub, retry_ms: int) -> bytes:
+    """A feed's first bytes: ``retry:`` and its first event (snapshot or replay)."""
+    # retry: shares the first event's block (a block of its own is an empty event).
+    return b"retry: %d\n" % retry_ms + (render(first, sub, hub) or b"\n")
+
+
+def count_sent(metrics: Metrics, resume: Resume) -> None:
+    """Count the events of ``resume`` as sent (``events_sent``, ``snapshots_sent``)."""
     if resume.snapshot is not None:
         metrics.snapshots_sent += 1
         metrics.events_sent += 1

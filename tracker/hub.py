@@ -1,10 +1,13 @@
 """The feed hub: who watches which cell, each watcher's bounded outbox, and the replay log.
 
 Each tick the ticker hands the hub one encoded frame per changed cell. The hub base64s
-each frame once, keeps it in a bounded replay log, and appends a reference to it to the
-outbox of every subscription covering the cell. Nothing here awaits the network:
-``publish`` never blocks, so a slow client can only hurt itself. A subscription whose
-outbox overflows is conflated: its queue is dropped and it is owed a fresh snapshot.
+each frame once, as its finished SSE ``data:`` line, keeps it in a bounded replay log, and
+appends a reference to it to the outbox of every subscription covering the cell. Nothing
+here awaits the network: ``publish`` never blocks, so a slow client can only hurt itself.
+A subscription whose outbox overflows is conflated: its queue is dropped and it is owed
+a fresh snapshot. A subscription with a :class:`Writer` (``tracker.direct``) is handed
+its batch at once, inside ``publish``: the writer sends it without blocking or says it
+could not, and only then is the feed's task woken.
 
 Synchronous except :meth:`Subscription.wait`; owns no tasks.
 """
@@ -17,7 +20,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import trio
 
@@ -36,6 +39,7 @@ __all__ = [
     "Resume",
     "Subscription",
     "SubscriptionStatistics",
+    "Writer",
     "area_tag",
 ]
 
@@ -43,17 +47,26 @@ __all__ = [
 class Frame:
     """One cell's frame of one tick: base64'd once, rendered to JSON at most once.
 
+    ``line`` is the frame's whole SSE line, ``data: <base64>\n``, built once and shared by
+    every binary feed that sends it (an event is its header, these lines, a blank line).
     ``long`` is the frame with its moves spelled out as full records (see
     ``TickFrames.long``), kept because JSON is rendered from it, lazily.
     """
 
-    __slots__ = ("_json", "b64", "cell", "long")
+    __slots__ = ("_json", "cell", "line", "long", "size")
 
     def __init__(self, cell: int, msgpack: bytes, long: bytes | None = None) -> None:
         self.cell = cell
-        self.b64 = base64.b64encode(msgpack)
+        self.line = b"data: " + base64.b64encode(msgpack) + b"\n"
+        self.size = len(self.line) - 7
+        """Bytes of base64 (what outbox bounds and replay sizes count)."""
         self.long = long
         self._json: bytes | None = None
+
+    @property
+    def b64(self) -> bytes:
+        """The frame in base64 (a copy: the line is what is kept)."""
+        return self.line[6:-1]
 
     def json(self, name_of: Callable[[int], str | None]) -> bytes:
         """The frame as JSON, rendered on first use and then shared."""
@@ -65,23 +78,33 @@ class Frame:
     @property
     def held_bytes(self) -> int:
         """What keeping this frame costs (the replay log's budget counts it)."""
-        return len(self.b64) + len(self.long or b"")
+        return len(self.line) + len(self.long or b"")
 
 
-@dataclass(frozen=True)
-class Batch:
+class Batch(NamedTuple):
     """The frames of one tick that one subscription must receive."""
 
     tick: int
     frames: list[Frame]
 
 
-@dataclass(frozen=True)
-class Resume:
+class Resume(NamedTuple):
     """How a feed starts: batches to replay, or (``snapshot``) a fresh snapshot."""
 
     snapshot: list[Frame] | None
     batches: list[Batch]
+
+
+class Writer(Protocol):
+    """What sends a subscription's owed events without a task switch (``tracker.direct``)."""
+
+    def write_now(self) -> bool:
+        """Send what the subscription owes now, without blocking; False if its task must
+        finish the job (the socket is full, or it cannot be written synchronously)."""
+
+    def beat(self) -> None:
+        """A heartbeat round (:meth:`FeedHub.beat`): send a heartbeat if nothing was sent
+        since the last round."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +143,29 @@ class HubStatistics:
 
 
 class Subscription:
-    """One feed connection's interest (a :class:`~tracker.views.View`) and its bounded outbox."""
+    """One feed connection's interest (a :class:`~tracker.views.View`) and its bounded outbox.
+
+    ``writer`` (None by default) is offered every batch as it is queued
+    (:class:`Writer`); the feed's task is woken only when the writer declines. Slotted,
+    with a plain list for an outbox and no event object: thousands are held at once.
+    """
+
+    __slots__ = (
+        "_conflations",
+        "_hub",
+        "_outbox",
+        "_outbox_bytes",
+        "_waiter",
+        "cells",
+        "closed",
+        "ending",
+        "is_json",
+        "jti",
+        "owes_snapshot",
+        "tag",
+        "view",
+        "writer",
+    )
 
     def __init__(self, view: View, *, is_json: bool, tag: str, hub: FeedHub) -> None:
         self.view = view
@@ -131,17 +176,20 @@ class Subscription:
         self.tag = tag  # identifies the area and format inside event ids
         self.closed = False
         self.owes_snapshot = False
+        self.writer: Writer | None = None
         self._hub = hub
-        self._outbox: deque[Batch] = deque()
+        self._outbox: list[Batch] = []
         self._outbox_bytes = 0
         self._conflations = 0
-        self._wakeup = trio.Event()
+        self._waiter: trio.lowlevel.Task | None = None  # the task in wait(), if any
 
     def push(self, batch: Batch) -> None:
         """Queue a batch; on overflow drop the queue and owe a snapshot instead (conflation)."""
         if self.owes_snapshot:
             return
-        size = sum(len(f.b64) for f in batch.frames)
+        size = 0
+        for frame in batch.frames:
+            size += frame.size
         config = self._hub.config
         if (
             len(self._outbox) >= config.outbox_max_ticks
@@ -153,7 +201,8 @@ class Subscription:
             return
         self._outbox.append(batch)
         self._outbox_bytes += size
-        self._wakeup.set()
+        if self.writer is None or not self.writer.write_now():
+            self._wake()
 
     def owe_snapshot(self) -> None:
         """Drop the queue and send a snapshot next (conflation, or the state jumped).
@@ -161,9 +210,9 @@ class Subscription:
         While a snapshot is owed the outbox stays empty (``push`` queues nothing).
         """
         self.owes_snapshot = True
-        self._outbox.clear()
+        self._outbox = []
         self._outbox_bytes = 0
-        self._wakeup.set()
+        self._wake()
 
     def close(self, ending: str = "shutdown") -> None:
         """Ask the connection to finish: server shutdown, or its token expired or was
@@ -171,21 +220,44 @@ class Subscription:
         if not self.closed:
             self.ending = ending
         self.closed = True
-        self._wakeup.set()
+        self._wake()
+
+    @property
+    def pending(self) -> bool:
+        """Something is owed: batches, a snapshot, or the final event."""
+        return bool(self._outbox) or self.owes_snapshot or self.closed
 
     async def wait(self) -> None:
-        """Sleep until something is queued, a snapshot is owed, or the hub closes us."""
-        if not (self._outbox or self.owes_snapshot or self.closed):
-            await self._wakeup.wait()
-        self._wakeup = trio.Event()
+        """Sleep until something is queued, a snapshot is owed, or the hub closes us.
+
+        Parks the task itself rather than keeping an event per subscription: an idle feed
+        holds nothing here but the reference to its task.
+        """
+        if self._outbox or self.owes_snapshot or self.closed:
+            return
+        self._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+
+    def _abort_wait(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def wake(self) -> None:
+        """Wake the task waiting in :meth:`wait` (a writer that needs its task)."""
+        self._wake()
+
+    def _wake(self) -> None:
+        task, self._waiter = self._waiter, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     def take(self) -> Resume:
         """Everything owed now: queued batches, or a snapshot replacing them."""
         if self.owes_snapshot:
             self.owes_snapshot = False
             return Resume(self._hub.snapshot(self.view), [])
-        batches = list(self._outbox)
-        self._outbox.clear()
+        batches = self._outbox
+        self._outbox = []
         self._outbox_bytes = 0
         return Resume(None, batches)
 
@@ -228,6 +300,7 @@ class FeedHub:
         self.index = index
         self.metrics = metrics
         self.epoch = secrets.token_hex(4)
+        self.epoch_bytes = self.epoch.encode()
         self._by_cell: dict[int, set[Subscription]] = {}
         self._by_key: dict[ViewKey, set[Subscription]] = {}  # narrowed views (tracker.views)
         self._watched_since: dict[ViewKey, int] = {}  # a key's frames are logged after it
@@ -312,6 +385,13 @@ class FeedHub:
         if len(self._endings) > 2 * len(self._subscriptions) + 64:
             self._endings = [e for e in self._endings if e[2] in self._subscriptions]
             heapq.heapify(self._endings)
+
+    def beat(self) -> None:
+        """A heartbeat round for the subscriptions with a writer (their tasks keep no timer:
+        ``Tracker.run`` calls this every ``heartbeat_s``)."""
+        for sub in self._subscriptions:
+            if sub.writer is not None:
+                sub.writer.beat()
 
     def resnapshot_all(self) -> None:
         """Give every feed a fresh snapshot (the bus reconnected: batches may be missing)."""
@@ -431,9 +511,9 @@ class FeedHub:
         if since is not None:
             batches = self._missed(sub.view, since)
             if batches is not None:
-                replay_size = sum(len(f.b64) for b in batches for f in b.frames)
+                replay_size = sum(f.size for b in batches for f in b.frames)
                 snapshot = self.snapshot(sub.view)
-                if replay_size <= sum(len(f.b64) for f in snapshot):
+                if replay_size <= sum(f.size for f in snapshot):
                     self.metrics.replays += 1
                     return Resume(None, batches)
                 return Resume(snapshot, [])

@@ -64,7 +64,7 @@ TICK_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 BATCH_BUCKETS: Final = (1, 10, 100, 1_000, 10_000, 50_000)  # pings; 50,000 is the default cap
 DELAY_BUCKETS_S: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 COMMIT_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-OUTBOX_BATCH_BUCKETS: Final = (0, 1, 2, 5, 10, 20)  # outbox_max_ticks is 10 by default
+OUTBOX_BATCH_BUCKETS: Final = (0, 1, 2, 5, 10, 20)  # outbox_max_ticks is 30 by default
 OUTBOX_BYTE_BUCKETS: Final = (0, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)
 
 

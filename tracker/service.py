@@ -54,7 +54,7 @@ from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
 from tracker.history.store import open_store
 from tracker.history.writer import History
-from tracker.hub import FeedHub
+from tracker.hub import FeedHub, Resume, Subscription
 from tracker.ingest import apply_pings, decode_body
 from tracker.meta import MetaStore
 from tracker.metrics import Metrics
@@ -288,6 +288,7 @@ class Tracker:
                     await tracker_nursery.start(self.history.run)
                 await tracker_nursery.start(run_sources, self.devices)
                 await tracker_nursery.start(self.zones.follow)
+                tracker_nursery.start_soon(self._beat_forever)
                 task_status.started()
                 await self._tick_forever()
         except BaseException as exc:
@@ -305,6 +306,12 @@ class Tracker:
             await trio.sleep_until(next_at)
             self.tick()
             next_at = max(next_at, trio.current_time() - self.config.tick_s)
+
+    async def _beat_forever(self) -> None:
+        """Heartbeat rounds for feeds written below the framework (``tracker.direct``)."""
+        while True:
+            await trio.sleep(self.config.heartbeat_s)
+            self.hub.beat()
 
     def tick(self) -> None:
         """Publish everything ingested since the last tick to the feeds."""
@@ -413,7 +420,7 @@ class Tracker:
         return placed
 
     @asynccontextmanager
-    async def open_feed(
+    async def subscribed(
         self,
         view: View | frozenset[int],
         *,
@@ -421,15 +428,16 @@ class Tracker:
         last_event_id: str | None,
         expires: float | None = None,
         jti: str | None = None,
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Open one feed of a view (or of cells); yields its SSE byte chunks, endless until
-        shutdown, or until its token ``expires`` or its ``jti`` is revoked.
+    ) -> AsyncIterator[tuple[Subscription, Resume]]:
+        """Subscribe one feed of a view (or of cells); yields its subscription and its
+        first event. The feed ends at shutdown, or when its token ``expires`` or its
+        ``jti`` is revoked (the hub closes the subscription).
 
         The bus first makes sure the area's vehicles are here (Redis bus), then the hub
         subscribes the feed and decides its first event (replay of ``last_event_id`` or a
         snapshot) in the same synchronous step. Leaving the block, however, unsubscribes
-        and unwatches at once. After :meth:`shutdown` a feed still opens, and ends after
-        its first event with the ``shutdown`` event.
+        and unwatches at once. What writes the feed is the caller's: :meth:`open_feed`
+        (as a byte stream, for the ASGI app) or ``tracker.direct`` (to a socket).
         """
         if not isinstance(view, View):
             view = View(view)
@@ -445,22 +453,42 @@ class Tracker:
             try:
                 first = self.hub.start(sub, last_event_id)
                 self.metrics.feeds_opened += 1
-                events = feed_events(
-                    self.hub,
-                    sub,
-                    first,
-                    retry_ms=self.config.retry_ms,
-                    heartbeat_s=self.config.heartbeat_s,
-                    metrics=self.metrics,
-                )
-                try:
-                    yield events
-                finally:
-                    await events.aclose()
+                yield sub, first
             finally:
                 self.hub.unsubscribe(sub)
         finally:
             self.bus.unwatch(cells)
+
+    @asynccontextmanager
+    async def open_feed(
+        self,
+        view: View | frozenset[int],
+        *,
+        is_json: bool,
+        last_event_id: str | None,
+        expires: float | None = None,
+        jti: str | None = None,
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Open one feed (:meth:`subscribed`); yields its SSE byte chunks, endless until
+        shutdown, or until its token ``expires`` or its ``jti`` is revoked. After
+        :meth:`shutdown` a feed still opens, and ends after its first event with the
+        ``shutdown`` event.
+        """
+        async with self.subscribed(
+            view, is_json=is_json, last_event_id=last_event_id, expires=expires, jti=jti
+        ) as (sub, first):
+            events = feed_events(
+                self.hub,
+                sub,
+                first,
+                retry_ms=self.config.retry_ms,
+                heartbeat_s=self.config.heartbeat_s,
+                metrics=self.metrics,
+            )
+            try:
+                yield events
+            finally:
+                await events.aclose()
 
     def _following(self, view: View) -> AbstractAsyncContextManager[None]:
         """While a vehicle feed opens, its vehicles' shards are watched (Redis bus)."""

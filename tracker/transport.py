@@ -12,6 +12,11 @@ module subclasses the pieces of it that need a bound, and ``tracker.server`` run
   client that stops reading held shutdown until the kernel's write timeout. Writes here
   run in a shield that shutdown can lift: after ``shutdown_grace_s`` a blocked write is
   abandoned and its connection closed.
+* :class:`SecureH11Protocol` offers every HTTP/1.1 GET a :class:`tracker.direct.Handoff`
+  (an ASGI scope extension): a ``/feed`` the app authorised is then written straight to
+  the socket by ``tracker.direct`` once its response head is sent, and the connection
+  serves nothing else; what the client sends after the request is discarded, its end of
+  the connection ends the feed. Off with ``direct_feeds = False``.
 * HTTP/2 goes through :class:`tracker.h2flow.BoundedH2Protocol` (flow control that pushes
   back on the app), and every response Hypercorn makes up itself (400 for a malformed
   request, 431 for oversized headers, ...) gets :data:`tracker.headers.BASELINE_HEADERS`
@@ -38,17 +43,30 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.events import EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import Response
 from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
+from hypercorn.protocol.h11 import (
+    H2CProtocolRequiredError,
+    H2ProtocolAssumedError,
+    H11Protocol,
+    H11WSConnection,
+)
 from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ConnectionState,
+    LifespanState,
+    Scope,
+)
 from hypercorn.utils import parse_socket_addr
 
 from tracker.config import TrackerConfig
+from tracker.direct import EXTENSION, DirectSocket, FeedStart, Handoff
 from tracker.h2flow import BoundedH2Protocol
 from tracker.headers import BASELINE_HEADERS
 from tracker.metrics import Metrics
@@ -180,11 +198,95 @@ def _secured(event: StreamEvent) -> StreamEvent:
     return event
 
 
+class _Discarding(H11WSConnection):
+    """The h11 side of a connection that became a direct feed: anything the client sends
+    after its request is dropped (never buffered), and no request follows."""
+
+    def __init__(self) -> None:  # keeps nothing: not even the h11 connection it replaces
+        self.buffer = bytearray()
+
+    def receive_data(self, data: bytes) -> None:
+        pass
+
+    def next_event(self) -> type[h11.NEED_DATA]:
+        return h11.NEED_DATA
+
+
+class _OfferingHandoff:
+    """The app as an HTTP/1.1 connection calls it: each GET's scope offers a Handoff."""
+
+    def __init__(self, app: AppWrapper, protocol: SecureH11Protocol) -> None:
+        self._app = app
+        self._protocol = protocol
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        sync_spawn: Any,
+        call_soon: Any,
+    ) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            handoff = Handoff()
+            self._protocol.handoff = handoff
+            extensions: dict[str, Any] = scope["extensions"]
+            extensions[EXTENSION] = handoff
+        await self._app(scope, receive, send, sync_spawn, call_soon)
+
+
 class SecureH11Protocol(H11Protocol):
-    """Hypercorn's HTTP/1.1, whose own error responses look like ours."""
+    """Hypercorn's HTTP/1.1, whose own error responses look like ours, and which hands a
+    connection over to a direct feed when the app adopts one (``tracker.direct``).
+
+    ``stream`` is the connection's byte stream; without it no handoff is offered.
+    """
+
+    def __init__(self, *args: Any, stream: trio.abc.Stream | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stream = stream
+        self.handoff: Handoff | None = None  # of the request in flight
+        self._feed: trio.CancelScope | None = None  # set once the connection is a feed
+        if stream is not None:
+            self.app = _OfferingHandoff(self.app, self)
+
+    async def handle(self, event: Event) -> None:
+        if isinstance(event, Closed) and self._feed is not None:
+            self._feed.cancel()  # the client left
+        await super().handle(event)
 
     async def stream_send(self, event: StreamEvent) -> None:
+        start = self.handoff.start if self.handoff is not None else None
+        if start is not None:
+            if isinstance(event, Response) and event.status_code != HTTPStatus.OK:
+                self.handoff = None  # not a feed after all (an error after adopting)
+            elif isinstance(event, EndBody):
+                await self._go_direct(start)
+                return
+            elif isinstance(event, StreamClosed):
+                self.handoff = None
+                await self._close_stream()  # no next request: the connection is the feed's
+                return
         await super().stream_send(_secured(event))
+
+    async def _go_direct(self, start: FeedStart) -> None:
+        """The head is sent: run the feed on the connection instead of ending the body."""
+        assert self._stream is not None and isinstance(self.connection, h11.Connection)
+        socket = DirectSocket(self._stream, chunked=self.connection.their_http_version == b"1.1")
+        self.connection = _Discarding()
+        self._feed = trio.CancelScope()
+        self.task_group.spawn(self._run_feed, start, socket, self._feed)
+        await self.can_read.set()  # a reader paused on pipelined bytes goes on (to discard)
+
+    async def _run_feed(
+        self, start: FeedStart, socket: DirectSocket, scope: trio.CancelScope
+    ) -> None:
+        with scope:
+            try:
+                await start(socket)
+            except Exception:
+                logger.exception("a direct feed failed; its connection is closed")
+        await self.send(Closed())
 
     async def _send_error_response(self, status_code: int) -> None:
         # Hypercorn 0.18 sends an empty body here (malformed request: 400, headers too large: 431).
@@ -211,15 +313,23 @@ class SecureH2Protocol(BoundedH2Protocol):
 
 
 class _Protocols(ProtocolWrapper):
-    """Hypercorn's protocol switch (h11, h2 by ALPN, h2c), choosing our subclasses."""
+    """Hypercorn's protocol switch (h11, h2 by ALPN, h2c), choosing our subclasses.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``direct``: the connection's stream, for HTTP/1.1 direct feeds (None: no handoff).
+    """
+
+    def __init__(self, *args: Any, direct: trio.abc.Stream | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._direct = direct
         self.protocol = self._make(h2=isinstance(self.protocol, H2Protocol))
 
     def _make(self, h2: bool) -> SecureH11Protocol | SecureH2Protocol:
-        kind = SecureH2Protocol if h2 else SecureH11Protocol
-        return kind(
+        if not h2:
+            return SecureH11Protocol(*self._parts(), stream=self._direct)
+        return SecureH2Protocol(*self._parts())
+
+    def _parts(self) -> tuple[Any, ...]:
+        return (
             self.app,
             self.config,
             self.context,
@@ -278,6 +388,7 @@ class Connection(TCPServer):
         self._gate = gate
         self._aborts = aborts
         self._scope = trio.CancelScope()
+        self._direct_feeds = config.tracker.direct_feeds
         self.busy = False
 
     @property
@@ -330,6 +441,7 @@ class Connection(TCPServer):
                     server,
                     self.protocol_send,
                     alpn_protocol,
+                    direct=self.stream if self._direct_feeds else None,
                 )
                 await self.protocol.initiate()
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
@@ -338,6 +450,25 @@ class Connection(TCPServer):
             pass
         finally:
             await self._close()
+
+    async def _read_data(self) -> None:
+        # A copy of TCPServer._read_data (Hypercorn 0.18) without a cancel scope around
+        # every read when there is no read timeout (ours: none), which a connection
+        # waiting for its next bytes (every feed) would otherwise hold all its life.
+        timeout = self.config.read_timeout
+        while True:
+            try:
+                if timeout is None:
+                    data = await self.stream.receive_some(MAX_RECV)
+                else:
+                    with trio.fail_after(timeout):
+                        data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
 
     async def protocol_send(self, event: Event) -> None:
         """Hypercorn's, except that a write blocked past the abort deadline drops the socket."""
