@@ -66,6 +66,7 @@ class FleetFigures:
     tracker_cpu_cores: float
     tracker_rss_mib: float
     client_cpu_cores: float
+    """The load clients' CPU in the measured window (opening the feeds is not in it)."""
     conflations: int
     errors: int
     path: str = "direct"
@@ -78,6 +79,8 @@ class FleetFigures:
     """SSE events received per second over all feeds: one per feed per tick delivered."""
     feed_cpu_us_per_feed_tick: float = 0.0
     """Tracker CPU beyond the base per event received (one feed, one tick), in microseconds."""
+    client_cpu_us_per_event: float = 0.0
+    """The load clients' CPU per event received: the instrument's own cost."""
     rss_before_feeds_mib: float = 0.0
     kib_per_feed: float = 0.0
     """Tracker RSS with the feeds, less before them, per connected feed."""
@@ -241,15 +244,18 @@ async def _fan_out(args: argparse.Namespace, redis: RedisServer | None) -> Fleet
         tracker_cpu_s_per_million=round(window["cpu"] / max(1, positions) * 1e6, 2),
         tracker_cpu_cores=round(window["cpu"] / window["wall"], 2),
         tracker_rss_mib=round(window["rss"] / 2**20, 1),
-        client_cpu_cores=round(sum(r["cpu_seconds"] for r in results) / window["wall"], 2),
+        client_cpu_cores=round(sum(r["cpu_seconds"] for r in results) / args.seconds, 2),
         conflations=sum(r["snapshots_after_first"] for r in results),
-        errors=sum(len(r["errors"]) for r in results),
+        errors=sum(r.get("error_count", len(r["errors"])) for r in results),
         path="framework" if args.framework_feeds else "direct",
         tick_s=args.tick,
         ticks_per_s=round(ticks_per_s, 2),
         base_cpu_cores=round(base["cores"], 3),
         events_per_s=round(events_per_s),
         feed_cpu_us_per_feed_tick=round(feed_cores / max(1, events_per_s) * 1e6, 2),
+        client_cpu_us_per_event=round(
+            sum(r["cpu_seconds"] for r in results) / max(1, events_per_s * args.seconds) * 1e6, 2
+        ),
         rss_before_feeds_mib=round(base["rss"] / 2**20, 1),
         kib_per_feed=round((window["rss"] - base["rss"]) / max(1, connected) / 1024, 1),
     )

@@ -84,6 +84,7 @@ def test_the_frame_cache_counts_what_decoding_every_frame_counts() -> None:
     record_event(event, decoded, received=now + 0.25, measuring=True)
     for _ in range(3):  # the same frame on three feeds: decoded once
         record_cached_event(event, cached, now + 0.25, True, cache)
+    cache.flush()  # reads are counted in bulk
     assert cached.distinct_frames == 1
     assert (cached.frames, cached.positions) == (3 * decoded.frames, 3 * decoded.positions)
     assert cached.latency_ms.sum() == 3 * decoded.latency_ms.sum()
