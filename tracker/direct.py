@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from tracker.compact import is_compact
 from tracker.feed import FINAL_EVENTS, HEARTBEAT, count_sent, first_chunk, render
 from tracker.hub import Batch, FeedHub, Subscription
 from tracker.limits import StreamSlot
@@ -137,7 +138,7 @@ class DirectFeed:
         if self._busy or self.broken:
             return False
         sub = self._sub
-        if sub.is_json or not self._socket.chunked:
+        if sub.is_json or not self._socket.chunked or is_compact(sub):
             owed = sub.take()
             body = render(owed, sub, self._hub)
             count_sent(self._hub.metrics, owed)

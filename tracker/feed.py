@@ -16,6 +16,8 @@ from collections.abc import AsyncGenerator, Callable
 
 import trio
 
+from tracker import compact
+from tracker.compact import is_compact
 from tracker.hub import Batch, FeedHub, Frame, Resume, Subscription
 from tracker.metrics import Metrics
 
@@ -83,6 +85,8 @@ def encode_event(
 
 def render(resume: Resume, sub: Subscription, hub: FeedHub) -> bytes:
     """The bytes of a snapshot or of a run of batches, as one chunk."""
+    if is_compact(sub):  # a binary vehicle feed: docs/wire-format.md, compact events
+        return compact.render(resume, sub, hub)
     name_of = hub.index.name_of
     if resume.snapshot is not None:
         event_id = hub.event_id(hub.index.tick, sub)

@@ -22,15 +22,24 @@ Pure and synchronous; owns no tasks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
+from tracker.compact import Step, fix
 from tracker.geoindex import CellChange, CellState, TickChanges
 from tracker.views import ViewKey, Watched
-from tracker.wire import PositionColumns, cell_origin, encode_frame, pack_moves, pack_records
+from tracker.wire import (
+    Position,
+    PositionColumns,
+    cell_origin,
+    encode_frame,
+    pack_moves,
+    pack_records,
+)
 
 __all__ = [
     "PackedPositions",
@@ -48,11 +57,13 @@ FleetOf = Callable[[int], str | None]
 
 @dataclass(frozen=True)
 class ViewFrame:
-    """One frame of a narrowed view: its cell, its bytes, and its long form (see below)."""
+    """One frame of a narrowed view: its cell, its bytes, its long form (see below), and
+    for a vehicle's frames what changed for the vehicle (``tracker.compact``)."""
 
     cell: int
     data: bytes
     long: bytes | None = None
+    step: Step | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,7 @@ class _Rows:
     records: npt.NDArray[np.void]
     fits: npt.NDArray[np.bool_]
     moves: npt.NDArray[np.void]
+    columns: PositionColumns
 
 
 def pack_tick(changes: TickChanges) -> dict[int, PackedPositions]:
@@ -158,7 +170,7 @@ def _pack_rows(changes: TickChanges) -> _Rows | None:
     for (cell, _), count in zip(moving, counts, strict=True):
         runs[cell] = slice(start, start + count)
         start += count
-    return _Rows(runs, records, fits, moves)
+    return _Rows(runs, records, fits, moves, columns)
 
 
 @dataclass
@@ -179,7 +191,7 @@ class _Cuts:
         self.fleets_of_cell: dict[int, set[str]] = {}
         for cell, fleet in watched.fleet_keys:
             self.fleets_of_cell.setdefault(cell, set()).add(fleet)
-        self.vehicles = watched.vehicles
+        self.vehicles = dict(watched.vehicles)
         self.fleet_of = fleet_of
         self.by_key: dict[ViewKey, dict[int, _Cut]] = {}
 
@@ -219,6 +231,11 @@ def encode_views(
     """
     cuts = _Cuts(watched, fleet_of)
     vehicles = cuts.vehicles
+    if watched.unknown:  # followed before their first ping: found by their names
+        for change in changes.cells.values():
+            for vid, name in change.names:
+                if name in watched.unknown:
+                    vehicles[vid] = name
     for cell, change in changes.cells.items():
         every = cell in cuts.fleets_of_cell  # else only the watched vehicles' entries
         if not every and not vehicles:
@@ -238,9 +255,50 @@ def encode_views(
             for cut in cuts.of(cell, int(vids[row])):
                 cut.rows.append(row)
     return {
-        key: _encode_cuts(by_cell, rows, changes, long=key in watched.json_keys)
+        key: _encode_cuts(
+            by_cell,
+            rows,
+            changes,
+            long=key in watched.json_keys,
+            step=None if isinstance(key, tuple) else _step(key, by_cell, rows, watched),
+        )
         for key, by_cell in cuts.by_key.items()
     }
+
+
+def _step(name: str, by_cell: dict[int, _Cut], rows: _Rows | None, watched: Watched) -> Step:
+    """What the tick did to one followed vehicle (its cuts: the cell it is in, and the one
+    it left), for compact events."""
+    vid = cell = 0
+    after = None
+    stale = removed = False
+    for cut_cell, cut in by_cell.items():
+        if cut.rows and rows is not None:
+            row = cut.rows[0]
+            c = rows.columns
+            vid, cell = int(c.vid[row]), cut_cell
+            speed, heading = float(c.speed[row]), float(c.heading[row])
+            after = fix(
+                Position(
+                    vid,
+                    float(c.lat[row]),
+                    float(c.lon[row]),
+                    float(c.ts[row]),
+                    None if math.isnan(speed) else speed,
+                    None if math.isnan(heading) else heading,
+                )
+            )
+        for marked in (cut.stale, cut.removed, cut.gone):
+            if marked:
+                vid = marked[0]
+        stale = stale or bool(cut.stale)
+        removed = removed or bool(cut.removed)
+        cell = cell or cut_cell
+    position, before_cell = watched.published.get(vid, (None, 0))
+    before = None if position is None else fix(position)
+    return Step(
+        vid, name, cell, after, before=before, before_cell=before_cell, stale=stale, removed=removed
+    )
 
 
 def _watched_rows(rows: _Rows, cuts: _Cuts) -> list[tuple[int, int]]:
@@ -266,7 +324,12 @@ def _watched_rows(rows: _Rows, cuts: _Cuts) -> list[tuple[int, int]]:
 
 
 def _encode_cuts(
-    by_cell: dict[int, _Cut], rows: _Rows | None, changes: TickChanges, *, long: bool
+    by_cell: dict[int, _Cut],
+    rows: _Rows | None,
+    changes: TickChanges,
+    *,
+    long: bool,
+    step: Step | None,
 ) -> list[ViewFrame]:
     """A view's frames; with ``long`` (a JSON feed watches it) each with moves also gets its
     long form, else none (JSON is rendered from it only)."""
@@ -289,7 +352,7 @@ def _encode_cuts(
         change = CellChange(names=cut.names, gone=cut.gone, stale=cut.stale, removed=cut.removed)
         data = _encode(cell, changes.t_ms, change, records, moves)
         spelled = _encode(cell, changes.t_ms, change, long_records, b"") if moves and long else None
-        frames.append(ViewFrame(cell, data, spelled))
+        frames.append(ViewFrame(cell, data, spelled, step))
     return frames
 
 

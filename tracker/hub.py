@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 import trio
 
+from tracker.compact import Step
 from tracker.config import TrackerConfig
 from tracker.frames import TickFrames, encode_snapshot
 from tracker.geoindex import CellState, GeoIndex
@@ -50,13 +51,18 @@ class Frame:
     ``line`` is the frame's whole SSE line, ``data: <base64>\n``, built once and shared by
     every binary feed that sends it (an event is its header, these lines, a blank line).
     ``long`` is the frame with its moves spelled out as full records (see
-    ``TickFrames.long``), kept because JSON is rendered from it, lazily.
+    ``TickFrames.long``), kept because JSON is rendered from it, lazily. ``step``: a
+    vehicle's frame also says what changed for the vehicle, for compact events
+    (``tracker.compact``).
     """
 
-    __slots__ = ("_json", "cell", "line", "long", "size")
+    __slots__ = ("_json", "cell", "line", "long", "size", "step")
 
-    def __init__(self, cell: int, msgpack: bytes, long: bytes | None = None) -> None:
+    def __init__(
+        self, cell: int, msgpack: bytes, long: bytes | None = None, step: Step | None = None
+    ) -> None:
         self.cell = cell
+        self.step = step
         self.line = b"data: " + base64.b64encode(msgpack) + b"\n"
         self.size = len(self.line) - 7
         """Bytes of base64 (what outbox bounds and replay sizes count)."""
@@ -443,17 +449,12 @@ class FeedHub:
         """The narrowed views some feed watches: what the next tick must encode for them."""
         if not self._by_key:
             return Watched()
-        fleet_keys = frozenset(key for key in self._by_key if isinstance(key, tuple))
-        vehicles = {}
-        for key in self._by_key:
-            if isinstance(key, str) and (vehicle := self.index.vehicle(key)) is not None:
-                vehicles[vehicle.vid] = key
         json_keys = frozenset(
             key
             for key, subs in self._by_key.items()
             if self._json_narrowed and any(sub.is_json for sub in subs)
         )
-        return Watched(fleet_keys, vehicles, json_keys)
+        return Watched.of(self._by_key, self.index, json_keys)
 
     def publish(self, tick: TickFrames) -> None:
         """Encode a tick's frames once and queue them for their subscribers; never blocks."""
@@ -461,7 +462,7 @@ class FeedHub:
             cell: Frame(cell, data, tick.long.get(cell)) for cell, data in tick.frames.items()
         }
         views = {
-            key: [Frame(f.cell, f.data, f.long) for f in view_frames]
+            key: [Frame(f.cell, f.data, f.long, f.step) for f in view_frames]
             for key, view_frames in tick.views.items()
         }
         self._snapshot_cache.clear()
@@ -597,7 +598,10 @@ class FeedHub:
             names=[(vehicle.vid, vehicle.vehicle_id)],
             stale=[vehicle.vid] if vehicle.stale else [],
         )
-        return [Frame(vehicle.cell, encode_snapshot(state))]
+        step = Step.keyframe(
+            vehicle.vid, key, vehicle.cell, vehicle.published, vehicle.stale
+        )  # taken now: the steps of the next ticks count from it
+        return [Frame(vehicle.cell, encode_snapshot(state), step=step)]
 
     def _cell_snapshot(self, cells: Iterable[int]) -> list[Frame]:
         result = []

@@ -19,8 +19,13 @@ Pure and synchronous; owns no tasks.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tracker.geoindex import GeoIndex
+    from tracker.wire import Position
 
 __all__ = ["FleetKey", "Narrowing", "View", "ViewKey", "Watched"]
 
@@ -82,9 +87,31 @@ class Watched:
     """The watched vehicles the index knows: number (``vid``) to wire id."""
     json_keys: frozenset[ViewKey] = frozenset()
     """The keys a JSON feed watches: their frames need a long form (JSON renders from it)."""
+    published: Mapping[int, tuple[Position | None, int]] = field(default_factory=dict)
+    """Each watched vehicle's published position and cell before the tick: what its feeds
+    hold, which compact steps count from (``tracker.compact``)."""
+    unknown: frozenset[str] = frozenset()
+    """Watched wire ids the index does not know yet (a tick may bring their first ping)."""
 
     def __bool__(self) -> bool:
-        return bool(self.fleet_keys or self.vehicles)
+        return bool(self.fleet_keys or self.vehicles or self.unknown)
+
+    @classmethod
+    def of(cls, keys: Iterable[ViewKey], index: GeoIndex, json_keys: frozenset[ViewKey]) -> Watched:
+        """What the next tick must encode for the watched ``keys`` (asked before it)."""
+        fleet_keys = []
+        vehicles: dict[int, str] = {}
+        published: dict[int, tuple[Position | None, int]] = {}
+        unknown = []
+        for key in keys:
+            if isinstance(key, tuple):
+                fleet_keys.append(key)
+            elif (vehicle := index.vehicle(key)) is not None:
+                vehicles[vehicle.vid] = key
+                published[vehicle.vid] = (vehicle.published, vehicle.cell)
+            else:
+                unknown.append(key)
+        return cls(frozenset(fleet_keys), vehicles, json_keys, published, frozenset(unknown))
 
 
 @dataclass(frozen=True)

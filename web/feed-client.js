@@ -109,7 +109,8 @@ export class FeedClient {
     };
     const open = () => {
       source = new EventSource(this.#resumeUrl(url));
-      for (const name of ["snapshot", "batch"]) source.addEventListener(name, onEvent);
+      // message: a vehicle feed's compact events (no event: line), docs/wire-format.md
+      for (const name of ["snapshot", "batch", "message"]) source.addEventListener(name, onEvent);
       source.addEventListener("shutdown", () => this.#changeState("reconnecting", relay));
       source.addEventListener("end", () => {
         closed = true; // a replay is over: do not let EventSource reconnect

@@ -8,6 +8,7 @@ const SCALE = 100_000; // fixed point: 1e-5 degree
 const UNKNOWN = 255; // speed or heading byte meaning "not reported"
 const RECORD = 12; // bytes of a full position record
 const MOVE = 8; // bytes of a move record
+const USUAL_DT = 10; // the time step a compact step leaves out: 1 s, in 0.1 s
 
 // Cells and times are 64-bit: BigInt keeps cell ids exact.
 const decoder = new Decoder({ useBigInt64: true });
@@ -72,11 +73,17 @@ export class VehicleTable {
   }
 
   /**
-   * Apply one SSE event (`snapshot` replaces the table, `batch` updates it); others are
-   * ignored. Returns {snapshot, changed: Set<vid>, removed: Set<vid>}.
+   * Apply one SSE event (`snapshot` replaces the table, `batch` updates it, `message` is a
+   * vehicle feed's compact event); others are ignored.
+   * Returns {snapshot, changed: Set<vid>, removed: Set<vid>}.
    */
   applyEvent(event, data) {
     const changes = { snapshot: event === "snapshot", changed: new Set(), removed: new Set() };
+    if (event === "message") {
+      for (const line of data.split("\n")) this.#applyCompact(line, changes);
+      for (const vid of changes.changed) changes.removed.delete(vid);
+      return changes;
+    }
     if (event !== "snapshot" && event !== "batch") return changes;
     if (changes.snapshot) {
       for (const vid of this.vehicles.keys()) changes.removed.add(vid);
@@ -123,6 +130,64 @@ export class VehicleTable {
     }
   }
 
+  // One line of a compact event (docs/wire-format.md, "Compact vehicle events").
+  #applyCompact(line, changes) {
+    if (line === "*") {
+      changes.snapshot = true;
+      for (const vid of this.vehicles.keys()) changes.removed.add(vid);
+      this.vehicles.clear();
+      return;
+    }
+    if (line[0] === "=") {
+      const fields = line.slice(1).split(",");
+      const [vid, latQ, lonQ, tsQ, speed, heading] = fields.slice(0, 6).map(Number);
+      this.names.set(vid, JSON.parse(fields.slice(6).join(",")));
+      this.#lastVid = vid;
+      this.#putFixed(vid, { latQ, lonQ, tsQ, speedQ: speed, headingQ: heading });
+      changes.changed.add(vid);
+      return;
+    }
+    const colon = line.lastIndexOf(":");
+    const vid = colon >= 0 ? Number(line.slice(0, colon)) : this.#lastVid;
+    const body = line.slice(colon + 1);
+    const seen = this.vehicles.get(vid);
+    if (body === "-") {
+      this.#drop(vid, changes);
+    } else if (!seen) {
+      // cannot happen in a stream applied in order
+    } else if (body === "!") {
+      seen.stale = true;
+      changes.changed.add(vid);
+    } else if (body[0] >= "?" && body[0] <= "~") {
+      const [dlat = 0, dlon = 0, dt = 0, dspeed = 0, dheading = 0] = stepInts(body);
+      this.#putFixed(vid, {
+        latQ: seen.latQ + dlat,
+        lonQ: wrapStep(seen.lonQ + dlon),
+        tsQ: seen.tsQ + USUAL_DT + dt,
+        speedQ: seen.speedQ + dspeed,
+        headingQ: seen.headingQ + dheading,
+      });
+      changes.changed.add(vid);
+    }
+  }
+
+  #lastVid = null; // what an untagged compact line applies to
+
+  #putFixed(vid, q) {
+    this.vehicles.set(vid, {
+      vid,
+      id: this.names.get(vid) ?? String(vid),
+      cell: null,
+      ...q,
+      lat: q.latQ / SCALE,
+      lon: wrapLon(q.lonQ),
+      ts: q.tsQ / 10,
+      speed: speedOf(q.speedQ),
+      heading: headingOf(q.headingQ),
+      stale: false,
+    });
+  }
+
   #put(vid, frame, latQ, lonQ, age, speed, heading) {
     this.vehicles.set(vid, {
       vid,
@@ -148,15 +213,41 @@ export class VehicleTable {
 
   /** A structured-cloneable copy (for another tab), and its inverse. */
   toJSON() {
-    return { names: [...this.names], vehicles: [...this.vehicles.values()] };
+    return { names: [...this.names], vehicles: [...this.vehicles.values()], lastVid: this.#lastVid };
   }
 
   static fromJSON(state) {
     const table = new VehicleTable();
     table.names = new Map(state.names);
+    table.#lastVid = state.lastVid ?? null;
     for (const v of state.vehicles) table.vehicles.set(v.vid, v);
     return table;
   }
+}
+
+/** The signed integers of a compact step: zigzag, 5 bits a character from "?" (63), the
+ * 0x20 bit meaning "more" (Google's encoded-polyline digits). */
+export function stepInts(text) {
+  const out = [];
+  let value = 0;
+  let shift = 0;
+  for (let i = 0; i < text.length; i++) {
+    const digit = text.charCodeAt(i) - 63;
+    value += (digit & 0x1f) * 2 ** shift; // not <<: steps may pass 31 bits
+    shift += 5;
+    if (digit < 0x20) {
+      out.push(value % 2 ? -(value + 1) / 2 : value / 2);
+      value = 0;
+      shift = 0;
+    }
+  }
+  return out;
+}
+
+/** Longitude units into [-180, 180) degrees, as compact steps wrap them. */
+function wrapStep(units) {
+  const full = 360 * SCALE;
+  return ((((units + full / 2) % full) + full) % full) - full / 2;
 }
 
 function wrapUnits(units) {
