@@ -69,14 +69,16 @@ async def start_tracker(
     return process, await serving_url(process)
 
 
-async def serving_url(process: trio.Process) -> str:
-    """The first URL a starting tracker prints, once it says it serves (20 s at most)."""
+async def serving_url(
+    process: trio.Process, *, scheme: str = "http", timeout_s: float = 20.0
+) -> str:
+    """The first ``scheme`` URL a starting tracker prints, once it says it serves."""
     assert process.stdout is not None
     output = b""
-    with trio.fail_after(20):
+    with trio.fail_after(timeout_s):
         while b"Ctrl-C" not in output:
             output += await process.stdout.receive_some()
-    return next(word for word in output.decode().split() if word.startswith("http://"))
+    return next(word for word in output.decode().split() if word.startswith(f"{scheme}://"))
 
 
 def viewport(rng: random.Random, smallest_km: float = 2.0, largest_km: float = 12.0) -> str:

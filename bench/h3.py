@@ -44,7 +44,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, StreamReset
 
-from bench.common import UNLIMITED, cpu_seconds, viewport
+from bench.common import UNLIMITED, cpu_seconds, serving_url, viewport
 from bench.feed_bytes import drive_fleet
 
 __all__ = ["H3Client", "H3Response", "split_events"]
@@ -420,7 +420,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 check=False,
             )
             process: trio.Process = await nursery.start(run_process)
-            url = await _serving_url(process)
+            url = await serving_url(process, scheme="https", timeout_s=30)
             nursery.start_soon(
                 drive_fleet,
                 url,
@@ -467,15 +467,6 @@ def _report(args: argparse.Namespace, phases: dict[str, list[dict[str, Any]]]) -
             "errors": [e for p in phases[name] for e in p["errors"]][:3],
         }
     return result
-
-
-async def _serving_url(process: trio.Process) -> str:
-    assert process.stdout is not None
-    output = b""
-    with trio.fail_after(30):
-        while b"Ctrl-C" not in output:
-            output += await process.stdout.receive_some()
-    return next(w for w in output.decode().split() if w.startswith("https://"))
 
 
 def main() -> None:

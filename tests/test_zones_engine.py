@@ -16,6 +16,7 @@ from tracker.zones.cover import compile_zone
 from tracker.zones.engine import MAX_RECORDED_PINGS, ZoneEngine
 from tracker.zones.events import ZoneEvent
 from tracker.zones.model import parse_zone
+from tracker.zones.worker import departed
 
 M_PER_DEG = 111_320.0
 LAT, LON = 52.5, 13.4
@@ -45,7 +46,7 @@ class Drive:
     def __init__(self, *documents: dict[str, Any]) -> None:
         self.index = GeoIndex(resolution=7, stale_after_s=30, remove_after_s=60)
         self.emitted: list[ZoneEvent] = []
-        self.engine = ZoneEngine(self.index, stale_after_s=30, remove_after_s=60, sink=self)
+        self.engine = ZoneEngine(remove_after_s=60, sink=self)
         for document in documents:
             self.put(document, 0.0)
 
@@ -69,8 +70,8 @@ class Drive:
         return self.pings(t, (vehicle, *at(east_m, north_m)))
 
     def tick(self, t: float) -> list[ZoneEvent]:
-        self.index.advance(t)
-        return self.engine.tick(t)
+        stale, removed = departed(self.index.advance(t), self.index.name_of)
+        return self.engine.tick(t, stale, removed)
 
 
 def kinds(events: list[ZoneEvent]) -> list[str]:

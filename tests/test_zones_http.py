@@ -205,7 +205,7 @@ async def test_events_from_ingest_to_the_sink(start_server: StartServer, tmp_pat
         def emit(self, events: Any) -> None:
             received.extend(events)
 
-    server.tracker.zones.engine.sink = Sink()
+    server.tracker.zones.worker.sink = Sink()
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
         made = await http.post(
             "/zones",

@@ -89,7 +89,7 @@ async def test_an_instance_takes_in_what_another_changed(tmp_path: Path) -> None
     await two.zones.open()
     await one.zones.put([parse_zone(feature("a")), parse_zone(feature("b"))], replace=False)
     assert await two.zones.refresh() == 2
-    assert sorted(two.zones.engine.zones.slot_of) == ["a", "b"]
+    assert [z.zone.id for z in two.zones.all()] == ["a", "b"]
     assert await two.zones.refresh() == 0  # nothing new
     await one.zones.put([parse_zone(feature("a", "Depot Nord"))], replace=True)
     await one.zones.delete("b")

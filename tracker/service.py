@@ -65,6 +65,7 @@ from tracker.zones.book import ZoneBook
 from tracker.zones.engine import ZoneEngine
 from tracker.zones.events import EventSink
 from tracker.zones.store import ZoneStore
+from tracker.zones.worker import ZoneWorker
 
 __all__ = ["CoreCrashed", "Health", "Lifecycle", "Tracker", "VehicleReport"]
 
@@ -219,31 +220,19 @@ class Tracker:
         )
         """Where accepted pings are kept (None: history is off)."""
         self.zones = ZoneBook(
-            ZoneEngine(
-                self.index,
-                stale_after_s=config.stale_after_s,
-                remove_after_s=config.remove_after_s,
-                sink=zone_sink or self.alerts,
+            ZoneWorker(
+                ZoneEngine(remove_after_s=config.remove_after_s),
+                zone_sink or self.alerts,
+                self.metrics,
+                name_of=self.index.name_of,
             ),
             ZoneStore(config.database_target),
             resolution=config.h3_resolution,
         )
-        """Zones and their engine (``tracker.zones``): events go to ``zone_sink``, by
-        default the alerts log (:attr:`alerts`)."""
+        """Zones and their engine, run in a worker thread (``tracker.zones``): events go to
+        ``zone_sink``, by default the alerts log (:attr:`alerts`)."""
         self.metrics.gauges.update(
-            zones=("Zones held.", lambda: len(self.zones)),
-            zone_vehicles_inside=(
-                "Vehicles inside (or entering) a zone.",
-                lambda: self.zones.engine.vehicles_inside,
-            ),
-            zone_tick_seconds=(
-                "Time the zone engine took in the last tick.",
-                lambda: self.zones.engine.last_tick_s,
-            ),
-            zone_pings_dropped=(
-                "Pings the zone engine could not take (its ticker was behind).",
-                lambda: self.zones.engine.pings_dropped,
-            ),
+            zones=("Zones held.", lambda: len(self.zones)), **self.zones.worker.gauges()
         )
 
     def _make_bus(self) -> Bus:
@@ -288,6 +277,7 @@ class Tracker:
                     await tracker_nursery.start(self.history.run)
                 await tracker_nursery.start(run_sources, self.devices)
                 await tracker_nursery.start(self.zones.follow)
+                await tracker_nursery.start(self.zones.worker.run)
                 tracker_nursery.start_soon(self._beat_forever)
                 task_status.started()
                 await self._tick_forever()
@@ -323,7 +313,7 @@ class Tracker:
         self.metrics.view_frames += sum(len(view) for view in frames.views.values())
         self.hub.publish(frames)
         self.hub.end_expired(now)
-        self.metrics.zone_events += len(self.zones.engine.tick(now))
+        self.zones.worker.tick(now, changes)  # decided in the engine's thread
         self.metrics.observe_tick(time.perf_counter() - started)
         self.metrics.observe_published(now, changes.ping_ts)
         self._last_tick_at = trio.current_time()
@@ -381,7 +371,7 @@ class Tracker:
         if rejections is None:
             rejections = Rejections()
         pings = self._placed(pings, rejections, fleet)
-        zones = self.zones.engine
+        zones = self.zones.worker
         keep = self.bus.forwards or history or zones.active
         forwarded: list[Ping] | None = [] if keep else None
         now = time.time() if now is None else now
@@ -548,6 +538,10 @@ class Tracker:
             warnings.append(trouble)
         if trouble := self.alerts.problem():
             problems.append(trouble)
+        if trouble := self.zones.worker.problem():
+            problems.append(trouble)
+        if trouble := self.zones.worker.warning():
+            warnings.append(trouble)
         if trouble := self.alerts.warning():
             warnings.append(trouble)
         return Health(

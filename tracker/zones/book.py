@@ -1,10 +1,12 @@
 """The zone book: the zones a tracker holds, kept durably, and the engine they feed.
 
 :class:`ZoneBook` is what the tracker (``Tracker.zones``) and the API
-(``tracker.zones.routes``) talk to. A change is written to the store first, then put
-into the engine, one change at a time (a lock), so what the engine holds is what a
-restart reloads. Compiling a zone's cover and every database call run in worker
-threads; the engine itself only ever changes on the event loop.
+(``tracker.zones.routes``) talk to. A change is written to the store first, then held here
+(what ``GET /zones`` reads, on the loop) and queued for the engine, one change at a
+time (a lock), so what the engine holds is what a restart reloads. Compiling a zone's
+cover and every database call run in worker threads; the engine runs in its own
+(:class:`~tracker.zones.worker.ZoneWorker`), which takes the change before the next
+tick's pings.
 
 At start (:meth:`ZoneBook.open`, from ``Tracker.run``) every stored zone is read back
 and compiled (about a millisecond each, in a worker thread), before the tracker reports
@@ -26,10 +28,9 @@ import trio
 from tracker.database import DatabaseError
 from tracker.errors import TrackerError
 from tracker.zones.cover import CompiledZone, compile_zone
-from tracker.zones.engine import ZoneEngine
-from tracker.zones.events import EventSink
 from tracker.zones.model import Zone, parse_zone
 from tracker.zones.store import ZoneStore
+from tracker.zones.worker import ZoneWorker
 
 __all__ = ["MAX_ZONES", "REFRESH_S", "Area", "TooManyZones", "ZoneBook", "ZoneExists"]
 
@@ -49,33 +50,42 @@ class TooManyZones(TrackerError):
 
 
 class ZoneBook:
-    """The zones, their store and their engine."""
+    """The zones, their store and their engine (run by ``worker``)."""
 
-    def __init__(self, engine: ZoneEngine, store: ZoneStore | None, *, resolution: int) -> None:
-        self.engine = engine
+    def __init__(self, worker: ZoneWorker, store: ZoneStore | None, *, resolution: int) -> None:
+        self.worker = worker
         self.store = store
         self.resolution = resolution
         self._lock = trio.Lock()
+        self._held: dict[str, CompiledZone] = {}
+        """The zones held (the engine's, as of the changes queued for it): on the loop."""
         self._versions: dict[str, float] = {}
         """When each zone held was last written to the database (``updated_at``)."""
 
-    @property
-    def sink(self) -> EventSink:
-        return self.engine.sink
-
     def __len__(self) -> int:
-        return len(self.engine.zones)
+        return len(self._held)
 
     def get(self, zone_id: str) -> CompiledZone | None:
-        return self.engine.zones.get(zone_id)
+        return self._held.get(zone_id)
 
     def all(self) -> Iterable[CompiledZone]:
         """Every zone, in id order."""
-        index = self.engine.zones
-        for zone_id in sorted(index.slot_of):
-            compiled = index.get(zone_id)
-            assert compiled is not None
-            yield compiled
+        held = self._held
+        for zone_id in sorted(held):
+            compiled = held.get(zone_id)
+            if compiled is not None:  # deleted while the caller was reading
+                yield compiled
+
+    def _hold(self, compiled: CompiledZone, now: float) -> None:
+        zone_id = compiled.zone.id
+        self.worker.put(compiled, now, new=zone_id not in self._held)
+        self._held[zone_id] = compiled
+
+    def _drop(self, zone_id: str, now: float) -> bool:
+        if self._held.pop(zone_id, None) is None:
+            return False
+        self.worker.delete(zone_id, now)
+        return True
 
     async def open(self) -> None:
         """Read every stored zone back into the engine."""
@@ -117,7 +127,7 @@ class ZoneBook:
         changed = [i for i, when in versions.items() if self._versions.get(i) != when]
         gone = [i for i in self._versions if i not in versions]
         for zone_id in gone:
-            self.engine.delete(zone_id, now)
+            self._drop(zone_id, now)
             del self._versions[zone_id]
         if not changed:
             return len(gone)
@@ -130,7 +140,7 @@ class ZoneBook:
                 logger.warning("stored zone %r skipped: %s", feature.get("id"), error.message)
         compiled = await trio.to_thread.run_sync(self._compile_all, [z for z, _ in zones])
         for one, (_, when) in zip(compiled, zones, strict=True):
-            self.engine.put(one, now)
+            self._hold(one, now)
             self._versions[one.zone.id] = when
         return len(gone) + len(compiled)
 
@@ -145,12 +155,11 @@ class ZoneBook:
         """
         compiled = await trio.to_thread.run_sync(self._compile_all, zones)
         async with self._lock:
-            index = self.engine.zones
-            new = [index.get(zone.id) is None for zone in zones]
+            new = [zone.id not in self._held for zone in zones]
             if not replace and not all(new):
                 taken = next(z.id for z, fresh in zip(zones, new, strict=True) if not fresh)
                 raise ZoneExists(f"zone {taken!r} exists; PUT /zones/{{id}} replaces it", id=taken)
-            if len(index) + sum(new) > MAX_ZONES:
+            if len(self._held) + sum(new) > MAX_ZONES:
                 raise TooManyZones(f"a tracker holds at most {MAX_ZONES} zones")
             written = 0.0
             if self.store is not None:
@@ -158,7 +167,7 @@ class ZoneBook:
                 written = await trio.to_thread.run_sync(store.put, [z.feature() for z in zones])
             now = time.time()
             for one in compiled:
-                self.engine.put(one, now)
+                self._hold(one, now)
                 self._versions[one.zone.id] = written
         return new
 
@@ -170,7 +179,7 @@ class ZoneBook:
             if self.store is not None:
                 await trio.to_thread.run_sync(self.store.delete, zone_id)
             self._versions.pop(zone_id, None)
-            return self.engine.delete(zone_id, time.time())
+            return self._drop(zone_id, time.time())
 
 
 class ZoneExists(TrackerError):

@@ -24,12 +24,15 @@ Per vehicle and zone (the rules of ``docs/zones.md``):
   position being in it (nor the vehicle inside or entering it); where and when: the
   first point of the segment in the zone, its time interpolated;
 * ``exit`` with reason ``stale`` or ``removed``: the geo-index marked the vehicle stale
-  or removed it while it was inside (its last position, the tick's time);
+  or removed it while it was inside (its last position, the tick's time); the tick is
+  told which vehicles the geo-index marked in it (:func:`tracker.zones.worker.departed`),
+  so the engine never reads the geo-index itself and can run in a thread of its own;
 * ``exit`` with reason ``zone_changed`` or ``zone_deleted``: the zone was replaced or
   deleted while the vehicle was inside; a vehicle still inside a changed zone enters it
   again at its next position.
 
-Pure and synchronous (time comes in as arguments); owns no tasks.
+Pure and synchronous (time comes in as arguments); owns no tasks. In the tracker it runs
+in a worker thread, one call at a time (:class:`tracker.zones.worker.ZoneWorker`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Sequence
-from typing import Final, Protocol
+from collections.abc import Collection, Sequence
+from typing import Final
 
 import h3.api.basic_int as h3i
 import numpy as np
@@ -52,7 +55,7 @@ from tracker.zones.events import EventSink, EventType, ExitReason, ZoneEvent
 from tracker.zones.index import CROSS_RESOLUTION, Hits, ZoneIndex, cells_at
 from tracker.zones.states import ZONE_BITS, ZONE_MASK, StateTable
 
-__all__ = ["MAX_PATH_CELLS", "MAX_RECORDED_PINGS", "LoggingSink", "ZoneEngine", "same_place"]
+__all__ = ["MAX_PATH_CELLS", "MAX_RECORDED_PINGS", "ZoneEngine", "same_place"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +74,6 @@ _LON = operator.attrgetter("lon")
 _TS = operator.attrgetter("ts")
 _I64 = npt.NDArray[np.int64]
 _B = npt.NDArray[np.bool_]
-
-
-class _Vehicles(Protocol):
-    """What the engine asks the geo-index: is this vehicle stale, or gone?"""
-
-    def vehicle(self, vehicle_id: str) -> _Tracked | None: ...
-
-
-class _Tracked(Protocol):
-    stale: bool
 
 
 _NO_STATES = (
@@ -114,30 +107,15 @@ def _metres(lat0: _F64, lon0: _F64, lat1: _F64, lon1: _F64) -> _F64:
     return np.hypot(dx, dy)
 
 
-class LoggingSink:
-    """A sink that logs each event (debug) and keeps nothing: the engine's default."""
-
-    def emit(self, events: Sequence[ZoneEvent]) -> None:
-        for event in events:
-            logger.debug("zone event %s", event)
-
-
 class ZoneEngine:
     """Decides zone events each tick; holds the zones and every vehicle's zone state."""
 
-    def __init__(
-        self,
-        vehicles: _Vehicles,
-        *,
-        stale_after_s: float,
-        remove_after_s: float,
-        sink: EventSink | None = None,
-    ) -> None:
+    def __init__(self, *, remove_after_s: float, sink: EventSink | None = None) -> None:
         self.zones = ZoneIndex()
-        self.sink: EventSink = sink or LoggingSink()
+        self.sink = sink
+        """Where :meth:`tick` hands its events (None: only returned, as in the tracker,
+        where :class:`~tracker.zones.worker.ZoneWorker` hands them on, on the loop)."""
         self.states = StateTable()
-        self._vehicles = vehicles
-        self._stale_after_s = stale_after_s
         self._remove_after_s = remove_after_s
         self._recorded: list[Sequence[Ping]] = []
         self._recorded_count = 0
@@ -201,19 +179,25 @@ class ZoneEngine:
         self._recorded_at.append(now)
         self._recorded_count += len(pings)
 
-    def tick(self, now: float) -> list[ZoneEvent]:
-        """Decide the events of everything recorded, hand them to the sink, return them."""
+    def tick(
+        self, now: float, stale: Collection[str] = (), removed: Collection[str] = ()
+    ) -> list[ZoneEvent]:
+        """Decide the events of everything recorded, hand them to the sink, return them.
+
+        ``stale`` and ``removed``: the vehicles the geo-index marked stale or removed in
+        this tick (after the pings recorded before it); those inside a zone exit."""
         started = time.perf_counter()
         events = self._queued
         self._queued = []
         if self._recorded:
             self._take(events)
-        self._expire(now, events)
-        self._forget(now)
+        self._expire(now, removed, "removed", events)  # stale and removed at once: removed
+        self._expire(now, stale, "stale", events)
+        self._forget(now, events)
         events.sort(key=lambda e: e.t)
         for event in events:
             self.events_total[event.type] += 1
-        if events:
+        if events and self.sink is not None:
             self.sink.emit(events)
         self.last_tick_s = time.perf_counter() - started
         return events
@@ -452,21 +436,18 @@ class ZoneEngine:
 
     # --- vehicles ----------------------------------------------------------------------
 
-    def _expire(self, now: float, events: list[ZoneEvent]) -> None:
-        """Exits for vehicles inside a zone that the geo-index marked stale or removed."""
-        if not len(self.states):
+    def _expire(
+        self, now: float, vehicles: Collection[str], reason: ExitReason, events: list[ZoneEvent]
+    ) -> None:
+        """Exits for ``vehicles`` (marked ``reason`` by the geo-index) inside a zone."""
+        if not vehicles:
             return
-        holders = self.states.vehicles()
-        quiet = holders[self._last_seen[holders] <= now - self._stale_after_s]
-        for vslot in quiet.tolist():
-            vehicle_id = self._ids[vslot]
-            assert vehicle_id is not None
-            tracked = self._vehicles.vehicle(vehicle_id)
-            if tracked is not None and not tracked.stale:
-                continue
-            reason: ExitReason = "removed" if tracked is None else "stale"
-            self._end(self.states.rows_of_vehicles(np.array([vslot])), now, reason, events)
-            self._last_t[vslot] = np.nan  # no cross over the silence
+        known = [n for n in map(self._slot_of.get, vehicles) if n is not None]
+        slots = np.unique(np.array(known, dtype=np.int64))
+        self._last_t[slots] = np.nan  # no cross over the silence
+        rows = self.states.rows_of_vehicles(slots)
+        if len(rows):
+            self._end(rows, now, reason, events)
 
     def _end(
         self,
@@ -489,11 +470,16 @@ class ZoneEngine:
             events.append(self._event(vslot, zone, "exit", now, lat, lon, since, reason))
         states.update(rows, *_NO_STATES)
 
-    def _forget(self, now: float) -> None:
-        """Free the numbers of vehicles not heard from for ``remove_after_s``."""
+    def _forget(self, now: float, events: list[ZoneEvent]) -> None:
+        """Free the numbers of vehicles not heard from for ``remove_after_s``: the tick in
+        which the geo-index removes them (it applied the same pings at the same times).
+        One still inside exits (``removed``) here if the tick's lists did not name it (a
+        geo-index that keeps no names of removed vehicles: ``replay_ticks`` 0)."""
         used = len(self._ids)
-        gone = np.nonzero(self._last_seen[:used] < now - self._remove_after_s)[0]
-        gone = gone[~_member(gone, self.states.vehicles())]  # exits first, once removed
+        gone = np.nonzero(self._last_seen[:used] <= now - self._remove_after_s)[0]
+        rows = self.states.rows_of_vehicles(gone)
+        if len(rows):
+            self._end(rows, now, "removed", events)
         for vslot in gone.tolist():
             vehicle_id = self._ids[vslot]
             assert vehicle_id is not None

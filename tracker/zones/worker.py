@@ -1,0 +1,307 @@
+"""The zone engine off the event loop: one worker thread decides, the tick never waits.
+
+:class:`ZoneWorker` owns a :class:`~tracker.zones.engine.ZoneEngine` and is the only one
+that touches it. On the event loop it only queues work, in order: the pings ingest
+accepted (:meth:`ZoneWorker.record`), zone changes (:meth:`ZoneWorker.put`,
+:meth:`ZoneWorker.delete`) and ticks (:meth:`ZoneWorker.tick`, from ``Tracker.tick``,
+with the vehicles the geo-index marked stale or removed in it). :meth:`ZoneWorker.run`
+(a task of ``Tracker.run``) hands everything queued to a worker thread in one call
+(``trio.to_thread.run_sync``, one call at a time: the engine's state is only ever used
+there), which applies it in order and decides the events; back on the loop they go to
+the sink (the alerts log), in the order they happened.
+
+Why: the engine costs ~4 us a ping (about 200 ms for a tick of 50,000 pings with 10,000
+zones), and the full rebuild of the zone tables after many edits 0.3-0.7 s; on the loop
+that held ingest, feeds and ``/healthz``. NumPy, GEOS and H3 release the GIL for much of
+that work, so the thread also puts the second core to use.
+
+Bounded, and never silent: while the thread works, the next ticks' work queues up to
+:data:`~tracker.zones.engine.MAX_RECORDED_PINGS` pings (then batches are dropped,
+counted in ``tracker_zone_pings_dropped`` and reported by ``/healthz`` as a problem for
+a minute); ticks queued with no pings between them are merged into one (their stale and
+removed vehicles together), so a slow engine catches up in one call. How far behind the
+engine is (``tracker_zone_engine_lag_seconds``) is a ``/healthz`` warning past
+:data:`LAG_WARNING_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+
+from tracker.geoindex import TickChanges
+from tracker.logs import Throttle
+from tracker.metrics import Metrics
+from tracker.pings import Ping
+from tracker.zones.cover import CompiledZone
+from tracker.zones.engine import MAX_RECORDED_PINGS, ZoneEngine
+from tracker.zones.events import EventSink, ZoneEvent
+
+__all__ = ["LAG_WARNING_S", "PROBLEM_AFTER_DROP_S", "EngineFigures", "ZoneWorker", "departed"]
+
+logger = logging.getLogger(__name__)
+
+LAG_WARNING_S: Final = 5.0
+"""``/healthz`` warns when the oldest tick not yet decided is older than this."""
+PROBLEM_AFTER_DROP_S: Final = 60.0
+"""``/healthz`` reports dropped pings as a problem for this long after the last drop."""
+
+
+def departed(
+    changes: TickChanges, name_of: Callable[[int], str | None]
+) -> tuple[list[str], list[str]]:
+    """The vehicles a tick marked stale, and those it removed, by name (on the loop)."""
+    stale: list[str] = []
+    removed: list[str] = []
+    for change in changes.cells.values():
+        if change.stale:
+            stale.extend(n for n in map(name_of, change.stale) if n is not None)
+        if change.removed:
+            removed.extend(n for n in map(name_of, change.removed) if n is not None)
+    return stale, removed
+
+
+@dataclass(slots=True)
+class _Pings:
+    pings: Sequence[Ping]
+    now: float
+
+
+@dataclass(slots=True)
+class _Put:
+    compiled: CompiledZone
+    now: float
+
+
+@dataclass(slots=True)
+class _Delete:
+    zone_id: str
+    now: float
+
+
+@dataclass(slots=True)
+class _Tick:
+    now: float
+    queued_at: float
+    """Trio clock when the tick was queued (for the lag)."""
+    stale: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+_Op = _Pings | _Put | _Delete | _Tick
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFigures:
+    """What the engine looked like after its last call (read on the loop, for metrics)."""
+
+    vehicles_known: int = 0
+    vehicles_inside: int = 0
+    call_s: float = 0.0
+    """Wall time of the last call in the thread (all the ticks it decided)."""
+    ticks: int = 0
+    """Ticks decided by the last call (more than one: the engine had fallen behind)."""
+
+
+class ZoneWorker:
+    """Queues the engine's work on the loop; decides it in a worker thread (module doc)."""
+
+    def __init__(
+        self,
+        engine: ZoneEngine,
+        sink: EventSink,
+        metrics: Metrics,
+        *,
+        name_of: Callable[[int], str | None],
+    ) -> None:
+        self.engine = engine
+        """Used only in :meth:`_apply` (the thread), one call at a time; read it only when
+        no call runs (benchmarks and tests, after :meth:`decide_here`)."""
+        self.sink = sink
+        self._metrics = metrics
+        self._name_of = name_of
+        self._ops: list[_Op] = []
+        self._queued_pings = 0
+        self._zones = 0
+        """Zones the engine will hold once it has applied what is queued."""
+        self._wake = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)
+        self._deciding_since: float | None = None
+        """Trio clock when the oldest tick in the thread's hands was queued."""
+        self._last_drop_at: float | None = None
+        self._drops = Throttle(logger, interval_s=10.0)
+        self.figures = EngineFigures()
+        self.pings_dropped = 0
+        self.ticks_merged = 0
+        """Ticks merged into the next because the engine was behind."""
+
+    # --- on the loop ---------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Whether pings matter: some zone is (or will be) held."""
+        return self._zones > 0
+
+    def record(self, pings: Sequence[Ping], now: float) -> None:
+        """Queue accepted pings for the engine (none while no zone is held)."""
+        if not pings or not self._zones:
+            return
+        if self._queued_pings + len(pings) > MAX_RECORDED_PINGS:
+            self.pings_dropped += len(pings)
+            self._last_drop_at = trio.current_time()
+            self._drops.log(
+                "zone engine behind: %d pings not taken (%d queued)",
+                len(pings),
+                self._queued_pings,
+                dropped=len(pings),
+            )
+            return
+        self._ops.append(_Pings(pings, now))
+        self._queued_pings += len(pings)
+
+    def put(self, compiled: CompiledZone, now: float, *, new: bool) -> None:
+        """Queue a new or changed zone (``new``: its id is not held)."""
+        self._ops.append(_Put(compiled, now))
+        self._zones += new
+
+    def delete(self, zone_id: str, now: float) -> None:
+        """Queue a zone's deletion (it must be held)."""
+        self._ops.append(_Delete(zone_id, now))
+        self._zones -= 1
+
+    def tick(self, now: float, changes: TickChanges) -> None:
+        """Queue a tick (``changes``: what the geo-index published in it) and wake the
+        thread; never waits."""
+        if not self._zones and not self._ops:
+            return
+        stale, removed = departed(changes, self._name_of)
+        last = self._ops[-1] if self._ops else None
+        if isinstance(last, _Tick):  # nothing since the last tick: one tick for both
+            last.now = now
+            last.stale += stale
+            last.removed += removed
+            self.ticks_merged += 1
+        else:
+            self._ops.append(_Tick(now, trio.current_time(), stale, removed))
+        self._wake.set()
+
+    @property
+    def lag_s(self) -> float:
+        """How long the oldest tick not yet decided has waited (0: none waits)."""
+        oldest = self._deciding_since
+        if oldest is None:
+            oldest = next((op.queued_at for op in self._ops if isinstance(op, _Tick)), None)
+        return 0.0 if oldest is None else max(0.0, trio.current_time() - oldest)
+
+    def problem(self) -> str | None:
+        """What ``/healthz`` should report as a problem: pings dropped lately."""
+        if (
+            self._last_drop_at is not None
+            and trio.current_time() - self._last_drop_at < PROBLEM_AFTER_DROP_S
+        ):
+            return "the zone engine fell behind and dropped pings (tracker_zone_pings_dropped)"
+        return None
+
+    def warning(self) -> str | None:
+        """What ``/healthz`` should warn about: the engine is behind."""
+        lag = self.lag_s
+        if lag > LAG_WARNING_S:
+            return f"the zone engine is {lag:.1f} s behind the ticks"
+        return None
+
+    def gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
+        """The engine's gauges for ``/metrics``."""
+        return {
+            "zone_vehicles_inside": (
+                "Vehicles inside (or entering) a zone.",
+                lambda: self.figures.vehicles_inside,
+            ),
+            "zone_tick_seconds": (
+                "Time the zone engine's last call took (in its thread).",
+                lambda: self.figures.call_s,
+            ),
+            "zone_pings_dropped": (
+                "Pings the zone engine could not take (it was behind).",
+                lambda: self.pings_dropped,
+            ),
+            "zone_ticks_merged": (
+                "Ticks merged into the next because the zone engine was behind.",
+                lambda: self.ticks_merged,
+            ),
+            "zone_engine_lag_seconds": (
+                "How long the oldest tick the zone engine has not decided has waited.",
+                lambda: self.lag_s,
+            ),
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hand what is queued to the thread whenever a tick was queued; until cancelled
+        (a call in the thread is finished first)."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self.decide()
+
+    async def decide(self) -> list[ZoneEvent]:
+        """Decide everything queued in the thread; hand the events to the sink."""
+        ops = self._take()
+        if not ops:
+            return []
+        try:
+            events = await trio.to_thread.run_sync(self._apply, ops, limiter=self._limiter)
+        finally:
+            self._deciding_since = None
+        self._emit(events)
+        return events
+
+    def decide_here(self) -> list[ZoneEvent]:
+        """Decide everything queued in the calling thread (benchmarks, tests)."""
+        try:
+            events = self._apply(self._take())
+        finally:
+            self._deciding_since = None
+        self._emit(events)
+        return events
+
+    def _take(self) -> list[_Op]:
+        ops, self._ops, self._queued_pings = self._ops, [], 0
+        self._deciding_since = next((op.queued_at for op in ops if isinstance(op, _Tick)), None)
+        return ops
+
+    def _emit(self, events: list[ZoneEvent]) -> None:
+        self._metrics.zone_events += len(events)
+        if events:
+            self.sink.emit(events)
+
+    # --- in the thread -------------------------------------------------------------------
+
+    def _apply(self, ops: list[_Op]) -> list[ZoneEvent]:
+        """Apply ``ops`` in order; the events of their ticks (the engine's state is only
+        ever touched here, one call at a time)."""
+        started = time.perf_counter()
+        engine = self.engine
+        events: list[ZoneEvent] = []
+        ticks = 0
+        for op in ops:
+            if isinstance(op, _Pings):
+                engine.record(op.pings, op.now)
+            elif isinstance(op, _Tick):
+                events += engine.tick(op.now, op.stale, op.removed)
+                ticks += 1
+            elif isinstance(op, _Put):
+                engine.put(op.compiled, op.now)
+            else:
+                engine.delete(op.zone_id, op.now)
+        self.figures = EngineFigures(
+            vehicles_known=engine.vehicles_known,
+            vehicles_inside=engine.vehicles_inside,
+            call_s=time.perf_counter() - started,
+            ticks=ticks,
+        )
+        return events
