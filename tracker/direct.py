@@ -201,6 +201,7 @@ class DirectFeed:
         sub.writer = self  # it declines (busy) until the first event is written
         try:
             await self._write(first_bytes)
+            del first_bytes  # a snapshot can be large; the feed may live for days
             while not self.broken:
                 if self._rest:
                     rest, self._rest = self._rest, b""

@@ -116,8 +116,8 @@ async def feed_events(
     it is endless. Subscribing and unsubscribing are the caller's
     (:meth:`tracker.service.Tracker.open_feed`).
     """
-    chunk = first_chunk(first, sub, hub, retry_ms)
     count_sent(metrics, first)
+    chunk = first_chunk(first, sub, hub, retry_ms)
     while True:
         metrics.bytes_sent += len(chunk)
         yield chunk
@@ -134,9 +134,17 @@ async def feed_events(
 
 
 def first_chunk(first: Resume, sub: Subscription, hub: FeedHub, retry_ms: int) -> bytes:
-    """A feed's first bytes: ``retry:`` and its first event (snapshot or replay)."""
+    """A feed's first bytes: ``retry:`` and its first event (snapshot or replay).
+
+    Empties ``first`` (count it before): the core's frame keeps the Resume for the feed's
+    whole life, and the frames of a snapshot taken at another tick are this feed's alone.
+    """
     # retry: shares the first event's block (a block of its own is an empty event).
-    return b"retry: %d\n" % retry_ms + (render(first, sub, hub) or b"\n")
+    chunk = b"retry: %d\n" % retry_ms + (render(first, sub, hub) or b"\n")
+    if first.snapshot is not None:
+        first.snapshot.clear()
+    first.batches.clear()
+    return chunk
 
 
 def count_sent(metrics: Metrics, resume: Resume) -> None:
