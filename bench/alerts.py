@@ -162,40 +162,12 @@ async def _delivery_rate(events: int, *, stalled: bool) -> float:
     with tempfile.TemporaryDirectory() as directory:
         config = _config(directory, webhook_allow="127.0.0.1/32", webhook_timeout_s=60.0)
         tracker = Tracker(config)
-        received = 0
-        done = trio.Event()
-
-        async def answer(stream: trio.SocketStream, *, stall: bool) -> None:
-            nonlocal received
-            buffer = b""
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                while len(buffer) < length:
-                    buffer += await stream.receive_some(65536)
-                buffer = buffer[length:]
-                if stall:
-                    await trio.sleep_forever()
-                received += 1
-                if received == events:
-                    done.set()
-                await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-
+        receiver = Receiver(until=events)
         async with trio.open_nursery() as nursery:
             _, shutdown = await _serving(nursery, config, tracker)
             ports = []
             for stall in [False, True] if stalled else [False]:
-                listeners = await nursery.start(
-                    functools.partial(
-                        trio.serve_tcp, functools.partial(answer, stall=stall), 0, host="127.0.0.1"
-                    )
-                )
-                ports.append(listeners[0].socket.getsockname()[1])
+                ports.append(await receiver.listen(nursery, stall=stall))
             for port in ports:
                 await tracker.webhooks.add(f"http://127.0.0.1:{port}/hook", [], [])
             started = time.perf_counter()
@@ -214,11 +186,51 @@ async def _delivery_rate(events: int, *, stalled: bool) -> float:
                 ]
             )
             with trio.fail_after(120):
-                await done.wait()
+                await receiver.done.wait()
             took = time.perf_counter() - started
             shutdown.set()
             nursery.cancel_scope.cancel()
         return events / took
+
+
+class Receiver:
+    """A local webhook receiver (raw HTTP/1.1, keep-alive): answers 204 to each request
+    and counts them (``times``: when each arrived), or, stalling, reads one and never
+    answers. ``done`` is set at the ``until``-th request."""
+
+    def __init__(self, until: int = 0) -> None:
+        self.times: list[float] = []
+        self.until = until
+        self.done = trio.Event()
+
+    async def listen(self, nursery: trio.Nursery, *, stall: bool = False) -> int:
+        """Serve on a free loopback port in ``nursery``; the port."""
+        answer = functools.partial(self.answer, stall=stall)
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1")
+        )
+        port: int = listeners[0].socket.getsockname()[1]
+        return port
+
+    async def answer(self, stream: trio.SocketStream, *, stall: bool) -> None:
+        buffer = b""
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(buffer) < length:
+                buffer += await stream.receive_some(65536)
+            buffer = buffer[length:]
+            if stall:
+                await trio.sleep_forever()
+            self.times.append(time.perf_counter())
+            if len(self.times) == self.until:
+                self.done.set()
+            await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
 
 
 RUNS = {"latency": latency, "webhooks": webhooks}

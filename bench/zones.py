@@ -1,7 +1,8 @@
 """Zones: ingest with 10,000 zones on and off, the engine's cost per tick, its memory.
 
     python -m bench.zones [core] --zones 10000 --vehicles 50000 --ticks 10
-    python -m bench.zones alerts ...      (the delivery side: bench.alerts, when present)
+    python -m bench.zones http --runs 3   (over HTTP against tracker serve: bench.zones_http)
+    python -m bench.zones alerts ...      (the delivery side alone: bench.alerts)
 
 ``core`` builds two :class:`tracker.service.Tracker` in this process, one holding
 ``--zones`` zones of mixed sizes and one none, and drives both as ``bench.core`` does:
@@ -237,11 +238,16 @@ def core(argv: list[str]) -> None:
         print(f"{name:<34} {value}")
 
 
+SUBCOMMANDS = {"http": "zones_http"}
+"""Subcommands whose module is not ``bench.<name>``."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``core`` (the default) here; any other subcommand is ``bench.<name>``'s main."""
+    """``core`` (the default) here; ``http`` is ``bench.zones_http``'s main, any other
+    subcommand ``bench.<name>``'s."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and not argv[0].startswith("-") and argv[0] != "core":
-        module = importlib.import_module(f"bench.{argv[0]}")
+        module = importlib.import_module(f"bench.{SUBCOMMANDS.get(argv[0], argv[0])}")
         sys.argv = [f"python -m bench.zones {argv[0]}", *argv[1:]]
         module.main()
         return

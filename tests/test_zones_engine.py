@@ -101,11 +101,19 @@ def test_enter_dwell_once_exit_with_time_inside() -> None:
 def test_cross_between_sparse_pings() -> None:
     drive = Drive(square(half_m=20))
     drive.ping(100, -500)
-    (cross,) = drive.ping(110, 500)
+    (cross,) = drive.ping(120, 500)
     assert cross.type == "cross"
-    assert 104 < cross.t < 106  # where the segment meets the zone, time interpolated
+    assert 109 < cross.t < 111  # where the segment meets the zone, time interpolated
     assert cross.lon == pytest.approx(at(-20)[1], abs=1e-6)
-    assert drive.ping(120, 500, 300) == []  # a segment that misses it
+    assert drive.ping(130, 500, 300) == []  # a segment that misses it
+
+
+def test_no_cross_over_a_jump_faster_than_any_vehicle() -> None:
+    """1 km in 5 s (720 km/h): a GPS glitch, not a drive through the zone."""
+    drive = Drive(square(half_m=20))
+    drive.ping(100, -500)
+    assert drive.ping(105, 500) == []
+    assert kinds(drive.ping(125, -500)) == ["cross"]  # back at 50 m/s: followed
 
 
 def test_cross_of_a_small_zone_far_between_pings() -> None:

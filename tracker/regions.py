@@ -42,6 +42,7 @@ __all__ = [
     "AreaPlan",
     "parse_area",
     "parse_area_async",
+    "parse_bbox",
     "plan_area",
 ]
 
@@ -294,7 +295,8 @@ def _extent(box: _Box, resolution: int) -> _Extent:
     return _Extent(width_km / width_of_cell, height_km / width_of_cell, pad_km / width_of_cell)
 
 
-def _bbox(value: str, resolution: int, max_cells: int) -> _Term:
+def parse_bbox(value: str) -> tuple[float, float, float, float]:
+    """``west,south,east,north`` in range and not inverted; :class:`BadArea` (400) if not."""
     west, south, east, north = _numbers("bbox", value, 4, "west,south,east,north in degrees")
     if not (
         -180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90
@@ -309,7 +311,11 @@ def _bbox(value: str, resolution: int, max_cells: int) -> _Term:
             "(split a box crossing the antimeridian into two bbox= parameters)",
             param="bbox",
         )
-    box = _Box(west, south, east, north)
+    return west, south, east, north
+
+
+def _bbox(value: str, resolution: int, max_cells: int) -> _Term:
+    box = _Box(*parse_bbox(value))
     extent = _extent(box, resolution)
     _check_estimate(extent.estimate, max_cells, f"bbox={value[:80]}")
     return _Term(extent.estimate, lambda: _tile_cells(box, extent, resolution))

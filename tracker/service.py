@@ -538,9 +538,9 @@ class Tracker:
             warnings.append(trouble)
         if trouble := self.alerts.problem():
             problems.append(trouble)
-        if trouble := self.zones.worker.problem():
+        if trouble := self.zones.problem():
             problems.append(trouble)
-        if trouble := self.zones.worker.warning():
+        if trouble := self.zones.warning():
             warnings.append(trouble)
         if trouble := self.alerts.warning():
             warnings.append(trouble)

@@ -8,9 +8,11 @@ cover and every database call run in worker threads; the engine runs in its own
 (:class:`~tracker.zones.worker.ZoneWorker`), which takes the change before the next
 tick's pings.
 
-At start (:meth:`ZoneBook.open`, from ``Tracker.run``) every stored zone is read back
-and compiled (about a millisecond each, in a worker thread), before the tracker reports
-started. Then :meth:`ZoneBook.follow` (a task of ``Tracker.run``) looks every
+At start (:meth:`ZoneBook.open`, from ``Tracker.run``) the stored zones are read back
+and the first :data:`LOAD_CHUNK` compiled (about 1.5 ms each, parsing included, in a
+worker thread) before the tracker reports started; :meth:`ZoneBook.follow` (a task of
+``Tracker.run``) holds the rest a chunk at a time while the tracker serves (``/healthz``
+warns until all are held; zone changes wait for it), then looks every
 :data:`REFRESH_S` for zones written or deleted by other instances sharing the database
 (each row's ``updated_at``), and takes them in.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 import h3.api.basic_int as h3i
 import trio
@@ -32,11 +34,13 @@ from tracker.zones.model import Zone, parse_zone
 from tracker.zones.store import ZoneStore
 from tracker.zones.worker import ZoneWorker
 
-__all__ = ["MAX_ZONES", "REFRESH_S", "Area", "TooManyZones", "ZoneBook", "ZoneExists"]
+__all__ = ["LOAD_CHUNK", "MAX_ZONES", "REFRESH_S", "Area", "TooManyZones", "ZoneBook", "ZoneExists"]
 
 logger = logging.getLogger(__name__)
 
 REFRESH_S: Final = 10.0
+LOAD_CHUNK: Final = 500
+"""Stored zones read and compiled at a time (about 0.7 s of a worker thread)."""
 """How often the database is asked for zones changed by other instances."""
 MAX_ZONES: Final = 100_000
 """Zones one tracker holds at most (the benchmark measures 10,000)."""
@@ -57,10 +61,15 @@ class ZoneBook:
         self.store = store
         self.resolution = resolution
         self._lock = trio.Lock()
+        self.limiter = trio.CapacityLimiter(1)
+        """Zone work in worker threads (compiling, decoding large bodies): one at a time,
+        as each thread that holds the GIL delays the event loop too."""
         self._held: dict[str, CompiledZone] = {}
         """The zones held (the engine's, as of the changes queued for it): on the loop."""
         self._versions: dict[str, float] = {}
         """When each zone held was last written to the database (``updated_at``)."""
+        self._stored: dict[str, float] | None = None
+        """The versions read at :meth:`open`, while :meth:`follow` has not held them all."""
 
     def __len__(self) -> int:
         return len(self._held)
@@ -88,25 +97,43 @@ class ZoneBook:
         return True
 
     async def open(self) -> None:
-        """Read every stored zone back into the engine."""
+        """Read the stored zones' versions back, and hold the first :data:`LOAD_CHUNK`
+        of them now (a small set: all of it, before the tracker reports started); the
+        rest is held by :meth:`follow`, in the background, a chunk at a time (10,000 zones
+        take ~15 s to compile: the tracker serves meanwhile, changes wait their turn)."""
         if self.store is None or not self.store.present:
             return
         async with self._lock:
-            count = await self._take_in(await trio.to_thread.run_sync(self.store.versions))
-        if count:
-            logger.info("%d zones loaded from %s", count, self.store.where)
+            self._stored = await trio.to_thread.run_sync(self.store.versions)
+            await self._take_in(self._stored, chunks=1)
 
     async def follow(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Take in, every :data:`REFRESH_S`, what other instances changed; runs until
-        cancelled. A database that does not answer is logged and asked again later."""
+        """Hold the zones :meth:`open` left, then take in, every :data:`REFRESH_S`, what
+        other instances changed; runs until cancelled. A database that does not answer
+        is logged and asked again later."""
         task_status.started()
         if self.store is None:
             return
+        if self._stored is not None:
+            async with self._lock:
+                await self._take_in(self._stored)
+            logger.info("%d zones loaded from %s", len(self._held), self.store.where)
+            self._stored = None
         while True:
             await trio.sleep(REFRESH_S)
             await self.refresh()
+
+    def warning(self) -> str | None:
+        """What ``/healthz`` should warn about: zones still loading, the engine behind."""
+        if self._stored is not None and len(self._held) < len(self._stored):
+            return f"zones loading from the database: {len(self._held)} of {len(self._stored)}"
+        return self.worker.warning()
+
+    def problem(self) -> str | None:
+        """What ``/healthz`` should report as a problem (the engine dropped pings)."""
+        return self.worker.problem()
 
     async def refresh(self) -> int:
         """Take in the zones changed or deleted in the database since last seen; how many."""
@@ -120,8 +147,9 @@ class ZoneBook:
             logger.warning("zones not refreshed from the database: %s", error)
             return 0
 
-    async def _take_in(self, versions: dict[str, float]) -> int:
-        """Hold the stored zones whose version differs from ours, drop those gone."""
+    async def _take_in(self, versions: dict[str, float], *, chunks: int | None = None) -> int:
+        """Hold the stored zones whose version differs from ours (at most ``chunks`` of
+        :data:`LOAD_CHUNK`), drop those gone; how many changed."""
         assert self.store is not None
         now = time.time()
         changed = [i for i, when in versions.items() if self._versions.get(i) != when]
@@ -129,20 +157,31 @@ class ZoneBook:
         for zone_id in gone:
             self._drop(zone_id, now)
             del self._versions[zone_id]
-        if not changed:
-            return len(gone)
-        rows = await trio.to_thread.run_sync(self.store.features, changed)
-        zones: list[tuple[Zone, float]] = []
+        if chunks is not None:
+            changed = changed[: chunks * LOAD_CHUNK]
+        held = 0
+        for first in range(0, len(changed), LOAD_CHUNK):
+            rows = await trio.to_thread.run_sync(
+                self.store.features, changed[first : first + LOAD_CHUNK]
+            )
+            compiled = await trio.to_thread.run_sync(self._compile_rows, rows, limiter=self.limiter)
+            for one, when in compiled:
+                self._hold(one, now)
+                self._versions[one.zone.id] = when
+                held += 1
+        return len(gone) + held
+
+    def _compile_rows(
+        self, rows: list[tuple[dict[str, Any], float]]
+    ) -> list[tuple[CompiledZone, float]]:
+        """Stored Features parsed and compiled (in a worker thread), with their versions."""
+        compiled: list[tuple[CompiledZone, float]] = []
         for feature, when in rows:
             try:
-                zones.append((parse_zone(feature), when))
+                compiled.append((compile_zone(parse_zone(feature), self.resolution), when))
             except TrackerError as error:  # written by a newer tracker, or by hand
                 logger.warning("stored zone %r skipped: %s", feature.get("id"), error.message)
-        compiled = await trio.to_thread.run_sync(self._compile_all, [z for z, _ in zones])
-        for one, (_, when) in zip(compiled, zones, strict=True):
-            self._hold(one, now)
-            self._versions[one.zone.id] = when
-        return len(gone) + len(compiled)
+        return compiled
 
     def _compile_all(self, zones: list[Zone]) -> list[CompiledZone]:
         return [compile_zone(zone, self.resolution) for zone in zones]
@@ -153,7 +192,7 @@ class ZoneBook:
         Without ``replace``, an id already held is refused (409) before anything is
         written.
         """
-        compiled = await trio.to_thread.run_sync(self._compile_all, zones)
+        compiled = await trio.to_thread.run_sync(self._compile_all, zones, limiter=self.limiter)
         async with self._lock:
             new = [zone.id not in self._held for zone in zones]
             if not replace and not all(new):

@@ -55,7 +55,13 @@ from tracker.zones.events import EventSink, EventType, ExitReason, ZoneEvent
 from tracker.zones.index import CROSS_RESOLUTION, Hits, ZoneIndex, cells_at
 from tracker.zones.states import ZONE_BITS, ZONE_MASK, StateTable
 
-__all__ = ["MAX_PATH_CELLS", "MAX_RECORDED_PINGS", "ZoneEngine", "same_place"]
+__all__ = [
+    "MAX_CROSS_SPEED_MPS",
+    "MAX_PATH_CELLS",
+    "MAX_RECORDED_PINGS",
+    "ZoneEngine",
+    "same_place",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,10 @@ beyond, batches are not taken and counted in ``zone_pings_dropped``."""
 MAX_PATH_CELLS: Final = 2_000
 """Longest segment followed for ``cross`` events, in cells of CROSS_RESOLUTION (~600 km):
 a longer jump is a device that was off, not a drive through the zones between."""
+MAX_CROSS_SPEED_MPS: Final = 100.0
+"""Fastest segment followed for ``cross`` events (360 km/h): a faster one is a GPS glitch
+or a device moved by hand, not a drive (and following many long jumps at once, a
+whole fleet teleported, would cost the engine seconds)."""
 _F64 = npt.NDArray[np.float64]
 
 
@@ -346,10 +356,11 @@ class ZoneEngine:
         now nor held before, whose boxes meet, get an exact test.
         """
         lat0, lon0, t0 = self._last_lat[slot], self._last_lon[slot], self._last_t[slot]
+        length_m = _metres(lat0, lon0, lat, lon)
         moved_mask = ((lat0 != lat) | (lon0 != lon)) & (t0 < ts)
+        moved_mask &= length_m <= MAX_CROSS_SPEED_MPS * (ts - t0)
         if not moved_mask.any():
             return
-        length_m = _metres(lat0, lon0, lat, lon)
         short = self.zones.short_m
         near = moved_mask[hits.rows] & ~inside
         near &= length_m[hits.rows] <= short[hits.slots]

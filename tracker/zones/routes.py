@@ -10,7 +10,14 @@ specified in ``docs/zones.md`` ("The API").
   404, as if it did not exist).
 * **Bounded work**: a body of at most :data:`MAX_BODY_BYTES`, at most
   :data:`MAX_BATCH` zones a POST, at most :data:`MAX_PAGE` zones a page (``limit=``,
-  then ``after=`` the last id for the next page).
+  then ``after=`` the last id for the next page). A body over
+  :data:`INLINE_BODY_BYTES` is decoded and validated in a worker thread, one at a time
+  with the compiling of zones (``ZoneBook.limiter``: each thread that holds the GIL
+  delays the loop too, so they are not let in in numbers; a 1 MB body costs tens of
+  milliseconds of CPU, which on the loop would hold ``/healthz``, ingest and feeds).
+* ``GET /zones?bbox=west,south,east,north``: the zones whose bounds (margin included)
+  meet the box; a box that is not four finite numbers in range, west < east and
+  south < north, is 400 (``bad_area``) with the reason.
 
 No tasks.
 """
@@ -20,13 +27,14 @@ from __future__ import annotations
 from typing import Any, Final
 
 import msgspec
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
 from tracker.auth import Readers
 from tracker.bodies import BodyReads
 from tracker.errors import BadBody, BadRequest, TrackerError, UnsupportedMediaType
-from tracker.regions import MAX_QUERY_BYTES
+from tracker.regions import MAX_QUERY_BYTES, parse_bbox
 from tracker.zones.book import Area, ZoneBook
 from tracker.zones.cover import CompiledZone
 from tracker.zones.model import Zone, parse_zone
@@ -40,6 +48,8 @@ MAX_BATCH: Final = 1_000
 MAX_PAGE: Final = 1_000
 DEFAULT_PAGE: Final = 100
 MEDIA_TYPES: Final = ("application/json", "application/geo+json")
+INLINE_BODY_BYTES: Final = 64 * 1024
+"""Bodies up to this size are decoded on the loop (a thread hop costs more)."""
 
 
 class UnknownZone(TrackerError):
@@ -66,14 +76,11 @@ def add_zone_routes(
     @app.post("/zones")
     async def create_zones() -> Response:
         readers.admin(request)
-        document = await _document(body_reads)
-        if isinstance(document, dict) and document.get("type") == "FeatureCollection":
-            zones = _collection(document)
-            await book.put(zones, replace=False)
+        zones, collection = await _zones_of(book, await _body(body_reads), None)
+        await book.put(zones, replace=False)
+        if collection:
             return _json({"type": "FeatureCollection", "features": _features(zones)}, 201)
-        zone = parse_zone(document)
-        await book.put([zone], replace=False)
-        return _json(zone.feature(), 201, location=f"/zones/{zone.id}")
+        return _json(zones[0].feature(), 201, location=f"/zones/{zones[0].id}")
 
     @app.get("/zones")
     async def list_zones() -> Response:
@@ -84,11 +91,14 @@ def add_zone_routes(
         limit = _limit(request.args.get("limit"))
         after = request.args.get("after", "")
         kind = request.args.get("kind")
+        box = _box(request.args.getlist("bbox"))
         page: list[dict[str, Any]] = []
         following = None
         for compiled in book.all():
             zone = compiled.zone
             if zone.id <= after or (kind is not None and zone.kind != kind):
+                continue
+            if box is not None and not _meets(compiled, box):
                 continue
             if not area.sees(compiled):
                 continue
@@ -108,7 +118,7 @@ def add_zone_routes(
     @app.put("/zones/<zone_id>")
     async def put_zone(zone_id: str) -> Response:
         readers.admin(request)
-        zone = parse_zone(await _document(body_reads), zone_id=zone_id)
+        (zone,), _ = await _zones_of(book, await _body(body_reads), zone_id)
         (new,) = await book.put([zone], replace=True)
         return _json(zone.feature(), 201 if new else 200)
 
@@ -120,20 +130,50 @@ def add_zone_routes(
         return Response(b"", status=204)
 
 
-async def _document(body_reads: BodyReads) -> Any:
-    """The request's JSON body, decoded (415, 413, 400 as for any body)."""
+async def _body(body_reads: BodyReads) -> bytes:
+    """The request's body (415 for another media type; 413, 400 as for any body)."""
     if request.mimetype not in MEDIA_TYPES:
         raise UnsupportedMediaType(
             f"zones are GeoJSON: Content-Type application/geo+json or application/json, "
             f"not {request.mimetype[:60] or '(none)'!r}",
             allowed=list(MEDIA_TYPES),
         )
-    body = await body_reads.read(request.body, limit=MAX_BODY_BYTES)
+    return await body_reads.read(request.body, limit=MAX_BODY_BYTES)
+
+
+async def _zones_of(book: ZoneBook, body: bytes, zone_id: str | None) -> tuple[list[Zone], bool]:
+    """The zones of a body (whether it was a FeatureCollection); a large body in a worker
+    thread. ``zone_id``: the id of ``PUT /zones/{id}`` (a single Feature only)."""
+    if len(body) <= INLINE_BODY_BYTES:
+        return _decode_zones(body, zone_id)
+    return await trio.to_thread.run_sync(_decode_zones, body, zone_id, limiter=book.limiter)
+
+
+def _decode_zones(body: bytes, zone_id: str | None) -> tuple[list[Zone], bool]:
     try:
-        return msgspec.json.decode(body)
+        document = msgspec.json.decode(body)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         # RecursionError: nesting deeper than msgspec follows; ValueError: invalid UTF-8.
         raise BadBody(f"the body is not JSON: {str(exc)[:200]}") from exc
+    collection = isinstance(document, dict) and document.get("type") == "FeatureCollection"
+    if zone_id is None and collection:
+        return _collection(document), True
+    return [parse_zone(document, zone_id=zone_id)], False
+
+
+def _box(values: list[str]) -> tuple[float, float, float, float] | None:
+    """The ``bbox=`` of a listing (None: none given)."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest("give at most one bbox=", param="bbox")
+    return parse_bbox(values[0])
+
+
+def _meets(compiled: CompiledZone, box: tuple[float, float, float, float]) -> bool:
+    """Whether the zone's bounds (its margin included) meet ``box``."""
+    west, south, east, north = compiled.outer.bounds
+    return bool(west <= box[2] and east >= box[0] and south <= box[3] and north >= box[1])
 
 
 def _collection(document: dict[str, Any]) -> list[Zone]:
