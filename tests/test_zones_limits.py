@@ -51,8 +51,9 @@ async def test_hostile_large_bodies_get_a_clear_4xx(
 
 async def test_large_bodies_do_not_hold_healthz(start_server: StartServer, tmp_path: Path) -> None:
     """Four 3.9 MB collections (100 zones of 1,000 vertices each) posted at once: /healthz
-    keeps answering while they are decoded and validated (on the loop, each would hold
-    it for about a third of a second)."""
+    keeps answering while they are decoded and validated (on the loop: 2 s without an
+    answer). What remains is msgspec's decode, which holds the GIL: ~130 ms a body here
+    on an idle core, more on a busy machine."""
     ring = [
         [13.4 + 0.001 * math.cos(k * math.tau / 1000), 52.5 + 0.001 * math.sin(k * math.tau / 1000)]
         for k in range(1000)
@@ -89,7 +90,7 @@ async def test_large_bodies_do_not_hold_healthz(start_server: StartServer, tmp_p
         listed = await http.get("/zones", params={"limit": 1}, headers=admin())
         assert listed.json()["next"] == "a0"
     assert len(waits) > 5
-    assert max(waits) < 0.3, sorted(waits)[-5:]  # decoded on the loop: ~2 s
+    assert max(waits) < 0.8, sorted(waits)[-5:]  # decoded on the loop: ~2 s
 
 
 async def test_bbox_filters_and_bad_boxes_are_400(
