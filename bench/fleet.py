@@ -109,15 +109,18 @@ async def run_clients(
     *,
     verify_every: int = 1,
     bytes_only: bool = False,
+    module: str = "bench.loadclient",
 ) -> list[dict[str, Any]]:
-    """Run the load clients in parallel, each with its share of the queries."""
+    """Run the load clients in parallel, each with its share of the queries (``module``:
+    the client, ``bench.linkclient`` for vehicle feeds)."""
     results: list[dict[str, Any]] = []
-    options = ["--verify-every", str(verify_every)] + (["--bytes-only"] if bytes_only else [])
+    options = ["--verify-every", str(verify_every)] * (verify_every != 1)
+    options += ["--bytes-only"] * bytes_only
 
     async def one(share: list[str]) -> None:
         done = await trio.run_process(
             [
-                *(sys.executable, "-m", "bench.loadclient", "--url", url),
+                *(sys.executable, "-m", module, "--url", url),
                 *("--warmup", str(warmup), "--seconds", str(seconds), *options),
             ],
             stdin="\n".join(share).encode(),

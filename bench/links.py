@@ -7,8 +7,9 @@
 Runs the fleet twice on fresh trackers, in one invocation so that the two compare on the
 same machine state: first the area feeds alone, then the same area feeds plus the links.
 Each link is a real link token (``Keyring.mint(vehicles=[id])``, the tracker started with
-the same secret) read as ``/feed?token=...`` by :mod:`bench.loadclient`, which decodes
-every frame; area feeds are random city viewports as in :mod:`bench.fleet`. Links and
+the same secret) read as ``/feed?token=...`` by :mod:`bench.linkclient`, which applies
+every compact event (a broken chain is an error); area feeds are random city viewports as
+in :mod:`bench.fleet`, read by :mod:`bench.loadclient`. Links and
 area feeds are read by separate client processes, so each kind gets its own figures:
 positions delivered, bytes per position on the wire (SSE framing included), latency from
 the ping's timestamp to the event read. Over the measured window the tracker's CPU time
@@ -102,7 +103,7 @@ def _group(results: list[dict[str, Any]], seconds: float) -> Group:
         bytes_per_position=round(sum(r["bytes"] for r in results) / max(1, positions), 1),
         latency_p50_ms=percentile_ms(histogram, 50),
         latency_p99_ms=percentile_ms(histogram, 99),
-        errors=sum(len(r["errors"]) for r in results),
+        errors=sum(r["error_count"] for r in results),
     )
 
 
@@ -115,7 +116,7 @@ async def one_run(args: argparse.Namespace, links: int) -> Run:
     followed = rng.sample(ids, links)
     tokens = [f"token={keyring.mint(ttl_s=3600, vehicles=[v])}" for v in followed]
     async with trio.open_nursery() as bench_nursery:
-        options = ("--tick", "1", "--token-secrets", SECRET, "--max-connections", "0")
+        options = ("--tick", str(args.tick), "--token-secrets", SECRET, "--max-connections", "0")
         tracker, url = await start_tracker(bench_nursery, *options)
         simulate = [sys.executable, "-m", "tracker", "simulate", "--url", url, "--quiet"]
         simulate += ["--ingest-key", INGEST_KEY]
@@ -151,13 +152,23 @@ async def one_run(args: argparse.Namespace, links: int) -> Run:
         bench_nursery.start_soon(sample)
         results: dict[str, list[dict[str, Any]]] = {}
 
-        async def read(kind: str, queries: list[str], clients: int) -> None:
-            results[kind] = await run_clients(url, queries, clients, args.warmup, args.seconds)
+        async def read(kind: str, queries: list[str], clients: int, **how: Any) -> None:
+            results[kind] = await run_clients(
+                url, queries, clients, args.warmup, args.seconds, **how
+            )
 
         async with trio.open_nursery() as clients_nursery:
-            clients_nursery.start_soon(read, "areas", areas, args.area_clients)
+            clients_nursery.start_soon(
+                functools.partial(
+                    read, "areas", areas, args.area_clients, verify_every=args.verify_every
+                )
+            )
             if links:
-                clients_nursery.start_soon(read, "links", tokens, args.link_clients)
+                clients_nursery.start_soon(
+                    functools.partial(
+                        read, "links", tokens, args.link_clients, module="bench.linkclient"
+                    )
+                )
         done.set()
         await trio.lowlevel.checkpoint()
         bench_nursery.cancel_scope.cancel()
@@ -283,6 +294,10 @@ def main() -> None:
     parser.add_argument("--link-clients", type=int, default=2, help="load client processes")
     parser.add_argument("--area-clients", type=int, default=1, help="load client processes")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tick", type=float, default=1.0, help="the tracker's tick (s)")
+    parser.add_argument(
+        "--verify-every", type=int, default=10, help="area clients: every K-th feed decodes all"
+    )
     parser.add_argument("--core", action="store_true", help="the core alone, in this process")
     parser.add_argument("--ticks", type=int, default=10, help="--core: ticks measured")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
