@@ -8,7 +8,9 @@ opened. Revoking one records its ``jti`` (``tracker.revocation``) until it expir
 * ``POST /links`` (admin): ``{"vehicle": "van-12", "ttl_s": 14400, "area": {...}}`` ->
   201 ``{"id", "token", "vehicle", "expires", "feed", "embed"}``; ``id`` is the ``jti``;
 * ``DELETE /links/{id}`` (admin): revoke it on every instance -> 200 ``{"id", "until"}``
-  (idempotent; 503 when the other instances could not be told: retry).
+  (idempotent; 503 when the other instances could not be told: retry);
+* ``GET /links`` (admin): the links being watched on this instance now, from the hub's
+  open streams (:func:`open_links`; paged by id, at most :data:`MAX_PAGE` a page).
 
 ``tracker token --vehicle van-12 --ttl 4h`` mints the same link offline (:func:`mint_link`),
 and ``tracker revoke <id>`` calls ``DELETE /links/{id}`` with an admin token.
@@ -17,6 +19,7 @@ and ``tracker revoke <id>`` calls ``DELETE /links/{id}`` with an admin token.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Annotated
 
 import msgspec
@@ -26,8 +29,9 @@ from quart_trio import QuartTrio
 from tracker.auth import Keyring, Readers
 from tracker.bodies import BodyReads, json_body
 from tracker.errors import BadRequest
+from tracker.hub import Subscription
 from tracker.pings import MAX_VEHICLE_ID_CHARS
-from tracker.revocation import MAX_JTI_CHARS
+from tracker.revocation import LONGEST_S, MAX_JTI_CHARS, expiry_of
 from tracker.service import Tracker
 
 __all__ = [
@@ -35,15 +39,19 @@ __all__ = [
     "MAX_TTL_S",
     "Link",
     "LinkRequest",
+    "OpenLink",
     "add_link_routes",
     "check_link_id",
     "mint_link",
+    "open_links",
 ]
 
 DEFAULT_TTL_S = 4 * 3600.0
 MAX_TTL_S = 3650 * 86_400.0
 """Longest link: ten years, as ``tracker token --ttl``."""
 MAX_BODY_BYTES = 16 * 1024
+MAX_PAGE = 1000
+"""Most links one ``GET /links`` lists (``limit=``; 100 by default)."""
 
 
 class LinkRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -65,6 +73,40 @@ class Link(msgspec.Struct, frozen=True, kw_only=True):
     expires: float
     feed: str
     embed: str
+
+
+class OpenLink(msgspec.Struct, frozen=True, kw_only=True):
+    """A link being watched now: its id, vehicles, expiry (None: not in its id) and how
+    many streams read it on this instance."""
+
+    id: str
+    vehicles: list[str]
+    expires: float | None
+    streams: int
+
+
+def open_links(
+    subs: Iterable[Subscription], *, vehicle: str | None = None, after: str = "", limit: int
+) -> tuple[list[OpenLink], str | None]:
+    """The links (tokens with an id whose streams follow vehicles) being watched, ordered by
+    id, after ``after``, at most ``limit``; and the id to ask the next page after (None:
+    this was the last). ``vehicle``: only links following it."""
+    streams: dict[str, list[Subscription]] = {}
+    for sub in subs:
+        followed = sub.view.vehicles
+        if sub.jti is None or followed is None or sub.closed or sub.jti <= after:
+            continue
+        if vehicle is None or vehicle in followed:
+            streams.setdefault(sub.jti, []).append(sub)
+    ids = sorted(streams)
+    now = time.time()
+    page = []
+    for jti in ids[:limit]:
+        until = expiry_of(jti, now)
+        expires = None if until >= now + LONGEST_S else until
+        vehicles = sorted(streams[jti][0].view.vehicles or ())
+        page.append(OpenLink(id=jti, vehicles=vehicles, expires=expires, streams=len(streams[jti])))
+    return page, (ids[limit - 1] if len(ids) > limit else None)
 
 
 def mint_link(keyring: Keyring, request: LinkRequest, base_url: str = "") -> Link:
@@ -98,7 +140,27 @@ _json = msgspec.json.Encoder()
 def add_link_routes(
     app: QuartTrio, tracker: Tracker, *, readers: Readers, body_reads: BodyReads
 ) -> None:
-    """Serve ``POST /links`` and ``DELETE /links/{id}`` (admin tokens only) on ``app``."""
+    """Serve ``POST /links``, ``GET /links`` and ``DELETE /links/{id}`` (admin tokens only)
+    on ``app``."""
+
+    @app.get("/links")
+    async def list_links() -> Response:
+        readers.admin(request)
+        args = request.args
+        limit_arg = args.get("limit", "100")
+        if not (limit_arg.isdigit() and 1 <= int(limit_arg) <= MAX_PAGE):
+            raise BadRequest(f"limit= is a whole number from 1 to {MAX_PAGE}")
+        vehicle = args.get("vehicle")
+        if vehicle is not None and not 0 < len(vehicle) <= MAX_VEHICLE_ID_CHARS:
+            raise BadRequest(f"vehicle= is a wire id of 1 to {MAX_VEHICLE_ID_CHARS} characters")
+        after = args.get("after", "")
+        if len(after) > MAX_JTI_CHARS:
+            raise BadRequest(f"after= is a link id (at most {MAX_JTI_CHARS} characters)")
+        page, after_next = open_links(
+            tracker.hub.subscriptions(), vehicle=vehicle, after=after, limit=int(limit_arg)
+        )
+        body = {"links": page, "next": after_next}
+        return Response(_json.encode(body), content_type="application/json")
 
     @app.post("/links")
     async def create_link() -> Response:
