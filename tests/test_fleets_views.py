@@ -8,8 +8,9 @@ import base64
 
 import h3.api.basic_int as h3i
 
-from tracker.client import FeedView
+from tests.compact_reader import CompactTable
 from tracker.config import TrackerConfig
+from tracker.feed import render
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
 from tracker.hub import FeedHub, Frame, Subscription
@@ -105,6 +106,14 @@ def test_a_fleet_view_sees_only_its_fleet_and_its_frames_are_shared() -> None:
     assert _names(world.hub.start(late, None).snapshot or []) == {"beta/v1"}
 
 
+def _compact(sub: Subscription, hub: FeedHub, table: CompactTable, first: bool = False) -> None:
+    """Render what ``sub`` is owed as its feed would, and apply it (an independent reader)."""
+    chunk = render(hub.start(sub, None) if first else sub.take(), sub, hub)
+    for block in chunk.decode().split("\n\n"):
+        if block:
+            table.apply("\n".join(line.removeprefix("data:") for line in block.split("\n")))
+
+
 def test_a_vehicle_view_follows_its_vehicle_from_cell_to_cell() -> None:
     world = World()
     world.ping("v1", A_POINT)
@@ -112,26 +121,28 @@ def test_a_vehicle_view_follows_its_vehicle_from_cell_to_cell() -> None:
     world.tick()
     view = View(None, vehicles=frozenset({"v1"}))
     subs = [world.hub.subscribe(view, is_json=False) for _ in range(3)]
-    client = FeedView()
-    first = world.hub.start(subs[0], None)
-    assert first.snapshot is not None and _names(first.snapshot) == {"v1"}
-    for frame in first.snapshot:
-        client.apply_frame(decode_frame(base64.b64decode(frame.b64)))
+    client = CompactTable()
+    _compact(subs[0], world.hub, client, first=True)
+    assert set(client.by_id()) == {"v1"}
+    for sub in subs[1:]:
+        world.hub.start(sub, None)
     for step in range(3):
         world.ping("v1", FAR_POINT if step == 1 else A_POINT)
         world.ping("v2", FAR_POINT if step == 1 else A_POINT)
         world.tick()
-        batches = [s.take().batches for s in subs]
+        batches = [s.take() for s in subs]
         assert all(
-            [id(f) for b in batches[0] for f in b.frames]
-            == [id(f) for b in other for f in b.frames]
+            [id(f) for b in batches[0].batches for f in b.frames]
+            == [id(f) for b in other.batches for f in b.frames]
             for other in batches
         )
-        for batch in batches[0]:
-            for frame in batch.frames:
-                client.apply_frame(decode_frame(base64.b64decode(frame.b64)))
+        chunk = render(batches[0], subs[0], world.hub)
+        client.apply("\n".join(line[5:] for line in chunk.decode().strip().split("\n")))
         assert set(client.by_id()) == {"v1"}
-        assert client.by_id()["v1"].cell == (FAR if step == 1 else A)
+        lat = client.by_id()["v1"]["lat"]
+        assert isinstance(lat, int) and round(lat / 1e5) == round(
+            (FAR_POINT if step == 1 else A_POINT)[0]
+        )
     assert world.encoded_views == 5  # one frame a tick, plus a gone in the cell left twice
 
 
@@ -140,17 +151,15 @@ def test_a_vehicle_view_within_an_area_loses_the_vehicle_outside_it() -> None:
     world.ping("v1", A_POINT)
     world.tick()
     sub = world.hub.subscribe(View(frozenset({A}), vehicles=frozenset({"v1"})), is_json=False)
-    client = FeedView()
-    for frame in world.hub.start(sub, None).snapshot or []:
-        client.apply_frame(decode_frame(base64.b64decode(frame.b64)))
+    client = CompactTable()
+    _compact(sub, world.hub, client, first=True)
     assert set(client.by_id()) == {"v1"}
     world.ping("v1", FAR_POINT)
     world.tick()
     frames = _frames(sub)
     assert [f.cell for f in frames] == [A]  # only the gone of A; nothing of FAR
-    for frame in frames:
-        client.apply_frame(decode_frame(base64.b64decode(frame.b64)))
-    assert client.by_id() == {}
+    step = frames[0].step
+    assert step is not None and step.line_for(sub.view, False) == b"data:-\n"
 
 
 def test_a_vehicle_view_resumes_with_a_snapshot_of_one_frame() -> None:
@@ -196,7 +205,7 @@ def test_a_removed_vehicle_is_removed_from_its_view() -> None:
     world.now += 200  # past remove_after_s
     world.tick()
     (frame,) = _frames(sub)
-    assert decode_frame(base64.b64decode(frame.b64)).removed != b""
+    assert frame.step is not None and frame.step.removed
     world.hub.unsubscribe(sub)
     assert world.hub.watched().vehicles == {}
 

@@ -58,7 +58,8 @@ FleetOf = Callable[[int], str | None]
 @dataclass(frozen=True)
 class ViewFrame:
     """One frame of a narrowed view: its cell, its bytes, its long form (see below), and
-    for a vehicle's frames what changed for the vehicle (``tracker.compact``)."""
+    for a vehicle's frames what changed for the vehicle (``tracker.compact``; then the
+    bytes are empty unless a JSON feed watches the vehicle)."""
 
     cell: int
     data: bytes
@@ -332,7 +333,10 @@ def _encode_cuts(
     step: Step | None,
 ) -> list[ViewFrame]:
     """A view's frames; with ``long`` (a JSON feed watches it) each with moves also gets its
-    long form, else none (JSON is rendered from it only)."""
+    long form, else none (JSON is rendered from it only). A vehicle's frames that only
+    binary feeds watch carry only the ``step`` (their feeds get compact events)."""
+    if step is not None and not long:
+        return [ViewFrame(cell, b"", None, step) for cell in by_cell]
     frames = []
     for cell, cut in by_cell.items():
         records = moves = long_records = b""
