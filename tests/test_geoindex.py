@@ -163,3 +163,55 @@ def test_vehicle_reads_the_latest_accepted_state() -> None:
     index.advance(100.5)
     assert vehicle.pending is None and vehicle.cell == A
     assert index.vehicle("nobody") is None
+
+
+def test_a_publication_prepared_in_slices_publishes_what_was_pending_when_taken() -> None:
+    """Between slices the published state is unchanged (a snapshot sees the last tick), and
+    a ping applied meanwhile waits for the next tick."""
+    index = _index()
+    index.apply(_ping("a", A_POINT, 100), now=100)
+    index.advance(100.5)
+    for n, point in enumerate([B_POINT, A_POINT, B_POINT]):
+        index.apply(_ping(f"v{n}", point, 101), now=101)
+    index.apply(_ping("a", (A_POINT[0] + 1e-4, A_POINT[1]), 101), now=101)
+    publication = index.take_pending()
+    assert publication.prepare(2)
+    index.apply(_ping("a", B_POINT, 102), now=102)  # after the take: the next tick's
+    state = index.cell_state(A)
+    assert state is not None and state.names == [(1, "a")] and index.cell_state(B) is None
+    while publication.prepare(2):
+        assert index.cell_state(B) is None
+    tick = index.advance(102.5, publication)
+    assert set(tick.cells) == {A, B}
+    assert tick.cells[A].positions.vid.tolist() == [3, 1]  # v1, then a, as applied
+    assert tick.cells[A].previous[1].tolist() == [A_POINT[0], A_POINT[1]]  # a stayed in A
+    assert tick.cells[B].positions.vid.tolist() == [2, 4] and tick.cells[B].names
+    following = index.advance(103)
+    assert following.cells[B].names == [(1, "a")] and following.cells[A].gone == [1]
+
+
+def test_advance_in_one_go_and_in_slices_agree() -> None:
+    def run(slice_size: int | None) -> list[tuple[int, list[int], list[float | None], list[int]]]:
+        index = _index()
+        for n in range(50):
+            point = (A_POINT, B_POINT)[n % 2]
+            index.apply(_ping(f"v{n}", (point[0] + n * 1e-6, point[1]), 100), now=100)
+        index.advance(100.5)
+        for n in range(50):
+            point = (A_POINT, B_POINT)[n % 3 % 2]
+            index.apply(_ping(f"v{n}", (point[0] + n * 2e-6, point[1]), 101), now=101)
+        publication = index.take_pending()
+        while slice_size and publication.prepare(slice_size):
+            pass
+        tick = index.advance(101.5, publication)
+        return [
+            (cell, c.positions.vid.tolist(), [_nan_as_none(x) for x in c.previous.ravel()], c.gone)
+            for cell, c in tick.cells.items()
+        ]
+
+    whole = run(None)
+    assert run(7) == whole and run(1) == whole
+
+
+def _nan_as_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)

@@ -148,7 +148,7 @@ async def test_history_commits_everything_queued_once_per_interval(
 def test_admit_refuses_beyond_the_queue_bound_with_503_and_retry_after() -> None:
     history = make_history(MemoryStore(), history_queue_pings=10)
     history.admit(50)  # an empty queue takes any batch
-    history.record(pings(8))
+    history.record(pings(8), reserved=50)
     history.admit(2)
     with pytest.raises(ServiceBusy) as refused:
         history.admit(3)
@@ -156,6 +156,19 @@ def test_admit_refuses_beyond_the_queue_bound_with_503_and_retry_after() -> None
     assert refused.value.headers() == {"Retry-After": "1"}
     assert "history cannot keep up" in refused.value.message
     assert history._metrics.history_refused_pings == 3
+
+
+def test_admit_counts_the_batches_admitted_but_not_yet_recorded() -> None:
+    """A batch is applied in slices, other batches admitted meanwhile: its room is held."""
+    history = make_history(MemoryStore(), history_queue_pings=10)
+    history.admit(6)  # being applied
+    with pytest.raises(ServiceBusy):
+        history.admit(5)  # 6 + 5 > 10, though nothing is queued yet
+    history.admit(4)
+    history.record(pings(3), reserved=6)  # three of the six accepted: the room is released
+    history.record([], reserved=4)  # none of those four
+    assert history.queued == 3
+    history.admit(7)
 
 
 async def test_a_failing_store_keeps_the_queue_logs_once_and_catches_up(

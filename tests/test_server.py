@@ -40,7 +40,7 @@ async def test_healthz_reports_tick_age_and_bus(server: RunningServer) -> None:
 async def test_healthz_is_503_when_the_ticker_is_stuck(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server.tracker, "tick", lambda: None)  # alive, publishing nothing
+    monkeypatch.setattr(server.tracker, "tick", lambda *_, **__: None)  # alive, publishing nothing
     async with httpx.AsyncClient(base_url=server.url) as client:
         with trio.fail_after(5):
             while (response := await client.get("/healthz")).status_code == 200:
@@ -83,7 +83,7 @@ async def test_a_crashing_tick_takes_serve_down_and_never_looks_healthy(
     statuses: list[int] = []
     crashed_after: list[int] = []  # how many polls had answered when the tick crashed
 
-    def crash(now: float) -> Any:
+    def crash(now: float, publication: object = None) -> Any:
         crashed_after.append(len(statuses))
         raise RuntimeError("index exploded")
 
@@ -171,10 +171,10 @@ from tracker.cli import main
 publish = tracker.geoindex.GeoIndex.advance
 
 
-def advance(self, now):
+def advance(self, now, publication=None):
     if self.tick >= 5:
         raise RuntimeError("index exploded")
-    return publish(self, now)
+    return publish(self, now, publication)
 
 
 tracker.geoindex.GeoIndex.advance = advance

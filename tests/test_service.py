@@ -19,9 +19,10 @@ from tracker.client import FeedView
 from tracker.config import TrackerConfig
 from tracker.errors import NothingAccepted, TooManyRequests
 from tracker.feed import SHUTDOWN_EVENT
+from tracker.ingest import INGEST_SLICE_PINGS
 from tracker.pings import Ping
 from tracker.regions import parse_area
-from tracker.service import CoreCrashed, Lifecycle, Tracker
+from tracker.service import TICK_SLICE_VEHICLES, CoreCrashed, Lifecycle, Tracker
 
 BERLIN = (52.52, 13.405)
 MSGPACK = "application/msgpack"
@@ -95,6 +96,80 @@ async def test_ingest_admit_refuses_the_whole_batch() -> None:
         tracker.ingest(_batch(("", *BERLIN)), MSGPACK)
 
 
+async def test_ingest_async_lets_other_tasks_run_between_slices_of_a_large_batch() -> None:
+    """A 20,000-ping batch is applied in slices: a task waiting to run gets turns during
+    it (a /healthz or a tick is not held for the whole batch), and the reply is whole."""
+    tracker = _tracker()
+    body = _batch(*((f"v{n}", BERLIN[0] + n * 1e-6, BERLIN[1]) for n in range(20_000)))
+    turns: list[int] = []
+
+    async def other_task() -> None:
+        while True:
+            turns.append(tracker.index.vehicle_count)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.lowlevel.checkpoint()  # it has run once
+        reply = await tracker.ingest_async(body, MSGPACK)
+        nursery.cancel_scope.cancel()
+    assert reply.accepted == 20_000 and tracker.metrics.pings_accepted == 20_000
+    during = [count for count in turns if 0 < count < 20_000]
+    assert len(during) >= 20_000 // INGEST_SLICE_PINGS - 2  # a turn between slices
+
+
+async def test_ingest_async_applies_an_admitted_batch_whole_even_if_cancelled() -> None:
+    tracker = _tracker()
+    body = _batch(*((f"v{n}", *BERLIN) for n in range(5 * INGEST_SLICE_PINGS)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tracker.ingest_async, body, MSGPACK)
+        while not tracker.index.vehicle_count:
+            await trio.lowlevel.checkpoint()
+        assert tracker.index.vehicle_count < 5 * INGEST_SLICE_PINGS  # between two slices
+        nursery.cancel_scope.cancel()  # the slices' turns do not raise: it goes on
+    assert tracker.index.vehicle_count == 5 * INGEST_SLICE_PINGS
+    assert tracker.metrics.pings_accepted == 5 * INGEST_SLICE_PINGS
+
+
+async def test_ingest_async_refuses_the_whole_batch_and_reserves_nothing() -> None:
+    tracker = _tracker()
+
+    def refuse(pings: int) -> None:
+        raise TooManyRequests("slow down", retry_after_s=1)
+
+    with pytest.raises(TooManyRequests):
+        await tracker.ingest_async(_batch(("a", *BERLIN)), MSGPACK, admit=refuse)
+    assert tracker.health().vehicles == 0
+
+
+async def test_the_ticker_prepares_a_large_tick_in_slices() -> None:
+    """Between the slices of a tick other tasks run, yet nothing is published before the
+    whole tick is (the tick number moves once, with every vehicle)."""
+    tracker = _tracker()
+    vehicles = 3 * TICK_SLICE_VEHICLES + 10
+    seen: list[tuple[int, int]] = []  # (tick, vehicles in the published cells) per turn
+
+    async def watch() -> None:
+        while True:
+            seen.append((tracker.index.tick, _published(tracker)))
+            await trio.lowlevel.checkpoint()
+
+    tracker.ingest(_batch(*((f"v{n}", *BERLIN) for n in range(vehicles))), MSGPACK)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trio.lowlevel.checkpoint()
+        await tracker._tick_in_slices()  # what the ticker calls every tick_s
+        nursery.cancel_scope.cancel()
+    assert len(seen) >= 3 and set(seen) == {(0, 0)}  # turns while the tick was prepared
+    assert (tracker.index.tick, _published(tracker)) == (1, vehicles)
+    assert tracker.metrics.ticks == 1
+
+
+def _published(tracker: Tracker) -> int:
+    """Vehicles in the index's published cells (what a snapshot would show)."""
+    return sum(len(members) for members in tracker.index._cells.values())
+
+
 async def test_open_feed_snapshot_then_batches_then_unsubscribed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -165,7 +240,7 @@ async def test_health_reports_a_stuck_ticker(
         health = tracker.health()
         assert health.ok and health.status == "ok" and health.bus == "local"
         assert health.last_tick_age_s is not None and health.last_tick_age_s < 0.2
-        monkeypatch.setattr(tracker, "tick", lambda: None)  # alive, but publishes nothing
+        monkeypatch.setattr(tracker, "tick", lambda *_, **__: None)  # alive, publishes nothing
         await trio.sleep(1.9)
         assert tracker.health().ok  # max(5 ticks, 2 s) has not passed yet
         await trio.sleep(0.2)
@@ -182,7 +257,7 @@ async def test_run_raises_a_crashed_tick_and_reports_failed(
 ) -> None:
     tracker = _tracker()
 
-    def crash(now: float) -> None:
+    def crash(now: float, publication: object = None) -> None:
         raise RuntimeError("index exploded")
 
     with pytest.RaisesGroup(

@@ -159,7 +159,7 @@ def create_app(tracker: Tracker) -> QuartTrio:
         media_is_json(request.content_type)  # 415 before reading the body
         body = await body_reads.read(request.body)
         g.body_read = True
-        reply = tracker.ingest(
+        reply = await tracker.ingest_async(
             body,
             request.content_type,
             admit=functools.partial(ingest_rate.admit, key),

@@ -14,6 +14,7 @@ Pure and synchronous: time comes in as arguments, so tests control it. Owns no t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -26,10 +27,7 @@ import numpy.typing as npt
 from tracker.pings import Ping
 from tracker.wire import Position, PositionColumns
 
-__all__ = ["CellChange", "CellState", "GeoIndex", "TickChanges", "Vehicle"]
-
-NOWHERE = (math.nan, math.nan)
-"""The previous position of a vehicle that no subscriber of its cell has yet."""
+__all__ = ["CellChange", "CellState", "GeoIndex", "Publication", "TickChanges", "Vehicle"]
 
 _NO_POSITIONS = PositionColumns.of(())
 _NO_PREVIOUS = np.empty((0, 2), dtype=np.float64)
@@ -108,6 +106,83 @@ class CellState:
     stale: list[int]
 
 
+class Publication:
+    """The pings one tick publishes, taken at once and prepared slice by slice.
+
+    Preparing computes what :meth:`GeoIndex.advance` would otherwise compute while
+    holding the event loop: each ping's H3 cell (about 1.5 us each, the bulk of a tick),
+    its :class:`Position`, the position subscribers already have (``previous``), and the
+    positions split by cell with NumPy. It reads the vehicles' published state, which
+    only ``advance`` changes, so the slices may run between other tasks' steps.
+    """
+
+    def __init__(self, vehicles: list[Vehicle], pings: list[Ping], resolution: int) -> None:
+        self.vehicles = vehicles
+        self.pings = pings
+        self.resolution = resolution
+        self.positions: list[Position] = []
+        self.entered: list[tuple[Vehicle, int]] = []
+        """Vehicles published into a cell other than their published one, and that cell."""
+        self.by_cell: list[tuple[int, PositionColumns, npt.NDArray[np.float64]]] = []
+        """Each cell's positions (in applied order) and previous positions, by cell."""
+        self.ping_ts: npt.NDArray[np.float64] = _NO_POSITIONS.ts
+        self._cells: list[int] = []
+        self._previous_lat: list[float] = []
+        self._previous_lon: list[float] = []
+        self._columns: list[PositionColumns] = []
+
+    def prepare(self, count: int) -> bool:
+        """Prepare up to ``count`` more pings; False once everything is prepared."""
+        done = len(self.positions)
+        if done == len(self.vehicles):
+            if self._columns:
+                self._split_by_cell()
+            return False
+        to_cell = functools.partial(h3i.latlng_to_cell, res=self.resolution)
+        positions, cells, entered = self.positions, self._cells, self.entered
+        previous_lat, previous_lon = self._previous_lat, self._previous_lon
+        for vehicle, ping in zip(
+            self.vehicles[done : done + count], self.pings[done : done + count], strict=True
+        ):
+            position = Position(vehicle.vid, ping.lat, ping.lon, ping.ts, ping.speed, ping.heading)
+            cell = to_cell(ping.lat, ping.lon)
+            before = vehicle.published
+            if before is not None and cell == vehicle.cell:
+                previous_lat.append(before.lat)
+                previous_lon.append(before.lon)
+            else:
+                previous_lat.append(math.nan)
+                previous_lon.append(math.nan)
+                if cell != vehicle.cell:
+                    entered.append((vehicle, cell))
+            positions.append(position)
+            cells.append(cell)
+        self._columns.append(PositionColumns.of(positions[done:]))
+        return True
+
+    def _split_by_cell(self) -> None:
+        """Each cell's rows (in applied order), cells in cell order; the pings' times."""
+        columns = self._columns
+        self._columns = []
+        moved = PositionColumns(*(np.concatenate(column) for column in zip(*columns, strict=True)))
+        self.ping_ts = moved.ts
+        cell_of = np.array(self._cells, dtype=np.uint64)
+        order = np.argsort(cell_of, kind="stable")
+        distinct, starts, counts = np.unique(cell_of[order], return_index=True, return_counts=True)
+        rows_of = moved.take(order)
+        previous = np.column_stack(
+            (
+                np.array(self._previous_lat, dtype=np.float64),
+                np.array(self._previous_lon, dtype=np.float64),
+            )
+        )[order]
+        for cell, start, count in zip(
+            distinct.tolist(), starts.tolist(), counts.tolist(), strict=True
+        ):
+            rows = slice(start, start + count)
+            self.by_cell.append((cell, _rows(rows_of, rows), previous[rows]))
+
+
 class GeoIndex:
     """Latest state of every vehicle and the published cell membership.
 
@@ -169,80 +244,68 @@ class GeoIndex:
 
     # --- tick side -----------------------------------------------------------------------
 
-    def advance(self, now: float) -> TickChanges:
+    def take_pending(self) -> Publication:
+        """Everything applied since the last tick, taken at once, to be prepared (in slices,
+        :meth:`Publication.prepare`) and then published by :meth:`advance`.
+
+        Pings applied after this wait for the next tick. Published state does not change
+        until :meth:`advance`, so preparing may yield to other tasks (ingest, requests,
+        snapshots) between slices.
+        """
+        dirty, self._dirty = self._dirty, {}
+        vehicles = list(dirty.values())
+        pings: list[Ping] = []
+        for vehicle in vehicles:
+            ping = vehicle.pending
+            assert ping is not None
+            pings.append(ping)
+            vehicle.pending = None
+        return Publication(vehicles, pings, self.resolution)
+
+    def advance(self, now: float, publication: Publication | None = None) -> TickChanges:
         """Publish everything since the last tick and expire silent vehicles.
 
-        Returns what changed in every cell that changed. A vehicle that moved from A to B
-        is a ``gone`` in A and a position (with its name) in B, in the same tick, so a
-        view covering only A loses it and a view covering both keeps it.
+        ``publication`` is what :meth:`take_pending` took and prepared (a part left
+        unprepared is prepared here); None: everything pending now. Returns what changed
+        in every cell that changed. A vehicle that moved from A to B is a ``gone`` in A
+        and a position (with its name) in B, in the same tick, so a view covering only A
+        loses it and a view covering both keeps it.
         """
+        if publication is None:
+            publication = self.take_pending()
+        while publication.prepare(len(publication.vehicles)):
+            pass
         self.tick += 1
         self.t_ms = round(now * 1000)
         changes: dict[int, CellChange] = {}
-        ping_ts = self._publish_pending(changes)
+        ping_ts = self._publish(publication, changes)
         self._expire(now, changes)
         self._forget_old_names()
         return TickChanges(self.tick, self.t_ms, changes, ping_ts)
 
-    def _publish_pending(self, changes: dict[int, CellChange]) -> npt.NDArray[np.float64]:
-        """Publish every pending ping: cell membership now, then each cell's positions.
+    def _publish(
+        self, publication: Publication, changes: dict[int, CellChange]
+    ) -> npt.NDArray[np.float64]:
+        """Publish a prepared publication: cell membership now, then each cell's positions.
 
-        A vehicle that stays in its cell has its previous position with every subscriber
-        of the cell (from the cell's snapshot or last frame): it is listed as ``previous``.
-        The positions are gathered in one pass and split by cell with NumPy (a Python list
-        per cell costs a fifth of the tick at 50k vehicles). Returns the pings' timestamps.
+        Only the vehicles that changed cell cost more than an assignment here: cells,
+        positions and previous positions were computed while preparing (the published
+        state they read does not change before this). Returns the pings' timestamps.
         """
-        resolution = self.resolution
-        moved: list[Position] = []
-        cells: list[int] = []
-        previous: list[tuple[float, float]] = []
-        for vehicle in self._dirty.values():
-            ping = vehicle.pending
-            assert ping is not None
-            vehicle.pending = None
-            position = Position(vehicle.vid, ping.lat, ping.lon, ping.ts, ping.speed, ping.heading)
-            cell = h3i.latlng_to_cell(ping.lat, ping.lon, resolution)
-            before = vehicle.published
-            previous.append(
-                (before.lat, before.lon) if before is not None and cell == vehicle.cell else NOWHERE
-            )
+        for vehicle, position in zip(publication.vehicles, publication.positions, strict=True):
             vehicle.published = position
-            moved.append(position)
-            cells.append(cell)
-            if cell != vehicle.cell:
-                into = changes.get(cell) or changes.setdefault(cell, CellChange())
-                into.names.append((vehicle.vid, vehicle.vehicle_id))
-                if vehicle.cell:
-                    self._leave(vehicle, changes).gone.append(vehicle.vid)
-                self._cells.setdefault(cell, {})[vehicle.vid] = vehicle
-                vehicle.cell = cell
-        self._dirty.clear()
-        if not moved:
-            return _NO_POSITIONS.ts
-        columns = PositionColumns.of(moved)
-        self._split_by_cell(columns, previous, cells, changes)
-        return columns.ts
-
-    @staticmethod
-    def _split_by_cell(
-        moved: PositionColumns,
-        previous: list[tuple[float, float]],
-        cells: list[int],
-        changes: dict[int, CellChange],
-    ) -> None:
-        """Hand each cell its rows (in applied order); cells new to ``changes`` in cell order."""
-        cell_of = np.array(cells, dtype=np.uint64)
-        order = np.argsort(cell_of, kind="stable")
-        distinct, starts, counts = np.unique(cell_of[order], return_index=True, return_counts=True)
-        columns = moved.take(order)
-        before = np.array(previous, dtype=np.float64).reshape(-1, 2)[order]
-        for cell, start, count in zip(
-            distinct.tolist(), starts.tolist(), counts.tolist(), strict=True
-        ):
+        for vehicle, cell in publication.entered:
             into = changes.get(cell) or changes.setdefault(cell, CellChange())
-            rows = slice(start, start + count)
-            into.positions = _rows(columns, rows)
-            into.previous = before[rows]
+            into.names.append((vehicle.vid, vehicle.vehicle_id))
+            if vehicle.cell:
+                self._leave(vehicle, changes).gone.append(vehicle.vid)
+            self._cells.setdefault(cell, {})[vehicle.vid] = vehicle
+            vehicle.cell = cell
+        for cell, rows, previous in publication.by_cell:
+            into = changes.get(cell) or changes.setdefault(cell, CellChange())
+            into.positions = rows
+            into.previous = previous
+        return publication.ping_ts
 
     def _leave(self, vehicle: Vehicle, changes: dict[int, CellChange]) -> CellChange:
         """Take a vehicle out of its published cell; returns that cell's changes."""

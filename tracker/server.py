@@ -46,6 +46,7 @@ from tracker.app import create_app
 from tracker.config import TrackerConfig
 from tracker.devices.routes import OsmAndOnly
 from tracker.logs import AccessLog
+from tracker.loopwatch import LoopWatch
 from tracker.proxies import TrustedProxies
 from tracker.quic import bind_quic, serve_quic
 from tracker.service import Tracker
@@ -113,15 +114,20 @@ async def serve(
     if config.access_log:
         app = AccessLog(app)
     app = TrustedProxies(app, config.trusted_proxy_list)  # outermost: the log sees the client
-    async with trio.open_nursery() as service_nursery:
-        await service_nursery.start(core.run)
-        await _serve_http(
-            app,
-            core,
-            shutdown,
-            task_status=task_status,
-        )
-        service_nursery.cancel_scope.cancel()
+    watch = LoopWatch()
+    watch.install(core.metrics)
+    try:
+        async with trio.open_nursery() as service_nursery:
+            await service_nursery.start(core.run)
+            await _serve_http(
+                app,
+                core,
+                shutdown,
+                task_status=task_status,
+            )
+            service_nursery.cancel_scope.cancel()
+    finally:
+        watch.uninstall()
 
 
 async def _serve_http(

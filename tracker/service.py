@@ -51,11 +51,11 @@ from tracker.feed import feed_events
 from tracker.fleets import DEFAULT_KEY, KeyFleet
 from tracker.following import Follower
 from tracker.frames import encode_tick
-from tracker.geoindex import GeoIndex
+from tracker.geoindex import GeoIndex, Publication
 from tracker.history.store import open_store
 from tracker.history.writer import History
 from tracker.hub import FeedHub, Resume, Subscription
-from tracker.ingest import apply_pings, decode_body
+from tracker.ingest import apply_pings, apply_pings_async, decode_body
 from tracker.meta import MetaStore
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
@@ -75,6 +75,9 @@ STUCK_AFTER_TICKS = 5
 """The ticker counts as stuck once its last tick is this many ticks old..."""
 STUCK_AFTER_MIN_S = 2.0
 """...and at least this many seconds old (short test ticks must not flap)."""
+TICK_SLICE_VEHICLES = 1000
+"""Vehicles a tick prepares between two turns of the event loop (1-3 ms of work): a tick
+of 50,000 vehicles held the loop 120-390 ms in one step before (docs/performance.md)."""
 
 
 class CoreCrashed(Exception):
@@ -140,10 +143,38 @@ def _admit_all(pings: int) -> None:
     """The default admission: no rate limit."""
 
 
-def _admit_both(first: Callable[[int], None], then: Callable[[int], None], pings: int) -> None:
-    """Admission by ``first`` (the caller's rate limit), then by ``then`` (history's room)."""
-    first(pings)
-    then(pings)
+class _Intake:
+    """One batch on its way in: its pings, its admission, and where accepted pings go.
+
+    :meth:`admit` asks the caller's admission (a rate limit), the alerts log's and
+    history's, in that order; history reserves room for the batch, released when the
+    tracker hands the accepted pings on (``Tracker._hand_on``), whatever happened.
+    """
+
+    def __init__(
+        self,
+        *,
+        pings: Sequence[Ping | None],
+        rejections: Rejections,
+        now: float,
+        forwarded: list[Ping] | None,
+        admits: list[Callable[[int], None]],
+        history: History | None,
+    ) -> None:
+        self.pings = pings
+        self.rejections = rejections
+        self.now = now
+        self.forwarded = forwarded
+        self.history = history
+        self.reserved = 0
+        self._admits = admits
+
+    def admit(self, pings: int) -> None:
+        for admit in self._admits:
+            admit(pings)
+        if self.history is not None:
+            self.history.admit(pings)
+            self.reserved = pings
 
 
 class Tracker:
@@ -194,6 +225,7 @@ class Tracker:
         )
         """Keeps a Redis bus watching the shards of followed vehicles, else None."""
         self.lifecycle = Lifecycle.STARTING
+        self._applying = trio.Lock()  # held by the ingest batch being applied in slices
         self.stopping = trio.Event()
         """Set once :meth:`shutdown` began: feeds not held by the hub (replays) end on it."""
         self._ticked = trio.Event()
@@ -294,7 +326,7 @@ class Tracker:
         while True:
             next_at += self.config.tick_s
             await trio.sleep_until(next_at)
-            self.tick()
+            await self._tick_in_slices()
             next_at = max(next_at, trio.current_time() - self.config.tick_s)
 
     async def _beat_forever(self) -> None:
@@ -303,12 +335,29 @@ class Tracker:
             await trio.sleep(self.config.heartbeat_s)
             self.hub.beat()
 
-    def tick(self) -> None:
-        """Publish everything ingested since the last tick to the feeds."""
-        started = time.perf_counter()
+    async def _tick_in_slices(self) -> None:
+        """:meth:`tick`, its costly part (each ping's cell and position) prepared first in
+        slices of :data:`TICK_SLICE_VEHICLES`, between which other tasks run; the rest,
+        publishing, is one step, so a snapshot never sees half a tick."""
+        began = time.perf_counter()
+        publication = self.index.take_pending()
+        prepared_s = 0.0  # the slices' own time, not the other tasks' steps in between
+        while publication.prepare(TICK_SLICE_VEHICLES):
+            prepared_s += time.perf_counter() - began
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            began = time.perf_counter()
+        self.tick(publication, prepared_s=prepared_s + time.perf_counter() - began)
+
+    def tick(self, publication: Publication | None = None, *, prepared_s: float = 0.0) -> None:
+        """Publish everything ingested since the last tick to the feeds.
+
+        ``publication``: the pings :meth:`GeoIndex.take_pending` took (prepared, in
+        ``prepared_s``, counted in the tick's duration); None: everything pending now.
+        """
+        started = time.perf_counter() - prepared_s
         now = time.time()
         watched = self.hub.watched()  # before advance: a vehicle removed now is still known
-        changes = self.index.advance(now)
+        changes = self.index.advance(now, publication)
         frames = encode_tick(changes, watched, self.index.fleet_of_vid)
         self.metrics.view_frames += sum(len(view) for view in frames.views.values())
         self.hub.publish(frames)
@@ -344,6 +393,42 @@ class Tracker:
         pings, rejections = decode_body(body, content_type, self.config)
         return self.ingest_pings(pings, rejections=rejections, admit=admit, now=now, fleet=fleet)
 
+    async def ingest_async(
+        self,
+        body: bytes,
+        content_type: str | None,
+        *,
+        admit: Callable[[int], None] = _admit_all,
+        now: float | None = None,
+        fleet: KeyFleet = DEFAULT_KEY,
+    ) -> IngestReply:
+        """:meth:`ingest`, applying the batch in slices between which the event loop runs
+        other tasks (``tracker.ingest.apply_pings_async``): what ``/ingest`` uses, so that
+        a large batch does not hold every other request and the tick while it is applied.
+        Admission, outcome and reply are :meth:`ingest`'s; once admitted, the batch is
+        applied whole even if the caller is cancelled meanwhile.
+
+        One batch is applied at a time (the others wait their turn, in order): the
+        event loop then interleaves one slice of ingest with everything else, instead
+        of one slice of every connection posting, so a request waits for a few ms of
+        ingest per turn of the loop, not for connections x slices."""
+        pings, rejections = decode_body(body, content_type, self.config)
+        async with self._applying:  # before admission: a refused batch waited for nothing
+            intake = self._intake(pings, rejections, admit, now, fleet)
+            try:
+                return await apply_pings_async(
+                    intake.pings,
+                    intake.rejections,
+                    index=self.index,
+                    config=self.config,
+                    metrics=self.metrics,
+                    now=intake.now,
+                    admit=intake.admit,
+                    accepted_pings=intake.forwarded,
+                )
+            finally:
+                self._hand_on(intake)
+
     def ingest_pings(
         self,
         pings: Sequence[Ping | None],
@@ -364,33 +449,49 @@ class Tracker:
         it could be taken; accepted pings are in the index on return, and queued for
         history (committed within ``history_commit_s``).
         """
-        admit = functools.partial(_admit_both, admit, self.alerts.admit)
-        history = self.history
-        if history is not None:
-            admit = functools.partial(_admit_both, admit, history.admit)
-        if rejections is None:
-            rejections = Rejections()
-        pings = self._placed(pings, rejections, fleet)
-        zones = self.zones.worker
-        keep = self.bus.forwards or history or zones.active
-        forwarded: list[Ping] | None = [] if keep else None
-        now = time.time() if now is None else now
-        reply = apply_pings(
-            pings,
-            rejections,
-            index=self.index,
-            config=self.config,
-            metrics=self.metrics,
-            now=now,
-            admit=admit,
-            accepted_pings=forwarded,
+        rejections = Rejections() if rejections is None else rejections
+        intake = self._intake(pings, rejections, admit, now, fleet)
+        try:
+            return apply_pings(
+                intake.pings,
+                intake.rejections,
+                index=self.index,
+                config=self.config,
+                metrics=self.metrics,
+                now=intake.now,
+                admit=intake.admit,
+                accepted_pings=intake.forwarded,
+            )
+        finally:
+            self._hand_on(intake)
+
+    def _intake(
+        self,
+        pings: Sequence[Ping | None],
+        rejections: Rejections,
+        admit: Callable[[int], None],
+        now: float | None,
+        fleet: KeyFleet,
+    ) -> _Intake:
+        """A batch ready to be applied: placed in fleets, its admission and its sinks."""
+        keep = self.bus.forwards or self.history or self.zones.worker.active
+        return _Intake(
+            pings=self._placed(pings, rejections, fleet),
+            rejections=rejections,
+            now=time.time() if now is None else now,
+            forwarded=[] if keep else None,
+            admits=[admit, self.alerts.admit],
+            history=self.history,
         )
+
+    def _hand_on(self, intake: _Intake) -> None:
+        """What a batch left in the index goes on to the bus, history and zones."""
+        forwarded = intake.forwarded
         if forwarded:
             self.bus.forward(forwarded)
-            if history is not None:
-                history.record(forwarded)
-            zones.record(forwarded, now)
-        return reply
+            self.zones.worker.record(forwarded, intake.now)
+        if intake.history is not None and intake.reserved:
+            intake.history.record(forwarded or [], reserved=intake.reserved)
 
     def _placed(
         self, pings: Sequence[Ping | None], rejections: Rejections, fleet: KeyFleet

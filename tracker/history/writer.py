@@ -157,6 +157,7 @@ class History:
         self._store: HistoryStore | None = None
         self._queue: list[list[Ping]] = []  # batches in arrival order, not yet being committed
         self._queued = 0
+        self._reserved = 0  # pings of admitted batches still being applied (not yet recorded)
         self._retry_in_s = RETRY_FIRST_S
         self._write_limiter = trio.CapacityLimiter(1)
         self._query_limiter = trio.CapacityLimiter(QUERY_THREADS)
@@ -188,23 +189,30 @@ class History:
         return self._outage.active
 
     def admit(self, pings: int) -> None:
-        """Raise :class:`ServiceBusy` (503) unless the queue can take ``pings`` more.
+        """Raise :class:`ServiceBusy` (503) unless the queue can take ``pings`` more; else
+        reserve room for them until :meth:`record` is called with ``reserved=pings``.
 
         An empty queue takes any batch (one batch may be larger than the bound), so the
-        queue holds at most ``history_queue_pings`` plus one batch.
+        queue holds at most ``history_queue_pings`` plus one batch. The room is reserved
+        because a batch is applied in slices (``tracker.ingest.apply_pings_async``): the
+        batches admitted meanwhile must count it.
         """
         bound = self._config.history_queue_pings
-        if not self._queued or self._queued + pings <= bound:
-            return
-        self._metrics.history_refused_pings += pings
-        raise ServiceBusy(
-            f"history cannot keep up: {self._queued} accepted pings are waiting to be "
-            f"stored (at most {bound}); retry later",
-            retry_after_s=self._retry_in_s if self.failing else self._config.history_commit_s,
-        )
+        waiting = self._queued + self._reserved
+        if waiting and waiting + pings > bound:
+            self._metrics.history_refused_pings += pings
+            raise ServiceBusy(
+                f"history cannot keep up: {waiting} accepted pings are waiting to be "
+                f"stored (at most {bound}); retry later",
+                retry_after_s=self._retry_in_s if self.failing else self._config.history_commit_s,
+            )
+        self._reserved += pings
 
-    def record(self, pings: list[Ping]) -> None:
-        """Queue accepted pings for the next commit (never blocks; the list is kept)."""
+    def record(self, pings: list[Ping], *, reserved: int = 0) -> None:
+        """Queue accepted pings for the next commit (never blocks; the list is kept), and
+        release the room :meth:`admit` reserved for their batch (``reserved``: the count
+        it admitted, whether all, some or none of them were accepted)."""
+        self._reserved -= reserved
         if pings:
             self._queue.append(pings)
             self._queued += len(pings)

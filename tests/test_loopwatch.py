@@ -1,0 +1,42 @@
+"""The loop watch: long task steps and garbage collections, named and published."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import pytest
+import trio
+
+from tracker.loopwatch import LoopWatch
+from tracker.metrics import Metrics
+
+
+async def test_a_long_step_is_timed_named_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tracker.loopwatch")
+    metrics = Metrics()
+    watch = LoopWatch(long_step_s=0.02)
+    watch.install(metrics)
+    try:
+
+        async def hog() -> None:
+            await trio.lowlevel.checkpoint()
+            time.sleep(0.03)  # noqa: ASYNC251 (holding the loop is what is watched)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hog, name="hog")
+        gc.collect(0)
+    finally:
+        watch.uninstall()
+    assert watch.longest_step_task == "hog" and watch.longest_step_s >= 0.03
+    assert watch.long_steps == 1 and watch.busiest(1)[0][0] == "hog"
+    assert watch.gc_pauses[0] >= 1
+    assert "held 3" in caplog.text and "task hog" in caplog.text
+    rendered = metrics.render().decode()
+    assert "tracker_loop_step_max_seconds 0.03" in rendered
+    assert "tracker_loop_long_steps_total 1.0" in rendered
+    assert "tracker_gc_gen0_pause_max_seconds" in rendered
+    assert watch.on_gc not in gc.callbacks
