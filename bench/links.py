@@ -14,7 +14,7 @@ area feeds are read by separate client processes, so each kind gets its own figu
 positions delivered, bytes per position on the wire (SSE framing included), latency from
 the ping's timestamp to the event read. Over the measured window the tracker's CPU time
 (its worker process, from ``/proc``) gives CPU per second and per delivered position; its
-resident memory at the end, minus the area-only run's, divided by the links, gives memory
+resident memory at the end, minus the area-only run's, divided by the links connected, gives memory
 per link (open connection, subscription, outbox, per-vehicle frames included).
 
 ``--core`` measures what links cost the core itself, without HTTP (whose per-connection
@@ -74,6 +74,10 @@ class Group:
     latency_p50_ms: float
     latency_p99_ms: float
     errors: int
+    conflations: int
+    """Snapshots after a feed's first: the feed fell behind (client or server)."""
+    client_cpu_cores: float
+    """The load clients' CPU over the window (near their count: they were the bottleneck)."""
 
 
 @dataclass
@@ -104,6 +108,8 @@ def _group(results: list[dict[str, Any]], seconds: float) -> Group:
         latency_p50_ms=percentile_ms(histogram, 50),
         latency_p99_ms=percentile_ms(histogram, 99),
         errors=sum(r["error_count"] for r in results),
+        conflations=sum(r["snapshots_after_first"] for r in results),
+        client_cpu_cores=round(sum(r["cpu_seconds"] for r in results) / seconds, 2),
     )
 
 
@@ -192,10 +198,11 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
     alone = await one_run(args, 0)
     both = await one_run(args, args.links)
     extra_rss = (both.tracker_rss_mib - alone.tracker_rss_mib) * 2**20
+    connected = both.link_feeds.connected if both.link_feeds else 0
     return {
         "areas_alone": asdict(alone),
         "areas_and_links": asdict(both),
-        "kib_per_link": round(extra_rss / max(1, args.links) / 1024, 2),
+        "kib_per_link": round(extra_rss / max(1, connected) / 1024, 2),  # open ones
         "extra_cpu_cores_for_links": round(both.tracker_cpu_cores - alone.tracker_cpu_cores, 2),
     }
 

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from tracker.views import View
 from tracker.wire import (
@@ -40,6 +42,7 @@ from tracker.wire import (
     SPEED_STEP_MS,
     UNKNOWN,
     Position,
+    PositionColumns,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ __all__ = [
     "decode_ints",
     "encode_ints",
     "fix",
+    "fix_rows",
     "is_compact",
     "render",
     "step_values",
@@ -91,6 +95,25 @@ def fix(position: Position) -> Fix:
         UNKNOWN if speed is None else min(_MAX_SPEED, round(speed / SPEED_STEP_MS)),
         UNKNOWN if heading is None else round(heading / HEADING_STEP_DEG) % 180,
     )
+
+
+def fix_rows(columns: PositionColumns, rows: npt.NDArray[np.intp]) -> list[Fix]:
+    """:func:`fix` of many positions at once (the same rounding, in NumPy)."""
+    with np.errstate(invalid="ignore"):
+        lat = np.rint(columns.lat[rows] * LATLON_SCALE).astype(np.int64)
+        lon = np.rint(columns.lon[rows] * LATLON_SCALE).astype(np.int64)
+        lon = (lon + FULL_TURN // 2) % FULL_TURN - FULL_TURN // 2
+        ts = np.rint(columns.ts[rows] / TIME_STEP_S).astype(np.int64)
+        speed = np.minimum(_MAX_SPEED, np.rint(columns.speed[rows] / SPEED_STEP_MS))
+        heading = np.rint(columns.heading[rows] / HEADING_STEP_DEG) % 180
+    speed = np.where(np.isnan(speed), UNKNOWN, speed).astype(np.int64)
+    heading = np.where(np.isnan(heading), UNKNOWN, heading).astype(np.int64)
+    return [
+        Fix(*values)
+        for values in zip(
+            lat.tolist(), lon.tolist(), ts.tolist(), speed.tolist(), heading.tolist(), strict=True
+        )
+    ]
 
 
 def _wrap(units: int) -> int:
