@@ -17,9 +17,8 @@ sizes over a 220 x 200 km region (``bench.zones.zone_features``) through ``POST 
    vehicles (``--probes``, in 20 batches a second, each stamped when sent) alternating
    between the probe zone and 2 km outside it: every probe ping raises an event, read on
    ``GET /alerts?zones=probe``; latency = arrival minus the ping's ``ts``. The first
-   ``--warmup`` seconds (the first round's ~30,000 enters) are not counted. Also: every
-   event on ``GET /alerts`` (their ``ts`` is the round's, stamped when it was built, so
-   they include posting the round), the tracker's CPU, the engine's lag and the longest tick.
+   ``--warmup`` seconds (the first round's ~30,000 enters) are not counted. Also: events
+   per second (all zones), the tracker's CPU, the engine's lag and the longest tick.
 3. **webhooks**: ``--vehicles`` new vehicles ping once from inside the probe zone (as many
    ``enter`` events in one tick) for a webhook subscribed to the probe zone alone:
    deliveries per second to the local receiver over ``--webhook-seconds``.
@@ -38,6 +37,7 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -144,16 +144,17 @@ async def flat_out(url: str, maker: ZoneBodies, seconds: float, pid: int) -> Fig
         start_at = trio.current_time()
         nursery.start_soon(post_rounds, url, maker, 4, start_at + 2 + seconds, counts)
         await trio.sleep(2)
-        cpu, samples = cpu_seconds(pid), []
+        cpu, client, samples = cpu_seconds(pid), time.process_time(), []
         for _ in range(int(seconds)):
             before = counts.accepted
             await trio.sleep(1.0)
             samples.append(counts.accepted - before)
-        cpu = cpu_seconds(pid) - cpu
+        cpu, client = cpu_seconds(pid) - cpu, time.process_time() - client
     return {
         "accepted_per_s": statistics.median(samples),
         "refused": counts.refused,
         "cpu_cores": cpu / int(seconds),
+        "client_cpu_cores": client / int(seconds),
     }
 
 
@@ -218,7 +219,6 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
     """Phase 2 (module doc): the issue's load, probes, every event, a webhook."""
     receiver = Receiver()
     probe: list[tuple[float, float]] = []
-    every: list[tuple[float, float]] = []
     lags: list[float] = []
     counts = Counts()
     async with (
@@ -229,10 +229,9 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         hook = {"url": f"http://127.0.0.1:{port}/hook", "zones": [], "kinds": []}
         made = await http.post("/webhooks", json=hook, headers=admin_headers("application/json"))
         assert made.status_code == 201, made.text
-        for path, into in (("/alerts?zones=probe", probe), ("/alerts", every)):
-            ready = trio.Event()
-            nursery.start_soon(read_events, http, path, into, ready)
-            await ready.wait()
+        ready = trio.Event()
+        nursery.start_soon(read_events, http, "/alerts?zones=probe", probe, ready)
+        await ready.wait()
 
         async def watch_lag() -> None:
             async with httpx.AsyncClient(base_url=url, timeout=30) as watcher:
@@ -256,12 +255,12 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         dropped = await metric(http, "tracker_zone_pings_dropped")
         merged = await metric(http, "tracker_zone_ticks_merged")
         engine_call = await metric(http, "tracker_zone_tick_seconds")
+        commits = await commit_figures(http)
         nursery.cancel_scope.cancel()
     counted_from = began + args.warmup
     return {
         "load_pings_per_s": round(counts.accepted / took),
         **percentiles("probe_latency", [lat for at, lat in probe if at >= counted_from]),
-        **percentiles("all_events_latency", [lat for at, lat in every if at >= counted_from]),
         "events_per_s": round(events / took),
         "webhook_deliveries_per_s_during_load": round(len(receiver.times) / took),
         "tracker_cpu_cores": round(cpu / took, 2),
@@ -270,6 +269,20 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         "engine_ticks_merged": int(merged),
         "engine_pings_dropped": int(dropped),
         "longest_tick_ms": round(1000 * longest_tick, 1),
+        **commits,
+    }
+
+
+async def commit_figures(http: httpx.AsyncClient) -> Figures:
+    """The alert log's commits since start: how many, their mean, how many over 0.25 s."""
+    text = (await http.get("/metrics")).text
+    count = await metric(http, "tracker_alert_commit_seconds_count")
+    total = await metric(http, "tracker_alert_commit_seconds_sum")
+    quick = re.search(r'^tracker_alert_commit_seconds_bucket\{le="0.25"\} (\S+)$', text, re.M)
+    return {
+        "alert_commits": int(count),
+        "alert_commit_mean_ms": round(1000 * total / max(count, 1), 1),
+        "alert_commits_over_250ms": int(count - float(quick.group(1))) if quick else None,
     }
 
 
@@ -318,22 +331,22 @@ async def one_run(args: argparse.Namespace) -> Figures:
                     while await metric(http, "tracker_zones") < args.zones + 1:
                         await trio.sleep(0.2)
             maker = ZoneBodies(args.vehicles, 5000)
-            on_rates, off_rates, on_cpu = [], [], []
+            phases: dict[str, list[Figures]] = {"off": [], "on": []}
             for _ in range(2):
-                measured = await flat_out(off_url, maker, args.ingest_seconds, off.pid)
-                off_rates.append(measured["accepted_per_s"])
-                measured = await flat_out(on_url, maker, args.ingest_seconds, on.pid)
-                on_rates.append(measured["accepted_per_s"])
-                on_cpu.append(measured["cpu_cores"])
+                for label, where, process in (("off", off_url, off), ("on", on_url, on)):
+                    measured = await flat_out(where, maker, args.ingest_seconds, process.pid)
+                    phases[label].append(measured)
             off.kill()
-            figures.update(
-                ingest_zones_off_per_s=statistics.median(off_rates),
-                ingest_zones_on_per_s=statistics.median(on_rates),
-                ingest_on_off_ratio=round(
-                    statistics.median(on_rates) / statistics.median(off_rates), 3
-                ),
-                ingest_on_cpu_cores=round(statistics.median(on_cpu), 2),
-            )
+            for label, measured in phases.items():
+                rate = statistics.median(m["accepted_per_s"] for m in measured)
+                cores = statistics.median(m["cpu_cores"] for m in measured)
+                client = statistics.median(m["client_cpu_cores"] for m in measured)
+                figures[f"ingest_zones_{label}_client_cpu_cores"] = round(client, 2)
+                figures[f"ingest_zones_{label}_per_s"] = rate
+                figures[f"ingest_zones_{label}_cpu_cores"] = round(cores, 2)
+                figures[f"ingest_zones_{label}_per_cpu_s"] = round(rate / max(cores, 0.01))
+            on_rate, off_rate = figures["ingest_zones_on_per_s"], figures["ingest_zones_off_per_s"]
+            figures["ingest_on_off_ratio"] = round(on_rate / off_rate, 3)
             await trio.sleep(3)  # the engine's backlog of the flat-out phase
             figures.update(await latency(args, on_url, maker, on.pid))
             figures.update(await webhook_burst(args, on_url))
