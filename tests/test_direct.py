@@ -29,6 +29,7 @@ from tests.conftest import (
     post_pings,
 )
 from tests.rawhttp import connect, fleet
+from tracker.feed import SHUTDOWN_EVENT
 from tracker.hub import Subscription
 
 
@@ -331,3 +332,84 @@ async def test_direct_feed_over_tls_is_written_by_its_task(
         await feed.until(b"event: batch")
     await server.stop()
     await feed.until(b"event: shutdown")
+
+
+def _tasks() -> int:
+    """Every task of this Trio run (the test's and its servers')."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
+
+
+async def test_plain_tcp_feeds_keep_no_task_and_still_get_every_event(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(heartbeat_s=0.2)
+    feeds = [await raw_feed(server) for _ in range(2)]
+    with trio.fail_after(5):
+        for feed in feeds:
+            await feed.read_head()
+    await until(lambda: len(direct_subscriptions(server)) == 2)
+    await trio.sleep(0.2)  # the connections' tasks finish
+    before = _tasks()
+    more = [await raw_feed(server) for _ in range(20)]
+    with trio.fail_after(5):
+        for feed in more:
+            await feed.read_head()
+    await until(lambda: len(direct_subscriptions(server)) == 22)
+    await trio.sleep(0.2)
+    assert _tasks() - before <= 2  # not one per feed (each had two: connection and feed)
+    async with httpx.AsyncClient(base_url=server.url, headers=INGEST_KEY) as client:
+        await post_pings(client, [ping("polled", *BERLIN, time.time())])
+        for feed in [*feeds, *more]:
+            await feed.until(b"event: batch")
+        metrics = (await client.get("/metrics")).text
+    assert "tracker_connections 23" in metrics  # the feeds keep their place in the gate
+    quiet = await raw_feed(server, feed_request(query="bbox=-30.01,-30.01,-30.0,-30.0"))
+    with trio.fail_after(5):
+        await quiet.read_head()
+    await quiet.until(b": keep-alive\n\n: keep-alive\n\n")
+    for feed in more:
+        await feed.stream.aclose()
+    await until(lambda: len(direct_subscriptions(server)) == 3)
+    await server.stop()
+    for feed in [*feeds, quiet]:
+        await feed.until_eof()
+        assert feed.ended and feed.body.endswith(SHUTDOWN_EVENT)
+
+
+async def test_a_polled_feed_whose_client_stops_reading_is_bounded_and_others_go_on(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(outbox_max_ticks=4, sndbuf_bytes=4096, write_timeout_s=60)
+    hub = server.tracker.hub
+    stalled = await raw_feed(server, rcvbuf=4096)
+    await until(lambda: len(direct_subscriptions(server)) == 1)
+    (sub,) = hub.subscriptions()
+    reader = await raw_feed(server)
+    with trio.fail_after(5):
+        await reader.read_head()
+    async with httpx.AsyncClient(base_url=server.url, headers=INGEST_KEY) as client:
+        with trio.fail_after(20):
+            step = 0
+            while not sub.statistics().conflations:  # once: then a snapshot is owed
+                step += 1
+                await post_pings(client, fleet(time.time() - 1 + step * 0.001))
+                await trio.sleep(0.05)
+                with trio.move_on_after(0.01):
+                    await reader.read_more()
+        await post_pings(client, [ping("after", *BERLIN, time.time())])
+        await reader.until(b"event: batch")
+    stats = sub.statistics()
+    assert stats.queued_bytes <= stats.max_bytes and stats.queued_batches <= 4
+    # The stalled client reads again: after its queue, a fresh snapshot (conflated).
+    with trio.fail_after(10):
+        await stalled.read_head()
+        while stalled.body.count(b"event: snapshot") < 2:
+            assert await stalled.read_more()
+    await stalled.stream.aclose()
+    await until(lambda: hub.subscriber_count == 1)

@@ -7,7 +7,8 @@ here awaits the network: ``publish`` never blocks, so a slow client can only hur
 A subscription whose outbox overflows is conflated: its queue is dropped and it is owed
 a fresh snapshot. A subscription with a :class:`Writer` (``tracker.direct``) is handed
 its batch at once, inside ``publish``: the writer sends it without blocking or says it
-could not, and only then is the feed's task woken.
+could not, and only then is the feed's task (or, for a feed without one, the writer)
+woken.
 
 Synchronous except :meth:`Subscription.wait`; owns no tasks.
 """
@@ -111,6 +112,11 @@ class Writer(Protocol):
     def beat(self) -> None:
         """A heartbeat round (:meth:`FeedHub.beat`): send a heartbeat if nothing was sent
         since the last round."""
+
+    def wake(self) -> None:
+        """Something is owed that :meth:`write_now` did not send (a snapshot, the final
+        event, the end of a partial write) and no task waits in :meth:`Subscription.wait`:
+        the writer sees to it later, never inside this call (the hub may be iterating)."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,8 @@ class Subscription:
         task, self._waiter = self._waiter, None
         if task is not None:
             trio.lowlevel.reschedule(task)
+        elif self.writer is not None:
+            self.writer.wake()
 
     def take(self) -> Resume:
         """Everything owed now: queued batches, or a snapshot replacing them."""

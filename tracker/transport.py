@@ -16,7 +16,10 @@ module subclasses the pieces of it that need a bound, and ``tracker.server`` run
   (an ASGI scope extension): a ``/feed`` the app authorised is then written straight to
   the socket by ``tracker.direct`` once its response head is sent, and the connection
   serves nothing else; what the client sends after the request is discarded, its end of
-  the connection ends the feed. Off with ``direct_feeds = False``.
+  the connection ends the feed. On plain TCP the feed then leaves the connection
+  altogether: the server's :class:`tracker.direct.FeedPoller` takes its socket, this
+  connection's task and objects finish, and the feed keeps its place in the gate (a
+  :class:`_Seat`) until the poller closes it. Off with ``direct_feeds = False``.
 * HTTP/2 goes through :class:`tracker.h2flow.BoundedH2Protocol` (flow control that pushes
   back on the app), and every response Hypercorn makes up itself (400 for a malformed
   request, 431 for oversized headers, ...) gets :data:`tracker.headers.BASELINE_HEADERS`
@@ -66,7 +69,7 @@ from hypercorn.typing import (
 from hypercorn.utils import parse_socket_addr
 
 from tracker.config import TrackerConfig
-from tracker.direct import EXTENSION, DirectSocket, FeedStart, Handoff
+from tracker.direct import EXTENSION, DirectSocket, FeedPoller, FeedStart, Handoff
 from tracker.h2flow import BoundedH2Protocol
 from tracker.headers import BASELINE_HEADERS
 from tracker.metrics import Metrics
@@ -108,6 +111,8 @@ class TransportConfig(HypercornConfig):
             self.certfile = config.certfile
             self.keyfile = config.keyfile
         self.write_timeout_s = config.write_timeout_s  # for tracker.h2flow.FlowSettings
+        self.feed_poller = FeedPoller()
+        """The server's plain TCP direct feeds (its task runs in the connections' nursery)."""
 
     def stream_reaped(self) -> None:
         """Count an HTTP/2 stream reset for stalling (tracker.h2flow.FlowSettings)."""
@@ -185,6 +190,11 @@ class ConnectionGate:
         """``connection`` has closed (idempotent)."""
         self._open.pop(connection, None)
 
+    def keep(self, connection: Gated) -> None:
+        """Count ``connection`` as open without a check: it takes over the place of one
+        admitted before (a feed leaving its connection for the poller)."""
+        self._open[connection] = None
+
     @property
     def open_count(self) -> int:
         """Connections admitted and not yet closed."""
@@ -196,6 +206,50 @@ def _secured(event: StreamEvent) -> StreamEvent:
     if isinstance(event, Response) and all(n.lower() != _MARKER for n, _ in event.headers):
         return Response(event.stream_id, [*event.headers, *_BASELINE], event.status_code)
     return event
+
+
+class _Seat:
+    """A polled feed's place in the connection gate: never idle, so never evicted."""
+
+    __slots__ = ("_gate",)
+
+    evictable = False
+
+    def __init__(self, gate: ConnectionGate) -> None:
+        self._gate = gate
+
+    def evict(self) -> None:
+        """Not evictable."""
+
+    def take(self) -> None:
+        """The feed left its connection for the poller."""
+        self._gate.keep(self)
+
+    def leave(self) -> None:
+        """The poller closed the feed's socket."""
+        self._gate.release(self)
+
+
+class Handover:
+    """What an HTTP/1.1 connection can hand a direct feed: its stream, and for plain TCP
+    the poller and the gate."""
+
+    __slots__ = ("gate", "poller", "stream")
+
+    def __init__(
+        self, stream: trio.abc.Stream, poller: FeedPoller | None, gate: ConnectionGate
+    ) -> None:
+        self.stream = stream
+        self.poller = poller if isinstance(stream, trio.SocketStream) else None
+        self.gate = gate
+
+    def socket(self, chunked: bool) -> tuple[DirectSocket, _Seat | None]:
+        """The feed's socket, and its seat in the gate if it may leave for the poller."""
+        if self.poller is None:
+            return DirectSocket(self.stream, chunked=chunked), None
+        seat = _Seat(self.gate)
+        direct = DirectSocket(self.stream, chunked=chunked, poller=self.poller, on_close=seat.leave)
+        return direct, seat
 
 
 class _Discarding(H11WSConnection):
@@ -239,15 +293,15 @@ class SecureH11Protocol(H11Protocol):
     """Hypercorn's HTTP/1.1, whose own error responses look like ours, and which hands a
     connection over to a direct feed when the app adopts one (``tracker.direct``).
 
-    ``stream`` is the connection's byte stream; without it no handoff is offered.
+    Without a ``handover`` no handoff is offered.
     """
 
-    def __init__(self, *args: Any, stream: trio.abc.Stream | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handover: Handover | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._stream = stream
+        self._handover = handover
         self.handoff: Handoff | None = None  # of the request in flight
-        self._feed: trio.CancelScope | None = None  # set once the connection is a feed
-        if stream is not None:
+        self._feed: trio.CancelScope | None = None  # set once a task of ours is the feed
+        if handover is not None:
             self.app = _OfferingHandoff(self.app, self)
 
     async def handle(self, event: Event) -> None:
@@ -270,12 +324,27 @@ class SecureH11Protocol(H11Protocol):
         await super().stream_send(_secured(event))
 
     async def _go_direct(self, start: FeedStart) -> None:
-        """The head is sent: run the feed on the connection instead of ending the body."""
-        assert self._stream is not None and isinstance(self.connection, h11.Connection)
-        socket = DirectSocket(self._stream, chunked=self.connection.their_http_version == b"1.1")
+        """The head is sent: run the feed on the connection instead of ending the body.
+
+        Plain TCP: the feed opens here, in the app's task, and leaves for the poller with
+        the socket; this connection then ends (its reader finds the socket gone). TLS:
+        a task of the connection runs the feed.
+        """
+        assert self._handover is not None and isinstance(self.connection, h11.Connection)
+        socket, seat = self._handover.socket(self.connection.their_http_version == b"1.1")
         self.connection = _Discarding()
-        self._feed = trio.CancelScope()
-        self.task_group.spawn(self._run_feed, start, socket, self._feed)
+        if seat is None:
+            self._feed = trio.CancelScope()
+            self.task_group.spawn(self._run_feed, start, socket, self._feed)
+        else:
+            try:
+                await start(socket)
+            except Exception:
+                logger.exception("a direct feed failed; its connection is closed")
+            if socket.detached:
+                seat.take()
+            else:  # it ended before the poller took it
+                await self.send(Closed())
         await self.can_read.set()  # a reader paused on pipelined bytes goes on (to discard)
 
     async def _run_feed(
@@ -315,17 +384,17 @@ class SecureH2Protocol(BoundedH2Protocol):
 class _Protocols(ProtocolWrapper):
     """Hypercorn's protocol switch (h11, h2 by ALPN, h2c), choosing our subclasses.
 
-    ``direct``: the connection's stream, for HTTP/1.1 direct feeds (None: no handoff).
+    ``direct``: what HTTP/1.1 direct feeds are handed (None: no handoff).
     """
 
-    def __init__(self, *args: Any, direct: trio.abc.Stream | None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, direct: Handover | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._direct = direct
         self.protocol = self._make(h2=isinstance(self.protocol, H2Protocol))
 
     def _make(self, h2: bool) -> SecureH11Protocol | SecureH2Protocol:
         if not h2:
-            return SecureH11Protocol(*self._parts(), stream=self._direct)
+            return SecureH11Protocol(*self._parts(), handover=self._direct)
         return SecureH2Protocol(*self._parts())
 
     def _parts(self) -> tuple[Any, ...]:
@@ -389,6 +458,7 @@ class Connection(TCPServer):
         self._aborts = aborts
         self._scope = trio.CancelScope()
         self._direct_feeds = config.tracker.direct_feeds
+        self._poller = config.feed_poller
         self.busy = False
 
     @property
@@ -441,7 +511,7 @@ class Connection(TCPServer):
                     server,
                     self.protocol_send,
                     alpn_protocol,
-                    direct=self.stream if self._direct_feeds else None,
+                    direct=self._handover() if self._direct_feeds else None,
                 )
                 await self.protocol.initiate()
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
@@ -450,6 +520,13 @@ class Connection(TCPServer):
             pass
         finally:
             await self._close()
+
+    def _handover(self) -> Handover:
+        """What a direct feed of this connection is handed; the poller's task will run in
+        the nursery this connection runs in (the server's connections')."""
+        if self._poller.nursery is None:
+            self._poller.nursery = trio.lowlevel.current_task().parent_nursery
+        return Handover(self.stream, self._poller, self._gate)
 
     async def _read_data(self) -> None:
         # A copy of TCPServer._read_data (Hypercorn 0.18) without a cancel scope around
