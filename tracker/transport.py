@@ -78,6 +78,7 @@ __all__ = [
     "Connection",
     "ConnectionGate",
     "Gated",
+    "Handover",
     "SecureH2Protocol",
     "SecureH11Protocol",
     "TransportConfig",
