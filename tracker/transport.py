@@ -191,10 +191,11 @@ class ConnectionGate:
         """``connection`` has closed (idempotent)."""
         self._open.pop(connection, None)
 
-    def keep(self, connection: Gated) -> None:
-        """Count ``connection`` as open without a check: it takes over the place of one
-        admitted before (a feed leaving its connection for the poller)."""
-        self._open[connection] = None
+    def replace(self, old: Gated, new: Gated) -> None:
+        """``new`` takes the place of ``old`` (a feed leaving its connection for the poller):
+        no check, no moment when both or neither count."""
+        self._open.pop(old, None)
+        self._open[new] = None
 
     @property
     def open_count(self) -> int:
@@ -212,19 +213,22 @@ def _secured(event: StreamEvent) -> StreamEvent:
 class _Seat:
     """A polled feed's place in the connection gate: never idle, so never evicted."""
 
-    __slots__ = ("_gate",)
+    __slots__ = ("_connection", "_gate")
 
     evictable = False
 
-    def __init__(self, gate: ConnectionGate) -> None:
+    def __init__(self, gate: ConnectionGate, connection: Gated) -> None:
         self._gate = gate
+        self._connection: Gated | None = connection
 
     def evict(self) -> None:
         """Not evictable."""
 
     def take(self) -> None:
-        """The feed left its connection for the poller."""
-        self._gate.keep(self)
+        """The feed left its connection for the poller: the seat is the connection's."""
+        assert self._connection is not None
+        self._gate.replace(self._connection, self)
+        self._connection = None
 
     def leave(self) -> None:
         """The poller closed the feed's socket."""
@@ -233,22 +237,27 @@ class _Seat:
 
 class Handover:
     """What an HTTP/1.1 connection can hand a direct feed: its stream, and for plain TCP
-    the poller and the gate."""
+    the poller and the gate (where the feed takes the ``connection``'s place)."""
 
-    __slots__ = ("gate", "poller", "stream")
+    __slots__ = ("connection", "gate", "poller", "stream")
 
     def __init__(
-        self, stream: trio.abc.Stream, poller: FeedPoller | None, gate: ConnectionGate
+        self,
+        stream: trio.abc.Stream,
+        poller: FeedPoller | None,
+        gate: ConnectionGate,
+        connection: Gated,
     ) -> None:
         self.stream = stream
         self.poller = poller if isinstance(stream, trio.SocketStream) else None
         self.gate = gate
+        self.connection = connection
 
     def socket(self, chunked: bool) -> tuple[DirectSocket, _Seat | None]:
         """The feed's socket, and its seat in the gate if it may leave for the poller."""
         if self.poller is None:
             return DirectSocket(self.stream, chunked=chunked), None
-        seat = _Seat(self.gate)
+        seat = _Seat(self.gate, self.connection)
         direct = DirectSocket(self.stream, chunked=chunked, poller=self.poller, on_close=seat.leave)
         return direct, seat
 
@@ -527,7 +536,7 @@ class Connection(TCPServer):
         the nursery this connection runs in (the server's connections')."""
         if self._poller.nursery is None:
             self._poller.nursery = trio.lowlevel.current_task().parent_nursery
-        return Handover(self.stream, self._poller, self._gate)
+        return Handover(self.stream, self._poller, self._gate, self)
 
     async def _read_data(self) -> None:
         # A copy of TCPServer._read_data (Hypercorn 0.18) without a cancel scope around
