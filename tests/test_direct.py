@@ -258,11 +258,30 @@ async def test_quiet_direct_feed_gets_heartbeats(start_server: StartServer) -> N
 async def test_stalled_direct_feed_is_conflated_and_leaving_mid_write_frees_everything(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(outbox_max_ticks=4, sndbuf_bytes=4096, write_timeout_s=60)
+    server, stalled, sub = await _stalled_feed(start_server)
     hub = server.tracker.hub
+    await _until_conflated(server, sub)
+    stats = sub.statistics()
+    assert stats.queued_bytes <= stats.max_bytes and stats.queued_batches <= 4
+    await stalled.stream.aclose()  # the client leaves with a write in flight
+    await until(lambda: hub.subscriber_count == 0)
+    assert hub.watched_cells == 0
+
+
+async def _stalled_feed(start_server: StartServer) -> tuple[RunningServer, RawFeed, Subscription]:
+    """A server with small bounds and a feed whose client does not read (yet)."""
+    server = await start_server(outbox_max_ticks=4, sndbuf_bytes=4096, write_timeout_s=60)
     stalled = await raw_feed(server, rcvbuf=4096)
     await until(lambda: len(direct_subscriptions(server)) == 1)
-    (sub,) = hub.subscriptions()
+    (sub,) = server.tracker.hub.subscriptions()
+    return server, stalled, sub
+
+
+async def _until_conflated(
+    server: RunningServer, sub: Subscription, reader: RawFeed | None = None
+) -> None:
+    """Post moving fleets until ``sub`` (whose client does not read) is conflated, once:
+    then a snapshot is owed. ``reader`` reads meanwhile."""
     async with httpx.AsyncClient(base_url=server.url, headers=INGEST_KEY) as client:
         with trio.fail_after(20):
             step = 0
@@ -270,11 +289,9 @@ async def test_stalled_direct_feed_is_conflated_and_leaving_mid_write_frees_ever
                 step += 1
                 await post_pings(client, fleet(time.time() - 1 + step * 0.001))
                 await trio.sleep(0.05)
-    stats = sub.statistics()
-    assert stats.queued_bytes <= stats.max_bytes and stats.queued_batches <= 4
-    await stalled.stream.aclose()  # the client leaves with a write in flight
-    await until(lambda: hub.subscriber_count == 0)
-    assert hub.watched_cells == 0
+                if reader is not None:
+                    with trio.move_on_after(0.01):
+                        await reader.read_more()
 
 
 async def test_a_client_that_leaves_gives_its_stream_slot_back(start_server: StartServer) -> None:
@@ -385,23 +402,13 @@ async def test_plain_tcp_feeds_keep_no_task_and_still_get_every_event(
 async def test_a_polled_feed_whose_client_stops_reading_is_bounded_and_others_go_on(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(outbox_max_ticks=4, sndbuf_bytes=4096, write_timeout_s=60)
+    server, stalled, sub = await _stalled_feed(start_server)
     hub = server.tracker.hub
-    stalled = await raw_feed(server, rcvbuf=4096)
-    await until(lambda: len(direct_subscriptions(server)) == 1)
-    (sub,) = hub.subscriptions()
     reader = await raw_feed(server)
     with trio.fail_after(5):
         await reader.read_head()
+    await _until_conflated(server, sub, reader)
     async with httpx.AsyncClient(base_url=server.url, headers=INGEST_KEY) as client:
-        with trio.fail_after(20):
-            step = 0
-            while not sub.statistics().conflations:  # once: then a snapshot is owed
-                step += 1
-                await post_pings(client, fleet(time.time() - 1 + step * 0.001))
-                await trio.sleep(0.05)
-                with trio.move_on_after(0.01):
-                    await reader.read_more()
         await post_pings(client, [ping("after", *BERLIN, time.time())])
         await reader.until(b"event: batch")
     stats = sub.statistics()
