@@ -236,10 +236,13 @@ async def _query_under_load(args: argparse.Namespace, path: str, now: float) -> 
             load.start()
         try:
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                day = {"from": f"{now - DAY_S:.3f}", "to": f"{now + 1:.3f}"}
                 await trio.sleep(args.warmup)
+                for _ in range(3):  # a slow first page starts the history reader processes
+                    await client.get(f"/vehicles/{QUERY_TRUCK}/track", params=day)
+                await trio.sleep(args.warmup)  # ... as on a tracker answering queries a while
                 accepted_before = await _accepted(client)
                 load_started = time.perf_counter()
-                day = {"from": f"{now - DAY_S:.3f}", "to": f"{now + 1:.3f}"}
                 latencies: dict[str, list[float]] = {"healthz": [], "msgpack": [], "json": []}
                 sizes = {}
                 for _ in range(args.queries):
@@ -272,6 +275,19 @@ async def _query_under_load(args: argparse.Namespace, path: str, now: float) -> 
                 figures["ingest_pings_per_s_meanwhile"] = round(accepted / elapsed)
                 figures["longest_tick_ms"] = round(
                     1000 * await metric(client, "tracker_tick_duration_max_seconds")
+                )
+                figures["longest_loop_step_ms"] = round(
+                    1000 * await metric(client, "tracker_loop_step_max_seconds")
+                )
+                figures["longest_gc_pause_ms"] = round(
+                    1000
+                    * max(
+                        [
+                            await metric(client, f"tracker_gc_gen{generation}_pause_max_seconds")
+                            for generation in range(3)
+                        ]
+                    ),
+                    1,
                 )
                 figures["history_compacted_positions"] = await metric(
                     client, "tracker_history_compacted_positions_total"

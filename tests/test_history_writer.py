@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Collection, Sequence
 
 import pytest
@@ -17,6 +18,7 @@ import trio.testing
 from tracker.config import TrackerConfig
 from tracker.errors import ServiceBusy
 from tracker.history import writer
+from tracker.history.readers import READERS_AFTER_S, ReaderPool
 from tracker.history.store import AreaPage, RejectedPings, StoreError, StoreStats, Track
 from tracker.history.writer import EXPIRE_STEP, FLUSH_TIMEOUT_S, QUERY_TIMEOUT_S, History
 from tracker.metrics import Metrics
@@ -343,3 +345,19 @@ async def test_a_batch_the_store_refuses_is_kept_aside_and_blocks_nothing(
     assert history._metrics.history_rejected_pings == len(refused)
     assert history._metrics.history_store_errors == 0
     assert any("kept aside" in record.getMessage() for record in caplog.records)
+
+
+async def test_answer_runs_in_a_thread_until_readers_run_and_a_slow_one_wants_them() -> None:
+    store = MemoryStore()
+    readers = ReaderPool("unused.sqlite3")  # never run: its processes never start
+    settings = TrackerConfig(history="unused.sqlite3")
+    history = History(settings, Metrics(), lambda: store, now=lambda: NOW, readers=readers)
+    await history.open()
+    assert await history.answer(lambda got: b"here" if got is store else b"") == b"here"
+
+    def slow(got: object) -> bytes:
+        time.sleep(2 * READERS_AFTER_S)
+        return b"slow"
+
+    assert await history.answer(slow) == b"slow"
+    assert readers._wanted.is_set() and not readers.ready

@@ -52,6 +52,7 @@ from tracker.fleets import DEFAULT_KEY, KeyFleet
 from tracker.following import Follower
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex, Publication
+from tracker.history.readers import ReaderPool
 from tracker.history.store import open_store
 from tracker.history.writer import History
 from tracker.hub import FeedHub, Resume, Subscription
@@ -246,7 +247,12 @@ class Tracker:
         self.webhooks = Webhooks(config, self.metrics, self.alerts)
         """Webhook subscriptions and their delivery tasks, reading :attr:`alerts`."""
         self.history = (
-            History(config, self.metrics, functools.partial(open_store, config.history_target))
+            History(
+                config,
+                self.metrics,
+                functools.partial(open_store, config.history_target),
+                readers=ReaderPool(config.history_target),
+            )
             if config.history_target
             else None
         )

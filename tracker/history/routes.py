@@ -14,9 +14,11 @@ specified in ``docs/history.md`` ("Reading history over HTTP"); the formats are
 * **Bounded work**: a window of at most :data:`MAX_TRACK_WINDOW_S` (tracks) or
   :data:`MAX_AREA_WINDOW_S` (areas), at most :data:`MAX_LIMIT` positions a page, areas as
   large as a feed's. A page is read, cut to the token's area, simplified and encoded in
-  one worker thread (:meth:`History.read <tracker.history.writer.History.read>`: its
-  limiter bounds how many run at once, its deadline answers 503 past it), so the event
-  loop only parses parameters, and waits for the loop once, not once per step.
+  one call (``tracker.history.pages``) in a reader process, or a worker
+  thread until those have started (:meth:`History.answer
+  <tracker.history.writer.History.answer>`: its limiter bounds how many run at once,
+  its deadline answers 503 past it), so the event loop only parses parameters and sends
+  the bytes, and a query does not wait for the GIL behind ingest and ticks.
 * **Pages, not streams**: each answer is one page of at most ``limit`` positions and the
   ``cursor`` of the next, because a page is bounded work the client can retry or resume,
   holds no thread or connection while a slow client reads, and is what the stores
@@ -32,7 +34,6 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Collection, Mapping, Sequence
-from typing import NamedTuple
 
 import h3.api.basic_int as h3i
 import numpy as np
@@ -47,18 +48,9 @@ from tracker.history.cursor import (
     bind_query,
     decode_area_cursor,
     decode_track_cursor,
-    encode_cursor,
 )
-from tracker.history.formats import (
-    CONTENT_TYPES,
-    FORMATS,
-    AreaResult,
-    TrackResult,
-    encode_area,
-    encode_track,
-)
-from tracker.history.simplify import simplify, subset
-from tracker.history.store import HistoryStore, Track
+from tracker.history.formats import CONTENT_TYPES, FORMATS
+from tracker.history.pages import PageQuery, area_page, track_page
 from tracker.history.times import check_window, parse_time
 from tracker.history.writer import History
 from tracker.pings import MAX_VEHICLE_ID_CHARS
@@ -70,7 +62,6 @@ __all__ = [
     "MAX_LIMIT",
     "MAX_TOLERANCE_M",
     "MAX_TRACK_WINDOW_S",
-    "PageQuery",
     "VehicleIdConverter",
     "add_history_routes",
     "parse_page_query",
@@ -93,15 +84,6 @@ MAX_TOLERANCE_M = 10_000.0
 MAX_NUMBER_CHARS = 32
 """Longest ``limit=`` or ``tolerance_m=`` looked at."""
 _PAGE_PARAMS = frozenset({"from", "to", "format", "limit", "cursor", "tolerance_m", "token"})
-
-
-class PageQuery(NamedTuple):
-    """What every history query asks for, checked: a window, a format and a page size."""
-
-    start: float
-    end: float
-    fmt: str
-    limit: int
 
 
 def parse_page_query(
@@ -206,20 +188,18 @@ def add_history_routes(
         after = None
         if cursor is not None:
             after = decode_track_cursor(cursor, binding, start=query.start, end=query.end)
-        cells = grant.cells if grant is not None else None
-
-        def answer(store: HistoryStore) -> bytes:
-            """The page, read, filtered, simplified and encoded in one worker thread."""
-            track = store.track(vehicle_id, query.start, query.end, limit=query.limit, after=after)
-            full = len(track) >= query.limit
-            following = encode_cursor(binding, float(track.ts[-1])) if full else None
-            kept = simplify(_inside(track, cells, resolution), tolerance_m or 0.0)
-            result = TrackResult(
-                kept, query.start, query.end, following, cells is not None, tolerance_m
-            )
-            return encode_track(result, query.fmt)
-
-        return Response(await history.read(answer), content_type=CONTENT_TYPES[query.fmt])
+        answer = functools.partial(
+            track_page,
+            vehicle_id=vehicle_id,
+            query=query,
+            after=after,
+            binding=binding,
+            cells=grant.cells if grant is not None else None,
+            resolution=resolution,
+            tolerance_m=tolerance_m,
+        )
+        body = await history.answer(answer)
+        return Response(body, content_type=CONTENT_TYPES[query.fmt])
 
     @app.get("/history")
     async def area_history() -> Response:
@@ -250,21 +230,18 @@ def add_history_routes(
         after = None
         if cursor is not None:
             after = decode_area_cursor(cursor, binding, start=query.start, end=query.end)
-        stored = to_resolution(cells, history.resolution)
-        # Positions come back by the store's cells; coarser ones reach beyond the area.
-        exact = cells if history.resolution < resolution else None
-
-        def answer(store: HistoryStore) -> bytes:
-            """The page, read, cut to the area and encoded in one worker thread."""
-            page = store.area(stored, query.start, query.end, limit=query.limit, after=after)
-            following = None
-            if page.cursor is not None:
-                following = encode_cursor(binding, page.cursor[1], page.cursor[0])
-            tracks = [_inside(track, exact, resolution) for track in page.tracks]
-            result = AreaResult([t for t in tracks if len(t)], query.start, query.end, following)
-            return encode_area(result, query.fmt)
-
-        return Response(await history.read(answer), content_type=CONTENT_TYPES[query.fmt])
+        answer = functools.partial(
+            area_page,
+            cells=to_resolution(cells, history.resolution),
+            query=query,
+            after=after,
+            binding=binding,
+            # Positions come back by the store's cells; coarser ones reach beyond the area.
+            exact=cells if history.resolution < resolution else None,
+            resolution=resolution,
+        )
+        body = await history.answer(answer)
+        return Response(body, content_type=CONTENT_TYPES[query.fmt])
 
 
 class VehicleIdConverter(PathConverter):
@@ -274,22 +251,6 @@ class VehicleIdConverter(PathConverter):
 
     regex = "(?s:.+?)"
     part_isolating = False  # werkzeug guesses True for a regex without "/"
-
-
-def _inside(track: Track, cells: frozenset[int] | None, resolution: int) -> Track:
-    """The positions of ``track`` in ``cells`` (at ``resolution``); all of them for None."""
-    if cells is None or not len(track):
-        return track
-    cell = functools.partial(h3i.latlng_to_cell, res=resolution)
-    mask = np.fromiter(
-        (
-            cell(lat, lon) in cells
-            for lat, lon in zip(track.lat.tolist(), track.lon.tolist(), strict=True)
-        ),
-        dtype=np.bool_,
-        count=len(track),
-    )
-    return track if mask.all() else subset(track, mask)
 
 
 def _required(args: Mapping[str, Sequence[str]], name: str) -> str:

@@ -15,13 +15,14 @@
 Threads: every write (append, compact, expire, close) runs through
 ``trio.to_thread.run_sync`` under one ``CapacityLimiter(1)``, so writes never overlap and
 keep their order; queries (:meth:`History.track`, :meth:`History.area`) run in other
-worker threads under their own limiter and a deadline.
+worker threads under their own limiter and a deadline, and the HTTP routes' pages
+(:meth:`History.answer`) in reader processes (``tracker.history.readers``) once started.
 
 Tasks: :meth:`History.run` (started in the tracker's nursery) opens the store and
 migrates it, reports started, then holds ``history_nursery`` with the commit loop, the
-compaction loop and the retention loop until cancelled. However it ends, it then flushes
-the queue (within :data:`FLUSH_TIMEOUT_S`) and closes the store: a graceful stop loses
-nothing. Store failures are logged once per episode and counted
+compaction loop, the retention loop and the readers' task until cancelled. However it
+ends, it then flushes the queue (within :data:`FLUSH_TIMEOUT_S`) and closes the store: a
+graceful stop loses nothing. Store failures are logged once per episode and counted
 (``tracker_history_store_errors_total``), never raised; a store that cannot be opened at
 start is raised (the tracker does not run without the history it was told to keep).
 
@@ -35,13 +36,14 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Final, TypeVar
 
 import trio
 
 from tracker.config import TrackerConfig
 from tracker.errors import ServiceBusy
+from tracker.history.readers import READERS_AFTER_S, ReaderPool
 from tracker.history.store import AreaPage, HistoryStore, RejectedPings, StoreError, Track
 from tracker.logs import Episode, Throttle
 from tracker.metrics import Metrics
@@ -149,8 +151,10 @@ class History:
         open_store: Callable[[], HistoryStore],
         *,
         now: Callable[[], float] = time.time,
+        readers: ReaderPool | None = None,
     ) -> None:
         self._config = config
+        self._readers = readers
         self._metrics = metrics
         self._open_store = open_store
         self._now = now
@@ -240,6 +244,8 @@ class History:
                 history_nursery.start_soon(self._commit_forever, name="history commits")
                 history_nursery.start_soon(self._compact_forever, name="history compaction")
                 history_nursery.start_soon(self._expire_forever, name="history retention")
+                if self._readers is not None:
+                    history_nursery.start_soon(self._readers.run, name="history readers")
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -415,20 +421,48 @@ class History:
     async def read(self, query: Callable[[HistoryStore], _T]) -> _T:
         """``query(store)`` in a worker thread, under the query limiter and deadline.
 
-        Public for callers that do more with an answer than return it: the HTTP routes
-        filter and encode it in the same thread, one hop off the event loop instead of
-        two (each hop waits for a busy loop).
-
         A query past its deadline is abandoned (its thread finishes in the background,
         holding its place in the limiter until then) and answered with 503, as is one the
         store cannot answer (:class:`StoreError`).
         """
         store = self._open()
+        return await self._in_time(
+            lambda: trio.to_thread.run_sync(
+                query, store, limiter=self._query_limiter, abandon_on_cancel=True
+            )
+        )
+
+    async def answer(self, query: Callable[[HistoryStore], bytes]) -> bytes:
+        """The bytes ``query(store)`` returns, computed in a reader process once they run
+        (:mod:`tracker.history.readers`: then it does not compete with the event loop for
+        the GIL), else in a worker thread as :meth:`read` does; the same limiter, deadline
+        and errors. ``query`` must pickle (a module-level function, or a partial of one).
+        A query in a thread that took longer than :data:`READERS_AFTER_S` starts them.
+
+        The HTTP routes read, filter and encode a page in one such call, one hop off the
+        event loop instead of two (each hop waits for a busy loop).
+        """
+        readers = self._readers
+        if readers is None or not readers.ready:
+            began = time.perf_counter()
+            answer = await self.read(query)
+            if readers is not None and time.perf_counter() - began > READERS_AFTER_S:
+                readers.want()
+            return answer
+        self._open()
+
+        async def in_reader() -> bytes:
+            async with self._query_limiter:
+                return await readers.call(query)
+
+        return await self._in_time(in_reader)
+
+    async def _in_time(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``await call()`` within :data:`QUERY_TIMEOUT_S`; 503 past it or when the store
+        cannot answer."""
         with trio.move_on_after(QUERY_TIMEOUT_S):
             try:
-                return await trio.to_thread.run_sync(
-                    query, store, limiter=self._query_limiter, abandon_on_cancel=True
-                )
+                return await call()
             except StoreError as exc:
                 raise ServiceBusy(
                     f"history cannot be read now: {exc}", retry_after_s=RETRY_MAX_S
