@@ -327,12 +327,20 @@ class Tracker:
             raise CoreCrashed(f"a core task crashed: {exc!r}") from exc
 
     async def _tick_forever(self) -> None:
-        """One tick every ``tick_s``; a late tick is not made up twice."""
+        """One tick every ``tick_s``; a late tick is not made up twice.
+
+        A tick that crashes marks the core failed at once: ``/healthz`` must not answer
+        200 while the nursery cancels the other core tasks (which can take a few turns).
+        """
         next_at = trio.current_time()
         while True:
             next_at += self.config.tick_s
             await trio.sleep_until(next_at)
-            await self._tick_in_slices()
+            try:
+                await self._tick_in_slices()
+            except Exception:
+                self.lifecycle = Lifecycle.FAILED
+                raise
             next_at = max(next_at, trio.current_time() - self.config.tick_s)
 
     async def _beat_forever(self) -> None:
