@@ -255,6 +255,7 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         dropped = await metric(http, "tracker_zone_pings_dropped")
         merged = await metric(http, "tracker_zone_ticks_merged")
         engine_call = await metric(http, "tracker_zone_tick_seconds")
+        engine_call_max = await metric(http, "tracker_zone_engine_call_max_seconds")
         commits = await commit_figures(http)
         nursery.cancel_scope.cancel()
     counted_from = began + args.warmup
@@ -266,6 +267,7 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         "tracker_cpu_cores": round(cpu / took, 2),
         "engine_lag_max_s": round(max(lags, default=0.0), 3),
         "engine_last_call_ms": round(1000 * engine_call, 1),
+        "engine_longest_call_ms": round(1000 * engine_call_max, 1),
         "engine_ticks_merged": int(merged),
         "engine_pings_dropped": int(dropped),
         "longest_tick_ms": round(1000 * longest_tick, 1),

@@ -136,6 +136,9 @@ class ZoneWorker:
         self._last_drop_at: float | None = None
         self._drops = Throttle(logger, interval_s=10.0)
         self.figures = EngineFigures()
+        self.call_max_s = 0.0
+        """The longest call in the thread since start (a lag much longer than this is
+        time the thread waited to run, not time it worked)."""
         self.pings_dropped = 0
         self.ticks_merged = 0
         """Ticks merged into the next because the engine was behind."""
@@ -233,6 +236,10 @@ class ZoneWorker:
                 "Ticks merged into the next because the zone engine was behind.",
                 lambda: self.ticks_merged,
             ),
+            "zone_engine_call_max_seconds": (
+                "The zone engine's longest call in its thread since start.",
+                lambda: self.call_max_s,
+            ),
             "zone_engine_lag_seconds": (
                 "How long the oldest tick the zone engine has not decided has waited.",
                 lambda: self.lag_s,
@@ -298,10 +305,12 @@ class ZoneWorker:
                 engine.put(op.compiled, op.now)
             else:
                 engine.delete(op.zone_id, op.now)
+        took = time.perf_counter() - started
+        self.call_max_s = max(self.call_max_s, took)
         self.figures = EngineFigures(
             vehicles_known=engine.vehicles_known,
             vehicles_inside=engine.vehicles_inside,
-            call_s=time.perf_counter() - started,
+            call_s=took,
             ticks=ticks,
         )
         return events
