@@ -35,6 +35,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from typing import Final
@@ -65,8 +66,14 @@ _store: HistoryStore | None = None
 
 
 def _open_reader(target: str) -> None:
-    """Initializer of a reader process: open the store (reading its layout)."""
+    """Initializer of a reader process: open the store (reading its layout).
+
+    Ctrl-C in a terminal interrupts the whole process group: a reader ignores it, so
+    that it does not print a KeyboardInterrupt traceback; the tracker stops its readers
+    itself (:meth:`ReaderPool.close`).
+    """
     global _store
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     importlib.import_module("tracker.history.pages")  # what queries call: before the first
     store = open_store(target)
     store.migrate()  # reads the file's resolution and layout; a no-op on a current file
