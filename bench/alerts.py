@@ -91,7 +91,14 @@ async def latency(args: argparse.Namespace) -> Figures:
                 ready = trio.Event()
                 reader_nursery.start_soon(_read_latencies, http, latencies, ready)
                 await ready.wait()
-                await _send_pings(http, args.rate, args.seconds)
+                await send_alternating(
+                    http,
+                    max(20, round(args.rate)),
+                    args.seconds,
+                    centre=CENTRE,
+                    prefix="v",
+                    headers={"Content-Type": "application/msgpack", "X-Ingest-Key": INGEST_KEY},
+                )
                 await trio.sleep(args.tick + 1.0)  # the last tick and its commit
                 reader_nursery.cancel_scope.cancel()
             shutdown.set()
@@ -123,24 +130,30 @@ async def _read_latencies(
                 latencies.append(time.time() - json.loads(line[6:])["t"])
 
 
-async def _send_pings(http: httpx.AsyncClient, rate: float, seconds: float) -> None:
-    """``rate`` vehicles at 1 Hz in 20 batches a second, each ping stamped when sent; a
-    vehicle is inside the zone in even seconds and 2 km east of it in odd ones."""
-    vehicles = max(20, round(rate))
+async def send_alternating(
+    http: httpx.AsyncClient,
+    vehicles: int,
+    seconds: float,
+    *,
+    centre: tuple[float, float],
+    prefix: str,
+    headers: dict[str, str],
+) -> None:
+    """``vehicles`` vehicles at 1 Hz in 20 batches a second, each ping stamped when sent;
+    a vehicle is at ``centre`` in even seconds and 2 km east of it in odd ones, so every
+    ping of a zone around ``centre`` raises an enter or an exit."""
     start = trio.current_time()
     for number in range(int(seconds * 20)):
         await trio.sleep_until(start + number / 20)
         second, slot = divmod(number, 20)
-        lon = CENTRE[1] + (0.0 if second % 2 == 0 else 0.03)
+        lon = centre[1] + (0.0 if second % 2 == 0 else 0.03)
         now = time.time()
         pings = [
-            {"vehicle_id": f"v{k}", "lat": CENTRE[0], "lon": lon, "ts": now}
+            {"vehicle_id": f"{prefix}{k}", "lat": centre[0], "lon": lon, "ts": now}
             for k in range(slot, vehicles, 20)
         ]
         response = await http.post(
-            "/ingest",
-            content=msgspec.msgpack.encode(pings),
-            headers={"Content-Type": "application/msgpack", "X-Ingest-Key": INGEST_KEY},
+            "/ingest", content=msgspec.msgpack.encode(pings), headers=headers
         )
         response.raise_for_status()
 

@@ -51,7 +51,7 @@ import msgspec
 import numpy as np
 import trio
 
-from bench.alerts import Receiver
+from bench.alerts import Receiver, send_alternating
 from bench.common import INGEST_HEADERS, UNLIMITED, cpu_seconds
 from bench.fleet import metric
 from bench.ingest import BodyMaker, Counts, post_all, post_rounds
@@ -170,25 +170,6 @@ async def read_events(
                 into.append((now, now - json.loads(line[6:])["t"]))
 
 
-async def send_probes(http: httpx.AsyncClient, probes: int, seconds: float) -> None:
-    """``probes`` vehicles at 1 Hz in 20 batches a second, each ping stamped when sent;
-    inside the probe zone in even seconds, 2 km east of it in odd ones."""
-    begin = trio.current_time()
-    for number in range(int(seconds * 20)):
-        await trio.sleep_until(begin + number / 20)
-        second, slot = divmod(number, 20)
-        lon = PROBE[1] + (0.0 if second % 2 == 0 else 0.03)
-        now = time.time()
-        pings = [
-            {"vehicle_id": f"probe{k}", "lat": PROBE[0], "lon": lon, "ts": now}
-            for k in range(slot, probes, 20)
-        ]
-        reply = await http.post(
-            "/ingest", content=msgspec.msgpack.encode(pings), headers=INGEST_HEADERS
-        )
-        reply.raise_for_status()
-
-
 async def paced(url: str, maker: ZoneBodies, rounds: int, counts: Counts) -> None:
     """A round every second (a late round starts at once), ``rounds`` of them."""
     limits = httpx.Limits(max_connections=4)
@@ -246,7 +227,10 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         seconds = args.warmup + args.latency_seconds
         async with trio.open_nursery() as load:
             load.start_soon(paced, url, maker, int(seconds), counts)
-            load.start_soon(send_probes, http, args.probes, seconds)
+            probes = functools.partial(
+                send_alternating, centre=PROBE, prefix="probe", headers=INGEST_HEADERS
+            )
+            load.start_soon(probes, http, args.probes, seconds)
         cpu = cpu_seconds(pid) - cpu
         took = time.time() - began
         await trio.sleep(1.0)  # the last ticks, commits and streams
