@@ -11,7 +11,7 @@ import trio
 
 from tests.alerts_tools import zone_event
 from tracker.alerts.log import AlertLog
-from tracker.alerts.store import AlertStore, NewEvent, StoredEvent
+from tracker.alerts.store import INSERT_ROWS, AlertStore, NewEvent, StoredEvent
 from tracker.alerts.streams import UNAVAILABLE_EVENT, AlertFilter, alert_stream
 from tracker.config import TrackerConfig
 from tracker.database import DatabaseError, SqliteDatabase
@@ -173,3 +173,28 @@ async def test_a_stream_that_cannot_read_the_log_ends_and_says_so(
         chunk async for chunk in alert_stream(log, AlertFilter(), 0, retry_ms=1000, heartbeat_s=5)
     ]
     assert chunks == [b"retry: 1000\n\n", UNAVAILABLE_EVENT]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_a_large_append_spans_statements_with_ids_in_order(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A commit larger than one INSERT's rows: ids consecutive, each on its own event,
+    also after ids another writer took (PostgreSQL) or retention left a gap (SQLite)."""
+    target = (
+        str(tmp_path / "a.sqlite3") if database == "sqlite" else request.getfixturevalue("postgres")
+    )
+    store = AlertStore.open(target)
+    try:
+        store.migrate()
+        first = store.append([NewEvent(0, zone_event(i)) for i in range(3)], 0.0)
+        store.expire(1e18, 0, limit=100)  # the ids go on after the deleted ones
+        count = 2 * INSERT_ROWS + 7
+        stored = store.append([NewEvent(i, zone_event(i)) for i in range(count)], 1.0)
+        assert [e.id for e in first] == [1, 2, 3]
+        assert [e.id for e in stored] == list(range(4, 4 + count))
+        assert [e.event.vehicle for e in stored] == [f"v{i}" for i in range(count)]
+        back = store.read(3, count + 10)
+        assert [(e.id, e.cell, e.event) for e in back] == [(e.id, e.cell, e.event) for e in stored]
+    finally:
+        store.close()

@@ -16,6 +16,7 @@ from tracker.zones.cover import compile_zone
 from tracker.zones.engine import MAX_RECORDED_PINGS, ZoneEngine
 from tracker.zones.events import ZoneEvent
 from tracker.zones.model import parse_zone
+from tracker.zones.states import ZONE_BITS, StateTable
 from tracker.zones.worker import departed
 
 M_PER_DEG = 111_320.0
@@ -266,3 +267,22 @@ def test_event_wire_format() -> None:
     leave = msgspec.structs.replace(enter, type="exit", inside_s=59.0, reason="stale")
     assert msgspec.json.encode(leave).endswith(b',"inside_s":59.0,"reason":"stale"}')
     assert msgspec.json.decode(msgspec.json.encode(leave), type=ZoneEvent) == leave
+
+
+def test_the_state_table_counts_vehicles_with_a_pair() -> None:
+    states = StateTable()
+    assert states.vehicle_count() == 0
+    pairs = [(1, 3), (5, 0), (1, 7), (2, 3), (5, 9), (1 << 30, 1)]
+    keys = np.array([(v << ZONE_BITS) | z for v, z in pairs], dtype=np.int64)
+    states.update(
+        np.empty(0, np.int64),
+        keys,
+        np.ones(len(keys), np.bool_),
+        np.zeros(len(keys), np.int16),
+        np.zeros(len(keys)),
+        np.zeros(len(keys), np.bool_),
+    )
+    assert states.vehicle_count() == 4
+    none = (np.empty(0, np.bool_), np.empty(0, np.int16), np.empty(0), np.empty(0, np.bool_))
+    states.update(states.rows_of_vehicles(np.array([1, 5])), keys[:0], *none)
+    assert states.vehicle_count() == 2

@@ -8,7 +8,8 @@ in the index before the reply is sent, so nothing acknowledged is lost. Owns no 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -24,8 +25,11 @@ from tracker.wire import MAX_ABS_LAT
 __all__ = [
     "INGEST_SLICE_PINGS",
     "MEDIA_TYPES",
+    "Target",
+    "admit_all",
     "apply_pings",
     "apply_pings_async",
+    "applying",
     "check_ping",
     "clamp_to",
     "decode_body",
@@ -111,9 +115,28 @@ def decode_body(
 
 
 INGEST_SLICE_PINGS = 500
-"""Pings the async path (:func:`apply_pings_async`) checks and applies between two turns of
-the event loop: about 1-2 ms of work on this machine, so that a 50,000-ping batch never
-holds every other request (and the tick) for the 100+ ms it takes as a whole."""
+"""Pings checked and applied in one slice (:func:`applying`): about 1-2 ms of work on
+this machine, so that the async path never holds every other request (and the tick)
+for the 100+ ms a 50,000-ping batch takes as a whole."""
+
+
+def admit_all(pings: int) -> None:
+    """The default admission: no rate limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a batch goes and how it is judged: the index, the limits, the counters, the
+    server time, the admission (``admit(n)`` may refuse the batch by raising, before
+    anything is applied) and ``accepted``, which receives every ping applied (for the
+    bus, history and zones), if given."""
+
+    index: GeoIndex
+    config: TrackerConfig
+    metrics: Metrics
+    now: float
+    admit: Callable[[int], None] = admit_all
+    accepted: list[Ping] | None = None
 
 
 class _Tally:
@@ -131,13 +154,10 @@ def _apply_range(
     positions: range,
     rejections: Rejections,
     tally: _Tally,
-    *,
-    index: GeoIndex,
-    config: TrackerConfig,
-    now: float,
-    accepted_pings: list[Ping] | None,
+    target: Target,
 ) -> None:
     """Check and apply the pings at ``positions`` (indices into ``pings``)."""
+    index, config, now, taken = target.index, target.config, target.now, target.accepted
     accepted = ignored = 0
     for position in positions:
         ping = pings[position]
@@ -151,8 +171,8 @@ def _apply_range(
             ping = clamp_to(ping, now)
         if index.apply(ping, now):
             accepted += 1
-            if accepted_pings is not None:
-                accepted_pings.append(ping)
+            if taken is not None:
+                taken.append(ping)
         else:
             ignored += 1
     tally.accepted += accepted
@@ -184,78 +204,68 @@ def _reply(
     return reply
 
 
-def apply_pings(
+def applying(
     pings: Sequence[Ping | None],
     rejections: Rejections,
+    target: Target,
     *,
-    index: GeoIndex,
-    config: TrackerConfig,
-    metrics: Metrics,
-    now: float,
-    admit: Callable[[int], None] = lambda pings: None,
-    accepted_pings: list[Ping] | None = None,
-) -> IngestReply:
-    """Check and apply decoded pings; raise a TrackerError if nothing could be taken.
-
-    Every ingest path ends here or in :func:`apply_pings_async` (``/ingest`` batches and
-    the device protocols alike), so every ping meets the same checks, reasons and
-    metrics. ``pings`` holds None where a ping did not decode (its reason already in
-    ``rejections``). ``admit(n)`` is asked before anything is applied and may refuse the
-    batch by raising (the ingest rate limit): a batch is taken whole or not at all.
-    ``accepted_pings``, if given, receives every ping applied (for the bus to forward).
-    """
-    admit(len(pings))
-    tally = _Tally()
-    _apply_range(
-        pings,
-        range(len(pings)),
-        rejections,
-        tally,
-        index=index,
-        config=config,
-        now=now,
-        accepted_pings=accepted_pings,
-    )
-    return _reply(pings, rejections, tally, metrics)
-
-
-async def apply_pings_async(
-    pings: Sequence[Ping | None],
-    rejections: Rejections,
-    *,
-    index: GeoIndex,
-    config: TrackerConfig,
-    metrics: Metrics,
-    now: float,
-    admit: Callable[[int], None] = lambda pings: None,
-    accepted_pings: list[Ping] | None = None,
     slice_pings: int = INGEST_SLICE_PINGS,
-) -> IngestReply:
-    """:func:`apply_pings`, letting the event loop run other tasks every ``slice_pings``.
+) -> Generator[None, None, IngestReply]:
+    """Check and apply decoded pings, one slice of ``slice_pings`` per step; the reply
+    is the generator's value, and a TrackerError is raised if nothing could be taken.
 
-    Admission is the same (the whole batch, before anything is applied), and so is the
-    outcome: once admitted, a batch is applied whole even if the caller is cancelled
-    meanwhile (the turns it yields are not cancellation points), so what ``accepted_pings``
-    holds on return or on any exit is exactly what the index took. A tick may publish
-    the first slices of a batch before its last ones are applied, as it may publish one
-    batch before the next.
+    The one core of every ingest path (``/ingest`` batches and the device protocols
+    alike), so every ping meets the same checks, reasons and metrics:
+    :func:`apply_pings` runs it to the end at once, :func:`apply_pings_async` lets the
+    event loop run other tasks between its steps. ``pings`` holds None where a ping did
+    not decode (its reason already in ``rejections``). The whole batch is admitted
+    (``target.admit``) before anything is applied: taken whole or not at all.
     """
-    admit(len(pings))
+    target.admit(len(pings))
     tally = _Tally()
     for start in range(0, len(pings), slice_pings):
         if start:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        _apply_range(
-            pings,
-            range(start, min(start + slice_pings, len(pings))),
-            rejections,
-            tally,
-            index=index,
-            config=config,
-            now=now,
-            accepted_pings=accepted_pings,
-        )
-    return _reply(pings, rejections, tally, metrics)
+            yield
+        positions = range(start, min(start + slice_pings, len(pings)))
+        _apply_range(pings, positions, rejections, tally, target)
+    return _reply(pings, rejections, tally, target.metrics)
+
+
+def _step(steps: Generator[None, None, IngestReply]) -> IngestReply | None:
+    """One step of :func:`applying`: the reply once it is done, else None."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        reply: IngestReply = done.value
+        return reply
+    return None
+
+
+def apply_pings(
+    pings: Sequence[Ping | None], rejections: Rejections, target: Target
+) -> IngestReply:
+    """:func:`applying` at once, without yielding to anyone (device protocols, tests)."""
+    steps = applying(pings, rejections, target)
+    while (reply := _step(steps)) is None:
+        pass
+    return reply
+
+
+async def apply_pings_async(
+    pings: Sequence[Ping | None], rejections: Rejections, target: Target
+) -> IngestReply:
+    """:func:`applying`, letting the event loop run other tasks between its slices.
+
+    Once admitted, a batch is applied whole even if the caller is cancelled meanwhile
+    (the turns it yields are not cancellation points), so what ``target.accepted`` holds
+    on return or on any exit is exactly what the index took. A tick may publish the
+    first slices of a batch before its last ones are applied, as it may publish one
+    batch before the next.
+    """
+    steps = applying(pings, rejections, target)
+    while (reply := _step(steps)) is None:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    return reply
 
 
 def ingest_body(
@@ -266,18 +276,7 @@ def ingest_body(
     config: TrackerConfig,
     metrics: Metrics,
     now: float,
-    admit: Callable[[int], None] = lambda pings: None,
-    accepted_pings: list[Ping] | None = None,
 ) -> IngestReply:
     """Decode, check and apply one batch: :func:`decode_body`, then :func:`apply_pings`."""
     pings, rejections = decode_body(body, content_type, config)
-    return apply_pings(
-        pings,
-        rejections,
-        index=index,
-        config=config,
-        metrics=metrics,
-        now=now,
-        admit=admit,
-        accepted_pings=accepted_pings,
-    )
+    return apply_pings(pings, rejections, Target(index, config, metrics, now))

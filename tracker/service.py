@@ -56,7 +56,7 @@ from tracker.history.readers import ReaderPool
 from tracker.history.store import open_store
 from tracker.history.writer import History
 from tracker.hub import FeedHub, Resume, Subscription
-from tracker.ingest import apply_pings, apply_pings_async, decode_body
+from tracker.ingest import Target, admit_all, apply_pings, apply_pings_async, decode_body
 from tracker.meta import MetaStore
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
@@ -140,10 +140,6 @@ class VehicleReport(msgspec.Struct, frozen=True, kw_only=True):
     """The H3 index cell, as hex (what ``cells=`` takes)."""
 
 
-def _admit_all(pings: int) -> None:
-    """The default admission: no rate limit."""
-
-
 class _Intake:
     """One batch on its way in: its pings, its admission, and where accepted pings go.
 
@@ -161,6 +157,7 @@ class _Intake:
         forwarded: list[Ping] | None,
         admits: list[Callable[[int], None]],
         history: History | None,
+        tracker: Tracker,
     ) -> None:
         self.pings = pings
         self.rejections = rejections
@@ -169,6 +166,10 @@ class _Intake:
         self.history = history
         self.reserved = 0
         self._admits = admits
+        self.target = Target(
+            tracker.index, tracker.config, tracker.metrics, now, self.admit, forwarded
+        )
+        """What :func:`tracker.ingest.applying` applies the batch to."""
 
     def admit(self, pings: int) -> None:
         for admit in self._admits:
@@ -396,7 +397,7 @@ class Tracker:
         body: bytes,
         content_type: str | None,
         *,
-        admit: Callable[[int], None] = _admit_all,
+        admit: Callable[[int], None] = admit_all,
         now: float | None = None,
         fleet: KeyFleet = DEFAULT_KEY,
     ) -> IngestReply:
@@ -412,7 +413,7 @@ class Tracker:
         body: bytes,
         content_type: str | None,
         *,
-        admit: Callable[[int], None] = _admit_all,
+        admit: Callable[[int], None] = admit_all,
         now: float | None = None,
         fleet: KeyFleet = DEFAULT_KEY,
     ) -> IngestReply:
@@ -430,16 +431,7 @@ class Tracker:
         async with self._applying:  # before admission: a refused batch waited for nothing
             intake = self._intake(pings, rejections, admit, now, fleet)
             try:
-                return await apply_pings_async(
-                    intake.pings,
-                    intake.rejections,
-                    index=self.index,
-                    config=self.config,
-                    metrics=self.metrics,
-                    now=intake.now,
-                    admit=intake.admit,
-                    accepted_pings=intake.forwarded,
-                )
+                return await apply_pings_async(intake.pings, intake.rejections, intake.target)
             finally:
                 self._hand_on(intake)
 
@@ -448,7 +440,7 @@ class Tracker:
         pings: Sequence[Ping | None],
         *,
         rejections: Rejections | None = None,
-        admit: Callable[[int], None] = _admit_all,
+        admit: Callable[[int], None] = admit_all,
         now: float | None = None,
         fleet: KeyFleet = DEFAULT_KEY,
     ) -> IngestReply:
@@ -466,16 +458,7 @@ class Tracker:
         rejections = Rejections() if rejections is None else rejections
         intake = self._intake(pings, rejections, admit, now, fleet)
         try:
-            return apply_pings(
-                intake.pings,
-                intake.rejections,
-                index=self.index,
-                config=self.config,
-                metrics=self.metrics,
-                now=intake.now,
-                admit=intake.admit,
-                accepted_pings=intake.forwarded,
-            )
+            return apply_pings(intake.pings, intake.rejections, intake.target)
         finally:
             self._hand_on(intake)
 
@@ -496,6 +479,7 @@ class Tracker:
             forwarded=[] if keep else None,
             admits=[admit, self.alerts.admit],
             history=self.history,
+            tracker=self,
         )
 
     def _hand_on(self, intake: _Intake) -> None:

@@ -562,4 +562,4 @@ class ZoneEngine:
     @property
     def vehicles_inside(self) -> int:
         """Vehicles inside (or entering) at least one zone."""
-        return len(self.states.vehicles())
+        return self.states.vehicle_count()
