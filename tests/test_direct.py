@@ -9,9 +9,11 @@ the same head and body as the framework path (``direct_feeds = False``).
 
 from __future__ import annotations
 
+import gc
 import re
 import ssl
 import time
+import types
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,6 +31,7 @@ from tests.conftest import (
     post_pings,
 )
 from tests.rawhttp import connect, fleet
+from tracker.direct import DirectFeed
 from tracker.feed import SHUTDOWN_EVENT
 from tracker.hub import Subscription
 
@@ -321,6 +324,7 @@ async def test_shutdown_ends_within_grace_while_a_direct_feed_never_reads(
     started = trio.current_time()
     await server.stop()
     assert trio.current_time() - started < 5
+    assert server.tracker.hub.subscriber_count == 0  # the poller ended it at its cancel
     await stalled.stream.aclose()
 
 
@@ -397,6 +401,33 @@ async def test_plain_tcp_feeds_keep_no_task_and_still_get_every_event(
     for feed in [*feeds, quiet]:
         await feed.until_eof()
         assert feed.ended and feed.body.endswith(SHUTDOWN_EVENT)
+
+
+async def test_a_polled_feed_is_held_by_no_frame_and_no_trio_socket(
+    start_server: StartServer,
+) -> None:
+    """What a polled feed costs (a tracking link each): its subscription is referred to
+    by the hub and the feed, not by a suspended generator or exit stack; Trio's socket
+    objects are gone. Its end is synchronous and still frees everything."""
+    server = await start_server(max_streams_per_address=1)
+    feed = await raw_feed(server)
+    with trio.fail_after(5):
+        await feed.read_head()
+    await until(lambda: len(direct_subscriptions(server)) == 1)
+    (sub,) = direct_subscriptions(server)
+    writer = sub.writer
+    assert isinstance(writer, DirectFeed)
+    await until(lambda: writer.socket.detached)
+    gc.collect()
+    frames = [r for r in gc.get_referrers(sub) if isinstance(r, types.FrameType)]
+    assert not frames, [f.f_code.co_name for f in frames]
+    await feed.stream.aclose()
+    await until(lambda: server.tracker.hub.subscriber_count == 0)
+    assert writer.ended and sub.writer is None
+    again = await raw_feed(server)  # the one slot of this address was given back
+    with trio.fail_after(5):
+        await again.read_head()
+    assert again.status == 200
 
 
 async def test_a_polled_feed_whose_client_stops_reading_is_bounded_and_others_go_on(

@@ -14,7 +14,7 @@ from tests.conftest import BERLIN, BERLIN_BBOX, INGEST_KEY, StartServer, ping
 from tests.credentials import SECURE, mint_token
 from tests.sse import feed_head, open_feed
 from tracker.errors import TooManyRequests
-from tracker.limits import IngestRate
+from tracker.limits import IngestRate, StreamSlots
 
 
 async def test_streams_per_token_are_limited_and_freed_on_close(
@@ -104,3 +104,19 @@ def test_ingest_rate_refills_over_time_and_zero_means_no_limit() -> None:
     unlimited = IngestRate(0)
     for _ in range(100):
         unlimited.admit("k", 50_000)
+
+
+def test_stream_slots_count_a_released_or_dropped_slot_out_once() -> None:
+    slots = StreamSlots(per_token=1, per_address=2, retry_after_s=1)
+    slot = slots.acquire(token="t", address="a")
+    with pytest.raises(TooManyRequests):
+        slots.acquire(token="t", address="b")
+    slot.release()
+    slot.release()  # idempotent: counted out once
+    first = slots.acquire(token="t", address="a")
+    second = slots.acquire(token="u", address="a")
+    with pytest.raises(TooManyRequests):
+        slots.acquire(token="v", address="a")  # the address holds two
+    del first, second  # dropped unreleased: counted out all the same
+    held = [slots.acquire(token="t", address="a"), slots.acquire(token="u", address="a")]
+    assert len(held) == 2

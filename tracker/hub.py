@@ -30,7 +30,7 @@ from tracker.config import TrackerConfig
 from tracker.frames import TickFrames, encode_snapshot
 from tracker.geoindex import CellState, GeoIndex
 from tracker.metrics import Metrics
-from tracker.views import View, ViewKey, Watched
+from tracker.views import NOWHERE, View, ViewKey, Watched
 from tracker.wire import decode_frame, frame_to_json
 
 __all__ = [
@@ -181,7 +181,7 @@ class Subscription:
 
     def __init__(self, view: View, *, is_json: bool, tag: str, hub: FeedHub) -> None:
         self.view = view
-        self.cells = view.cells or frozenset()
+        self.cells = view.cells or NOWHERE
         self.jti: str | None = None  # the token's id, if it has one (revocation ends us)
         self.ending = "shutdown"  # why the hub closed us: shutdown, expired, revoked
         self.is_json = is_json

@@ -7,25 +7,38 @@ Synchronous and task-free: a limit is checked where the request is handled.
 from __future__ import annotations
 
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 from tracker.errors import TooManyRequests
 
-__all__ = ["IngestRate", "StreamSlot", "StreamSlots", "held_while_streaming"]
+__all__ = ["IngestRate", "SlotGroup", "StreamSlot", "StreamSlots", "held_while_streaming"]
+
+
+class SlotGroup(Protocol):
+    """Where slots are counted: a ``weakref.WeakSet`` of them, or a bare count."""
+
+    def add(self, slot: StreamSlot, /) -> None:
+        """Count ``slot`` in (once per slot)."""
+
+    def discard(self, slot: StreamSlot, /) -> None:
+        """Count ``slot`` out (once per slot, after :meth:`add`)."""
+
+    def __len__(self) -> int:
+        """Slots counted now."""
 
 
 class StreamSlot:
     """One open feed's place in the per-token and per-address counts.
 
-    Released explicitly when the feed ends; the counts hold slots weakly, so a slot whose
-    response was dropped before it ever started streaming is released all the same.
+    Released explicitly when the feed ends, or when it is dropped unreleased (a slot whose
+    response was dropped before it ever started streaming is released all the same).
     """
 
     __slots__ = ("__weakref__", "_groups")
 
-    def __init__(self, groups: list[weakref.WeakSet[StreamSlot]]) -> None:
-        self._groups = groups
+    def __init__(self, groups: Sequence[SlotGroup]) -> None:
+        self._groups = tuple(groups)
         for group in groups:
             group.add(self)
 
@@ -33,7 +46,29 @@ class StreamSlot:
         """Give the place back (idempotent)."""
         for group in self._groups:
             group.discard(self)
-        self._groups = []
+        self._groups = ()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class _Count:
+    """How many slots of one token or address are open: a number, not a set of them
+    (a ``WeakSet`` per token cost every tracking link, one token each, about 1 KiB)."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self) -> None:
+        self._open = 0
+
+    def add(self, slot: StreamSlot, /) -> None:
+        self._open += 1
+
+    def discard(self, slot: StreamSlot, /) -> None:
+        self._open -= 1
+
+    def __len__(self) -> int:
+        return self._open
 
 
 class StreamSlots:
@@ -42,16 +77,18 @@ class StreamSlots:
     def __init__(self, *, per_token: int, per_address: int, retry_after_s: float) -> None:
         self._limits = {"token": per_token, "address": per_address}
         self._retry_after_s = retry_after_s
-        self._open: dict[tuple[str, str], weakref.WeakSet[StreamSlot]] = {}
+        self._open: dict[tuple[str, str], _Count] = {}
 
     def acquire(self, *, token: str | None, address: str) -> StreamSlot:
         """A slot for a new feed, or 429 if the token or the address has too many open."""
-        groups = []
+        groups: list[SlotGroup] = []
         for kind, who in (("token", token), ("address", address)):
             limit = self._limits[kind]
             if who is None or not limit:
                 continue
-            group = self._open.setdefault((kind, who), weakref.WeakSet())
+            group = self._open.get((kind, who))
+            if group is None:
+                group = self._open[kind, who] = _Count()
             if len(group) >= limit:
                 raise TooManyRequests(
                     f"this {kind} already holds {limit} open feeds, the most allowed; close "

@@ -61,7 +61,7 @@ from tracker.meta import MetaStore
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
 from tracker.revocation import RedisRevocations, Revocation, Revocations, expiry_of
-from tracker.views import View
+from tracker.views import NOWHERE, View
 from tracker.zones.book import ZoneBook
 from tracker.zones.engine import ZoneEngine
 from tracker.zones.events import EventSink
@@ -508,8 +508,7 @@ class Tracker:
             placed.append(where)
         return placed
 
-    @asynccontextmanager
-    async def subscribed(
+    async def join(
         self,
         view: View | frozenset[int],
         *,
@@ -517,36 +516,40 @@ class Tracker:
         last_event_id: str | None,
         expires: float | None = None,
         jti: str | None = None,
-    ) -> AsyncIterator[tuple[Subscription, Resume]]:
-        """Subscribe one feed of a view (or of cells); yields its subscription and its
-        first event. The feed ends at shutdown, or when its token ``expires`` or its
-        ``jti`` is revoked (the hub closes the subscription).
+    ) -> tuple[Subscription, Resume]:
+        """Subscribe one feed of a view (or of cells): its subscription and its first
+        event; the caller must :meth:`leave` it once. The feed ends at shutdown, or when
+        its token ``expires`` or its ``jti`` is revoked (the hub closes the subscription).
 
         The bus first makes sure the area's vehicles are here (Redis bus), then the hub
         subscribes the feed and decides its first event (replay of ``last_event_id`` or a
-        snapshot) in the same synchronous step. Leaving the block, however, unsubscribes
-        and unwatches at once. What writes the feed is the caller's: :meth:`open_feed`
-        (as a byte stream, for the ASGI app) or ``tracker.direct`` (to a socket).
+        snapshot) in the same synchronous step. What writes the feed is the caller's:
+        :meth:`open_feed` (as a byte stream, for the ASGI app) or ``tracker.direct`` (to
+        a socket). Not a context manager, so that a feed without a task (``tracker.direct``'s
+        poller) holds no suspended frame for it.
         """
         if not isinstance(view, View):
             view = View(view)
-        cells = view.cells or frozenset()  # vehicles anywhere: the follower's shards
+        cells = view.cells or NOWHERE  # vehicles anywhere: the follower's shards
         try:
             await self.bus.watch(cells)
+            async with self._following(view):
+                sub = self.hub.subscribe(view, is_json=is_json, expires=expires, jti=jti)
         except BaseException:
             self.bus.unwatch(cells)
             raise
         try:
-            async with self._following(view):
-                sub = self.hub.subscribe(view, is_json=is_json, expires=expires, jti=jti)
-            try:
-                first = self.hub.start(sub, last_event_id)
-                self.metrics.feeds_opened += 1
-                yield sub, first
-            finally:
-                self.hub.unsubscribe(sub)
-        finally:
-            self.bus.unwatch(cells)
+            first = self.hub.start(sub, last_event_id)
+        except BaseException:
+            self.leave(sub)
+            raise
+        self.metrics.feeds_opened += 1
+        return sub, first
+
+    def leave(self, sub: Subscription) -> None:
+        """Unsubscribe and unwatch a feed that :meth:`join` opened (once)."""
+        self.hub.unsubscribe(sub)
+        self.bus.unwatch(sub.cells)
 
     @asynccontextmanager
     async def open_feed(
@@ -558,26 +561,29 @@ class Tracker:
         expires: float | None = None,
         jti: str | None = None,
     ) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Open one feed (:meth:`subscribed`); yields its SSE byte chunks, endless until
+        """Open one feed (:meth:`join`); yields its SSE byte chunks, endless until
         shutdown, or until its token ``expires`` or its ``jti`` is revoked. After
         :meth:`shutdown` a feed still opens, and ends after its first event with the
-        ``shutdown`` event.
+        ``shutdown`` event. Leaving the block, however, unsubscribes and unwatches at once.
         """
-        async with self.subscribed(
+        sub, first = await self.join(
             view, is_json=is_json, last_event_id=last_event_id, expires=expires, jti=jti
-        ) as (sub, first):
-            events = feed_events(
-                self.hub,
-                sub,
-                first,
-                retry_ms=self.config.retry_ms,
-                heartbeat_s=self.config.heartbeat_s,
-                metrics=self.metrics,
-            )
+        )
+        events = feed_events(
+            self.hub,
+            sub,
+            first,
+            retry_ms=self.config.retry_ms,
+            heartbeat_s=self.config.heartbeat_s,
+            metrics=self.metrics,
+        )
+        try:
+            yield events
+        finally:
             try:
-                yield events
-            finally:
                 await events.aclose()
+            finally:
+                self.leave(sub)
 
     def _following(self, view: View) -> AbstractAsyncContextManager[None]:
         """While a vehicle feed opens, its vehicles' shards are watched (Redis bus)."""

@@ -27,15 +27,18 @@ if TYPE_CHECKING:
     from tracker.geoindex import GeoIndex
     from tracker.wire import Position
 
-__all__ = ["FleetKey", "Narrowing", "View", "ViewKey", "Watched"]
+__all__ = ["NOWHERE", "FleetKey", "Narrowing", "View", "ViewKey", "Watched"]
 
 FleetKey = tuple[int, str]
 """A cell's vehicles of one fleet."""
 ViewKey = FleetKey | str
 """What a narrowed view's frames are keyed by: ``(cell, fleet)``, or a vehicle's wire id."""
+NOWHERE: frozenset[int] = frozenset()
+"""The cells of a view of vehicles anywhere: one empty set shared by every such feed
+(``frozenset()`` makes a new 216-byte object each time, and there is a link per feed)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class View:
     """What one feed watches: ``cells`` (None: anywhere, vehicles only), narrowed to
     ``fleets`` or to ``vehicles`` (wire ids) when set."""
