@@ -17,9 +17,9 @@ token expires, after which the token is refused anyway and the entry is dropped.
   revocation Redis cannot take is refused (503, nothing is half-done silently: the
   revoking instance has it, and the caller retries, which is idempotent).
 
-Task tree: ``RedisRevocations.run`` (started by ``Tracker.run`` into its nursery when a
-bus is configured) owns its Redis client and one listening session at a time, retried
-with backoff.
+Task tree: ``RedisRevocations.shared.run`` (``tracker.shared``, started by ``Tracker.run``
+into its nursery when a bus is configured) owns its Redis client and one listening session
+at a time, retried with backoff.
 """
 
 from __future__ import annotations
@@ -31,17 +31,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import anyio
-import coredis
-import coredis.exceptions
 import msgspec
 import trio
-from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
-from tracker.busplan import Backoff
-from tracker.config import without_password
 from tracker.errors import ServiceBusy
+from tracker.shared import DOWN, SharedState
 
 __all__ = [
     "LONGEST_S",
@@ -177,75 +172,35 @@ def _line(revocation: Revocation) -> bytes:
     return _encoder.encode(revocation) + b"\n"
 
 
-_DOWN = (
-    coredis.exceptions.RedisError,
-    OSError,
-    trio.TooSlowError,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-)
-
-
 class RedisRevocations:
     """Revocations shared through Redis between instances (see the module doc)."""
 
     def __init__(self, url: str, revocations: Revocations, *, timeout_s: float) -> None:
-        self._timeout = timeout_s
-        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url,
-            stream_timeout=timeout_s,
-            connect_timeout=timeout_s,
-            retry_policy=NoRetryPolicy(),
-        )
-        self._url = without_password(url)
         self._revocations = revocations
-        self.listening = trio.Event()
-        """Set once the first session loaded the set and listens (tests wait on it)."""
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen for revocations until cancelled; sessions are retried with backoff."""
-        async with self._client:
-            task_status.started()
-            backoff = Backoff()
-            while True:
-                try:
-                    await self._session(backoff)
-                except* _DOWN as group:  # coredis's task groups wrap what a connection raises
-                    first = group.exceptions[0]
-                    logger.warning("revocations: Redis %s unavailable: %r", self._url, first)
-                await trio.sleep(backoff.next())
-
-    async def _session(self, backoff: Backoff) -> None:
-        pubsub = self._client.pubsub(retry_policy=NoRetryPolicy(), ignore_subscribe_messages=True)
-        # (Leaving a subscribed session, coredis unsubscribes even when cancelled with its
-        # connection closed: the ClosedResourceError it raises is taken as Redis being
-        # gone, and a cancellation still propagates.)
-        async with pubsub:
-            with trio.fail_after(self._timeout):
-                await pubsub.subscribe(CHANNEL)
-            await self._load()  # after subscribing: nothing published meanwhile is missed
-            backoff.reset()
-            self.listening.set()
-            while True:
-                message = await pubsub.get_message()
-                if message is not None and message["type"] == "message":
-                    self._receive(message["data"])
+        self.shared = SharedState(
+            url,
+            channel=CHANNEL,
+            what="revocations",
+            timeout_s=timeout_s,
+            load=self._load,
+            receive=self._receive,
+        )
+        """The Redis client and the listening session (``run`` it; ``listening`` is set
+        once the first session loaded the set)."""
 
     async def _load(self) -> None:
         now = time.time()
-        with trio.fail_after(self._timeout):
-            await self._client.zremrangebyscore(KEY, -math.inf, now)
-            entries = await self._client.zrange(
+        client = self.shared.client
+        with trio.fail_after(self.shared.timeout_s):
+            await client.zremrangebyscore(KEY, -math.inf, now)
+            entries = await client.zrange(
                 KEY, now, math.inf, sortby=PureToken.BYSCORE, withscores=True
             )
         for member, score in entries:
             if isinstance(member, bytes) and len(member) <= MAX_JTI_CHARS:
                 self._take(Revocation(member.decode("utf-8", "replace"), float(score)), now)
 
-    def _receive(self, data: object) -> None:
-        if not isinstance(data, bytes):
-            return
+    def _receive(self, data: bytes) -> None:
         try:
             revocation = _wire_decoder.decode(data)
         except msgspec.DecodeError:
@@ -263,11 +218,12 @@ class RedisRevocations:
     async def publish(self, revocation: Revocation) -> None:
         """Tell every instance (and instances started later) about ``revocation``; raises
         :class:`RevocationUnavailable` when Redis does not take it in time."""
+        client = self.shared.client
         try:
-            with trio.fail_after(self._timeout):
-                await self._client.zadd(KEY, {revocation.jti: revocation.until})
-                await self._client.publish(CHANNEL, _wire.encode(revocation))
-        except _DOWN as exc:
+            with trio.fail_after(self.shared.timeout_s):
+                await client.zadd(KEY, {revocation.jti: revocation.until})
+                await client.publish(CHANNEL, _wire.encode(revocation))
+        except DOWN as exc:
             raise RevocationUnavailable(
                 "the token is revoked on this instance, but the other instances could not be "
                 f"told (Redis: {exc!s:.100}); retry",

@@ -57,7 +57,7 @@ from tracker.history.store import open_store
 from tracker.history.writer import History
 from tracker.hub import FeedHub, Resume, Subscription
 from tracker.ingest import Target, admit_all, apply_pings, apply_pings_async, decode_body
-from tracker.meta import MetaStore
+from tracker.meta import MetaStore, RedisMeta, VehicleMeta
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
 from tracker.revocation import RedisRevocations, Revocation, Revocations, expiry_of
@@ -214,6 +214,10 @@ class Tracker:
             else None
         )
         """Revocations shared with the other instances (a Redis bus), else None."""
+        self.shared_meta = (
+            RedisMeta(config.bus, self.meta, timeout_s=config.bus_timeout_s) if config.bus else None
+        )
+        """Vehicle metadata shared with the other instances (a Redis bus), else None."""
         self.follower = (
             Follower(
                 self.bus,
@@ -309,7 +313,9 @@ class Tracker:
                 await tracker_nursery.start(self.webhooks.run)
                 await tracker_nursery.start(self.bus.run)
                 if self.shared_revocations is not None:
-                    await tracker_nursery.start(self.shared_revocations.run)
+                    await tracker_nursery.start(self.shared_revocations.shared.run)
+                if self.shared_meta is not None:
+                    await tracker_nursery.start(self.shared_meta.shared.run)
                 if self.follower is not None:
                     await tracker_nursery.start(self.follower.run)
                 if self.history is not None:
@@ -601,6 +607,15 @@ class Tracker:
         if self.shared_revocations is not None:
             await self.shared_revocations.publish(revocation)
         return revocation
+
+    async def set_meta(self, vehicle_id: str, meta: VehicleMeta | None) -> None:
+        """Set (None: delete) a vehicle's metadata here and on every instance. Raises 400 or
+        503 as ``MetaStore.check`` does, and ``MetaUnavailable`` (503) when Redis did not
+        answer in time (``tracker.meta``: retry)."""
+        if self.shared_meta is None:
+            self.meta.set(vehicle_id, meta)
+        else:
+            await self.shared_meta.set(vehicle_id, meta)
 
     def locate(self, vehicle_id: str) -> VehicleReport | None:
         """Where ``vehicle_id`` was last published, or None if this instance has not
