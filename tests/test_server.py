@@ -107,8 +107,9 @@ async def test_a_crashing_tick_takes_serve_down_and_never_looks_healthy(
                 functools.partial(serve, config, trio.Event(), tracker=tracker)
             )
             nursery.start_soon(poll_health, url)
-            await trio.sleep(0.2)
-            assert statuses and set(statuses) == {200}
+            while len(statuses) < 3:  # (a busy machine answers the first polls late)
+                await trio.sleep(0.05)
+            assert set(statuses) == {200}
             monkeypatch.setattr(tracker.index, "advance", crash)
             await trio.sleep(5)  # the crash must end this nursery long before
     # Only a poll already answered when the tick crashed may still read 200.
