@@ -86,8 +86,18 @@ class MqttBridge:
         if reason.is_failure:
             self._in_trio(self._stats.set_up, False, f"the broker refused us: {reason}")
             return
-        client.subscribe(self._topic, qos=QOS)
-        self._in_trio(self._stats.set_up, True)
+        client.subscribe(self._topic, qos=QOS)  # up once the broker acknowledges it
+
+    def on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
+    ) -> None:
+        """Up only once the broker took the subscription: a device's message published
+        before then would not reach us, so "up" must not be claimed earlier."""
+        failed = [reason for reason in reasons if reason.is_failure]
+        if failed:
+            self._in_trio(self._stats.set_up, False, f"the broker refused the topic: {failed[0]}")
+        else:
+            self._in_trio(self._stats.set_up, True)
 
     def on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         self._in_trio(self._stats.set_up, False, "cannot connect to the broker")
@@ -135,6 +145,7 @@ class MqttSource:
         client.on_connect = bridge.on_connect
         client.on_connect_fail = bridge.on_connect_fail
         client.on_disconnect = bridge.on_disconnect
+        client.on_subscribe = bridge.on_subscribe
         client.on_message = bridge.on_message
         client.connect_async(url.hostname or "", url.port or DEFAULT_PORT, keepalive=KEEPALIVE_S)
         return client
