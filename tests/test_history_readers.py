@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,9 +18,10 @@ import pytest
 import trio
 
 from tracker.errors import ServiceBusy
+from tracker.history import readers
 from tracker.history.cursor import bind_query
 from tracker.history.pages import PageQuery, track_page
-from tracker.history.readers import ReaderPool
+from tracker.history.readers import ANSWER_PREFIX, ReaderPool, remove_stale_answers
 from tracker.history.sqlite import SqliteStore
 from tracker.pings import Ping
 
@@ -128,3 +130,42 @@ async def test_a_killed_reader_answers_503_then_the_pool_is_replaced(path: Path)
         await _started(pool)
         assert pool._executor is not executor
         assert await pool.call(_page("json"))
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+async def test_starting_readers_removes_answers_left_by_stopped_trackers(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracker killed with an answer in flight leaves its file; the next tracker to start
+    its readers removes it, but not a running tracker's, nor anything else."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(readers, "SCRATCH", str(scratch))
+    names = [
+        f"{ANSWER_PREFIX}{_dead_pid()}-abc",  # a killed tracker's
+        f"{ANSWER_PREFIX}{os.getpid()}-def",  # ours (in flight)
+        f"{ANSWER_PREFIX}1-ghi",  # init's: running
+        f"{ANSWER_PREFIX}x-jkl",  # not a pid: not ours to judge
+        f"{ANSWER_PREFIX}{_dead_pid()}",  # no random part
+        "other-file",
+    ]
+    for name in names:
+        (scratch / name).write_bytes(b"answer")
+    async with _running(path) as pool:
+        await _started(pool)
+        assert sorted(p.name for p in scratch.iterdir()) == sorted(names[1:])
+        assert await pool.call(_page())  # answers still come through the scratch directory
+        assert sorted(p.name for p in scratch.iterdir()) == sorted(names[1:])
+
+
+def test_remove_stale_answers_counts_what_it_removed(tmp_path: Path) -> None:
+    (tmp_path / f"{ANSWER_PREFIX}{_dead_pid()}-a").write_bytes(b"")
+    (tmp_path / f"{ANSWER_PREFIX}{_dead_pid()}-b").write_bytes(b"")
+    assert remove_stale_answers(str(tmp_path)) == 2
+    assert remove_stale_answers(str(tmp_path)) == 0 and not list(tmp_path.iterdir())

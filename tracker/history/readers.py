@@ -45,7 +45,14 @@ import trio
 from tracker.errors import ServiceBusy
 from tracker.history.store import HistoryStore, open_store
 
-__all__ = ["READERS_AFTER_S", "READER_PROCESSES", "SCRATCH", "ReaderPool"]
+__all__ = [
+    "ANSWER_PREFIX",
+    "READERS_AFTER_S",
+    "READER_PROCESSES",
+    "SCRATCH",
+    "ReaderPool",
+    "remove_stale_answers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,13 @@ SCRATCH: Final = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gett
 
 RETRY_START_S: Final = 30.0
 """Pause before starting reader processes again after they failed to start."""
+START_TIMEOUT_S: Final = 60.0
+"""Reader processes that have not opened the store within this failed to start (they
+are stopped, and tried again after :data:`RETRY_START_S`)."""
+ANSWER_PREFIX: Final = "tracker-answer-"
+"""Answer files are named ``tracker-answer-<tracker pid>-<random>``: a tracker that
+starts its readers removes those of trackers no longer running (killed with an answer
+in flight), and never another running tracker's."""
 READERS_AFTER_S: Final = 0.05
 """A query answered in a thread slower than this starts the reader processes."""
 
@@ -85,7 +99,8 @@ def _answer(query: Callable[[HistoryStore], bytes], scratch: str) -> str:
     (whose path it returns)."""
     assert _store is not None
     answer = query(_store)
-    descriptor, path = tempfile.mkstemp(prefix="tracker-answer-", dir=scratch)
+    prefix = f"{ANSWER_PREFIX}{os.getppid()}-"  # the tracker's pid
+    descriptor, path = tempfile.mkstemp(prefix=prefix, dir=scratch)
     with os.fdopen(descriptor, "wb") as file:
         file.write(answer)
     return path
@@ -147,7 +162,9 @@ class ReaderPool:
             self.close()
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
-        """A new pool, once every process has opened the store (in a worker thread)."""
+        """A new pool, once every process has opened the store (in a worker thread).
+        First, answer files that stopped trackers left behind are removed."""
+        remove_stale_answers(SCRATCH)
         executor = concurrent.futures.ProcessPoolExecutor(
             self._processes,
             mp_context=multiprocessing.get_context("spawn"),
@@ -156,7 +173,7 @@ class ReaderPool:
         )
         try:
             for started in [executor.submit(_started) for _ in range(self._processes)]:
-                started.result()
+                started.result(timeout=START_TIMEOUT_S)
         except BaseException:
             _stop(executor)
             raise
@@ -218,6 +235,42 @@ class ReaderPool:
         executor, self._executor = self._executor, None
         if executor is not None:
             _stop(executor)
+
+
+def remove_stale_answers(scratch: str) -> int:
+    """Remove the answer files in ``scratch`` of trackers that are no longer running (a
+    tracker killed with ``kill -9`` while an answer was in flight leaves its file);
+    returns how many. Files of running trackers, this one included, are left alone."""
+    removed = 0
+    with os.scandir(scratch) as entries:
+        for entry in entries:
+            owner = _answer_owner(entry.name)
+            if owner is None or _running(owner):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    if removed:
+        logger.info("removed %d answer files left by stopped trackers in %s", removed, scratch)
+    return removed
+
+
+def _answer_owner(name: str) -> int | None:
+    """The tracker pid in an answer file's name (None for any other file)."""
+    if not name.startswith(ANSWER_PREFIX):
+        return None
+    pid, _, rest = name[len(ANSWER_PREFIX) :].partition("-")
+    return int(pid) if pid.isdigit() and rest and int(pid) > 0 else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _stop(executor: concurrent.futures.ProcessPoolExecutor) -> None:
