@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 
 import h3.api.basic_int as h3i
+import numpy as np
+import numpy.typing as npt
 
-from tracker.geoindex import GeoIndex
+from tracker.geoindex import CellDisks, GeoIndex
 from tracker.pings import Ping
+from tracker.wire import Position
 
 RES = 7
 A = h3i.latlng_to_cell(52.52, 13.405, RES)
@@ -215,3 +218,68 @@ def test_advance_in_one_go_and_in_slices_agree() -> None:
 
 def _nan_as_none(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
+
+
+def _random_points(rng: np.random.Generator, count: int) -> npt.NDArray[np.float64]:
+    """Points anywhere between 85 degrees south and north, poles and antimeridian included
+    (more of them near those edges than an even spread would give)."""
+    lat = np.concatenate([rng.uniform(-85, 85, count), rng.uniform(75, 85, count // 4)])
+    lon = np.concatenate([rng.uniform(-180, 180, count), rng.uniform(179, 180, count // 4)])
+    return np.column_stack((lat, lon))
+
+
+def test_cell_discs_never_keep_a_point_that_left_its_cell() -> None:
+    """Whatever the resolution and wherever on Earth: a point said to be in its old cell
+    is in it by H3; points that left it (or near an edge) are left to H3."""
+    rng = np.random.default_rng(7)
+    for resolution in (7, 8, 9, 10):
+        discs = CellDisks()
+        starts = _random_points(rng, 400)
+        cells = [h3i.latlng_to_cell(lat, lon, resolution) for lat, lon in starts.tolist()]
+        edge_km = h3i.average_hexagon_edge_length(resolution, unit="km")
+        step_deg = 1.5 * edge_km / 111.0  # steps up to 1.5 edges: many leave the cell
+        for _ in range(20):
+            moved = starts + rng.normal(0, step_deg / 2, starts.shape)
+            moved[:, 0] = moved[:, 0].clip(-89.9, 89.9)
+            inside = discs.inside(np.array(cells, dtype=np.uint64), moved[:, 0], moved[:, 1])
+            truth = [h3i.latlng_to_cell(la, lo, resolution) for la, lo in moved.tolist()]
+            kept = np.flatnonzero(inside)
+            assert all(truth[row] == cells[row] for row in kept.tolist())
+            assert len(kept) > 0
+        assert not discs.inside(np.zeros(3, dtype=np.uint64), starts[:3, 0], starts[:3, 1]).any()
+
+
+def test_a_cells_own_centre_is_inside_its_disc_except_near_poles() -> None:
+    cells = [h3i.latlng_to_cell(lat, 13.4, 7) for lat in (-79.0, 0.0, 52.5, 79.0, 84.0)]
+    centres = np.array([h3i.cell_to_latlng(cell) for cell in cells])
+    inside = CellDisks().inside(np.array(cells, dtype=np.uint64), centres[:, 0], centres[:, 1])
+    assert inside.tolist() == [True, True, True, True, False]
+
+
+def test_published_rows_of_removed_vehicles_are_reused_without_mixing_them_up() -> None:
+    index = _index()
+    index.apply(_ping("old", A_POINT, 100), now=100)
+    index.advance(100.5)
+    gone = index.vehicle("old")
+    index.advance(125)  # removed (remove_after_s 20)
+    assert index.vehicle("old") is None and gone is not None and gone.published is None
+    index.apply(Ping(vehicle_id="new", lat=B_POINT[0], lon=B_POINT[1], ts=126, speed=3.5), 126)
+    index.advance(126.5)
+    new = index.vehicle("new")
+    assert new is not None and new.slot == 0  # the old vehicle's row
+    assert new.published == Position(new.vid, B_POINT[0], B_POINT[1], 126.0, 3.5, None)
+    state = index.cell_state(B)
+    assert state is not None and state.positions == [new.published]
+
+
+def test_published_columns_grow_past_their_first_rows() -> None:
+    index = _index()
+    count = 3000
+    for n in range(count):
+        index.apply(_ping(f"v{n}", (A_POINT[0] + n * 1e-7, A_POINT[1]), 100), now=100)
+    index.advance(100.5)
+    last = index.vehicle(f"v{count - 1}")
+    assert last is not None and last.published is not None
+    assert last.published.lat == A_POINT[0] + (count - 1) * 1e-7
+    state = index.cell_state(A)
+    assert state is not None and len(state.positions) == count

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final, NamedTuple
 
 import h3.api.basic_int as h3i
 import numpy as np
@@ -27,9 +29,22 @@ import numpy.typing as npt
 from tracker.pings import Ping
 from tracker.wire import Position, PositionColumns
 
-__all__ = ["CellChange", "CellState", "GeoIndex", "Publication", "TickChanges", "Vehicle"]
+__all__ = [
+    "CellChange",
+    "CellDisks",
+    "CellState",
+    "GeoIndex",
+    "Publication",
+    "PublishedColumns",
+    "TickChanges",
+    "Vehicle",
+]
 
 _NO_POSITIONS = PositionColumns.of(())
+_SLOT, _VID, _CELL = (operator.attrgetter(name) for name in ("slot", "vid", "cell"))
+_LAT, _LON, _TS, _SPEED, _HEADING = (
+    operator.attrgetter(name) for name in ("lat", "lon", "ts", "speed", "heading")
+)
 _NO_PREVIOUS = np.empty((0, 2), dtype=np.float64)
 
 
@@ -39,30 +54,106 @@ def _default_fleet(vehicle_id: str) -> str:
 
 
 class Vehicle:
-    """One tracked vehicle: its published position and the newest ping not yet published."""
+    """One tracked vehicle: its published position and the newest ping not yet published.
+
+    The published position itself lives in the index's :class:`PublishedColumns` (row
+    ``slot``), where a tick stores a whole publication at once; :attr:`published` reads it.
+    """
 
     __slots__ = (
         "cell",
         "fleet",
         "last_ts",
         "pending",
-        "published",
         "recv",
+        "slot",
         "stale",
+        "table",
         "vehicle_id",
         "vid",
     )
 
-    def __init__(self, vid: int, vehicle_id: str, fleet: str) -> None:
+    def __init__(
+        self, vid: int, vehicle_id: str, fleet: str, table: PublishedColumns, slot: int
+    ) -> None:
         self.vid = vid
         self.vehicle_id = vehicle_id
         self.fleet = fleet
+        self.table = table
+        self.slot = slot  # its row in ``table``; -1 once removed (the row is reused)
         self.cell = 0  # published cell; 0 until the first tick publishes it
-        self.published: Position | None = None
         self.pending: Ping | None = None
         self.last_ts = float("-inf")  # timestamp of the newest accepted ping
         self.recv = 0.0  # server time the newest accepted ping arrived
         self.stale = False
+
+    @property
+    def published(self) -> Position | None:
+        """The position the last tick published (None before the first, or once removed)."""
+        if not self.cell or self.slot < 0:
+            return None
+        return self.table.positions([self.slot], [self.vid])[0]
+
+
+class PublishedColumns:
+    """Every vehicle's published position as columns, one row per vehicle (its ``slot``).
+
+    Why columns: a tick publishes thousands of positions; storing them is one NumPy
+    assignment per column (:meth:`store`) instead of a :class:`Position` object per
+    vehicle, and the positions subscribers already have (a tick's ``previous``) are one
+    gather. Rows of removed vehicles are reused (:meth:`release`), so the columns hold
+    at most as many rows as vehicles were tracked at once.
+    """
+
+    _GROW: Final = 1024
+
+    def __init__(self) -> None:
+        self.lat = np.zeros(0, dtype=np.float64)
+        self.lon = np.zeros(0, dtype=np.float64)
+        self.ts = np.zeros(0, dtype=np.float64)
+        self.speed = np.zeros(0, dtype=np.float64)  # NaN: not reported
+        self.heading = np.zeros(0, dtype=np.float64)
+        self._used = 0
+        self._free: list[int] = []
+
+    def take(self) -> int:
+        """A free row for a new vehicle."""
+        if self._free:
+            return self._free.pop()
+        if self._used == len(self.lat):
+            grown = max(self._GROW, 2 * self._used)
+            for name in ("lat", "lon", "ts", "speed", "heading"):
+                column = getattr(self, name)
+                setattr(self, name, np.concatenate((column, np.zeros(grown - len(column)))))
+        self._used += 1
+        return self._used - 1
+
+    def release(self, slot: int) -> None:
+        """Hand back the row of a removed vehicle."""
+        self._free.append(slot)
+
+    def store(self, slots: npt.NDArray[np.intp], columns: PositionColumns) -> None:
+        """Publish ``columns`` into the rows ``slots`` (one row each)."""
+        self.lat[slots] = columns.lat
+        self.lon[slots] = columns.lon
+        self.ts[slots] = columns.ts
+        self.speed[slots] = columns.speed
+        self.heading[slots] = columns.heading
+
+    def positions(self, slots: Sequence[int], vids: Sequence[int]) -> list[Position]:
+        """The published positions in rows ``slots`` (of vehicles ``vids``), as records."""
+        rows = np.asarray(slots, dtype=np.intp)
+        return list(
+            map(
+                Position,
+                vids,
+                self.lat[rows].tolist(),
+                self.lon[rows].tolist(),
+                self.ts[rows].tolist(),
+                _none_for_nan(self.speed[rows]),
+                _none_for_nan(self.heading[rows]),
+            )
+        )
 
 
 @dataclass
@@ -106,81 +197,190 @@ class CellState:
     stale: list[int]
 
 
+class CellDisks:
+    """Which pings are certainly still in their vehicle's cell, without asking H3.
+
+    H3 has no vectorised ``latlng_to_cell``: one C call per ping (about 0.6 us) was most
+    of a tick. A vehicle mostly stays in its cell between pings, and a point within the
+    disc inscribed in a cell's boundary (shrunk by :data:`MARGIN`) is in that cell: the
+    test is a few NumPy operations for a whole slice, and only pings outside their
+    cell's disc (about one in four for points spread evenly over a cell) ask H3.
+    Distances are in degrees of latitude on a local equirectangular plane (a cell is
+    at most a few km across, where that plane is exact to far better than the margin);
+    cells beyond :data:`MAX_LAT` (where it is not) or across the antimeridian always ask H3.
+    """
+
+    MARGIN: Final = 0.9
+    """The disc's radius is this share of the distance from the centre to the nearest edge."""
+    MAX_LAT: Final = 80.0
+    MAX_CELLS: Final = 100_000
+    """Discs kept at most (forgotten all at once beyond that, and computed again)."""
+
+    def __init__(self) -> None:
+        self._discs: dict[int, tuple[float, float, float, float]] = {}
+
+    def inside(
+        self,
+        cells: npt.NDArray[np.uint64],
+        lat: npt.NDArray[np.float64],
+        lon: npt.NDArray[np.float64],
+    ) -> npt.NDArray[np.bool_]:
+        """Whether each point (``lat``, ``lon``) is certainly in its ``cells`` (0: none)."""
+        distinct, which = np.unique(cells, return_inverse=True)
+        discs = np.array([self._disc(cell) for cell in distinct.tolist()], dtype=np.float64)
+        centre_lat, centre_lon, scale, radius2 = discs.reshape(-1, 4)[which.ravel()].T
+        east = (lon - centre_lon) * scale  # across the antimeridian: far, so H3 answers
+        north = lat - centre_lat
+        inside: npt.NDArray[np.bool_] = east * east + north * north < radius2
+        return inside
+
+    def _disc(self, cell: int) -> tuple[float, float, float, float]:
+        """Centre latitude, longitude, longitude scale and squared radius of ``cell``'s disc
+        (a radius that nothing is inside for no cell, or one beyond :data:`MAX_LAT`)."""
+        disc = self._discs.get(cell)
+        if disc is None:
+            if len(self._discs) >= self.MAX_CELLS:
+                self._discs.clear()
+            disc = self._discs[cell] = _inscribed_disc(cell, self.MARGIN, self.MAX_LAT)
+        return disc
+
+
+def _inscribed_disc(cell: int, margin: float, max_lat: float) -> tuple[float, float, float, float]:
+    if not cell:
+        return (0.0, 0.0, 0.0, -1.0)
+    lat, lon = h3i.cell_to_latlng(cell)
+    boundary = h3i.cell_to_boundary(cell)
+    if abs(lat) > max_lat or any(abs(corner_lon - lon) > 90.0 for _, corner_lon in boundary):
+        return (lat, lon, 0.0, -1.0)  # near a pole, or across the antimeridian
+    scale = math.cos(math.radians(lat))
+    corners = [
+        ((corner_lon - lon) * scale, corner_lat - lat) for corner_lat, corner_lon in boundary
+    ]
+    nearest = min(
+        _distance_to_segment(a, b) for a, b in zip(corners, corners[1:] + corners[:1], strict=True)
+    )
+    return (lat, lon, scale, (margin * nearest) ** 2)
+
+
+def _distance_to_segment(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Distance from the origin to the segment from ``a`` to ``b`` (plane coordinates)."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    length2 = dx * dx + dy * dy
+    t = 0.0 if not length2 else min(1.0, max(0.0, -(a[0] * dx + a[1] * dy) / length2))
+    return math.hypot(a[0] + t * dx, a[1] + t * dy)
+
+
 class Publication:
     """The pings one tick publishes, taken at once and prepared slice by slice.
 
     Preparing computes what :meth:`GeoIndex.advance` would otherwise compute while
-    holding the event loop: each ping's H3 cell (about 1.5 us each, the bulk of a tick),
-    its :class:`Position`, the position subscribers already have (``previous``), and the
-    positions split by cell with NumPy. It reads the vehicles' published state, which
-    only ``advance`` changes, so the slices may run between other tasks' steps.
+    holding the event loop: the pings as columns, each ping's H3 cell (about 0.6 us
+    each, the bulk of a tick), the position subscribers already have (``previous``), and
+    the positions split by cell. Columns, not a :class:`Position` per ping: a slice is a
+    few list comprehensions and NumPy calls (0.2 us a ping besides the cells). It reads
+    the vehicles' published state, which only ``advance`` changes, so the slices may
+    run between other tasks' steps.
     """
 
-    def __init__(self, vehicles: list[Vehicle], pings: list[Ping], resolution: int) -> None:
+    def __init__(
+        self,
+        vehicles: list[Vehicle],
+        pings: list[Ping],
+        resolution: int,
+        table: PublishedColumns,
+        discs: CellDisks,
+    ) -> None:
         self.vehicles = vehicles
         self.pings = pings
         self.resolution = resolution
-        self.positions: list[Position] = []
+        self.table = table
+        self.discs = discs
+        self.prepared = 0
+        """Pings prepared so far (the first ones of ``pings``)."""
         self.entered: list[tuple[Vehicle, int]] = []
         """Vehicles published into a cell other than their published one, and that cell."""
         self.by_cell: list[tuple[int, PositionColumns, npt.NDArray[np.float64]]] = []
         """Each cell's positions (in applied order) and previous positions, by cell."""
+        self.slots: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
+        self.positions: PositionColumns = _NO_POSITIONS
+        """Every position, in applied order (once prepared)."""
         self.ping_ts: npt.NDArray[np.float64] = _NO_POSITIONS.ts
-        self._cells: list[int] = []
-        self._previous_lat: list[float] = []
-        self._previous_lon: list[float] = []
-        self._columns: list[PositionColumns] = []
+        self._parts: list[_Prepared] = []
 
     def prepare(self, count: int) -> bool:
         """Prepare up to ``count`` more pings; False once everything is prepared."""
-        done = len(self.positions)
+        done = self.prepared
         if done == len(self.vehicles):
-            if self._columns:
+            if self._parts:
                 self._split_by_cell()
             return False
-        to_cell = functools.partial(h3i.latlng_to_cell, res=self.resolution)
-        positions, cells, entered = self.positions, self._cells, self.entered
-        previous_lat, previous_lon = self._previous_lat, self._previous_lon
-        for vehicle, ping in zip(
-            self.vehicles[done : done + count], self.pings[done : done + count], strict=True
-        ):
-            position = Position(vehicle.vid, ping.lat, ping.lon, ping.ts, ping.speed, ping.heading)
-            cell = to_cell(ping.lat, ping.lon)
-            before = vehicle.published
-            if before is not None and cell == vehicle.cell:
-                previous_lat.append(before.lat)
-                previous_lon.append(before.lon)
-            else:
-                previous_lat.append(math.nan)
-                previous_lon.append(math.nan)
-                if cell != vehicle.cell:
-                    entered.append((vehicle, cell))
-            positions.append(position)
-            cells.append(cell)
-        self._columns.append(PositionColumns.of(positions[done:]))
+        vehicles = self.vehicles[done : done + count]
+        pings = self.pings[done : done + count]
+        size = len(vehicles)
+        slots = np.fromiter(map(_SLOT, vehicles), np.intp, size)
+        columns = PositionColumns(
+            np.fromiter(map(_VID, vehicles), np.uint32, size),
+            np.fromiter(map(_LAT, pings), np.float64, size),
+            np.fromiter(map(_LON, pings), np.float64, size),
+            np.fromiter(map(_TS, pings), np.float64, size),
+            np.array(list(map(_SPEED, pings)), dtype=np.float64),  # None: NaN
+            np.array(list(map(_HEADING, pings)), dtype=np.float64),
+        )
+        before = np.fromiter(map(_CELL, vehicles), np.uint64, size)
+        cells = self._cells(before, columns.lat, columns.lon)
+        stayed = cells == before  # never for an unpublished vehicle (cell 0)
+        previous = np.column_stack((self.table.lat[slots], self.table.lon[slots]))
+        previous[~stayed] = math.nan
+        cell_list = cells.tolist()
+        self.entered.extend(
+            (vehicles[row], cell_list[row]) for row in np.flatnonzero(~stayed).tolist()
+        )
+        self._parts.append(_Prepared(slots, columns, cells, previous))
+        self.prepared = done + size
         return True
+
+    def _cells(
+        self,
+        before: npt.NDArray[np.uint64],
+        lat: npt.NDArray[np.float64],
+        lon: npt.NDArray[np.float64],
+    ) -> npt.NDArray[np.uint64]:
+        """Each point's cell: its vehicle's cell ``before`` where it certainly still is
+        (:class:`CellDisks`), H3's answer for the others."""
+        cells = before.copy()
+        ask = np.flatnonzero(~self.discs.inside(before, lat, lon))
+        to_cell = functools.partial(h3i.latlng_to_cell, res=self.resolution)
+        cells[ask] = list(map(to_cell, lat[ask].tolist(), lon[ask].tolist()))
+        return cells
 
     def _split_by_cell(self) -> None:
         """Each cell's rows (in applied order), cells in cell order; the pings' times."""
-        columns = self._columns
-        self._columns = []
-        moved = PositionColumns(*(np.concatenate(column) for column in zip(*columns, strict=True)))
+        parts, self._parts = self._parts, []
+        self.slots = np.concatenate([part.slots for part in parts])
+        moved = PositionColumns(
+            *(np.concatenate(column) for column in zip(*(p.columns for p in parts), strict=True))
+        )
+        self.positions = moved
         self.ping_ts = moved.ts
-        cell_of = np.array(self._cells, dtype=np.uint64)
+        cell_of = np.concatenate([part.cells for part in parts])
         order = np.argsort(cell_of, kind="stable")
         distinct, starts, counts = np.unique(cell_of[order], return_index=True, return_counts=True)
         rows_of = moved.take(order)
-        previous = np.column_stack(
-            (
-                np.array(self._previous_lat, dtype=np.float64),
-                np.array(self._previous_lon, dtype=np.float64),
-            )
-        )[order]
+        previous = np.concatenate([part.previous for part in parts])[order]
         for cell, start, count in zip(
             distinct.tolist(), starts.tolist(), counts.tolist(), strict=True
         ):
             rows = slice(start, start + count)
             self.by_cell.append((cell, _rows(rows_of, rows), previous[rows]))
+
+
+class _Prepared(NamedTuple):
+    """One prepared slice of a publication: rows, positions, cells, previous positions."""
+
+    slots: npt.NDArray[np.intp]
+    columns: PositionColumns
+    cells: npt.NDArray[np.uint64]
+    previous: npt.NDArray[np.float64]
 
 
 class GeoIndex:
@@ -217,6 +417,8 @@ class GeoIndex:
         self._stale: OrderedDict[int, Vehicle] = OrderedDict()  # oldest recv first
         self._graveyard: dict[int, str] = {}
         self._burials: deque[tuple[int, int]] = deque()  # (tick removed, vid)
+        self._published = PublishedColumns()
+        self._discs = CellDisks()
 
     # --- ingest side ---------------------------------------------------------------------
 
@@ -224,7 +426,9 @@ class GeoIndex:
         """Take a validated ping; False if it is not newer than the vehicle's last one."""
         vehicle = self._by_id.get(ping.vehicle_id)
         if vehicle is None:
-            vehicle = Vehicle(self._next_vid, ping.vehicle_id, self.fleet_of(ping.vehicle_id))
+            fleet = self.fleet_of(ping.vehicle_id)
+            slot = self._published.take()
+            vehicle = Vehicle(self._next_vid, ping.vehicle_id, fleet, self._published, slot)
             self._next_vid += 1
             self._by_id[ping.vehicle_id] = vehicle
             self._by_vid[vehicle.vid] = vehicle
@@ -260,7 +464,7 @@ class GeoIndex:
             assert ping is not None
             pings.append(ping)
             vehicle.pending = None
-        return Publication(vehicles, pings, self.resolution)
+        return Publication(vehicles, pings, self.resolution, self._published, self._discs)
 
     def advance(self, now: float, publication: Publication | None = None) -> TickChanges:
         """Publish everything since the last tick and expire silent vehicles.
@@ -292,8 +496,7 @@ class GeoIndex:
         positions and previous positions were computed while preparing (the published
         state they read does not change before this). Returns the pings' timestamps.
         """
-        for vehicle, position in zip(publication.vehicles, publication.positions, strict=True):
-            vehicle.published = position
+        self._published.store(publication.slots, publication.positions)
         for vehicle, cell in publication.entered:
             into = changes.get(cell) or changes.setdefault(cell, CellChange())
             into.names.append((vehicle.vid, vehicle.vehicle_id))
@@ -337,6 +540,8 @@ class GeoIndex:
         del self._stale[vehicle.vid]
         del self._by_id[vehicle.vehicle_id]
         del self._by_vid[vehicle.vid]
+        self._published.release(vehicle.slot)
+        vehicle.slot = -1
         if self.forget_after_ticks:
             self._graveyard[vehicle.vid] = vehicle.vehicle_id
             self._burials.append((self.tick, vehicle.vid))
@@ -357,7 +562,9 @@ class GeoIndex:
         return CellState(
             cell,
             self.t_ms,
-            positions=[v.published for v in vehicles if v.published is not None],
+            positions=self._published.positions(
+                [v.slot for v in vehicles], [v.vid for v in vehicles]
+            ),
             names=[(v.vid, v.vehicle_id) for v in vehicles],
             stale=[v.vid for v in vehicles if v.stale],
         )
@@ -388,6 +595,10 @@ class GeoIndex:
     def stale_count(self) -> int:
         """Vehicles currently marked stale."""
         return len(self._stale)
+
+
+def _none_for_nan(values: npt.NDArray[np.float64]) -> list[float | None]:
+    return [None if math.isnan(value) else value for value in values.tolist()]
 
 
 def _rows(columns: PositionColumns, rows: slice) -> PositionColumns:
