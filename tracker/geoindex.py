@@ -423,28 +423,39 @@ class GeoIndex:
     # --- ingest side ---------------------------------------------------------------------
 
     def apply(self, ping: Ping, now: float) -> bool:
-        """Take a validated ping; False if it is not newer than the vehicle's last one."""
+        """Take a validated ping; False if it is not newer than the vehicle's last one.
+
+        Called for every accepted ping on the event loop, so it does the least it can:
+        a known fresh vehicle is moved to the end of the fresh order in place.
+        """
         vehicle = self._by_id.get(ping.vehicle_id)
         if vehicle is None:
-            fleet = self.fleet_of(ping.vehicle_id)
-            slot = self._published.take()
-            vehicle = Vehicle(self._next_vid, ping.vehicle_id, fleet, self._published, slot)
-            self._next_vid += 1
-            self._by_id[ping.vehicle_id] = vehicle
-            self._by_vid[vehicle.vid] = vehicle
+            vehicle = self._add(ping.vehicle_id)
         elif ping.ts <= vehicle.last_ts:
             return False
+        elif vehicle.stale:
+            del self._stale[vehicle.vid]
+            vehicle.stale = False
+            self._fresh[vehicle.vid] = vehicle
+        else:
+            self._fresh.move_to_end(vehicle.vid)
         vehicle.pending = ping
         vehicle.last_ts = ping.ts
         vehicle.recv = now
         self._dirty[vehicle.vid] = vehicle
-        if vehicle.stale:
-            del self._stale[vehicle.vid]
-            vehicle.stale = False
-        else:
-            self._fresh.pop(vehicle.vid, None)
-        self._fresh[vehicle.vid] = vehicle
         return True
+
+    def _add(self, vehicle_id: str) -> Vehicle:
+        """A new vehicle (fresh, no ping yet): its number, its row, its fleet."""
+        slot = self._published.take()
+        vehicle = Vehicle(
+            self._next_vid, vehicle_id, self.fleet_of(vehicle_id), self._published, slot
+        )
+        self._next_vid += 1
+        self._by_id[vehicle_id] = vehicle
+        self._by_vid[vehicle.vid] = vehicle
+        self._fresh[vehicle.vid] = vehicle
+        return vehicle
 
     # --- tick side -----------------------------------------------------------------------
 
