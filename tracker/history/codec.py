@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -77,6 +78,9 @@ TS_MAX_S = 2.0**52 / TS_PER_S
 """Times beyond +-this many seconds lose milliseconds in a float64, so are refused."""
 _WIDTHS = (1, 2, 4, 8)
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_TS, _LAT, _LON, _SPEED, _HEADING = (
+    operator.attrgetter(name) for name in ("ts", "lat", "lon", "speed", "heading")
+)
 
 
 class Positions(NamedTuple):
@@ -128,15 +132,20 @@ class Positions(NamedTuple):
 
     @classmethod
     def from_pings(cls, pings: Sequence[Ping], vehicles: npt.ArrayLike) -> Positions:
-        """``pings`` as columns; ``vehicles`` holds the store's number for each ping."""
-        nan = float("nan")
+        """``pings`` as columns; ``vehicles`` holds the store's number for each ping.
+
+        ``map`` with ``attrgetter`` and ``fromiter``, not list comprehensions: this runs
+        for every committed ping, holding the GIL the event loop wants (about a third
+        less time). ``np.array`` turns a missing speed or heading (None) into NaN.
+        """
+        count = len(pings)
         return cls.from_columns(
             vehicles,
-            [p.ts for p in pings],
-            [p.lat for p in pings],
-            [p.lon for p in pings],
-            [nan if p.speed is None else p.speed for p in pings],
-            [nan if p.heading is None else p.heading for p in pings],
+            np.fromiter(map(_TS, pings), np.float64, count),
+            np.fromiter(map(_LAT, pings), np.float64, count),
+            np.fromiter(map(_LON, pings), np.float64, count),
+            np.array(list(map(_SPEED, pings)), dtype=np.float64),
+            np.array(list(map(_HEADING, pings)), dtype=np.float64),
         )
 
     @staticmethod

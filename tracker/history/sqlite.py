@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import operator
 import os
 import sqlite3
 import threading
@@ -41,6 +42,8 @@ from tracker.history.store import AreaPage, StoreError, StoreStats, Track
 from tracker.pings import Ping
 
 __all__ = ["SqliteStore"]
+
+_VEHICLE_ID = operator.attrgetter("vehicle_id")
 
 COMPACT_STEP_POSITIONS: Final = 100_000
 """Raw positions merged per compaction transaction: short locks, bounded memory."""
@@ -160,7 +163,7 @@ class SqliteStore:
             return
         try:
             with self._database.write() as connection:
-                numbers = self._numbers(connection, [ping.vehicle_id for ping in pings])
+                numbers = self._numbers(connection, list(map(_VEHICLE_ID, pings)))
                 rows = layout.raw_rows(pings, numbers, self.raw_shards)
                 connection.executemany(
                     "INSERT INTO raw (shard, t0, t1, size, data) VALUES (?, ?, ?, ?, ?)", rows
@@ -423,7 +426,7 @@ class SqliteStore:
                     (json.dumps(new),),
                 ).fetchall()
             )
-        return [self._vehicles[name] for name in vehicle_ids]
+        return list(map(self._vehicles.__getitem__, vehicle_ids))
 
     def _known_number(self, connection: sqlite3.Connection, vehicle_id: str) -> int | None:
         if vehicle_id not in self._vehicles:
