@@ -196,15 +196,7 @@ def fleet_seconds(vehicles: int, seconds: int) -> Iterator[tuple[list[str], Ping
 def as_pings(ids: list[str], batch: PingBatch) -> list[Ping]:
     return [
         Ping(vehicle_id=ids[v], lat=la, lon=lo, ts=t, speed=s, heading=h)
-        for v, la, lo, t, s, h in zip(
-            batch.vehicle.tolist(),
-            batch.lat.tolist(),
-            batch.lon.tolist(),
-            batch.ts.tolist(),
-            batch.speed.tolist(),
-            batch.heading.tolist(),
-            strict=True,
-        )
+        for v, la, lo, t, s, h in batch.rows()
     ]
 
 

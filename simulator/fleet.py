@@ -15,6 +15,7 @@ Python. One seeded generator drives every random choice, so a seed and a sequenc
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Annotated
 
@@ -91,6 +92,20 @@ class PingBatch:
 
     def __len__(self) -> int:
         return len(self.vehicle)
+
+    def rows(self) -> Iterator[tuple[int, float, float, float, float, float]]:
+        """Each ping as Python numbers ``(vehicle, lat, lon, ts, speed, heading)``, in order:
+        what building one ``Ping`` per row needs (``tolist`` once per column, not NumPy
+        scalars one at a time)."""
+        return zip(
+            self.vehicle.tolist(),
+            self.lat.tolist(),
+            self.lon.tolist(),
+            self.ts.tolist(),
+            self.speed.tolist(),
+            self.heading.tolist(),
+            strict=True,
+        )
 
     def take(self, rows: IntArray) -> PingBatch:
         """The pings at ``rows``, in that order."""

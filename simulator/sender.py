@@ -185,15 +185,7 @@ class Sender:
             self.fleet.start_time + self.fleet.now,
             self.config.speedup,
         )
-        for vehicle, lat, lon, ts, speed, heading in zip(
-            batch.vehicle.tolist(),
-            batch.lat.tolist(),
-            batch.lon.tolist(),
-            batch.ts.tolist(),
-            batch.speed.tolist(),
-            batch.heading.tolist(),
-            strict=True,
-        ):
+        for vehicle, lat, lon, ts, speed, heading in batch.rows():
             self._queue.append(
                 Ping(
                     vehicle_id=ids[vehicle],
