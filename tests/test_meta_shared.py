@@ -7,6 +7,8 @@ retry settles it), and what is not metadata in Redis is skipped."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +47,30 @@ async def _settled(redis: RedisServer, vehicle: str, *instances: httpx.AsyncClie
             await trio.sleep(0.05)
 
 
-async def _hash(redis: RedisServer) -> dict[bytes, bytes]:
-    async with coredis.Redis.from_url(redis.url, stream_timeout=5, connect_timeout=5) as client:
-        return await client.hgetall("trk:meta")
-
-
-async def test_a_change_on_one_instance_is_read_on_the_other(redis: RedisServer) -> None:
+@asynccontextmanager
+async def _two(
+    redis: RedisServer, *options: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Clients of two tracker instances on ``redis``, once ``van-12``, set to :data:`VAN`
+    on the first, reads so on both."""
     async with (
-        tracker_instances(redis, 2, "--token-secrets", SECRET) as (a, b),
+        tracker_instances(redis, 2, "--token-secrets", SECRET, *options) as (a, b),
         httpx.AsyncClient(base_url=a.url, timeout=10) as to_a,
         httpx.AsyncClient(base_url=b.url, timeout=10) as to_b,
     ):
         assert (await to_a.put("/meta/van-12", json=VAN, headers=ADMIN)).status_code == 200
         assert await _read(to_a, "van-12") == {"van-12": VAN}  # at once where it was made
         await _until(to_b, "van-12", {"van-12": VAN})
+        yield to_a, to_b
+
+
+async def _hash(redis: RedisServer) -> dict[bytes, bytes]:
+    async with coredis.Redis.from_url(redis.url, stream_timeout=5, connect_timeout=5) as client:
+        return await client.hgetall("trk:meta")
+
+
+async def test_a_change_on_one_instance_is_read_on_the_other(redis: RedisServer) -> None:
+    async with _two(redis) as (to_a, to_b):
         assert (await to_b.delete("/meta/van-12", headers=ADMIN)).status_code == 200
         assert await _read(to_b, "van-12") == {}
         await _until(to_a, "van-12", {})
@@ -77,14 +89,7 @@ async def test_a_change_on_one_instance_is_read_on_the_other(redis: RedisServer)
 async def test_a_redis_that_lost_its_data_is_seeded_again(
     redis: RedisServer, tmp_path: Path
 ) -> None:
-    options = ("--token-secrets", SECRET, "--meta-file", str(tmp_path / "meta.jsonl"))
-    async with (
-        tracker_instances(redis, 2, *options) as (a, b),
-        httpx.AsyncClient(base_url=a.url, timeout=10) as to_a,
-        httpx.AsyncClient(base_url=b.url, timeout=10) as to_b,
-    ):
-        assert (await to_a.put("/meta/van-12", json=VAN, headers=ADMIN)).status_code == 200
-        await _until(to_b, "van-12", {"van-12": VAN})
+    async with _two(redis, "--meta-file", str(tmp_path / "meta.jsonl")) as (to_a, to_b):
         redis.stop()  # no persistence: it comes back empty
         redis.start()
         with trio.fail_after(20):
@@ -99,14 +104,7 @@ async def test_a_redis_that_lost_its_data_is_seeded_again(
 async def test_a_change_redis_does_not_answer_is_refused_and_a_retry_settles_it(
     redis: RedisServer,
 ) -> None:
-    options = ("--token-secrets", SECRET, "--bus-timeout-s", "1")
-    async with (
-        tracker_instances(redis, 2, *options) as (a, b),
-        httpx.AsyncClient(base_url=a.url, timeout=10) as to_a,
-        httpx.AsyncClient(base_url=b.url, timeout=10) as to_b,
-    ):
-        assert (await to_a.put("/meta/van-12", json=VAN, headers=ADMIN)).status_code == 200
-        await _until(to_b, "van-12", {"van-12": VAN})
+    async with _two(redis, "--bus-timeout-s", "1") as (to_a, to_b):
         redis.freeze()
         try:
             started = trio.current_time()
