@@ -25,13 +25,17 @@ sizes over a 220 x 200 km region (``bench.zones.zone_features``) through ``POST 
 4. **restart**: the "on" tracker stopped and started again on its database; seconds until
    it serves (its zones read back and compiled).
 
-``tracker serve`` runs Hypercorn's Trio worker in its own process (no child process), so
-its pid is the one measured. Prints each run's figures and the medians.
+``tracker serve`` runs Hypercorn's Trio worker in its own process, so its pid is the event
+loop's; the zone engine runs in a process below it (unless ``--zone-engine-thread``): CPU
+figures count the tracker's process and every process below it (``*_cpu_cores``, what
+the per-CPU-second rates divide by) and the loop's process alone
+(``*_loop_process_cpu_cores``). Prints each run's figures and the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -92,6 +96,17 @@ def burst_bodies(vehicles: int) -> list[bytes]:
     return maker.round()
 
 
+def _log_file(directory: str) -> int:
+    """Where a tracker's log goes: ``$BENCH_TRACKER_LOGS/<n>.log`` if that is set (the
+    loop watch names the steps that held the loop), else nowhere."""
+    where = os.environ.get("BENCH_TRACKER_LOGS")
+    if not where:
+        return subprocess.DEVNULL
+    os.makedirs(where, exist_ok=True)
+    name = os.path.join(where, f"{os.path.basename(directory)}-{time.time():.0f}.log")
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
 async def start(nursery: trio.Nursery, directory: str, *options: str) -> tuple[trio.Process, str]:
     """``tracker serve`` in ``directory`` (its database there); its process and URL once
     ``/readyz`` says it is ready (its zones read back: that may take a while)."""
@@ -103,7 +118,7 @@ async def start(nursery: trio.Nursery, directory: str, *options: str) -> tuple[t
         trio.run_process,
         [*command, *options],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=_log_file(directory),
         check=False,
         cwd=directory,
     )
@@ -118,6 +133,35 @@ async def start(nursery: trio.Nursery, directory: str, *options: str) -> tuple[t
                 except httpx.TransportError:
                     pass
                 await trio.sleep(0.1)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the zone engine's process, under its forkserver)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds of ``pid`` itself, and of ``pid`` with every process below it."""
+    own = cpu_seconds(pid)
+    rest = 0.0
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            rest += cpu_seconds(child)
+    return own, own + rest
 
 
 def admin_headers(content_type: str = "application/geo+json") -> dict[str, str]:
@@ -144,16 +188,18 @@ async def flat_out(url: str, maker: ZoneBodies, seconds: float, pid: int) -> Fig
         start_at = trio.current_time()
         nursery.start_soon(post_rounds, url, maker, 4, start_at + 2 + seconds, counts)
         await trio.sleep(2)
-        cpu, client, samples = cpu_seconds(pid), time.process_time(), []
+        (own, cpu), client, samples = tree_cpu_seconds(pid), time.process_time(), []
         for _ in range(int(seconds)):
             before = counts.accepted
             await trio.sleep(1.0)
             samples.append(counts.accepted - before)
-        cpu, client = cpu_seconds(pid) - cpu, time.process_time() - client
+        own_after, cpu_after = tree_cpu_seconds(pid)
+        client = time.process_time() - client
     return {
         "accepted_per_s": statistics.median(samples),
         "refused": counts.refused,
-        "cpu_cores": cpu / int(seconds),
+        "cpu_cores": (cpu_after - cpu) / int(seconds),
+        "loop_process_cpu_cores": (own_after - own) / int(seconds),
         "client_cpu_cores": client / int(seconds),
     }
 
@@ -223,7 +269,7 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         nursery.start_soon(watch_lag)
         events_before = await metric(http, "tracker_zone_events_total")
         began = time.time()
-        cpu = cpu_seconds(pid)
+        own, cpu = tree_cpu_seconds(pid)
         seconds = args.warmup + args.latency_seconds
         async with trio.open_nursery() as load:
             load.start_soon(paced, url, maker, int(seconds), counts)
@@ -231,7 +277,7 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
                 send_alternating, centre=PROBE, prefix="probe", headers=INGEST_HEADERS
             )
             load.start_soon(probes, http, args.probes, seconds)
-        cpu = cpu_seconds(pid) - cpu
+        own_after, cpu_after = tree_cpu_seconds(pid)
         took = time.time() - began
         await trio.sleep(1.0)  # the last ticks, commits and streams
         events = await metric(http, "tracker_zone_events_total") - events_before
@@ -248,7 +294,8 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         **percentiles("probe_latency", [lat for at, lat in probe if at >= counted_from]),
         "events_per_s": round(events / took),
         "webhook_deliveries_per_s_during_load": round(len(receiver.times) / took),
-        "tracker_cpu_cores": round(cpu / took, 2),
+        "tracker_cpu_cores": round((cpu_after - cpu) / took, 2),
+        "tracker_loop_process_cpu_cores": round((own_after - own) / took, 2),
         "engine_lag_max_s": round(max(lags, default=0.0), 3),
         "engine_last_call_ms": round(1000 * engine_call, 1),
         "engine_longest_call_ms": round(1000 * engine_call_max, 1),
@@ -326,6 +373,8 @@ async def one_run(args: argparse.Namespace) -> Figures:
             for label, measured in phases.items():
                 rate = statistics.median(m["accepted_per_s"] for m in measured)
                 cores = statistics.median(m["cpu_cores"] for m in measured)
+                loop_cores = statistics.median(m["loop_process_cpu_cores"] for m in measured)
+                figures[f"ingest_zones_{label}_loop_process_cpu_cores"] = round(loop_cores, 2)
                 client = statistics.median(m["client_cpu_cores"] for m in measured)
                 figures[f"ingest_zones_{label}_client_cpu_cores"] = round(client, 2)
                 figures[f"ingest_zones_{label}_per_s"] = rate

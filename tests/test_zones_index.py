@@ -105,7 +105,8 @@ def assert_exact(index: ZoneIndex) -> None:
         )
     both = np.concatenate(points)
     lat, lon = both[:, 0].copy(), both[:, 1].copy()
-    hits, inside, within = index.locate(cells_at(lat, lon, FINEST), lat, lon)
+    hits, inside = index.locate(cells_at(lat, lon, FINEST), lat, lon)
+    within = index.within(hits, inside, lat, lon, np.ones(len(inside), np.bool_))
     found = set(zip(hits.rows[inside].tolist(), hits.slots[inside].tolist(), strict=True))
     found_wide = set(zip(hits.rows[within].tolist(), hits.slots[within].tolist(), strict=True))
     truth: set[tuple[int, int]] = set()
@@ -147,7 +148,7 @@ def test_remove_and_reuse_slots() -> None:
     assert index.remove(first.zone.id) == slot
     assert index.remove(first.zone.id) is None
     lat, lon = np.array([52.5]), np.array([13.4])
-    hits, _, _ = index.locate(cells_at(lat, lon, FINEST), lat, lon)
+    hits, _ = index.locate(cells_at(lat, lon, FINEST), lat, lon)
     assert slot not in hits.slots.tolist()
     assert index.add(first) == slot
 

@@ -1,8 +1,11 @@
-"""The zone engine in its worker thread: the tick never waits, the loop stays free, a slow
-engine catches up in order, and what it cannot take is counted and reported."""
+"""The zone engine off the loop (a worker thread, or a process of its own): the tick never
+waits, the loop stays free, a slow engine catches up in order, what it cannot take is
+counted and reported, and an engine process that dies takes the worker down."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from tracker.zones import worker as worker_module
 from tracker.zones.cover import compile_zone
 from tracker.zones.engine import MAX_RECORDED_PINGS, ZoneEngine
 from tracker.zones.events import ZoneEvent
+from tracker.zones.host import EngineProcessDied, ProcessHost
 from tracker.zones.model import parse_zone
 from tracker.zones.worker import ZoneWorker
 
@@ -126,9 +130,12 @@ async def test_no_zone_no_work() -> None:
 async def test_a_slow_engine_never_holds_healthz(
     start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The engine takes 0.5 s a call: /healthz answers at once and warns that it is behind."""
+    """The engine takes 0.5 s a call: /healthz answers at once and warns that it is behind
+    (in a thread, where a slow engine can be slipped in)."""
     monkeypatch.setattr(worker_module, "LAG_WARNING_S", 0.3)
-    server = await start_server(**SECURE, history=str(tmp_path / "h.sqlite3"), tick_s=0.05)
+    server = await start_server(
+        **SECURE, history=str(tmp_path / "h.sqlite3"), tick_s=0.05, zone_engine_thread=True
+    )
     worker = server.tracker.zones.worker
     slow = SlowEngine(remove_after_s=60)
     slow.delay_s = 0.5
@@ -162,8 +169,10 @@ async def test_edits_during_ticks_end_where_the_book_is(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     """Zones created, replaced and deleted while pings flow and the engine decides: the
-    engine ends up holding exactly the book's zones."""
-    server = await start_server(**SECURE, history=str(tmp_path / "h.sqlite3"), tick_s=0.02)
+    engine ends up holding exactly the book's zones (in a thread, where it can be read)."""
+    server = await start_server(
+        **SECURE, history=str(tmp_path / "h.sqlite3"), tick_s=0.02, zone_engine_thread=True
+    )
     headers = {"Authorization": f"Bearer {admin_token()}", "Content-Type": "application/json"}
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
 
@@ -194,3 +203,49 @@ async def test_edits_during_ticks_end_where_the_book_is(
             await trio.sleep(0.05)
     held = sorted(z.zone.id for z in server.tracker.zones.all())
     assert sorted(worker.engine.zones.slot_of) == held
+
+
+def _kill_engine_process(host: ProcessHost) -> None:
+    executor = host._executor
+    assert executor is not None
+    for process in list(executor._processes.values()):  # type: ignore[attr-defined]
+        os.kill(process.pid, signal.SIGKILL)
+
+
+async def test_the_engine_in_its_process_decides_as_in_a_thread() -> None:
+    """The same pings and ticks through a process and through a thread: the same events
+    (the zone's shapes prepared again on arrival); a process killed under the worker
+    fails its task, which is what brings a tracker down."""
+    rigs = [Rig(), Rig()]
+    rigs[0].worker.process = True
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for rig in rigs:
+                await nursery.start(rig.worker.run)
+            for second in range(6):
+                for rig in rigs:
+                    rig.step(100.0 + second, 0 if second % 3 else 500, vehicle="a")
+                    rig.step(100.0 + second, 500 if second % 2 else 0, vehicle="b")
+                    await rig.worker.decide()
+            nursery.cancel_scope.cancel()
+    through_process, through_thread = (rig.emitted for rig in rigs)
+    assert len(through_process) >= 6
+    assert through_process == through_thread
+    assert rigs[0].worker.figures.vehicles_known == 2
+
+
+async def test_an_engine_process_that_dies_fails_the_worker() -> None:
+    rig = Rig()
+    rig.worker.process = True
+    with pytest.raises(BaseExceptionGroup) as failed, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig.worker.run)
+            rig.step(100.0, 0)
+            await rig.worker.decide()
+            assert [e.type for e in rig.emitted] == ["enter"]
+            host = rig.worker._host
+            assert isinstance(host, ProcessHost)
+            _kill_engine_process(host)
+            rig.step(101.0, 500)
+            await rig.worker.decide()
+    assert failed.group_contains(EngineProcessDied)

@@ -329,6 +329,14 @@ class TrackerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         ),
     ] = ""
 
+    zone_engine_thread: Annotated[
+        bool,
+        describe(
+            "Run the zone engine in a worker thread of the tracker's process, where it "
+            "shares the GIL with the event loop, instead of a process of its own "
+            "(docs/zones.md)."
+        ),
+    ] = False
     alerts_queue_events: Annotated[
         int,
         describe(

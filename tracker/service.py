@@ -56,7 +56,14 @@ from tracker.history.readers import ReaderPool
 from tracker.history.store import open_store
 from tracker.history.writer import History
 from tracker.hub import FeedHub, Resume, Subscription
-from tracker.ingest import Target, admit_all, apply_pings, apply_pings_async, decode_body
+from tracker.ingest import (
+    INGEST_SLICE_PINGS,
+    Target,
+    admit_all,
+    apply_pings,
+    apply_pings_async,
+    decode_body,
+)
 from tracker.meta import MetaStore, RedisMeta, VehicleMeta
 from tracker.metrics import Metrics
 from tracker.pings import IngestReply, Ping, Rejections
@@ -268,11 +275,12 @@ class Tracker:
                 zone_sink or self.alerts,
                 self.metrics,
                 name_of=self.index.name_of,
+                process=not config.zone_engine_thread,
             ),
             ZoneStore(config.database_target),
             resolution=config.h3_resolution,
         )
-        """Zones and their engine, run in a worker thread (``tracker.zones``): events go to
+        """Zones and their engine, run in a process of its own (``tracker.zones``): events go to
         ``zone_sink``, by default the alerts log (:attr:`alerts`)."""
         self.metrics.gauges.update(
             zones=("Zones held.", lambda: len(self.zones)), **self.zones.worker.gauges()
@@ -432,8 +440,17 @@ class Tracker:
         One batch is applied at a time (the others wait their turn, in order): the
         event loop then interleaves one slice of ingest with everything else, instead
         of one slice of every connection posting, so a request waits for a few ms of
-        ingest per turn of the loop, not for connections x slices."""
+        ingest per turn of the loop, not for connections x slices. A batch of one slice
+        (``INGEST_SLICE_PINGS`` pings or fewer: a device's, a probe's) is applied at once
+        instead, as one turn of a large batch would be: it does not wait in line behind
+        the large batches of bulk senders (four 5,000-ping batches ahead of it are some
+        forty turns of a busy loop: up to seconds, which was most of the ping-to-alert
+        latency's tail under ingest load)."""
         pings, rejections = decode_body(body, content_type, self.config)
+        if len(pings) <= INGEST_SLICE_PINGS:  # one slice: at once, not behind large batches
+            return self.ingest_pings(
+                pings, rejections=rejections, admit=admit, now=now, fleet=fleet
+            )
         async with self._applying:  # before admission: a refused batch waited for nothing
             intake = self._intake(pings, rejections, admit, now, fleet)
             try:

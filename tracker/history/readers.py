@@ -52,6 +52,7 @@ __all__ = [
     "SCRATCH",
     "ReaderPool",
     "remove_stale_answers",
+    "stop_pool",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class ReaderPool:
             for started in [executor.submit(_started) for _ in range(self._processes)]:
                 started.result(timeout=START_TIMEOUT_S)
         except BaseException:
-            _stop(executor)
+            stop_pool(executor)
             raise
         return executor
 
@@ -228,13 +229,13 @@ class ReaderPool:
             logger.error("history reader processes broke (%s); starting new ones", error)
             self._executor = None
             self._broken.set()
-            _stop(executor)
+            stop_pool(executor)
 
     def close(self) -> None:
         """Stop the processes without waiting for queries under way (never blocks)."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            _stop(executor)
+            stop_pool(executor)
 
 
 def remove_stale_answers(scratch: str) -> int:
@@ -273,7 +274,7 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _stop(executor: concurrent.futures.ProcessPoolExecutor) -> None:
+def stop_pool(executor: concurrent.futures.ProcessPoolExecutor) -> None:
     """Stop a pool's processes at once: a query under way would keep one busy a while."""
     processes = list((getattr(executor, "_processes", None) or {}).values())
     executor.shutdown(wait=False, cancel_futures=True)

@@ -251,9 +251,12 @@ class ZoneEngine:
     ) -> None:
         """One position per vehicle: enter, exit, dwell, then cross; then remember it."""
         before = self.states.keys
-        hits, inside, within = self.zones.locate(fine, lat, lon)
+        hits, inside = self.zones.locate(fine, lat, lon)
         keys = (slot[hits.rows] << ZONE_BITS) | hits.slots
         held = self.states.find(keys)
+        was_inside = held >= 0
+        was_inside[was_inside] = self.states.inside[held[was_inside]]
+        within = self.zones.within(hits, inside, lat, lon, was_inside)
         chosen = inside | (held >= 0)
         # Pairs held whose vehicle is here but whose zone's cover is not: far outside.
         away = self.states.rows_of_vehicles(slot)
@@ -370,10 +373,10 @@ class ZoneEngine:
         if len(self.zones):
             prev = self._last_cell[slot[moved]]
             lookup = self.zones.lookup
-            found = [lookup(fine[moved], cross=True), lookup(prev, cross=True)]
+            ends = lookup(np.concatenate([fine[moved], prev]), cross=True)  # both ends at once
             path = self._path_hits(moved, fine[moved], prev)
-            coarse_rows = np.concatenate([moved[f.rows] for f in found] + [path.rows])
-            coarse_slots = np.concatenate([f.slots for f in found] + [path.slots])
+            coarse_rows = np.concatenate([moved[ends.rows % len(moved)], path.rows])
+            coarse_slots = np.concatenate([ends.slots, path.slots])
             long = length_m[coarse_rows] > short[coarse_slots]
             rows.append(coarse_rows[long])
             zslots.append(coarse_slots[long])

@@ -68,16 +68,28 @@ class Hits(NamedTuple):
 
 
 class CellTable:
-    """Cells of several resolutions, each naming a zone slot and whether it is interior."""
+    """Cells of several resolutions, each naming a zone slot and whether it is interior.
+
+    Held as the distinct cells (sorted: an H3 cell's resolution sits above its digits,
+    so each resolution is one block) with where each one's entries start and how many
+    there are (several zones may share a cell): a lookup is one ``searchsorted`` per
+    resolution, within that resolution's block only."""
 
     def __init__(self, cells: U64, slots: I64, interior: npt.NDArray[np.bool_]) -> None:
         order = np.argsort(cells, kind="stable")
-        self.cells = cells[order]
         self.slots = slots[order]
         self.interior = interior[order]
-        self.resolutions = sorted(
-            {int(r) for r in np.unique(self.cells >> _RES_SHIFT & np.uint64(0xF))}
+        self.entries = len(cells)
+        self.cells, self.starts, self.counts = np.unique(
+            cells[order], return_index=True, return_counts=True
         )
+        levels = self.cells >> _RES_SHIFT & np.uint64(0xF)
+        self.blocks = {
+            int(res): (int(low), int(high))
+            for res in np.unique(levels)
+            for low, high in [np.searchsorted(levels, [res, res + np.uint64(1)])]
+        }
+        """Each resolution's block of :attr:`cells`, coarsest first."""
 
     @classmethod
     def empty(cls) -> CellTable:
@@ -85,7 +97,8 @@ class CellTable:
 
     @property
     def nbytes(self) -> int:
-        return self.cells.nbytes + self.slots.nbytes + self.interior.nbytes
+        held = (self.cells, self.starts, self.counts, self.slots, self.interior)
+        return sum(column.nbytes for column in held)
 
     def lookup(self, fine: U64) -> Hits:
         """Every (row, zone) whose cell holds ``fine[row]`` (cells at any resolution at
@@ -94,17 +107,17 @@ class CellTable:
         found: list[I64] = []
         order = np.argsort(fine)
         ordered = fine[order]  # a parent is monotonic in its child: sorted keys, fast search
-        for res in self.resolutions:
+        for res, (low, high) in self.blocks.items():
+            block = self.cells[low:high]
             keys = parents(ordered, res)
-            low = np.searchsorted(self.cells, keys, "left")
-            high = np.searchsorted(self.cells, keys, "right")
-            counts = high - low
-            hit = np.nonzero(counts)[0]
+            at = np.minimum(np.searchsorted(block, keys), len(block) - 1)
+            hit = np.nonzero(block[at] == keys)[0]
             if not len(hit):
                 continue
-            counts = counts[hit]
+            distinct = low + at[hit]
+            counts = self.counts[distinct]
             rows.append(np.repeat(order[hit], counts))
-            found.append(ranges(low[hit], counts))
+            found.append(ranges(self.starts[distinct], counts))
         if not rows:
             return Hits(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.bool_))
         entries = np.concatenate(found)
@@ -263,12 +276,12 @@ class ZoneIndex:
         if not self._settled:
             self._settle()
         delta = self._delta[False] or self._build(self._recent, cross=False)
-        return len(self._main[False].cells) + len(delta.cells)
+        return self._main[False].entries + delta.entries
 
     @property
     def cross_cells(self) -> int:
         delta = self._delta[True] or self._build(self._recent, cross=True)
-        return len(self._main[True].cells) + len(delta.cells)
+        return self._main[True].entries + delta.entries
 
     def _build(self, held: list[int], *, cross: bool) -> CellTable:
         cells: list[U64] = []
@@ -294,21 +307,35 @@ class ZoneIndex:
 
     def locate(
         self, fine: U64, lat: npt.NDArray[np.float64], lon: npt.NDArray[np.float64]
-    ) -> tuple[Hits, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    ) -> tuple[Hits, npt.NDArray[np.bool_]]:
         """Every zone each position may be in, and whether it is in the zone itself
-        (``inside``) and in the zone grown by its margin (``within``)."""
+        (``inside``: interior hits by their cell, border hits by an exact test)."""
         hits = self.lookup(fine)
         inside = hits.interior.copy()
-        within = hits.interior.copy()
         test = np.nonzero(~hits.interior)[0]
         if len(test):
             rows, slots = hits.rows[test], hits.slots[test]
-            x, y = lon[rows], lat[rows]
-            inside[test] = within[test] = shapely.contains_xy(self.inner[slots], x, y)
-            wide = self.margin[slots]
-            if wide.any():
-                within[test[wide]] = shapely.contains_xy(self.outer[slots[wide]], x[wide], y[wide])
-        return hits, inside, within
+            inside[test] = shapely.contains_xy(self.inner[slots], lon[rows], lat[rows])
+        return hits, inside
+
+    def within(
+        self,
+        hits: Hits,
+        inside: npt.NDArray[np.bool_],
+        lat: npt.NDArray[np.float64],
+        lon: npt.NDArray[np.float64],
+        asked: npt.NDArray[np.bool_],
+    ) -> npt.NDArray[np.bool_]:
+        """Whether each hit is in its zone grown by the zone's margin, decided where
+        ``asked`` (elsewhere: ``inside``). The engine asks only for the pairs inside
+        now (the margin only decides when they leave), which are few: half the exact
+        tests of a tick were the margins of zones the vehicles were not in."""
+        within = inside.copy()
+        test = np.nonzero(asked & ~inside & self.margin[hits.slots])[0]
+        if len(test):
+            rows, slots = hits.rows[test], hits.slots[test]
+            within[test] = shapely.contains_xy(self.outer[slots], lon[rows], lat[rows])
+        return within
 
     @property
     def nbytes(self) -> int:

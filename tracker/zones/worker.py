@@ -1,21 +1,21 @@
-"""The zone engine off the event loop: one worker thread decides, the tick never waits.
+"""The zone engine off the event loop: it decides elsewhere, the tick never waits.
 
 :class:`ZoneWorker` owns a :class:`~tracker.zones.engine.ZoneEngine` and is the only one
 that touches it. On the event loop it only queues work, in order: the pings ingest
 accepted (:meth:`ZoneWorker.record`), zone changes (:meth:`ZoneWorker.put`,
 :meth:`ZoneWorker.delete`) and ticks (:meth:`ZoneWorker.tick`, from ``Tracker.tick``,
 with the vehicles the geo-index marked stale or removed in it). :meth:`ZoneWorker.run`
-(a task of ``Tracker.run``) hands everything queued to a worker thread in one call
-(``trio.to_thread.run_sync``, one call at a time: the engine's state is only ever used
-there), which applies it in order and decides the events; back on the loop they go to
+(a task of ``Tracker.run``) hands everything queued to the engine's host in one call
+(one call at a time; :mod:`tracker.zones.host`: a process of its own, or a worker
+thread), which applies it in order and decides the events; back on the loop they go to
 the sink (the alerts log), in the order they happened.
 
-Why: the engine costs ~4 us a ping (about 200 ms for a tick of 50,000 pings with 10,000
+Why: the engine costs ~3-4 us a ping (15-20 ms for a tick of 5,000 pings with 10,000
 zones), and the full rebuild of the zone tables after many edits 0.3-0.7 s; on the loop
-that held ingest, feeds and ``/healthz``. NumPy, GEOS and H3 release the GIL for much of
-that work, so the thread also puts the second core to use.
+that held ingest, feeds and ``/healthz``, and in a thread of the tracker's process its
+GIL cost the loop more than its own CPU time (``tracker.zones.host``).
 
-Bounded, and never silent: while the thread works, the next ticks' work queues up to
+Bounded, and never silent: while the engine works, the next ticks' work queues up to
 :data:`~tracker.zones.engine.MAX_RECORDED_PINGS` pings (then batches are dropped,
 counted in ``tracker_zone_pings_dropped`` and reported by ``/healthz`` as a problem for
 a minute); ticks queued with no pings between them are merged into one (their stale and
@@ -27,9 +27,7 @@ engine is (``tracker_zone_engine_lag_seconds``) is a ``/healthz`` warning past
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
 import trio
@@ -41,8 +39,19 @@ from tracker.pings import Ping
 from tracker.zones.cover import CompiledZone
 from tracker.zones.engine import MAX_RECORDED_PINGS, ZoneEngine
 from tracker.zones.events import EventSink, ZoneEvent
+from tracker.zones.host import (
+    Delete,
+    EngineFigures,
+    Op,
+    Outcome,
+    Pings,
+    ProcessHost,
+    Put,
+    ThreadHost,
+    Tick,
+)
 
-__all__ = ["LAG_WARNING_S", "PROBLEM_AFTER_DROP_S", "EngineFigures", "ZoneWorker", "departed"]
+__all__ = ["LAG_WARNING_S", "PROBLEM_AFTER_DROP_S", "ZoneWorker", "departed"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,48 +75,6 @@ def departed(
     return stale, removed
 
 
-@dataclass(slots=True)
-class _Pings:
-    pings: Sequence[Ping]
-    now: float
-
-
-@dataclass(slots=True)
-class _Put:
-    compiled: CompiledZone
-    now: float
-
-
-@dataclass(slots=True)
-class _Delete:
-    zone_id: str
-    now: float
-
-
-@dataclass(slots=True)
-class _Tick:
-    now: float
-    queued_at: float
-    """Trio clock when the tick was queued (for the lag)."""
-    stale: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-
-
-_Op = _Pings | _Put | _Delete | _Tick
-
-
-@dataclass(frozen=True, slots=True)
-class EngineFigures:
-    """What the engine looked like after its last call (read on the loop, for metrics)."""
-
-    vehicles_known: int = 0
-    vehicles_inside: int = 0
-    call_s: float = 0.0
-    """Wall time of the last call in the thread (all the ticks it decided)."""
-    ticks: int = 0
-    """Ticks decided by the last call (more than one: the engine had fallen behind)."""
-
-
 class ZoneWorker:
     """Queues the engine's work on the loop; decides it in a worker thread (module doc)."""
 
@@ -118,30 +85,45 @@ class ZoneWorker:
         metrics: Metrics,
         *,
         name_of: Callable[[int], str | None],
+        process: bool = False,
     ) -> None:
-        self.engine = engine
-        """Used only in :meth:`_apply` (the thread), one call at a time; read it only when
-        no call runs (benchmarks and tests, after :meth:`decide_here`)."""
+        self._engine = engine
+        self.process = process
         self.sink = sink
         self._metrics = metrics
         self._name_of = name_of
-        self._ops: list[_Op] = []
+        self._host: ThreadHost | ProcessHost | None = None
+        """Where calls go while :meth:`run` runs (None: :meth:`decide_here` only)."""
+        self._ops: list[Op] = []
         self._queued_pings = 0
         self._zones = 0
         """Zones the engine will hold once it has applied what is queued."""
         self._wake = trio.Event()
-        self._limiter = trio.CapacityLimiter(1)
         self._deciding_since: float | None = None
-        """Trio clock when the oldest tick in the thread's hands was queued."""
+        """Trio clock when the oldest tick in the engine's hands was queued."""
         self._last_drop_at: float | None = None
         self._drops = Throttle(logger, interval_s=10.0)
         self.figures = EngineFigures()
         self.call_max_s = 0.0
-        """The longest call in the thread since start (a lag much longer than this is
-        time the thread waited to run, not time it worked)."""
+        """The longest call since start (a lag much longer than this is time the engine
+        waited to run, not time it worked)."""
         self.pings_dropped = 0
         self.ticks_merged = 0
         """Ticks merged into the next because the engine was behind."""
+
+    @property
+    def engine(self) -> ZoneEngine:
+        """The engine. In a thread (``process`` False) it is the one that decides: read it
+        only when no call runs (benchmarks and tests, after :meth:`decide_here`). With
+        ``process``, it is what the engine's process starts from when :meth:`run` starts
+        it, and the process's engine decides."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: ZoneEngine) -> None:
+        self._engine = engine
+        if isinstance(self._host, ThreadHost):
+            self._host.engine = engine
 
     # --- on the loop ---------------------------------------------------------------------
 
@@ -164,17 +146,17 @@ class ZoneWorker:
                 dropped=len(pings),
             )
             return
-        self._ops.append(_Pings(pings, now))
+        self._ops.append(Pings(pings, now))
         self._queued_pings += len(pings)
 
     def put(self, compiled: CompiledZone, now: float, *, new: bool) -> None:
         """Queue a new or changed zone (``new``: its id is not held)."""
-        self._ops.append(_Put(compiled, now))
+        self._ops.append(Put(compiled, now))
         self._zones += new
 
     def delete(self, zone_id: str, now: float) -> None:
         """Queue a zone's deletion (it must be held)."""
-        self._ops.append(_Delete(zone_id, now))
+        self._ops.append(Delete(zone_id, now))
         self._zones -= 1
 
     def tick(self, now: float, changes: TickChanges) -> None:
@@ -184,13 +166,13 @@ class ZoneWorker:
             return
         stale, removed = departed(changes, self._name_of)
         last = self._ops[-1] if self._ops else None
-        if isinstance(last, _Tick):  # nothing since the last tick: one tick for both
+        if isinstance(last, Tick):  # nothing since the last tick: one tick for both
             last.now = now
             last.stale += stale
             last.removed += removed
             self.ticks_merged += 1
         else:
-            self._ops.append(_Tick(now, trio.current_time(), stale, removed))
+            self._ops.append(Tick(now, trio.current_time(), stale, removed))
         self._wake.set()
 
     @property
@@ -198,7 +180,7 @@ class ZoneWorker:
         """How long the oldest tick not yet decided has waited (0: none waits)."""
         oldest = self._deciding_since
         if oldest is None:
-            oldest = next((op.queued_at for op in self._ops if isinstance(op, _Tick)), None)
+            oldest = next((op.queued_at for op in self._ops if isinstance(op, Tick)), None)
         return 0.0 if oldest is None else max(0.0, trio.current_time() - oldest)
 
     def problem(self) -> str | None:
@@ -225,7 +207,7 @@ class ZoneWorker:
                 lambda: self.figures.vehicles_inside,
             ),
             "zone_tick_seconds": (
-                "Time the zone engine's last call took (in its thread).",
+                "Time the zone engine's last call took (where it runs).",
                 lambda: self.figures.call_s,
             ),
             "zone_pings_dropped": (
@@ -237,7 +219,7 @@ class ZoneWorker:
                 lambda: self.ticks_merged,
             ),
             "zone_engine_call_max_seconds": (
-                "The zone engine's longest call in its thread since start.",
+                "The zone engine's longest call since start.",
                 lambda: self.call_max_s,
             ),
             "zone_engine_lag_seconds": (
@@ -247,70 +229,56 @@ class ZoneWorker:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hand what is queued to the thread whenever a tick was queued; until cancelled
-        (a call in the thread is finished first)."""
-        task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            await self.decide()
+        """Start the engine's host (its process, if ``process``), then hand it what is
+        queued whenever a tick was queued; until cancelled (a call under way is finished
+        first), then stop the host. A process that dies fails this task
+        (:class:`~tracker.zones.host.EngineProcessDied`)."""
+        host = ProcessHost(self.engine) if self.process else ThreadHost(self.engine)
+        try:
+            if isinstance(host, ProcessHost):
+                await host.start()
+            self._host = host
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await self.decide()
+        finally:
+            self._host = None
+            host.close()
 
     async def decide(self) -> list[ZoneEvent]:
-        """Decide everything queued in the thread; hand the events to the sink."""
+        """Decide everything queued (by the host :meth:`run` started); hand the events to
+        the sink."""
+        assert self._host is not None, "decide while run() runs"
         ops = self._take()
         if not ops:
             return []
         try:
-            events = await trio.to_thread.run_sync(self._apply, ops, limiter=self._limiter)
+            outcome = await self._host.apply(ops)
         finally:
             self._deciding_since = None
-        self._emit(events)
-        return events
+        return self._emit(outcome)
 
     def decide_here(self) -> list[ZoneEvent]:
-        """Decide everything queued in the calling thread (benchmarks, tests)."""
+        """Decide everything queued in the calling thread, with :attr:`engine` (benchmarks,
+        tests; not while :meth:`run` runs)."""
+        assert self._host is None, "decide_here only without run()"
         try:
-            events = self._apply(self._take())
+            outcome = ThreadHost(self.engine).apply_here(self._take())
         finally:
             self._deciding_since = None
-        self._emit(events)
-        return events
+        return self._emit(outcome)
 
-    def _take(self) -> list[_Op]:
+    def _take(self) -> list[Op]:
         ops, self._ops, self._queued_pings = self._ops, [], 0
-        self._deciding_since = next((op.queued_at for op in ops if isinstance(op, _Tick)), None)
+        self._deciding_since = next((op.queued_at for op in ops if isinstance(op, Tick)), None)
         return ops
 
-    def _emit(self, events: list[ZoneEvent]) -> None:
+    def _emit(self, outcome: Outcome) -> list[ZoneEvent]:
+        events, self.figures = outcome
+        self.call_max_s = max(self.call_max_s, self.figures.call_s)
         self._metrics.zone_events += len(events)
         if events:
             self.sink.emit(events)
-
-    # --- in the thread -------------------------------------------------------------------
-
-    def _apply(self, ops: list[_Op]) -> list[ZoneEvent]:
-        """Apply ``ops`` in order; the events of their ticks (the engine's state is only
-        ever touched here, one call at a time)."""
-        started = time.perf_counter()
-        engine = self.engine
-        events: list[ZoneEvent] = []
-        ticks = 0
-        for op in ops:
-            if isinstance(op, _Pings):
-                engine.record(op.pings, op.now)
-            elif isinstance(op, _Tick):
-                events += engine.tick(op.now, op.stale, op.removed)
-                ticks += 1
-            elif isinstance(op, _Put):
-                engine.put(op.compiled, op.now)
-            else:
-                engine.delete(op.zone_id, op.now)
-        took = time.perf_counter() - started
-        self.call_max_s = max(self.call_max_s, took)
-        self.figures = EngineFigures(
-            vehicles_known=engine.vehicles_known,
-            vehicles_inside=engine.vehicles_inside,
-            call_s=took,
-            ticks=ticks,
-        )
         return events
