@@ -99,5 +99,5 @@ async def test_a_batch_of_one_slice_does_not_wait_behind_large_batches() -> None
         assert done == ["small"]
         assert tracker.locate("probe0") is None  # applied, published at the next tick
         assert tracker.index.vehicle("probe0") is not None
-    assert done == ["small", "large-1", "large-2"]
+    assert done[0] == "small" and sorted(done[1:]) == ["large-1", "large-2"]
     assert tracker.metrics.pings_accepted == 8 * INGEST_SLICE_PINGS + 1
