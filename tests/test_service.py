@@ -6,6 +6,7 @@ ticks of a second cost microseconds.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -272,3 +273,18 @@ async def test_run_raises_a_crashed_tick_and_reports_failed(
     assert not tracker.health().ok and not tracker.ready
     (record,) = [r for r in caplog.records if r.name == "tracker.service"]
     assert record.levelname == "CRITICAL" and "crashed" in record.getMessage()
+
+
+def test_ingest_leaves_no_cyclic_garbage() -> None:
+    """Serving processes collect cycles rarely (``cli.GC_THRESHOLDS``): a batch caught in
+    a reference cycle would stay in memory until a full collection (gigabytes at scale)."""
+    tracker = _tracker()
+    tracker.ingest(_batch(("warm", 52.52, 13.40)), "application/msgpack")
+    gc.collect()
+    gc.disable()
+    try:
+        for number in range(3):
+            tracker.ingest(_batch((f"v{number}", 52.52, 13.40)), "application/msgpack")
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
