@@ -90,6 +90,8 @@ async def test_listing_is_for_admins_and_checks_its_parameters(start_server: Sta
             "limit=-1",
             "limit=x",
             "limit=" + "9" * 400,
+            "limit=" + "9" * 5000,  # past int()'s 4,300 digits: a ValueError
+            "limit=%C2%B2",  # "²": isdigit() says yes, int() says no
             "vehicle=" + "v" * 65,
             "vehicle=",
             "after=" + "x" * 65,
