@@ -291,6 +291,8 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
     counted_from = began + args.warmup
     return {
         "load_pings_per_s": round(counts.accepted / took),
+        "probe_late_seconds": sorted({round(at - began) for at, lat in probe if lat > 0.5}),
+        "latency_began_at": time.strftime("%H:%M:%S", time.localtime(began)),
         **percentiles("probe_latency", [lat for at, lat in probe if at >= counted_from]),
         "events_per_s": round(events / took),
         "webhook_deliveries_per_s_during_load": round(len(receiver.times) / took),
