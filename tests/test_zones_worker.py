@@ -249,3 +249,17 @@ async def test_an_engine_process_that_dies_fails_the_worker() -> None:
             rig.step(101.0, 500)
             await rig.worker.decide()
     assert failed.group_contains(EngineProcessDied)
+
+
+async def test_a_tracker_without_zones_starts_no_engine_process() -> None:
+    index = GeoIndex(resolution=7, stale_after_s=30, remove_after_s=60)
+    engine = ZoneEngine(remove_after_s=60)
+    worker = ZoneWorker(engine, Rig(), Metrics(), name_of=index.name_of, process=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        worker.record([Ping(vehicle_id="v", lat=52.5, lon=13.4, ts=1)], 1)
+        worker.tick(1, index.advance(1))
+        await trio.sleep(0.2)
+        host = worker._host
+        assert isinstance(host, ProcessHost) and host._executor is None
+        nursery.cancel_scope.cancel()

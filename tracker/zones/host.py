@@ -18,12 +18,12 @@ them to a host one call at a time; :func:`apply_ops` applies a call's operations
 * :class:`ThreadHost` (``--zone-engine-thread``): the engine in a worker thread of this
   process, readable between calls (tests, ``bench.zones core``).
 
-The process (``multiprocessing``, ``forkserver`` with the engine's modules preloaded, so
-a tracker starts it in milliseconds after the first) gets an empty engine when the
-worker starts, and every operation after. If it dies, the call under way raises
-:class:`EngineProcessDied` and the worker's task fails, which brings the tracker down as
-any crashed core task does; zones are reloaded at the next start and vehicles inside a
-zone enter it again, as after any restart.
+The process (``multiprocessing``, ``forkserver`` with the engine's modules preloaded)
+starts with an empty engine at the worker's first call (the first zone: a tracker that
+never holds one never starts it), and gets every operation after. If it dies, the call
+under way raises :class:`EngineProcessDied` and the worker's task fails, which brings the
+tracker down as any crashed core task does; zones are reloaded at the next start and
+vehicles inside a zone enter it again, as after any restart.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class ThreadHost:
     def apply_here(self, ops: Sequence[Op]) -> Outcome:
         return apply_ops(self.engine, ops)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Nothing to stop."""
 
 
@@ -235,20 +235,24 @@ def _for_the_trip(op: Op) -> Op:
 
 
 class ProcessHost:
-    """The engine in a process of its own (see the module docstring); :meth:`start` it
-    before the first call."""
+    """The engine in a process of its own (see the module docstring), started by the
+    first call."""
 
     def __init__(self, engine: ZoneEngine) -> None:
         self._template = pickle.dumps(engine)
         """The engine the process starts with (the tracker gives an empty one)."""
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._began = False
         self._limiter = trio.CapacityLimiter(1)
 
-    async def start(self) -> None:
-        """Start the process and wait until it holds its engine (in a worker thread:
-        starting a process takes the loop's time otherwise)."""
-        if self._executor is None:
+    async def _started(self) -> concurrent.futures.ProcessPoolExecutor | None:
+        """The process, started at the first call (a tracker that never holds a zone never
+        starts one); None once it died or was closed. Started in a worker thread:
+        starting a process takes the loop's time otherwise."""
+        if not self._began:
+            self._began = True
             self._executor = await trio.to_thread.run_sync(self._start)
+        return self._executor
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
@@ -267,10 +271,11 @@ class ProcessHost:
         return executor
 
     async def apply(self, ops: Sequence[Op]) -> Outcome:
+        await self._started()
         return await trio.to_thread.run_sync(self.apply_here, ops, limiter=self._limiter)
 
     def apply_here(self, ops: Sequence[Op]) -> Outcome:
-        """One call, waiting for it (in a worker thread, or a benchmark's own)."""
+        """One call to the running process, waiting for it (in a worker thread)."""
         executor = self._executor
         if executor is None:
             raise EngineProcessDied("the zone engine's process is not running")
@@ -291,3 +296,14 @@ class ProcessHost:
         executor, self._executor = self._executor, None
         if executor is not None:
             stop_pool(executor)
+
+    async def aclose(self) -> None:
+        """Stop the process, then wait (in a worker thread, 5 s at most) for the pool's
+        manager thread to end: Python 3.11 lets its exit hook write to that thread's
+        wake-up pipe while the thread closes it, which printed an ``OSError`` traceback
+        when a tracker stopped right after its pool (CPython gh-105829)."""
+        executor = self._executor
+        manager = getattr(executor, "_executor_manager_thread", None)
+        self.close()
+        if manager is not None:
+            await trio.to_thread.run_sync(manager.join, 5.0)

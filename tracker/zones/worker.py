@@ -229,15 +229,13 @@ class ZoneWorker:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the engine's host (its process, if ``process``), then hand it what is
-        queued whenever a tick was queued; until cancelled (a call under way is finished
-        first), then stop the host. A process that dies fails this task
+        """Hand what is queued to the engine's host (its process, if ``process``: started
+        by the first call) whenever a tick was queued; until cancelled (a call under way
+        is finished first), then stop the host. A process that dies fails this task
         (:class:`~tracker.zones.host.EngineProcessDied`)."""
         host = ProcessHost(self.engine) if self.process else ThreadHost(self.engine)
+        self._host = host
         try:
-            if isinstance(host, ProcessHost):
-                await host.start()
-            self._host = host
             task_status.started()
             while True:
                 await self._wake.wait()
@@ -245,7 +243,8 @@ class ZoneWorker:
                 await self.decide()
         finally:
             self._host = None
-            host.close()
+            with trio.CancelScope(shield=True):
+                await host.aclose()
 
     async def decide(self) -> list[ZoneEvent]:
         """Decide everything queued (by the host :meth:`run` started); hand the events to
