@@ -3,6 +3,8 @@
     python -m bench.history store     # the stores alone: append, compact, bytes, queries
     python -m bench.history ingest    # /ingest with history on (embedded, PostgreSQL) vs off
     python -m bench.history query     # track and area queries over HTTP under ingest load
+    python -m bench.history replay    # an hour replayed through the feed
+    python -m bench.history loop      # the event loop's CPU per ingested ping, in-process
 
 Each section is a subcommand registered in :func:`main` by one ``add_<section>`` function
 that adds its parser and sets ``run`` to a function from the parsed arguments to a dict
@@ -13,6 +15,7 @@ Figures, machine and commands go to ``docs/performance.md`` and ``docs/history.m
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import multiprocessing
@@ -33,7 +36,12 @@ from bench import ingest as bench_ingest
 from bench.common import CITY, start_tracker
 from bench.fleet import metric
 from bench.history_store import add_store
+from tracker.cli import GC_THRESHOLDS
+from tracker.config import TrackerConfig
+from tracker.frames import encode_tick
+from tracker.geoindex import GeoIndex
 from tracker.history.store import open_store
+from tracker.ingest import decode_body
 from tracker.pings import Ping
 
 Figures = dict[str, Any]
@@ -433,6 +441,77 @@ async def _replays(args: argparse.Namespace, path: str, now: float) -> Figures:
 
 
 SECTIONS.append(add_replay)
+
+
+# --- loop: the event loop's CPU per ping for the query bench's load (issue 15) -------------
+
+
+def add_loop(sections: Sections) -> None:
+    parser = sections.add_parser(
+        "loop",
+        help="CPU per ping of what the event loop does for ingest: decode, apply, tick",
+        description="""The query bench's load in-process, without HTTP: bench.ingest's
+bodies (--vehicles vehicles wandering about the city, batches of 5,000) decoded, applied
+to a GeoIndex, and published by ticks of --per-tick pings (150,000 pings/s at the
+default 10 ticks a second): the tick's slices prepared --slice vehicles at a time, then
+advanced and encoded. CPU time (process_time) per ping of each phase, median of
+--rounds rounds: what the event loop spends per ping whatever else the machine runs.
+The collector's thresholds are tracker serve's.""",
+    )
+    parser.add_argument("--vehicles", type=int, default=50_000)
+    parser.add_argument("--per-tick", type=int, default=15_000)
+    parser.add_argument("--slice", type=int, default=1000, help="vehicles per tick slice")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.set_defaults(run=run_loop)
+
+
+def run_loop(args: argparse.Namespace) -> Figures:
+    gc.set_threshold(*GC_THRESHOLDS)  # as in a serving process (tracker serve)
+    config = TrackerConfig()
+    index = GeoIndex(
+        resolution=config.h3_resolution,
+        stale_after_s=config.stale_after_s,
+        remove_after_s=config.remove_after_s,
+    )
+    maker = bench_ingest.BodyMaker(args.vehicles, batch=5000)
+    spent: dict[str, list[float]] = {"decode": [], "apply": [], "prepare": [], "publish": []}
+    pings = 0
+    for number in range(args.rounds + 1):  # the first round adds the vehicles: not counted
+        round_s = dict.fromkeys(spent, 0.0)
+        decoded: list[Ping] = []
+        began = time.process_time()
+        for body in maker.round():
+            batch, _ = decode_body(body, "application/msgpack", config)
+            decoded.extend(ping for ping in batch if ping is not None)
+        round_s["decode"] = time.process_time() - began
+        for start in range(0, len(decoded), args.per_tick):
+            now = time.time()
+            began = time.process_time()
+            for ping in decoded[start : start + args.per_tick]:
+                index.apply(ping, now)
+            round_s["apply"] += time.process_time() - began
+            began = time.process_time()
+            publication = index.take_pending()
+            while publication.prepare(args.slice):
+                pass
+            round_s["prepare"] += time.process_time() - began
+            began = time.process_time()
+            encode_tick(index.advance(now, publication))
+            round_s["publish"] += time.process_time() - began
+        if number:
+            for phase, seconds in round_s.items():
+                spent[phase].append(seconds / len(decoded))
+        pings = len(decoded)
+    figures: Figures = {"pings_per_round": pings, "pings_per_tick": args.per_tick}
+    for phase, per_ping in spent.items():
+        figures[f"{phase}_us_per_ping"] = round(float(np.median(per_ping)) * 1e6, 3)
+    total = sum(figures[f"{phase}_us_per_ping"] for phase in spent)
+    figures["total_us_per_ping"] = round(total, 3)
+    figures["loop_share_at_150000_per_s"] = round(total * 150_000 / 1e6, 3)
+    return figures
+
+
+SECTIONS.append(add_loop)
 
 
 if __name__ == "__main__":
