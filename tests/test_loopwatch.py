@@ -1,16 +1,20 @@
-"""The loop watch: long task steps and garbage collections, named and published."""
+"""The loop watch: long task steps and garbage collections, named and published; and the
+GIL switch interval a serving tracker sets."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 
 import pytest
 import trio
 
+from tests.conftest import StartServer
 from tracker.loopwatch import LoopWatch
 from tracker.metrics import Metrics
+from tracker.server import SWITCH_INTERVAL_S
 
 
 async def test_a_long_step_is_timed_named_counted_and_logged(
@@ -40,3 +44,17 @@ async def test_a_long_step_is_timed_named_counted_and_logged(
     assert "tracker_loop_long_steps_total 1.0" in rendered
     assert "tracker_gc_gen0_pause_max_seconds" in rendered
     assert watch.on_gc not in gc.callbacks
+
+
+async def test_serving_sets_the_switch_interval_and_restores_it(
+    start_server: StartServer,
+) -> None:
+    """A serving tracker hands the GIL between threads every millisecond (the threads a
+    history answer passes through wait less behind a busy loop); stopped, it leaves the
+    interpreter's interval as it found it (tests serve in-process)."""
+    before = sys.getswitchinterval()
+    assert before != SWITCH_INTERVAL_S
+    running = await start_server()
+    assert sys.getswitchinterval() == SWITCH_INTERVAL_S
+    await running.stop()
+    assert sys.getswitchinterval() == before
