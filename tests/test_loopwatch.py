@@ -54,7 +54,10 @@ async def test_serving_sets_the_switch_interval_and_restores_it(
     interpreter's interval as it found it (tests serve in-process)."""
     before = sys.getswitchinterval()
     assert before != SWITCH_INTERVAL_S
-    running = await start_server()
+    first = await start_server()
     assert sys.getswitchinterval() == SWITCH_INTERVAL_S
-    await running.stop()
+    second = await start_server()  # two instances in one process, stopped out of order
+    await first.stop()
+    assert sys.getswitchinterval() == SWITCH_INTERVAL_S  # the second one still serves
+    await second.stop()
     assert sys.getswitchinterval() == before

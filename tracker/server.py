@@ -69,6 +69,30 @@ loop again) each waited up to 5 ms for it: a day track's hop to a reader process
 39 ms p50 with 5 ms and 29 ms with 1 ms (docs/performance.md, history queries)."""
 
 
+class _SwitchInterval:
+    """:data:`SWITCH_INTERVAL_S` while any tracker serves in this process; the
+    interpreter's own interval again once the last one stops (trackers may overlap, as
+    two instances in one test do, and stop in any order)."""
+
+    def __init__(self) -> None:
+        self._serving = 0
+        self._saved = sys.getswitchinterval()
+
+    def enter(self) -> None:
+        if not self._serving:
+            self._saved = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._serving += 1
+
+    def exit(self) -> None:
+        self._serving -= 1
+        if not self._serving:
+            sys.setswitchinterval(self._saved)
+
+
+_switch = _SwitchInterval()
+
+
 class _TunedConfig(TransportConfig):
     """The transport config, plus our socket options on every listening socket."""
 
@@ -124,8 +148,7 @@ async def serve(
     app = TrustedProxies(app, config.trusted_proxy_list)  # outermost: the log sees the client
     watch = LoopWatch()
     watch.install(core.metrics)
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    _switch.enter()
     try:
         async with trio.open_nursery() as service_nursery:
             await service_nursery.start(core.run)
@@ -137,7 +160,7 @@ async def serve(
             )
             service_nursery.cancel_scope.cancel()
     finally:
-        sys.setswitchinterval(switch_interval)
+        _switch.exit()
         watch.uninstall()
 
 
