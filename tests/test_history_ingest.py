@@ -248,7 +248,9 @@ def test_a_history_file_that_cannot_be_opened_stops_serve_with_one_line(tmp_path
     not_history.write_text("not a database, " * 100)
     result = run_tracker("serve", "--port", "0", "--history", str(not_history))
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
+    assert "Traceback" not in result.stderr
+    # One line says why (a busy machine may add the event-loop watch's log lines before it).
+    assert [line for line in result.stderr.splitlines() if line.startswith("tracker:")] == [
         "tracker: cannot open the history store (--history, TRACKER_HISTORY): history file "
         f"{not_history}: file is not a database"
     ]
