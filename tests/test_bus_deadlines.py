@@ -115,7 +115,11 @@ async def test_a_redis_that_stops_answering_degrades_the_bus_then_recovers(
             async with open_feed(http, f"bbox={MUNICH_BBOX}") as munich:
                 await munich.until(lambda view: "v2" in view.by_id(), timeout=5)
     logged = [r.getMessage() for r in caplog.records if r.name == "tracker.bus"]
-    assert len(logged) == 2, logged  # the outage: once when it starts, once when it ends
-    assert "unavailable" in logged[0]
+    # The outage: once when it starts, once when it ends, not once per failed call. (On a
+    # busy machine a call after the recovery may miss the short deadline too: a second
+    # outage, logged the same way.)
+    assert "unavailable" in logged[0], logged
     assert "back after" in logged[1]
     assert "pings not forwarded" in logged[1]
+    assert all("unavailable" in line for line in logged[0::2]), logged
+    assert all("back after" in line for line in logged[1::2]), logged
