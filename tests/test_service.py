@@ -251,6 +251,32 @@ async def test_health_reports_a_stuck_ticker(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_slow_start_is_not_a_stuck_ticker_but_one_that_never_ends_is(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tracker = _tracker(tick_s=0.1)
+    started = tracker.zones.worker.run
+    starting = trio.Event()  # set: the engine "starts" (a loaded machine took 30 s)
+
+    async def slow_start(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await starting.wait()
+        await started(task_status=task_status)
+
+    monkeypatch.setattr(tracker.zones.worker, "run", slow_start)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tracker.run)
+        await trio.sleep(30)
+        health = tracker.health()
+        assert health.ok and health.state == "starting", health
+        await trio.sleep(31)
+        health = tracker.health()
+        assert not health.ok and health.problems == ["the tracker is still starting after 61 s"]
+        starting.set()
+        await tracker.next_tick()
+        assert tracker.health().ok and tracker.ready
+        nursery.cancel_scope.cancel()
+
+
 async def test_run_raises_a_crashed_tick_and_reports_failed(
     autojump_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,

@@ -83,6 +83,8 @@ STUCK_AFTER_TICKS = 5
 """The ticker counts as stuck once its last tick is this many ticks old..."""
 STUCK_AFTER_MIN_S = 2.0
 """...and at least this many seconds old (short test ticks must not flap)."""
+STARTUP_STUCK_S = 60.0
+"""A start (stores opened, the zone engine's process started) that takes longer is stuck."""
 TICK_SLICE_VEHICLES = 1000
 """Vehicles a tick prepares between two turns of the event loop (1-3 ms of work): a tick
 of 50,000 vehicles held the loop 120-390 ms in one step before (docs/performance.md)."""
@@ -251,7 +253,8 @@ class Tracker:
         self.stopping = trio.Event()
         """Set once :meth:`shutdown` began: feeds not held by the hub (replays) end on it."""
         self._ticked = trio.Event()
-        self._last_tick_at: float | None = None  # trio clock of the last tick (or of run())
+        self._last_tick_at: float | None = None  # trio clock of the last tick (or of its start)
+        self._started_at: float | None = None  # trio clock of run(): how long starting takes
         self.metrics.gauges.update(
             vehicles=("Vehicles tracked, stale ones included.", lambda: self.index.vehicle_count),
             vehicles_stale=("Vehicles marked stale.", lambda: self.index.stale_count),
@@ -317,7 +320,7 @@ class Tracker:
         crash of any of its tasks marks the core failed (``/healthz`` 503), is logged,
         and is raised to the caller.
         """
-        self._last_tick_at = trio.current_time()  # a ticker that never ticks is stuck too
+        self._started_at = trio.current_time()
         if self.history is not None:
             await self.history.open()  # a store that cannot open is a startup error, not a crash
         await self.alerts.open()  # after history's: that names the database in errors
@@ -342,6 +345,7 @@ class Tracker:
                 await tracker_nursery.start(self.zones.worker.run)
                 tracker_nursery.start_soon(self._beat_forever)
                 task_status.started()
+                self._last_tick_at = trio.current_time()  # a ticker that never ticks is stuck too
                 await self._tick_forever()
         except BaseException as exc:
             if _is_cancellation(exc):
@@ -675,6 +679,13 @@ class Tracker:
             problems.append("a core task crashed; the process is going down")
         elif age is not None and age > stuck_after:
             problems.append(f"the ticker is stuck: last tick {age:.1f} s ago")
+        elif age is None and self._started_at is not None:
+            # Opening stores and starting the zone engine's process comes before the first
+            # tick; on a loaded machine it takes seconds, which is not a stuck ticker. Only
+            # a start that never ends is a problem.
+            starting = trio.current_time() - self._started_at
+            if starting > STARTUP_STUCK_S:
+                problems.append(f"the tracker is still starting after {starting:.0f} s")
         bus = self.bus.state
         if bus == "degraded":
             warnings.append("the bus is degraded: serving this instance's vehicles only")
