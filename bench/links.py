@@ -3,6 +3,7 @@
     python -m bench.links                      # 10,000 links + 1,000 area feeds, 50,000 vehicles
     python -m bench.links --links 2000 --areas 500 --vehicles 20000 --seconds 15
     python -m bench.links --core               # the core alone: no HTTP, no sockets
+    python -m bench.links --memory --links 2000 --vehicles 10000 [--trace]  # bytes per link
 
 Runs the fleet twice on fresh trackers, in one invocation so that the two compare on the
 same machine state: first the area feeds alone, then the same area feeds plus the links.
@@ -17,19 +18,29 @@ the ping's timestamp to the event read. Over the measured window the tracker's C
 resident memory at the end, minus the area-only run's, divided by the links connected, gives memory
 per link (open connection, subscription, outbox, per-vehicle frames included).
 
-``--core`` measures what links cost the core itself, without HTTP (whose per-connection
-cost, about 36 KiB, is the fan-out work of issue 19): a :class:`~tracker.service.Tracker`
-in this process, the fleet moving by random steps, the area views and the links
-subscribed to its hub, every tick published and every subscription's events rendered
-as a feed renders them. It reports CPU per tick with and without the links (process time,
-median of the ticks), the bytes of each link's events per position, and the memory the
-links' subscriptions hold (tracemalloc), per link.
+``--memory`` says where a link's memory goes: the tracker runs in this process
+(``tracker.server.serve``, replay log at two ticks so that it does not grow meanwhile),
+the fleet moves (``tracker simulate``), ``--links`` links are opened by one
+:mod:`bench.linkclient`; once they are all open and ``--settle`` seconds have passed, it
+prints the resident memory per link (the difference from before the links) and, with
+``--trace``, the Python heap per link by the tracker line that allocated it (tracemalloc:
+its own bookkeeping then inflates the RSS figure). The token cache (``Keyring``, 1,024
+grants) holds part of the links' grants, a share that shrinks as links grow.
+
+``--core`` measures what links cost the core itself, without HTTP: a
+:class:`~tracker.service.Tracker` in this process, the fleet moving by random steps, the
+area views and the links subscribed to its hub, every tick published and every
+subscription's events rendered as a feed renders them. It reports CPU per tick with and
+without the links (process time, median of the ticks), the bytes of each link's events
+per position, and the memory the links' subscriptions hold (tracemalloc), per link.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import gc
 import json
 import math
 import os
@@ -57,6 +68,7 @@ from tracker.feed import render
 from tracker.hub import Subscription
 from tracker.pings import Ping
 from tracker.regions import parse_area
+from tracker.server import serve
 from tracker.service import Tracker
 from tracker.views import View
 
@@ -291,6 +303,102 @@ async def core(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Open ``args.links`` links on a tracker in this process: memory per link."""
+    config = TrackerConfig(
+        host="127.0.0.1",
+        port=0,
+        tick_s=args.tick,
+        open_feeds=True,
+        ingest_keys=INGEST_KEY,
+        ingest_rate_per_key=0,
+        max_streams_per_address=0,
+        max_connections=0,
+        history="",
+        token_secrets=SECRET,
+        replay_ticks=2,
+    )
+    tracker = Tracker(config)
+    ids = Fleet(FleetConfig(vehicles=args.vehicles, seed=args.seed), start_time=0).vehicle_ids
+    keyring = Keyring([SECRET], resolution=7, max_cells=4000)
+    followed = random.Random(args.seed).sample(ids, args.links)
+    # Encoded before the first snapshot: what the client is given is not the tracker's.
+    tokens = "\n".join(f"token={keyring.mint(ttl_s=3600, vehicles=[v])}" for v in followed)
+    stdin = tokens.encode()
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        url = (await nursery.start(functools.partial(serve, config, shutdown, tracker=tracker)))[0]
+        simulate = [sys.executable, "-m", "tracker", "simulate", "--url", url, "--quiet"]
+        simulate += ["--ingest-key", INGEST_KEY, "--vehicles", str(args.vehicles)]
+        simulate += ["--seed", str(args.seed), "--dropout-rate", "0", "--offline-rate", "0"]
+        simulate += ["--ping-interval-min-s", "1", "--ping-interval-max-s", "1"]
+        nursery.start_soon(
+            functools.partial(trio.run_process, simulate, stdout=subprocess.DEVNULL, check=False)
+        )
+        with trio.fail_after(90):
+            while tracker.index.vehicle_count < args.vehicles * 0.95:
+                await trio.sleep(0.5)
+        await trio.sleep(args.settle)
+        before = _heap(args.trace)
+        rss_before = rss_bytes(os.getpid())
+        read = [sys.executable, "-m", "bench.linkclient", "--url", url]
+        read += ["--warmup", "0", "--seconds", "3600"]
+        nursery.start_soon(
+            functools.partial(
+                trio.run_process,
+                read,
+                stdin=stdin,
+                stdout=subprocess.DEVNULL,
+                check=False,
+            )
+        )
+        with trio.move_on_after(300):
+            while tracker.hub.subscriber_count < args.links:
+                await trio.sleep(0.5)
+        await trio.sleep(args.settle)
+        after = _heap(args.trace)
+        rss_after = rss_bytes(os.getpid())
+        links = tracker.hub.subscriber_count
+        shutdown.set()
+        nursery.cancel_scope.cancel()
+    figures: dict[str, Any] = {
+        "links": links,
+        "vehicles": args.vehicles,
+        "traced": args.trace,
+        "rss_kib_per_link": round((rss_after - rss_before) / max(1, links) / 1024, 2),
+    }
+    if before is not None and after is not None:
+        figures.update(_heap_per_link(before, after, links, args.top))
+    return figures
+
+
+def _heap(trace: bool) -> tracemalloc.Snapshot | None:
+    gc.collect()
+    return tracemalloc.take_snapshot() if trace else None
+
+
+def _heap_per_link(
+    before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, links: int, top: int
+) -> dict[str, Any]:
+    """The heap grown per link, and by site: the innermost line of ``tracker/`` on the
+    allocation's stack (a line of a library otherwise), which names what holds it."""
+    by_site: collections.Counter[str] = collections.Counter()
+    for difference in after.compare_to(before, "traceback"):
+        frames = list(difference.traceback)  # oldest first
+        ours = [f for f in frames if "/tracker/" in f.filename]
+        where = (ours or frames)[-1]
+        site = f"{where.filename.rpartition('/site-packages/')[2]}:{where.lineno}"
+        by_site[site.rpartition("/tracker/")[2] if "/tracker/" in site else site] += (
+            difference.size_diff
+        )
+    return {
+        "heap_bytes_per_link": round(sum(by_site.values()) / max(1, links)),
+        "heap_bytes_per_link_by_site": {
+            site: round(size / max(1, links)) for site, size in by_site.most_common(top)
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--links", type=int, default=10_000)
@@ -306,10 +414,16 @@ def main() -> None:
         "--verify-every", type=int, default=10, help="area clients: every K-th feed decodes all"
     )
     parser.add_argument("--core", action="store_true", help="the core alone, in this process")
+    parser.add_argument("--memory", action="store_true", help="memory per link, in this process")
+    parser.add_argument("--trace", action="store_true", help="--memory: the heap by site")
+    parser.add_argument("--settle", type=float, default=5.0, help="--memory: seconds")
+    parser.add_argument("--top", type=int, default=30, help="--memory --trace: sites shown")
     parser.add_argument("--ticks", type=int, default=10, help="--core: ticks measured")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
-    figures = trio.run(core if args.core else compare, args)
+    if args.trace:
+        tracemalloc.start(16)
+    figures = trio.run(memory if args.memory else core if args.core else compare, args)
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores")
     print(json.dumps(figures, indent=2))
     if args.json:
