@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from tests.conftest import StartServer, ping, post_pings
-from tests.credentials import SECURE, admin_token
+from tests.credentials import SECRET, SECURE, admin_token
+from tests.processes import tracker_process
 from tests.test_zones_engine import at, square
 from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
@@ -263,3 +264,48 @@ async def test_a_tracker_without_zones_starts_no_engine_process() -> None:
         host = worker._host
         assert isinstance(host, ProcessHost) and host._executor is None
         nursery.cancel_scope.cancel()
+
+
+def _below(pid: int) -> list[int]:
+    """Every process below ``pid`` (its engine's forkserver and the engine under it)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_the_engine_process_ends_when_its_tracker_is_killed(tmp_path: Path) -> None:
+    """kill -9 of ``tracker serve`` holding a zone: its engine's process (which the tracker
+    cannot stop then) ends by itself, and so does its forkserver."""
+    args = ("serve", "--port", "0", "--token-secrets", SECRET, "--ingest-keys", "test-ingest-key")
+    headers = {"Authorization": f"Bearer {admin_token()}", "Content-Type": "application/json"}
+    async with tracker_process(*args, "--history", str(tmp_path / "h.sqlite3")) as tracker:
+        async with httpx.AsyncClient(base_url=tracker.url, timeout=10) as http:
+            assert (await http.post("/zones", json=square(), headers=headers)).status_code == 201
+            lat, lon = at(0)
+            await post_pings(http, [ping("van", lat, lon, time.time())])
+            with trio.fail_after(20):
+                while len(below := _below(tracker.child.process.pid)) < 2:
+                    await trio.sleep(0.1)
+        tracker.child.process.kill()
+        tracker.child.process.wait(10)
+    with trio.fail_after(10):
+        while any(map(_alive, below)):
+            await trio.sleep(0.1)
