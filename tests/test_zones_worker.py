@@ -14,6 +14,7 @@ import httpx
 import pytest
 import trio
 
+from bench.zones_http import descendants
 from tests.conftest import StartServer, ping, post_pings
 from tests.credentials import SECRET, SECURE, admin_token
 from tests.processes import tracker_process
@@ -266,23 +267,6 @@ async def test_a_tracker_without_zones_starts_no_engine_process() -> None:
         nursery.cancel_scope.cancel()
 
 
-def _below(pid: int) -> list[int]:
-    """Every process below ``pid`` (its engine's forkserver and the engine under it)."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -302,7 +286,7 @@ async def test_the_engine_process_ends_when_its_tracker_is_killed(tmp_path: Path
             lat, lon = at(0)
             await post_pings(http, [ping("van", lat, lon, time.time())])
             with trio.fail_after(20):
-                while len(below := _below(tracker.child.process.pid)) < 2:
+                while len(below := descendants(tracker.child.process.pid)) < 2:
                     await trio.sleep(0.1)
         tracker.child.process.kill()
         tracker.child.process.wait(10)
