@@ -13,8 +13,11 @@ import os
 import random
 import subprocess
 import sys
+from typing import Any
 
 import trio
+
+from tracker.config import TrackerConfig
 
 CITY = (52.52, 13.405)
 """Centre of the simulator's default city (Berlin), which benchmarks watch."""
@@ -41,6 +44,22 @@ UNLIMITED += ["--history", "off"]
 """Options of benchmarked trackers: feeds open, a known ingest key, and no limits, which
 are there to stop abuse and would otherwise cap what a benchmark measures; no history
 unless a benchmark passes ``--history`` (a later option wins)."""
+
+
+def unlimited_config(**overrides: Any) -> TrackerConfig:
+    """The in-process twin of :data:`UNLIMITED`: a tracker served by this process on a
+    free loopback port, feeds open, the known ingest key, no limits and no history;
+    ``overrides`` set any other field (the tick, replay log size, token secrets...)."""
+    unlimited: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "open_feeds": True,
+        "ingest_keys": INGEST_KEY,
+        "ingest_rate_per_key": 0,
+        "max_streams_per_address": 0,
+        "history": "",
+    }
+    return TrackerConfig(**(unlimited | overrides))
 
 
 async def start_tracker(

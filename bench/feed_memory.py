@@ -29,25 +29,15 @@ from typing import Any
 
 import trio
 
-from bench.common import INGEST_KEY, rss_bytes, viewport
+from bench.common import INGEST_KEY, rss_bytes, unlimited_config, viewport
 from bench.fleet import EMPTY_AREA
-from tracker.config import TrackerConfig
 from tracker.server import serve
 from tracker.service import Tracker
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Start the tracker, the fleet (live) and the feeds; the heap and RSS per feed."""
-    config = TrackerConfig(
-        host="127.0.0.1",
-        port=0,
-        tick_s=args.tick,
-        open_feeds=True,
-        ingest_keys=INGEST_KEY,
-        ingest_rate_per_key=0,
-        max_streams_per_address=0,
-        history="",
-    )
+    config = unlimited_config(tick_s=args.tick)
     tracker = Tracker(config)
     shutdown = trio.Event()
     rng = random.Random(args.seed)

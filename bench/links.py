@@ -59,7 +59,15 @@ import numpy as np
 import trio
 import trio.lowlevel
 
-from bench.common import CITY, INGEST_KEY, cpu_seconds, rss_bytes, start_tracker, viewport
+from bench.common import (
+    CITY,
+    INGEST_KEY,
+    cpu_seconds,
+    rss_bytes,
+    start_tracker,
+    unlimited_config,
+    viewport,
+)
 from bench.fleet import metric, percentile_ms, run_clients, wait_for_metric
 from simulator.fleet import Fleet, FleetConfig
 from tracker.auth import Keyring
@@ -305,18 +313,8 @@ async def core(args: argparse.Namespace) -> dict[str, Any]:
 
 async def memory(args: argparse.Namespace) -> dict[str, Any]:
     """Open ``args.links`` links on a tracker in this process: memory per link."""
-    config = TrackerConfig(
-        host="127.0.0.1",
-        port=0,
-        tick_s=args.tick,
-        open_feeds=True,
-        ingest_keys=INGEST_KEY,
-        ingest_rate_per_key=0,
-        max_streams_per_address=0,
-        max_connections=0,
-        history="",
-        token_secrets=SECRET,
-        replay_ticks=2,
+    config = unlimited_config(
+        tick_s=args.tick, max_connections=0, token_secrets=SECRET, replay_ticks=2
     )
     tracker = Tracker(config)
     ids = Fleet(FleetConfig(vehicles=args.vehicles, seed=args.seed), start_time=0).vehicle_ids
