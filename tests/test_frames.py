@@ -8,12 +8,15 @@ from tracker.client import FeedView
 from tracker.frames import encode_snapshot, encode_tick
 from tracker.geoindex import GeoIndex
 from tracker.pings import Ping
+from tracker.views import Watched
 from tracker.wire import decode_frame, decode_vids, iter_moves, iter_positions
 
 RES = 7
 A = h3i.latlng_to_cell(52.52, 13.405, RES)
 B = next(c for c in h3i.grid_disk(A, 1) if c != A)
-A_POINT, B_POINT = h3i.cell_to_latlng(A), h3i.cell_to_latlng(B)
+C, D = [c for c in h3i.grid_disk(A, 1) if c not in (A, B)][:2]
+FAR = h3i.latlng_to_cell(48.137, 11.575, RES)
+A_POINT, B_POINT, FAR_POINT = (h3i.cell_to_latlng(c) for c in (A, B, FAR))
 
 
 def _index() -> GeoIndex:
@@ -32,7 +35,7 @@ def test_encode_tick_frames_every_changed_cell_in_the_index_order() -> None:
     changes = index.advance(101.5)
     tick = encode_tick(changes)
     assert (tick.tick, tick.t_ms) == (2, 101_500)
-    assert list(tick.frames) == list(changes.cells)
+    assert list(tick.frames) == changes.changed_cells() == [B, A]
     frames = {cell: decode_frame(data) for cell, data in tick.frames.items()}
     assert decode_vids(frames[A].gone) == (1,) and frames[A].positions == b""
     assert frames[B].names == [(1, "v")]
@@ -118,3 +121,58 @@ def test_frames_replayed_in_order_rebuild_the_snapshot() -> None:
             rebuilt.apply_frame(decode_frame(encode_snapshot(state)))
     assert rebuilt.vehicles == live.vehicles
     assert len(rebuilt.vehicles) == 4
+
+
+def _spread_ticks(only: frozenset[int]) -> list[tuple[dict[int, bytes], dict[int, bytes]]]:
+    """Vehicles hopping between A and B and wandering about C, D and far away: each
+    tick's frames with ``only`` set, and without."""
+    index = _index()
+    cells = [A, B, C, D]
+    made = []
+    for step in range(8):
+        ts = 100.0 + step
+        for n in range(12):
+            lat, lon = h3i.cell_to_latlng(cells[(step // 2 + n) % 4])
+            index.apply(_ping(f"v{n}", (lat + n * 1e-5, lon + step * 1e-5), ts), now=ts)
+        index.apply(_ping("far", (FAR_POINT[0], FAR_POINT[1] + step * 1e-4), ts), now=ts)
+        changes = index.advance(100 + step + 0.5)
+        made.append((encode_tick(changes).frames, encode_tick(changes, only=only).frames))
+    return made
+
+
+def test_encode_tick_only_frames_the_given_cells_with_the_same_bytes() -> None:
+    only = frozenset({A, D})
+    for every, some in _spread_ticks(only):
+        assert set(some) == set(every) & only  # membership-only cells (gone) included
+        assert all(some[cell] == every[cell] for cell in some)
+    assert all(some == {} for _, some in _spread_ticks(frozenset()))
+
+
+def test_encode_tick_only_still_frames_watched_views_anywhere() -> None:
+    """A followed vehicle and a watched fleet key in cells no area feed watches still get
+    their frames: ``only`` drops rows no frame needs, not theirs."""
+    index = GeoIndex(resolution=RES, stale_after_s=10, remove_after_s=20)
+    for n, point in enumerate((A_POINT, B_POINT, B_POINT)):
+        index.apply(_ping(f"v{n}", point, 100), now=100)
+    index.advance(100.5)
+    for n, point in enumerate((A_POINT, B_POINT, B_POINT)):
+        index.apply(_ping(f"v{n}", (point[0] + 1e-4, point[1]), 101), now=101)
+    followed = index.vehicle("v0")
+    assert followed is not None
+    watched = Watched(
+        fleet_keys=frozenset({(B, "default")}),
+        vehicles={followed.vid: "v0"},
+        json_keys=frozenset({"v0", (B, "default")}),
+    )
+    changes = index.advance(101.5)
+    fleet_of = index.fleet_of_vid
+    every = encode_tick(changes, watched, fleet_of)
+    some = encode_tick(changes, watched, fleet_of, only=frozenset())
+    assert some.frames == {} and every.frames.keys() == {A, B}
+    assert some.views.keys() == every.views.keys() == {"v0", (B, "default")}
+    for key, frames in every.views.items():
+        assert [(f.cell, f.data, f.long) for f in some.views[key]] == [
+            (f.cell, f.data, f.long) for f in frames
+        ]
+    (fleet_frame,) = some.views[(B, "default")]
+    assert len(decode_frame(fleet_frame.data).moves) == 16  # both of B's vehicles

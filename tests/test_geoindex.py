@@ -12,9 +12,9 @@ import h3.api.basic_int as h3i
 import numpy as np
 import numpy.typing as npt
 
-from tracker.geoindex import CellDisks, GeoIndex
+from tracker.geoindex import CellDisks, CellRuns, GeoIndex
 from tracker.pings import Ping
-from tracker.wire import Position
+from tracker.wire import Position, PositionColumns
 
 RES = 7
 A = h3i.latlng_to_cell(52.52, 13.405, RES)
@@ -36,7 +36,7 @@ def test_apply_is_invisible_until_the_next_tick() -> None:
     index.apply(_ping("v", A_POINT, 100), now=100)
     assert index.cell_state(A) is None
     tick = index.advance(now=100.5)
-    assert (tick.tick, tick.t_ms, set(tick.cells)) == (1, 100_500, {A})
+    assert (tick.tick, tick.t_ms, tick.changed_cells()) == (1, 100_500, [A])
     state = index.cell_state(A)
     assert state is not None and state.names == [(1, "v")] and state.t_ms == 100_500
 
@@ -56,8 +56,9 @@ def test_advance_publishes_only_the_newest_ping_per_vehicle() -> None:
     index = _index()
     for ts in (100.0, 100.2, 100.4):
         index.apply(_ping("v", (A_POINT[0] + ts / 1e6, A_POINT[1]), ts), now=ts)
-    (change,) = index.advance(101).cells.values()
-    assert change.positions.ts.tolist() == [100.4]
+    tick = index.advance(101)
+    assert tick.changed_cells() == [A]
+    assert tick.moved.of(A)[0].ts.tolist() == [100.4]
 
 
 def test_advance_moving_vehicle_is_gone_from_old_cell_and_named_in_new() -> None:
@@ -65,11 +66,12 @@ def test_advance_moving_vehicle_is_gone_from_old_cell_and_named_in_new() -> None
     index.apply(_ping("v", A_POINT, 100), now=100)
     index.advance(100.5)
     index.apply(_ping("v", B_POINT, 101), now=101)
-    cells = index.advance(101.5).cells
-    assert cells[A].gone == [1] and len(cells[A].positions.vid) == 0
-    assert cells[B].names == [(1, "v")]
-    assert cells[B].positions.vid.tolist() == [1]
-    assert all(math.isnan(x) for x in cells[B].previous[0])  # entered: no previous position
+    tick = index.advance(101.5)
+    assert tick.cells[A].gone == [1] and len(tick.moved.of(A)[0].vid) == 0
+    assert tick.cells[B].names == [(1, "v")]
+    positions, previous = tick.moved.of(B)
+    assert positions.vid.tolist() == [1]
+    assert all(math.isnan(x) for x in previous[0])  # entered: no previous position
     assert index.cell_state(A) is None
 
 
@@ -78,10 +80,11 @@ def test_advance_same_cell_move_lists_the_previous_position_and_no_name() -> Non
     index.apply(_ping("v", A_POINT, 100), now=100)
     index.advance(100.5)
     index.apply(_ping("v", (A_POINT[0] + 1e-4, A_POINT[1]), 101), now=101)
-    change = index.advance(101.5).cells[A]
-    assert change.names == [] and change.gone == []
-    assert change.previous.tolist() == [list(A_POINT)]
-    assert change.positions.lat.tolist() == [A_POINT[0] + 1e-4]
+    tick = index.advance(101.5)
+    assert tick.cells == {} and tick.changed_cells() == [A]  # no name, nothing gone
+    positions, previous = tick.moved.of(A)
+    assert previous.tolist() == [list(A_POINT)]
+    assert positions.lat.tolist() == [A_POINT[0] + 1e-4]
 
 
 def test_advance_lists_positions_of_a_cell_in_applied_order() -> None:
@@ -89,10 +92,10 @@ def test_advance_lists_positions_of_a_cell_in_applied_order() -> None:
     for n, vid in enumerate(("c", "a", "b")):
         index.apply(_ping(vid, (A_POINT[0] + n * 1e-5, A_POINT[1]), 100), now=100)
     index.apply(_ping("elsewhere", B_POINT, 100), now=100)
-    cells = index.advance(100.5).cells
-    assert cells[A].positions.vid.tolist() == [1, 2, 3]
-    assert [name for _, name in cells[A].names] == ["c", "a", "b"]
-    assert cells[B].positions.vid.tolist() == [4]
+    tick = index.advance(100.5)
+    assert tick.moved.of(A)[0].vid.tolist() == [1, 2, 3]
+    assert [name for _, name in tick.cells[A].names] == ["c", "a", "b"]
+    assert tick.moved.of(B)[0].vid.tolist() == [4]
 
 
 def test_advance_marks_silent_vehicles_stale_then_removes_them() -> None:
@@ -102,9 +105,9 @@ def test_advance_marks_silent_vehicles_stale_then_removes_them() -> None:
     index.advance(100)
     index.apply(_ping("chatty", B_POINT, 109), now=109)
     index.advance(109)
-    cells = index.advance(111).cells
-    assert cells[A].stale == [1]
-    assert B not in cells
+    tick = index.advance(111)
+    assert tick.cells[A].stale == [1]
+    assert tick.changed_cells() == [A]
     assert index.stale_count == 1
     state = index.cell_state(A)
     assert state is not None and state.stale == [1]
@@ -146,7 +149,8 @@ def test_vids_are_never_reused() -> None:
 
 def test_advance_with_nothing_pending_changes_nothing() -> None:
     index = _index()
-    assert index.advance(100).cells == {}
+    tick = index.advance(100)
+    assert tick.cells == {} and tick.changed_cells() == [] and len(tick.moved) == 0
     assert index.tick == 1
 
 
@@ -185,10 +189,11 @@ def test_a_publication_prepared_in_slices_publishes_what_was_pending_when_taken(
     while publication.prepare(2):
         assert index.cell_state(B) is None
     tick = index.advance(102.5, publication)
-    assert set(tick.cells) == {A, B}
-    assert tick.cells[A].positions.vid.tolist() == [3, 1]  # v1, then a, as applied
-    assert tick.cells[A].previous[1].tolist() == [A_POINT[0], A_POINT[1]]  # a stayed in A
-    assert tick.cells[B].positions.vid.tolist() == [2, 4] and tick.cells[B].names
+    assert set(tick.changed_cells()) == {A, B}
+    positions, previous = tick.moved.of(A)
+    assert positions.vid.tolist() == [3, 1]  # v1, then a, as applied
+    assert previous[1].tolist() == [A_POINT[0], A_POINT[1]]  # a stayed in A
+    assert tick.moved.of(B)[0].vid.tolist() == [2, 4] and tick.cells[B].names
     following = index.advance(103)
     assert following.cells[B].names == [(1, "a")] and following.cells[A].gone == [1]
 
@@ -207,13 +212,57 @@ def test_advance_in_one_go_and_in_slices_agree() -> None:
         while slice_size and publication.prepare(slice_size):
             pass
         tick = index.advance(101.5, publication)
+        moved = tick.moved
         return [
-            (cell, c.positions.vid.tolist(), [_nan_as_none(x) for x in c.previous.ravel()], c.gone)
-            for cell, c in tick.cells.items()
+            (
+                cell,
+                moved.of(cell)[0].vid.tolist(),
+                [_nan_as_none(x) for x in moved.of(cell)[1].ravel()],
+                tick.cells[cell].gone if cell in tick.cells else [],
+            )
+            for cell in tick.changed_cells()
         ]
 
     whole = run(None)
     assert run(7) == whole and run(1) == whole
+
+
+def test_cell_runs_are_the_rows_of_each_cell_in_order_and_select_keeps_some() -> None:
+    first, second = sorted((A, B))
+    far = max(A, B) + 1  # a cell number with no rows
+    positions = PositionColumns.of(
+        Position(vid, 52.0, 13.0 + vid, 100.0 + vid, None, None) for vid in (7, 3, 5)
+    )
+    previous = np.array([[1.0, 2.0], [math.nan, math.nan], [3.0, 4.0]])
+    runs = CellRuns(np.array([first, first, second], dtype=np.uint64), positions, previous)
+    assert runs.runs() == {first: slice(0, 2), second: slice(2, 3)}
+    assert list(runs.runs()) == [first, second]  # ascending
+    vids, before = runs.of(first)
+    assert vids.vid.tolist() == [7, 3] and before[0].tolist() == [1.0, 2.0]
+    assert len(runs.of(far)[0].vid) == 0 and runs.of(far)[1].shape == (0, 2)
+    kept = runs.select(np.array([False, True, True]))
+    assert len(kept) == 2 and kept.runs() == {first: slice(0, 1), second: slice(1, 2)}
+    assert kept.of(second)[0].ts.tolist() == [105.0] and kept.of(second)[1].tolist() == [[3, 4]]
+    assert CellRuns().runs() == {} and len(CellRuns().select(np.zeros(0, dtype=bool))) == 0
+
+
+def test_a_spread_tick_lists_each_changed_cell_once() -> None:
+    """Many vehicles over many cells: the runs hold every position once, by cell, and the
+    changed cells are the runs' cells and the cells left (no cell twice)."""
+    index = _index()
+    rng = np.random.default_rng(3)
+    lat, lon = 52 + rng.uniform(-0.5, 0.5, 2000), 13 + rng.uniform(-0.5, 0.5, 2000)
+    for n in range(2000):
+        index.apply(_ping(f"v{n}", (lat[n], lon[n]), 100), now=100)
+    first = index.advance(100.5)
+    assert len(first.moved) == 2000 and len(first.moved.runs()) == len(first.cells)
+    for n in range(2000):
+        index.apply(_ping(f"v{n}", (lat[n] + 0.01, lon[n]), 101), now=101)
+    tick = index.advance(101.5)
+    changed = tick.changed_cells()
+    assert len(changed) == len(set(changed)) == len(set(tick.moved.runs()) | set(tick.cells))
+    cells = [h3i.latlng_to_cell(a + 0.01, o, RES) for a, o in zip(lat, lon, strict=True)]
+    assert sorted(cells) == tick.moved.cells.tolist()
 
 
 def _nan_as_none(value: float) -> float | None:

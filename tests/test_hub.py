@@ -16,7 +16,7 @@ import trio.testing
 from tracker.config import TrackerConfig
 from tracker.frames import encode_tick
 from tracker.geoindex import GeoIndex
-from tracker.hub import FeedHub, Resume
+from tracker.hub import FeedHub, Resume, area_tag
 from tracker.metrics import Metrics
 from tracker.pings import Ping
 
@@ -45,8 +45,10 @@ class World:
         )
 
     def tick(self) -> int:
+        """One tick, framing the cells the hub asks for (as ``Tracker.tick`` does)."""
         self.now += 1
-        self.hub.publish(encode_tick(self.index.advance(self.now)))
+        changes = self.index.advance(self.now)
+        self.hub.publish(encode_tick(changes, only=self.hub.framed_cells()))
         return self.index.tick
 
 
@@ -195,6 +197,64 @@ def test_start_with_an_id_older_than_the_replay_log_gets_a_snapshot() -> None:
     world = World(replay_ticks=2)
     resume, _ = _resume_after(world, 3)
     assert resume.snapshot is not None
+
+
+def test_a_tick_frames_the_watched_cells_and_those_left_within_the_replay_window() -> None:
+    world = World(replay_ticks=2)
+    assert list(world.hub.framed_cells()) == []
+    sub = world.hub.subscribe(frozenset({A}), is_json=False)
+    assert set(world.hub.framed_cells()) == {A}
+    world.hub.unsubscribe(sub)
+    framed = []
+    for _ in range(3):
+        world.ping("a", A_POINT, world.now * 1e-7)
+        world.ping("far", FAR_POINT, world.now * 1e-7)
+        world.tick()
+        framed.append(set(world.hub.framed_cells()))
+    assert framed == [{A}, set(), set()]  # A's frames made for ticks 1 and 2, then not
+
+
+def test_watching_a_cell_again_and_leaving_later_keeps_it_framed_longer() -> None:
+    world = World(replay_ticks=2)
+    sub = world.hub.subscribe(frozenset({A}), is_json=False)
+    world.hub.unsubscribe(sub)  # at tick 0: framed until tick 2
+    world.tick()
+    again = world.hub.subscribe(frozenset({A, B}), is_json=False)
+    world.hub.unsubscribe(again)  # at tick 1: framed until tick 3
+    framed = []
+    for _ in range(3):
+        world.tick()
+        framed.append(set(world.hub.framed_cells()))
+    assert framed == [{A, B}, set(), set()]
+    sub = world.hub.subscribe(frozenset({A}), is_json=False)  # watched while queued
+    world.hub.unsubscribe(world.hub.subscribe(frozenset({A}), is_json=False))
+    for _ in range(3):
+        world.tick()
+    assert set(world.hub.framed_cells()) == {A}  # still watched by ``sub``
+    world.hub.unsubscribe(sub)
+    for _ in range(2):
+        world.tick()
+    assert set(world.hub.framed_cells()) == set()
+
+
+def test_start_with_an_id_of_a_tick_nobody_watched_gets_a_snapshot() -> None:
+    """An id names a tick when the area was watched; one that names a tick when it was
+    not (forged: the tag and epoch are no secret) finds frames never made: a snapshot,
+    not a replay with holes."""
+    world = World()
+    world.ping("v", A_POINT)
+    world.tick()
+    forged = f"{world.hub.epoch}.{world.index.tick}.{area_tag(frozenset({A}), False)}"
+    world.ping("v", A_POINT, 1e-5)
+    world.tick()  # A is not framed: nobody watches it
+    sub = world.hub.subscribe(frozenset({A}), is_json=False)
+    resume = world.hub.start(sub, forged)
+    assert resume.snapshot is not None and world.metrics.replays == 0
+    world.ping("v", A_POINT, 2e-5)
+    world.tick()  # framed now: an id of the tick before this one replays
+    other = world.hub.subscribe(frozenset({A}), is_json=False)
+    resume = world.hub.start(other, world.hub.event_id(world.index.tick - 1, sub))
+    assert resume.snapshot is None and [b.tick for b in resume.batches] == [3]
 
 
 def test_start_with_an_id_of_another_area_or_format_gets_a_snapshot() -> None:

@@ -1,14 +1,16 @@
 """The per-tick frame step: what the geo-index says changed, encoded as cell frames.
 
 Each tick the ticker takes the index's :class:`~tracker.geoindex.TickChanges` and turns it
-into one encoded :class:`~tracker.wire.CellFrame` per changed cell (:func:`encode_tick`),
-which the hub then fans out; a cell's snapshot frame is built from its
-:class:`~tracker.geoindex.CellState` (:func:`encode_snapshot`). The format itself lives in
-:mod:`tracker.wire`; this module decides what goes into each frame:
+into one encoded :class:`~tracker.wire.CellFrame` per changed cell that some feed may want
+(:func:`encode_tick`'s ``only``), which the hub then fans out; a cell's snapshot frame is
+built from its :class:`~tracker.geoindex.CellState` (:func:`encode_snapshot`). The format
+itself lives in :mod:`tracker.wire`; this module decides what goes into each frame:
 
 * every position of the tick is packed at once (``wire.pack_records``, one structured
   NumPy array for the whole tick, sliced per cell), because a record built in Python
-  costs more than the rest of the tick together at 100k vehicles;
+  costs more than the rest of the tick together at 100k vehicles; the rows of cells
+  nobody watches are dropped first, as a frame costs tens of microseconds and a fleet
+  spread over a region changes thousands of cells a tick;
 * a vehicle that stayed in its cell travels as an 8-byte move when it fits
   (``wire.pack_moves``), and such a frame also gets a *long form* with every position as
   a full record, for clients that do not follow the stream (JSON feeds render from it).
@@ -23,14 +25,14 @@ Pure and synchronous; owns no tasks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from tracker.compact import Step, fix, fix_rows
-from tracker.geoindex import CellChange, CellState, TickChanges
+from tracker.geoindex import CellChange, CellRuns, CellState, TickChanges
 from tracker.views import ViewKey, Watched
 from tracker.wire import (
     Position,
@@ -48,7 +50,6 @@ __all__ = [
     "encode_snapshot",
     "encode_tick",
     "encode_views",
-    "pack_tick",
 ]
 
 FleetOf = Callable[[int], str | None]
@@ -96,29 +97,77 @@ class PackedPositions:
 
 
 def encode_tick(
-    changes: TickChanges, watched: Watched | None = None, fleet_of: FleetOf | None = None
+    changes: TickChanges,
+    watched: Watched | None = None,
+    fleet_of: FleetOf | None = None,
+    *,
+    only: Collection[int] | None = None,
 ) -> TickFrames:
-    """The frames of one tick, in the order the index listed the cells, and the frames of
-    the ``watched`` narrowed views (``fleet_of`` tells each vehicle's fleet)."""
-    rows = _pack_rows(changes)
-    packed = _slices(rows)
+    """The frames of one tick, in the order of :meth:`TickChanges.changed_cells`, and the
+    frames of the ``watched`` narrowed views (``fleet_of`` tells each vehicle's fleet).
+
+    ``only``: the cells whose frames some feed may want (``FeedHub.framed_cells``); None:
+    every changed cell. The rows of the other cells are dropped with two NumPy calls
+    before anything is done per cell: a fleet spread over a region changes thousands of
+    cells a tick, few of them watched, and a frame costs tens of microseconds.
+    """
+    views_on = bool(watched) and fleet_of is not None
+    vehicles = _watched_vehicles(changes, watched) if watched is not None and views_on else {}
+    moved = changes.moved
+    if only is not None:
+        fleet_cells = watched.fleet_keys if watched is not None and views_on else ()
+        moved = moved.select(_needed_rows(moved, only, fleet_cells, vehicles))
+    rows = _pack_rows(moved, changes.t_ms)
+    framed = _framed_cells(changes, rows, only)
+    packed = _slices(rows, framed)
     frames: dict[int, bytes] = {}
     long: dict[int, bytes] = {}
     nothing = PackedPositions()
-    for cell, change in changes.cells.items():
+    for cell in framed:
+        change = changes.cells.get(cell)
         positions = packed.get(cell, nothing)
         frames[cell] = _encode(cell, changes.t_ms, change, positions.records, positions.moves)
         if positions.moves:
             long[cell] = _encode(cell, changes.t_ms, change, positions.long_records, b"")
     views = (
-        encode_views(changes, rows, watched, fleet_of) if watched and fleet_of is not None else {}
+        encode_views(changes, rows, watched, fleet_of, vehicles)
+        if watched is not None and fleet_of is not None and views_on
+        else {}
     )
     return TickFrames(changes.tick, changes.t_ms, frames, long, views)
 
 
+def _needed_rows(
+    moved: CellRuns,
+    only: Collection[int],
+    fleet_keys: Iterable[tuple[int, str]],
+    vehicles: Mapping[int, str],
+) -> npt.NDArray[np.bool_]:
+    """The rows some frame needs: those in ``only``'s cells or a watched fleet's cell, and
+    those of watched ``vehicles`` wherever they are."""
+    cells = [*only, *(cell for cell, _ in fleet_keys)]
+    keep: npt.NDArray[np.bool_] = np.isin(moved.cells, np.fromiter(cells, np.uint64, len(cells)))
+    if vehicles:
+        watched = np.fromiter(vehicles, np.uint32, len(vehicles))
+        keep |= np.isin(moved.positions.vid, watched)
+    return keep
+
+
+def _framed_cells(
+    changes: TickChanges, rows: _Rows | None, only: Collection[int] | None
+) -> list[int]:
+    """The changed cells to frame (of ``only``, if given), in ``changed_cells`` order."""
+    if only is None:
+        return changes.changed_cells()
+    framed = [cell for cell in changes.cells if cell in only]
+    if rows is not None:
+        framed += [cell for cell in rows.runs if cell in only and cell not in changes.cells]
+    return framed
+
+
 @dataclass(frozen=True)
 class _Rows:
-    """Every position of a tick packed at once: each cell's run of rows, records, moves."""
+    """Positions of a tick packed at once: each cell's run of rows, records, moves."""
 
     runs: dict[int, slice]
     records: npt.NDArray[np.void]
@@ -127,17 +176,16 @@ class _Rows:
     columns: PositionColumns
 
 
-def pack_tick(changes: TickChanges) -> dict[int, PackedPositions]:
-    """Pack every position of the tick in one go, then hand each cell its slice."""
-    return _slices(_pack_rows(changes))
-
-
-def _slices(rows: _Rows | None) -> dict[int, PackedPositions]:
+def _slices(rows: _Rows | None, cells: Iterable[int]) -> dict[int, PackedPositions]:
+    """The packed positions of each of ``cells`` (those with a run of rows)."""
     if rows is None:
         return {}
     packed = {}
     records, fits, moves = rows.records, rows.fits, rows.moves
-    for cell, run in rows.runs.items():
+    for cell in cells:
+        run = rows.runs.get(cell)
+        if run is None:
+            continue
         if fits[run].any():
             packed[cell] = PackedPositions(
                 records=records[run][~fits[run]].tobytes(),
@@ -149,28 +197,18 @@ def _slices(rows: _Rows | None) -> dict[int, PackedPositions]:
     return packed
 
 
-def _pack_rows(changes: TickChanges) -> _Rows | None:
-    moving = [(cell, c) for cell, c in changes.cells.items() if len(c.positions.vid)]
-    if not moving:
+def _pack_rows(moved: CellRuns, t_ms: int) -> _Rows | None:
+    """Every row of ``moved`` packed at once, relative to its cell's origin."""
+    if not len(moved):
         return None
-    counts = [len(change.positions.vid) for _, change in moving]
-    columns = PositionColumns(
-        *(np.concatenate(parts) for parts in zip(*(c.positions for _, c in moving), strict=True))
-    )
-    previous = np.concatenate([change.previous for _, change in moving])
-    origins = np.array([cell_origin(cell) for cell, _ in moving], dtype=np.int64)
+    runs = moved.runs()
+    origins = np.array([cell_origin(cell) for cell in runs], dtype=np.int64).reshape(-1, 2)
+    counts = [run.stop - run.start for run in runs.values()]
+    columns = moved.positions
     records = pack_records(
-        columns,
-        np.repeat(origins[:, 0], counts),
-        np.repeat(origins[:, 1], counts),
-        changes.t_ms,
+        columns, np.repeat(origins[:, 0], counts), np.repeat(origins[:, 1], counts), t_ms
     )
-    fits, moves = pack_moves(columns, previous[:, 0], previous[:, 1], records)
-    runs = {}
-    start = 0
-    for (cell, _), count in zip(moving, counts, strict=True):
-        runs[cell] = slice(start, start + count)
-        start += count
+    fits, moves = pack_moves(columns, moved.previous[:, 0], moved.previous[:, 1], records)
     return _Rows(runs, records, fits, moves, columns)
 
 
@@ -188,11 +226,11 @@ class _Cut:
 class _Cuts:
     """The cuts of every watched narrowed view, gathered cell by cell."""
 
-    def __init__(self, watched: Watched, fleet_of: FleetOf) -> None:
+    def __init__(self, watched: Watched, fleet_of: FleetOf, vehicles: dict[int, str]) -> None:
         self.fleets_of_cell: dict[int, set[str]] = {}
         for cell, fleet in watched.fleet_keys:
             self.fleets_of_cell.setdefault(cell, set()).add(fleet)
-        self.vehicles = dict(watched.vehicles)
+        self.vehicles = vehicles
         self.fleet_of = fleet_of
         self.by_key: dict[ViewKey, dict[int, _Cut]] = {}
 
@@ -219,8 +257,24 @@ class _Cuts:
         return cut
 
 
+def _watched_vehicles(changes: TickChanges, watched: Watched) -> dict[int, str]:
+    """The watched vehicles by number: those the index knew before the tick, and those
+    followed before their first ping, found by their names among the tick's newcomers."""
+    vehicles = dict(watched.vehicles)
+    if watched.unknown:
+        for change in changes.cells.values():
+            for vid, name in change.names:
+                if name in watched.unknown:
+                    vehicles[vid] = name
+    return vehicles
+
+
 def encode_views(
-    changes: TickChanges, rows: _Rows | None, watched: Watched, fleet_of: FleetOf
+    changes: TickChanges,
+    rows: _Rows | None,
+    watched: Watched,
+    fleet_of: FleetOf,
+    vehicles: dict[int, str],
 ) -> dict[ViewKey, list[ViewFrame]]:
     """The frames of every watched ``(cell, fleet)`` and vehicle the tick changed.
 
@@ -229,14 +283,10 @@ def encode_views(
     the cell it is in). Moves stay moves: a view's feeds had the vehicle's previous
     position exactly when the cell's feeds had it. Rows of watched vehicles are found
     with NumPy (a Python pass over every row costs tens of milliseconds at 50k vehicles).
+    ``vehicles``: the watched vehicles by number (``_watched_vehicles``).
     """
-    cuts = _Cuts(watched, fleet_of)
+    cuts = _Cuts(watched, fleet_of, dict(vehicles))
     vehicles = cuts.vehicles
-    if watched.unknown:  # followed before their first ping: found by their names
-        for change in changes.cells.values():
-            for vid, name in change.names:
-                if name in watched.unknown:
-                    vehicles[vid] = name
     compact = {vid: name for vid, name in vehicles.items() if name not in watched.json_keys}
     for vid in compact:  # only binary feeds watch them: steps, no frames (the fast path)
         del vehicles[vid]
@@ -411,7 +461,11 @@ def _encode_cuts(
     return frames
 
 
-def _encode(cell: int, t_ms: int, change: CellChange, records: bytes, moves: bytes) -> bytes:
+def _encode(cell: int, t_ms: int, change: CellChange | None, records: bytes, moves: bytes) -> bytes:
+    """A cell's frame: its ``records`` and ``moves``, and ``change``'s membership columns
+    (None: only positions changed)."""
+    if change is None:
+        return encode_frame(cell, t_ms, records=records, moves=moves)
     return encode_frame(
         cell,
         t_ms,

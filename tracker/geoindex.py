@@ -32,6 +32,7 @@ from tracker.wire import Position, PositionColumns
 __all__ = [
     "CellChange",
     "CellDisks",
+    "CellRuns",
     "CellState",
     "GeoIndex",
     "Publication",
@@ -46,6 +47,7 @@ _LAT, _LON, _TS, _SPEED, _HEADING = (
     operator.attrgetter(name) for name in ("lat", "lon", "ts", "speed", "heading")
 )
 _NO_PREVIOUS = np.empty((0, 2), dtype=np.float64)
+_NO_CELLS = np.zeros(0, dtype=np.uint64)
 
 
 def _default_fleet(vehicle_id: str) -> str:
@@ -158,17 +160,15 @@ class PublishedColumns:
 
 @dataclass
 class CellChange:
-    """What one tick changed in one cell: a plain record, before any encoding.
+    """What one tick changed in one cell's membership: a plain record, before any encoding.
 
-    ``positions`` are the vehicles published into the cell this tick, in the order their
-    pings were applied, as columns; ``previous`` (one row of lat, lon per position) holds
-    the position every subscriber of the cell already has for the vehicle, or NaN where
-    there is none (it entered the cell). Columns, because the frame step packs a whole
-    tick at once with NumPy.
+    ``names``: the vehicles that entered the cell (their numbers and wire ids); ``gone``:
+    those that left it for another cell; ``stale`` and ``removed``: marked so this tick.
+    The positions the tick published are not here but in :attr:`TickChanges.moved`, as
+    columns for the whole tick: a fleet spread over a region puts a tick's positions into
+    thousands of cells, and a record per cell cost more than the rest of the tick.
     """
 
-    positions: PositionColumns = field(default_factory=lambda: _NO_POSITIONS)
-    previous: npt.NDArray[np.float64] = field(default_factory=lambda: _NO_PREVIOUS)
     names: list[tuple[int, str]] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
@@ -176,14 +176,73 @@ class CellChange:
 
 
 @dataclass(frozen=True)
+class CellRuns:
+    """The positions one tick published, as columns sorted by cell: a run of rows per cell.
+
+    Within a cell's run the rows keep the order their pings were applied in. ``previous``
+    (one row of lat, lon per position) holds the position every subscriber of the cell
+    already has for the vehicle, or NaN where there is none (it entered the cell).
+    Columns, because the frame step packs them at once with NumPy, and because most of
+    the cells a spread fleet touches are watched by no feed: what costs per cell (a frame)
+    is then made only for the cells that are (:meth:`select`).
+    """
+
+    cells: npt.NDArray[np.uint64] = field(default_factory=lambda: _NO_CELLS)
+    """Each row's cell, ascending."""
+    positions: PositionColumns = field(default_factory=lambda: _NO_POSITIONS)
+    previous: npt.NDArray[np.float64] = field(default_factory=lambda: _NO_PREVIOUS)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def runs(self) -> dict[int, slice]:
+        """Each cell's run of rows, cells in ascending order."""
+        cells = self.cells
+        if not len(cells):
+            return {}
+        starts = np.flatnonzero(np.concatenate(([True], cells[1:] != cells[:-1])))
+        stops = np.append(starts[1:], len(cells))
+        return {
+            cell: slice(start, stop)
+            for cell, start, stop in zip(
+                cells[starts].tolist(), starts.tolist(), stops.tolist(), strict=True
+            )
+        }
+
+    def of(self, cell: int) -> tuple[PositionColumns, npt.NDArray[np.float64]]:
+        """One cell's positions and previous positions (none if it has no run)."""
+        key = np.uint64(cell)  # a Python int would be compared as a float: inexact
+        start = int(np.searchsorted(self.cells, key, side="left"))
+        stop = int(np.searchsorted(self.cells, key, side="right"))
+        return _rows(self.positions, slice(start, stop)), self.previous[start:stop]
+
+    def select(self, keep: npt.NDArray[np.bool_]) -> CellRuns:
+        """The rows where ``keep`` is set (each run cut to its kept rows)."""
+        rows = np.flatnonzero(keep)
+        return CellRuns(self.cells[rows], self.positions.take(rows), self.previous[rows])
+
+
+@dataclass(frozen=True)
 class TickChanges:
-    """One published tick: its number, its time, and what changed in each cell."""
+    """One published tick: its number, its time, what changed in each cell's membership
+    (``cells``), and every position it published, by cell (``moved``)."""
 
     tick: int
     t_ms: int
     cells: dict[int, CellChange]
-    ping_ts: npt.NDArray[np.float64] = field(default_factory=lambda: _NO_POSITIONS.ts)
-    """Timestamps of every ping the tick published (for a ping-to-send delay metric)."""
+    moved: CellRuns = field(default_factory=CellRuns)
+
+    @property
+    def ping_ts(self) -> npt.NDArray[np.float64]:
+        """Timestamps of every ping the tick published (for a ping-to-send delay metric)."""
+        return self.moved.positions.ts
+
+    def changed_cells(self) -> list[int]:
+        """Every cell the tick changed: those whose membership changed (in the order the
+        index listed them), then those that only got positions (ascending)."""
+        changed = list(self.cells)
+        changed += [cell for cell in self.moved.runs() if cell not in self.cells]
+        return changed
 
 
 @dataclass(frozen=True)
@@ -276,7 +335,7 @@ class Publication:
     Preparing computes what :meth:`GeoIndex.advance` would otherwise compute while
     holding the event loop: the pings as columns, each ping's H3 cell (about 0.6 us
     each, the bulk of a tick), the position subscribers already have (``previous``), and
-    the positions split by cell. Columns, not a :class:`Position` per ping: a slice is a
+    the positions sorted by cell. Columns, not a :class:`Position` per ping: a slice is a
     few list comprehensions and NumPy calls (0.2 us a ping besides the cells). It reads
     the vehicles' published state, which only ``advance`` changes, so the slices may
     run between other tasks' steps.
@@ -299,12 +358,11 @@ class Publication:
         """Pings prepared so far (the first ones of ``pings``)."""
         self.entered: list[tuple[Vehicle, int]] = []
         """Vehicles published into a cell other than their published one, and that cell."""
-        self.by_cell: list[tuple[int, PositionColumns, npt.NDArray[np.float64]]] = []
-        """Each cell's positions (in applied order) and previous positions, by cell."""
+        self.moved = CellRuns()
+        """Every position with its previous position, sorted by cell (once prepared)."""
         self.slots: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
         self.positions: PositionColumns = _NO_POSITIONS
         """Every position, in applied order (once prepared)."""
-        self.ping_ts: npt.NDArray[np.float64] = _NO_POSITIONS.ts
         self._parts: list[_Prepared] = []
 
     def prepare(self, count: int) -> bool:
@@ -354,24 +412,20 @@ class Publication:
         return cells
 
     def _split_by_cell(self) -> None:
-        """Each cell's rows (in applied order), cells in cell order; the pings' times."""
+        """The positions sorted by cell (in applied order within a cell).
+
+        One sort for the whole tick and no step per cell: a fleet spread over a region
+        puts a tick's pings into thousands of cells (``CellRuns``)."""
         parts, self._parts = self._parts, []
         self.slots = np.concatenate([part.slots for part in parts])
         moved = PositionColumns(
             *(np.concatenate(column) for column in zip(*(p.columns for p in parts), strict=True))
         )
         self.positions = moved
-        self.ping_ts = moved.ts
         cell_of = np.concatenate([part.cells for part in parts])
         order = np.argsort(cell_of, kind="stable")
-        distinct, starts, counts = np.unique(cell_of[order], return_index=True, return_counts=True)
-        rows_of = moved.take(order)
         previous = np.concatenate([part.previous for part in parts])[order]
-        for cell, start, count in zip(
-            distinct.tolist(), starts.tolist(), counts.tolist(), strict=True
-        ):
-            rows = slice(start, start + count)
-            self.by_cell.append((cell, _rows(rows_of, rows), previous[rows]))
+        self.moved = CellRuns(cell_of[order], moved.take(order), previous)
 
 
 class _Prepared(NamedTuple):
@@ -493,19 +547,17 @@ class GeoIndex:
         self.tick += 1
         self.t_ms = round(now * 1000)
         changes: dict[int, CellChange] = {}
-        ping_ts = self._publish(publication, changes)
+        self._publish(publication, changes)
         self._expire(now, changes)
         self._forget_old_names()
-        return TickChanges(self.tick, self.t_ms, changes, ping_ts)
+        return TickChanges(self.tick, self.t_ms, changes, publication.moved)
 
-    def _publish(
-        self, publication: Publication, changes: dict[int, CellChange]
-    ) -> npt.NDArray[np.float64]:
-        """Publish a prepared publication: cell membership now, then each cell's positions.
+    def _publish(self, publication: Publication, changes: dict[int, CellChange]) -> None:
+        """Publish a prepared publication: its positions, and cell membership now.
 
         Only the vehicles that changed cell cost more than an assignment here: cells,
         positions and previous positions were computed while preparing (the published
-        state they read does not change before this). Returns the pings' timestamps.
+        state they read does not change before this).
         """
         self._published.store(publication.slots, publication.positions)
         for vehicle, cell in publication.entered:
@@ -515,11 +567,6 @@ class GeoIndex:
                 self._leave(vehicle, changes).gone.append(vehicle.vid)
             self._cells.setdefault(cell, {})[vehicle.vid] = vehicle
             vehicle.cell = cell
-        for cell, rows, previous in publication.by_cell:
-            into = changes.get(cell) or changes.setdefault(cell, CellChange())
-            into.positions = rows
-            into.previous = previous
-        return publication.ping_ts
 
     def _leave(self, vehicle: Vehicle, changes: dict[int, CellChange]) -> CellChange:
         """Take a vehicle out of its published cell; returns that cell's changes."""

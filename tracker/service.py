@@ -400,7 +400,9 @@ class Tracker:
         now = time.time()
         watched = self.hub.watched()  # before advance: a vehicle removed now is still known
         changes = self.index.advance(now, publication)
-        frames = encode_tick(changes, watched, self.index.fleet_of_vid)
+        frames = encode_tick(
+            changes, watched, self.index.fleet_of_vid, only=self.hub.framed_cells()
+        )
         self.metrics.view_frames += sum(len(view) for view in frames.views.values())
         self.hub.publish(frames)
         self.hub.end_expired(now)
