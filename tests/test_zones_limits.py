@@ -90,7 +90,9 @@ async def test_large_bodies_do_not_hold_healthz(start_server: StartServer, tmp_p
         listed = await http.get("/zones", params={"limit": 1}, headers=admin())
         assert listed.json()["next"] == "a0"
     assert len(waits) > 5
-    assert max(waits) < 0.8, sorted(waits)[-5:]  # decoded on the loop: ~2 s
+    # Decoded on the loop, the longest wait would be ~2 s idle, 4 s and more on a busy
+    # machine; 1.5 s leaves room for a suite running three workers on two cores (0.83 s seen).
+    assert max(waits) < 1.5, sorted(waits)[-5:]
 
 
 async def test_bbox_filters_and_bad_boxes_are_400(
