@@ -1,8 +1,8 @@
 """The alert event on the wire: one JSON object per event, framed once for SSE and webhooks.
 
-An :class:`Alert` is a :class:`~tracker.zones.events.ZoneEvent` with the id the log gave
-it (``id`` first, then the event's fields in their order; absent optional fields are
-left out). It is encoded once, when the log takes it in: the same bytes are the ``data:``
+An alert is a :class:`~tracker.zones.events.ZoneEvent`'s JSON object with the id the log
+gave it (``id`` first, then the event's fields in their order; absent optional fields
+are left out). It is encoded once, when the log takes it in: the same bytes are the ``data:``
 of every SSE stream (:func:`sse_alert`) and the body of every webhook request. Format:
 ``docs/alerts.md`` (pinned by tests/test_alerts_wire.py); fields are only ever added.
 """
@@ -13,13 +13,12 @@ from typing import Final
 
 import msgspec
 
-from tracker.zones.events import EventType, ExitReason, ZoneEvent
+from tracker.zones.events import ZoneEvent
 
 __all__ = [
     "HEARTBEAT",
     "MAX_EVENT_ID",
     "SHUTDOWN_EVENT",
-    "Alert",
     "alert_json",
     "parse_event_id",
     "sse_alert",
@@ -32,27 +31,14 @@ HEARTBEAT: Final = b": keep-alive\n\n"
 SHUTDOWN_EVENT: Final = b"event: shutdown\ndata: server is restarting; reconnect\n\n"
 
 
-class Alert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One logged zone event: its log id and the event (``docs/alerts.md``)."""
-
-    id: int
-    zone: str
-    kind: str
-    vehicle: str
-    type: EventType
-    t: float
-    lat: float
-    lon: float
-    inside_s: float | None = None
-    reason: ExitReason | None = None
-
-
 _encoder = msgspec.json.Encoder()
 
 
 def alert_json(event_id: int, event: ZoneEvent) -> bytes:
-    """The JSON of ``event`` logged as ``event_id`` (what SSE and webhooks carry)."""
-    return _encoder.encode(Alert(id=event_id, **msgspec.structs.asdict(event)))
+    """The JSON of ``event`` logged as ``event_id`` (what SSE and webhooks carry): the
+    event's own object with ``"id"`` put first (it always has fields: ``zone`` first), so
+    the fields are declared once, in :class:`~tracker.zones.events.ZoneEvent`."""
+    return b'{"id":%d,%s' % (event_id, _encoder.encode(event)[1:])
 
 
 def sse_alert(event_id: int, data: bytes) -> bytes:
