@@ -4,6 +4,7 @@ counted and reported, and an engine process that dies takes the worker down."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -208,10 +209,8 @@ async def test_edits_during_ticks_end_where_the_book_is(
 
 
 def _kill_engine_process(host: ProcessHost) -> None:
-    executor = host._executor
-    assert executor is not None
-    for process in list(executor._processes.values()):  # type: ignore[attr-defined]
-        os.kill(process.pid, signal.SIGKILL)
+    assert host.pid is not None
+    os.kill(host.pid, signal.SIGKILL)
 
 
 async def test_the_engine_in_its_process_decides_as_in_a_thread() -> None:
@@ -263,7 +262,7 @@ async def test_a_tracker_without_zones_starts_no_engine_process() -> None:
         worker.tick(1, index.advance(1))
         await trio.sleep(0.2)
         host = worker._host
-        assert isinstance(host, ProcessHost) and host._executor is None
+        assert isinstance(host, ProcessHost) and host.pid is None
         nursery.cancel_scope.cancel()
 
 
@@ -293,3 +292,52 @@ async def test_the_engine_process_ends_when_its_tracker_is_killed(tmp_path: Path
     with trio.fail_after(10):
         while any(map(_alive, below)):
             await trio.sleep(0.1)
+
+
+async def test_pings_are_decided_without_waiting_for_the_next_tick() -> None:
+    """Pings queued after the last tick go to the engine with a tick of their own, at
+    their time: an event waits neither for the next tick nor for its publishing step."""
+    rig = Rig()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.worker.run)
+        lat, lon = at(0)
+        pings = [Ping(vehicle_id="v1", lat=lat, lon=lon, ts=100.0)]
+        assert rig.index.apply(pings[0], 100.0)
+        rig.worker.record(pings, 100.0)  # no tick follows
+        with trio.fail_after(5):
+            while not rig.emitted:
+                await trio.sleep(0.01)
+        assert [(e.type, e.t) for e in rig.emitted] == [("enter", 100.0)]
+        rig.worker.tick(100.5, rig.index.advance(100.5))  # the tick's own call: nothing new
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    assert [e.type for e in rig.emitted] == ["enter"]
+
+
+async def test_calls_to_the_engine_are_paced() -> None:
+    """Pings every 10 ms and no tick: calls start at least CALL_INTERVAL_S apart, each
+    taking what came meanwhile, and every ping is decided."""
+    rig = Rig()
+    starts: list[float] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.worker.run)
+        host = rig.worker._host
+        assert host is not None
+        apply = host.apply
+
+        async def counted(ops: Any, *, write: bool) -> Any:
+            starts.append(trio.current_time())
+            return await apply(ops, write=write)
+
+        host.apply = counted  # type: ignore[method-assign]
+        for n in range(40):  # v0..v39 enter, one every 10 ms
+            lat, lon = at(0)
+            ping_ = Ping(vehicle_id=f"v{n}", lat=lat, lon=lon, ts=100.0 + n / 100)
+            assert rig.index.apply(ping_, ping_.ts)
+            rig.worker.record([ping_], ping_.ts)
+            await trio.sleep(0.01)
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    assert len(rig.emitted) == 40
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= worker_module.CALL_INTERVAL_S
+    assert len(starts) <= 40 * 0.01 / worker_module.CALL_INTERVAL_S + 2

@@ -4,10 +4,17 @@ sees them; streams and webhooks then read the log from where they are.
 :class:`AlertLog` is the :class:`~tracker.zones.events.EventSink` the zone engine hands
 each tick's events to. Nothing it does on the event loop waits:
 
-* :meth:`AlertLog.emit` (the tick) queues events; the commit loop wakes at once and hands
-  everything queued to one worker thread, which commits it in one transaction (group
-  commit) and encodes each event's JSON and SSE bytes there, off the event loop. Ids come
-  from the database when the rows are inserted. Only committed events are visible.
+* The zone engine's process commits the events it decides itself, with a
+  :class:`LogWriter` (one transaction per call, each event's JSON and SSE bytes encoded
+  there), and the loop only publishes them (:meth:`AlertLog.committed`): in a thread of
+  the tracker's process each commit waited for the busy loop's GIL at every statement
+  (mean 40-55 ms under the issue's load, tails of 0.5 s). It does so while the log is
+  local (SQLite) and nothing waits in the queue below; otherwise its events come here.
+* :meth:`AlertLog.emit` queues events (those the engine's process could not commit, a
+  shared log's, a sink used without the engine's process); the commit loop wakes at once
+  and hands everything queued to one worker thread, which commits it in one transaction
+  (group commit) and encodes the events there. Ids come from the database when the rows
+  are inserted, wherever they are committed. Only committed events are visible.
 * The queue is bounded by ``alerts_queue_events``: beyond it :meth:`AlertLog.admit`
   refuses ingest (503 with ``Retry-After``, as history does), because new pings would
   raise events the log cannot take yet, and ``/healthz`` reports the problem. Events
@@ -47,7 +54,7 @@ from tracker.logs import Episode, Throttle
 from tracker.metrics import Metrics
 from tracker.zones.events import ZoneEvent
 
-__all__ = ["COMMIT_MAX_EVENTS", "FLUSH_TIMEOUT_S", "AlertLog", "LoggedEvent"]
+__all__ = ["COMMIT_MAX_EVENTS", "FLUSH_TIMEOUT_S", "AlertLog", "LogWriter", "LoggedEvent"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +107,38 @@ def _logged(stored: Sequence[StoredEvent]) -> list[LoggedEvent]:
         data = alert_json(item.id, item.event)
         result.append(LoggedEvent(item.id, item.cell, item.event, data, sse_alert(item.id, data)))
     return result
+
+
+class LogWriter:
+    """Commits zone events to a local log from another process (the zone engine's): what
+    :meth:`AlertLog.committed` then publishes. Pickled into that process without a store;
+    it opens its own there at the first write (the tracker has migrated it)."""
+
+    def __init__(self, open_store: Callable[[], AlertStore], resolution: int) -> None:
+        self._open_store = open_store
+        self._resolution = resolution
+        self._store: AlertStore | None = None
+
+    def __getstate__(self) -> tuple[Callable[[], AlertStore], int]:
+        return self._open_store, self._resolution
+
+    def __setstate__(self, state: tuple[Callable[[], AlertStore], int]) -> None:
+        self._open_store, self._resolution = state
+        self._store = None
+
+    def write(self, events: Sequence[ZoneEvent], now: float) -> list[LoggedEvent]:
+        """Commit ``events`` in one transaction, in order: with their ids and bytes
+        (:class:`~tracker.database.DatabaseError` if not: then none is)."""
+        if self._store is None:
+            self._store = self._open_store()
+        resolution = self._resolution
+        stored = self._store.append([NewEvent(_cell(e, resolution), e) for e in events], now)
+        return _logged(stored)
+
+    def close(self) -> None:
+        """Close the store's connections, if any."""
+        if self._store is not None:
+            self._store.close()
 
 
 class AlertLog:
@@ -167,6 +206,33 @@ class AlertLog:
                 dropped=dropped,
             )
         self._wake_writer.set()
+
+    def writer(self) -> LogWriter | None:
+        """A writer for the zone engine's process, or None when this log must commit
+        itself: a shared log (PostgreSQL), whose follower reads every instance's events
+        back in id order. The log must be open."""
+        store = self._opened()
+        return None if store.shared else LogWriter(self._open_store, self._config.h3_resolution)
+
+    @property
+    def writable_elsewhere(self) -> bool:
+        """Whether a :meth:`writer` may commit now: nothing waits in the queue (what it
+        commits would get ids before events that happened earlier)."""
+        return not self._queue
+
+    def committed(self, logged: list[LoggedEvent], seconds: float) -> None:
+        """Publish what a :meth:`writer` committed (in ``seconds``), in id order."""
+        self._metrics.alert_events += len(logged)
+        self._metrics.alert_commit_seconds.observe(seconds)
+        self._outage.over()
+        self._publish(logged)
+
+    def not_committed(self, events: Sequence[ZoneEvent], error: str) -> None:
+        """A :meth:`writer` failed (its store: ``error``): its events are queued here and
+        retried with backoff, as this log's own commits are."""
+        self._metrics.alert_store_errors += 1
+        self._outage.happened(error=error)
+        self.emit(events)
 
     def admit(self, pings: int) -> None:
         """Raise :class:`ServiceBusy` (503) while the queue is at its bound."""

@@ -11,34 +11,37 @@ them to a host one call at a time; :func:`apply_ops` applies a call's operations
   10,000 zones back to back, the loop lost 1.5-2 times the engine's own CPU time
   (30-45 % of its throughput), and each call took four times its CPU time (81 ms for
   19 ms): every NumPy or GEOS call gives the GIL up, and the thread then waits
-  for the loop's switch interval (5 ms) to get it back. In a process of its own the
-  engine costs the loop only the hand-over, in a worker thread: the call written to a
-  file in :data:`~tracker.history.readers.SCRATCH` (memory; through the executor's pipe
-  a tick's 400 KB would take several reads, each waiting for the GIL), the events back.
+  for the loop's switch interval (5 ms) to get it back. The event loop speaks to the
+  process itself, over a socket (a call: the operations pickled, pings as msgpack; the
+  answer: the events as msgpack), with no thread of its own in between: a thread of the
+  tracker's process that wants the GIL back from the busy loop waits 5 ms each time, and
+  the pool this used before (a thread handing the call over, the pool's own thread
+  pickling it and reading the answer) took 60 ms a call on top of the engine's 25 (the
+  medians, at the issue's load).
 * :class:`ThreadHost` (``--zone-engine-thread``): the engine in a worker thread of this
   process, readable between calls (tests, ``bench.zones core``).
 
 The process (``multiprocessing``, ``forkserver`` with the engine's modules preloaded)
 starts with an empty engine at the worker's first call (the first zone: a tracker that
-never holds one never starts it), and gets every operation after. If it dies, the call
-under way raises :class:`EngineProcessDied` and the worker's task fails, which brings the
-tracker down as any crashed core task does; zones are reloaded at the next start and
-vehicles inside a zone enter it again, as after any restart.
+never holds one never starts it), and gets every operation after. It ends when its end
+of the socket reads the end of the stream: the tracker closed it, or was killed and the
+kernel closed it. If it dies, the call under way raises :class:`EngineProcessDied` and
+the worker's task fails, which brings the tracker down as any crashed core task does;
+zones are reloaded at the next start and vehicles inside a zone enter it again, as after
+any restart.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import multiprocessing
-import os
+import multiprocessing.process
 import pickle
-import select
 import signal
-import tempfile
-import threading
+import socket
+import struct
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
@@ -47,7 +50,8 @@ import msgspec
 import shapely
 import trio
 
-from tracker.history.readers import SCRATCH, stop_pool
+from tracker.alerts.log import LoggedEvent, LogWriter
+from tracker.database import DatabaseError
 from tracker.pings import Ping
 from tracker.zones.cover import CompiledZone
 from tracker.zones.engine import ZoneEngine
@@ -55,6 +59,8 @@ from tracker.zones.events import ZoneEvent
 
 __all__ = [
     "PRELOAD",
+    "RECEIVE_BYTES",
+    "SOCKET_BUFFER_BYTES",
     "Delete",
     "EngineFigures",
     "EngineProcessDied",
@@ -66,10 +72,16 @@ __all__ = [
     "ThreadHost",
     "Tick",
     "apply_ops",
+    "decide",
 ]
 
 PRELOAD: Final = ["tracker.zones.host"]
 """Modules the forkserver imports once, so that an engine process starts at once."""
+SOCKET_BUFFER_BYTES: Final = 4 * 1024 * 1024
+"""Asked for each end of the engine's socket (the kernel may give less): a tick's call
+(5,000 pings: ~300 KB) goes in one or two writes."""
+RECEIVE_BYTES: Final = 1024 * 1024
+"""Most bytes one read of an answer takes."""
 
 _pings_encoder = msgspec.msgpack.Encoder()
 _pings_decoder = msgspec.msgpack.Decoder(list[Ping])
@@ -121,10 +133,15 @@ class EngineFigures:
 
 
 class Outcome(NamedTuple):
-    """What one call decided: the events of its ticks, in order, and the figures after."""
+    """What one call decided: the events of its ticks, in order, either committed to the
+    alerts log by the host's writer (``logged``, in ``log_s``) or not (``events``: no
+    writer, or it failed with ``log_error``); and the figures after."""
 
     events: list[ZoneEvent]
     figures: EngineFigures
+    logged: list[LoggedEvent]
+    log_s: float
+    log_error: str | None
 
 
 class EngineProcessDied(RuntimeError):
@@ -156,69 +173,102 @@ def apply_ops(engine: ZoneEngine, ops: Sequence[Op]) -> Outcome:
         call_s=time.perf_counter() - started,
         ticks=ticks,
     )
-    return Outcome(events, figures)
+    return Outcome(events, figures, [], 0.0, None)
+
+
+def decide(engine: ZoneEngine, ops: Sequence[Op], writer: LogWriter | None) -> Outcome:
+    """:func:`apply_ops`, then the events committed by ``writer`` if one is given (where
+    the engine runs: the commit's waits and encoding stay off the event loop)."""
+    outcome = apply_ops(engine, ops)
+    if writer is None or not outcome.events:
+        return outcome
+    started = time.perf_counter()
+    try:
+        logged = writer.write(outcome.events, time.time())
+    except DatabaseError as error:
+        return outcome._replace(log_error=str(error))
+    return outcome._replace(events=[], logged=logged, log_s=time.perf_counter() - started)
 
 
 class ThreadHost:
-    """The engine in a worker thread of this process (one call at a time)."""
+    """The engine in a worker thread of this process (one call at a time); ``writer``
+    commits the events there when a call asks it to."""
 
-    def __init__(self, engine: ZoneEngine) -> None:
+    def __init__(self, engine: ZoneEngine, writer: LogWriter | None = None) -> None:
         self.engine = engine
         """Read it only when no call runs (tests and benchmarks, after :meth:`apply_here`)."""
+        self._writer = writer
         self._limiter = trio.CapacityLimiter(1)
 
-    async def apply(self, ops: Sequence[Op]) -> Outcome:
-        return await trio.to_thread.run_sync(apply_ops, self.engine, ops, limiter=self._limiter)
+    async def apply(self, ops: Sequence[Op], *, write: bool) -> Outcome:
+        writer = self._writer if write else None
+        return await trio.to_thread.run_sync(
+            decide, self.engine, ops, writer, limiter=self._limiter
+        )
 
     def apply_here(self, ops: Sequence[Op]) -> Outcome:
         return apply_ops(self.engine, ops)
 
     async def aclose(self) -> None:
-        """Nothing to stop."""
+        """Close the writer's store."""
+        if self._writer is not None:
+            await trio.to_thread.run_sync(self._writer.close)
 
 
 # --- in the engine's process -------------------------------------------------------------
 
-_engine: ZoneEngine | None = None
-"""In the engine's process: its engine, unpickled by :func:`_start_engine`."""
+_FRAME: Final = struct.Struct("<Q")
+"""Every message on the engine's socket: its length, then its bytes."""
+_OK, _FAILED = b"\x00", b"\x01"
+"""A reply's first byte: the outcome as msgpack follows, or the engine's error (text)."""
+_outcome_encoder = msgspec.msgpack.Encoder()
+_outcome_decoder = msgspec.msgpack.Decoder(Outcome)
 
 
-def _start_engine(engine: bytes, tracker_pid: int) -> None:
-    """Initializer of the engine's process: take the (empty) engine, and end with the
-    tracker. Ctrl-C in a terminal interrupts the whole process group: the tracker stops
-    this process itself; a tracker killed (kill -9) cannot, so a thread here waits for
-    it to end (a pidfd: no polling) and ends this process then."""
-    global _engine
+def _receive_blocking(sock: socket.socket) -> bytes | None:
+    """One message, waiting for it (in the engine's process); None at the end of the stream."""
+    header = _read_exactly(sock, _FRAME.size)
+    return None if header is None else _read_exactly(sock, _FRAME.unpack(header)[0])
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        count = sock.recv_into(view[got:])
+        if not count:
+            return None
+        got += count
+    return bytes(buffer)
+
+
+def _serve(engine: bytes, writer: LogWriter | None, sock: socket.socket) -> None:
+    """The engine's process: apply each call's operations as it comes (and commit its
+    events with ``writer`` when the call asks), answer each, and end when the tracker's
+    end of the socket closes (a tracker stopping, or killed with kill -9: the kernel
+    closes it then). Ctrl-C in a terminal interrupts the whole process group: the
+    tracker stops this process itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _engine = pickle.loads(engine)
-    try:
-        tracker = os.pidfd_open(tracker_pid)
-    except ProcessLookupError:
-        os._exit(0)
-    threading.Thread(target=_end_with, args=(tracker,), daemon=True).start()
-
-
-def _end_with(tracker: int) -> None:
-    """Return never: end this process once the tracker's process (a pidfd) has ended."""
-    select.select([tracker], [], [])
-    os._exit(0)
-
-
-def _call(path: str) -> Outcome:
-    """Apply the operations in the file ``path`` (deleted once read)."""
-    assert _engine is not None
-    with open(path, "rb") as file:
-        ops: list[Op] = pickle.load(file)
-    os.unlink(path)
-    for op in ops:
-        if isinstance(op, Put):  # shapes lose their preparation on the way
-            shapely.prepare(op.compiled.inner)
-            shapely.prepare(op.compiled.outer)
-    return apply_ops(_engine, ops)
-
-
-def _ready() -> bool:
-    return _engine is not None
+    decided: ZoneEngine = pickle.loads(engine)
+    with sock:
+        while (call := _receive_blocking(sock)) is not None:
+            ops: list[Op]
+            ops, write = pickle.loads(call)
+            for op in ops:
+                if isinstance(op, Put):  # shapes lose their preparation on the way
+                    shapely.prepare(op.compiled.inner)
+                    shapely.prepare(op.compiled.outer)
+            try:
+                outcome = decide(decided, ops, writer if write else None)
+                reply = _OK + _outcome_encoder.encode(outcome)
+            except Exception:  # the tracker raises it; this process ends with the socket
+                reply = _FAILED + traceback.format_exc().encode()
+            try:
+                sock.sendall(_FRAME.pack(len(reply)) + reply)
+            except OSError:  # the tracker is gone
+                break
+    if writer is not None:
+        writer.close()
 
 
 # --- in the tracker's process -------------------------------------------------------------
@@ -234,76 +284,119 @@ def _for_the_trip(op: Op) -> Op:
     return op
 
 
+def _call_bytes(ops: Sequence[Op], write: bool) -> bytes:
+    """A call as it goes on the socket: its length, then the pickled operations and
+    whether to commit the events."""
+    call = ([_for_the_trip(op) for op in ops], write)
+    payload = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(payload)) + payload
+
+
 class ProcessHost:
     """The engine in a process of its own (see the module docstring), started by the
-    first call."""
+    first call, and spoken to over a socket by the event loop itself."""
 
-    def __init__(self, engine: ZoneEngine) -> None:
+    def __init__(self, engine: ZoneEngine, writer: LogWriter | None = None) -> None:
         self._template = pickle.dumps(engine)
         """The engine the process starts with (the tracker gives an empty one)."""
-        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._writer = writer
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._stream: trio.SocketStream | None = None
         self._began = False
-        self._limiter = trio.CapacityLimiter(1)
+        self._lock = trio.Lock()
+        self.pid: int | None = None
+        """The engine process's (once started)."""
 
-    async def _started(self) -> concurrent.futures.ProcessPoolExecutor | None:
-        """The process, started at the first call (a tracker that never holds a zone never
-        starts one); None once it died or was closed. Started in a worker thread:
-        starting a process takes the loop's time otherwise."""
+    async def _started(self) -> trio.SocketStream:
+        """The socket to the process, started at the first call (a tracker that never
+        holds a zone never starts one). Started in a worker thread: starting a process
+        (the forkserver's first, with its imports) takes the loop's time otherwise."""
         if not self._began:
             self._began = True
-            self._executor = await trio.to_thread.run_sync(self._start)
-        return self._executor
+            process, sock = await trio.to_thread.run_sync(self._start)
+            self._process, self.pid = process, process.pid
+            self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        if self._stream is None:
+            raise EngineProcessDied("the zone engine's process is not running")
+        return self._stream
 
-    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+    def _start(self) -> tuple[multiprocessing.process.BaseProcess, socket.socket]:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
-        executor = concurrent.futures.ProcessPoolExecutor(
-            1,
-            mp_context=context,
-            initializer=_start_engine,
-            initargs=(self._template, os.getpid()),
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        process = context.Process(
+            target=_serve,
+            args=(self._template, self._writer, theirs),
+            name="tracker zone engine",
+            daemon=True,
         )
         try:
-            executor.submit(_ready).result()
+            process.start()
         except BaseException:
-            stop_pool(executor)
+            ours.close()
             raise
-        return executor
+        finally:
+            theirs.close()  # the process has its own: at our end's close it reads the end
+        return process, ours
 
-    async def apply(self, ops: Sequence[Op]) -> Outcome:
-        await self._started()
-        return await trio.to_thread.run_sync(self.apply_here, ops, limiter=self._limiter)
-
-    def apply_here(self, ops: Sequence[Op]) -> Outcome:
-        """One call to the running process, waiting for it (in a worker thread)."""
-        executor = self._executor
-        if executor is None:
-            raise EngineProcessDied("the zone engine's process is not running")
-        descriptor, path = tempfile.mkstemp(prefix="tracker-zones-", dir=SCRATCH)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(pickle.dumps([_for_the_trip(op) for op in ops]))
-            outcome: Outcome = executor.submit(_call, path).result()
-        except concurrent.futures.BrokenExecutor as broken:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+    async def apply(self, ops: Sequence[Op], *, write: bool) -> Outcome:
+        """One call: the operations written to the process's socket and its answer read,
+        by the event loop (no thread, see the module docstring); ``write``: the process
+        commits the events with its writer. A call that carries zones is pickled in a
+        worker thread (their shapes: milliseconds each)."""
+        stream = await self._started()
+        write = write and self._writer is not None
+        if any(isinstance(op, Put) for op in ops):
+            call = await trio.to_thread.run_sync(_call_bytes, ops, write)
+        else:
+            call = _call_bytes(ops, write)
+        async with self._lock:
+            try:
+                # A call under way is finished even at shutdown (its events reach the
+                # log), as a call to a thread is; the process's death ends it at once.
+                with trio.CancelScope(shield=True):
+                    await stream.send_all(call)
+                    reply = await _receive(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                self.close()
+                raise EngineProcessDied("the zone engine's process ended") from error
+        if reply is None:
             self.close()
-            raise EngineProcessDied("the zone engine's process ended") from broken
-        return outcome
+            raise EngineProcessDied("the zone engine's process ended")
+        if reply[:1] == _FAILED:
+            raise RuntimeError(f"the zone engine failed:\n{reply[1:].decode(errors='replace')}")
+        return _outcome_decoder.decode(memoryview(reply)[1:])
 
     def close(self) -> None:
         """Stop the process at once (never blocks)."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            stop_pool(executor)
+        process, self._process = self._process, None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.socket.close()
+        if process is not None and process.is_alive():
+            process.kill()
 
     async def aclose(self) -> None:
-        """Stop the process, then wait (in a worker thread, 5 s at most) for the pool's
-        manager thread to end: Python 3.11 lets its exit hook write to that thread's
-        wake-up pipe while the thread closes it, which printed an ``OSError`` traceback
-        when a tracker stopped right after its pool (CPython gh-105829)."""
-        executor = self._executor
-        manager = getattr(executor, "_executor_manager_thread", None)
+        """Stop the process and reap it (in a worker thread, 5 s at most)."""
+        process = self._process
         self.close()
-        if manager is not None:
-            await trio.to_thread.run_sync(manager.join, 5.0)
+        if process is not None:
+            await trio.to_thread.run_sync(process.join, 5.0)
+
+
+async def _receive(stream: trio.SocketStream) -> bytes | None:
+    """One message from the engine's process; None if the stream ended first."""
+    buffer = bytearray()
+    size: int | None = None
+    while size is None or len(buffer) < _FRAME.size + size:
+        if size is None and len(buffer) >= _FRAME.size:
+            size = _FRAME.unpack_from(buffer)[0]
+            continue
+        chunk = await stream.receive_some(RECEIVE_BYTES)
+        if not chunk:
+            return None
+        buffer += chunk
+    return bytes(buffer[_FRAME.size :])

@@ -5,10 +5,15 @@ that touches it. On the event loop it only queues work, in order: the pings inge
 accepted (:meth:`ZoneWorker.record`), zone changes (:meth:`ZoneWorker.put`,
 :meth:`ZoneWorker.delete`) and ticks (:meth:`ZoneWorker.tick`, from ``Tracker.tick``,
 with the vehicles the geo-index marked stale or removed in it). :meth:`ZoneWorker.run`
-(a task of ``Tracker.run``) hands everything queued to the engine's host in one call
-(one call at a time; :mod:`tracker.zones.host`: a process of its own, or a worker
-thread), which applies it in order and decides the events; back on the loop they go to
-the sink (the alerts log), in the order they happened.
+(a task of ``Tracker.run``) hands everything queued to the engine's host in one call,
+as soon as pings or a tick are queued (a tick at once, pings alone
+:data:`CALL_INTERVAL_S` after the last call; pings queued after the last tick are
+decided with a tick of their own, at their time, so that an event does not wait for the
+next tick and its publishing step), one call at a time, to its host
+(:mod:`tracker.zones.host`: a process of its own, or a worker thread), which applies
+it in order, decides the events and, when the sink is the alerts log and it may
+(:attr:`~tracker.alerts.log.AlertLog.writable_elsewhere`), commits them there too; back
+on the loop they are published (or handed to the sink), in the order they happened.
 
 Why: the engine costs ~3-4 us a ping (15-20 ms for a tick of 5,000 pings with 10,000
 zones), and the full rebuild of the zone tables after many edits 0.3-0.7 s; on the loop
@@ -32,6 +37,7 @@ from typing import Final
 
 import trio
 
+from tracker.alerts.log import AlertLog
 from tracker.geoindex import TickChanges
 from tracker.logs import Throttle
 from tracker.metrics import Metrics
@@ -51,10 +57,15 @@ from tracker.zones.host import (
     Tick,
 )
 
-__all__ = ["LAG_WARNING_S", "PROBLEM_AFTER_DROP_S", "ZoneWorker", "departed"]
+__all__ = ["CALL_INTERVAL_S", "LAG_WARNING_S", "PROBLEM_AFTER_DROP_S", "ZoneWorker", "departed"]
 
 logger = logging.getLogger(__name__)
 
+CALL_INTERVAL_S: Final = 0.05
+"""Pings queued without a tick go to the engine at least this long after the last call
+started (a tick goes at once): they are decided as they come, not at the next tick, in
+batches that keep each call's fixed costs (its commit's fsync, a few ms) a small share
+of the engine's time."""
 LAG_WARNING_S: Final = 5.0
 """``/healthz`` warns when the oldest tick not yet decided is older than this."""
 PROBLEM_AFTER_DROP_S: Final = 60.0
@@ -99,6 +110,11 @@ class ZoneWorker:
         self._zones = 0
         """Zones the engine will hold once it has applied what is queued."""
         self._wake = trio.Event()
+        self._ticked = trio.Event()
+        self._last_call_at = -float("inf")
+        """Trio clock when the last call started (calls are paced: :data:`CALL_INTERVAL_S`)."""
+        self._untaken_at: float | None = None
+        """The ``now`` of the newest pings queued since the last tick (None: none)."""
         self._deciding_since: float | None = None
         """Trio clock when the oldest tick in the engine's hands was queued."""
         self._last_drop_at: float | None = None
@@ -148,6 +164,8 @@ class ZoneWorker:
             return
         self._ops.append(Pings(pings, now))
         self._queued_pings += len(pings)
+        self._untaken_at = now
+        self._wake.set()
 
     def put(self, compiled: CompiledZone, now: float, *, new: bool) -> None:
         """Queue a new or changed zone (``new``: its id is not held)."""
@@ -173,7 +191,9 @@ class ZoneWorker:
             self.ticks_merged += 1
         else:
             self._ops.append(Tick(now, trio.current_time(), stale, removed))
+        self._untaken_at = None
         self._wake.set()
+        self._ticked.set()
 
     @property
     def lag_s(self) -> float:
@@ -230,16 +250,24 @@ class ZoneWorker:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hand what is queued to the engine's host (its process, if ``process``: started
-        by the first call) whenever a tick was queued; until cancelled (a call under way
-        is finished first), then stop the host. A process that dies fails this task
-        (:class:`~tracker.zones.host.EngineProcessDied`)."""
-        host = ProcessHost(self.engine) if self.process else ThreadHost(self.engine)
+        by the first call) whenever pings or a tick were queued, paced; until cancelled
+        (a call under way is finished first), then stop the host. A process that dies
+        fails this task (:class:`~tracker.zones.host.EngineProcessDied`)."""
+        log = self.sink if isinstance(self.sink, AlertLog) else None
+        writer = None if log is None else log.writer()
+        host = ProcessHost(self.engine, writer) if self.process else ThreadHost(self.engine, writer)
         self._host = host
         try:
             task_status.started()
             while True:
                 await self._wake.wait()
+                with trio.move_on_at(self._last_call_at + CALL_INTERVAL_S):
+                    await self._ticked.wait()  # a tick goes at once; pings alone are paced
                 self._wake = trio.Event()
+                self._ticked = trio.Event()
+                if self._untaken_at is not None:  # pings since the last tick: decide them now
+                    self._ops.append(Tick(self._untaken_at, trio.current_time()))
+                    self._untaken_at = None
                 await self.decide()
         finally:
             self._host = None
@@ -253,8 +281,11 @@ class ZoneWorker:
         ops = self._take()
         if not ops:
             return []
+        self._last_call_at = trio.current_time()
+        sink = self.sink
+        write = isinstance(sink, AlertLog) and sink.writable_elsewhere
         try:
-            outcome = await self._host.apply(ops)
+            outcome = await self._host.apply(ops, write=write)
         finally:
             self._deciding_since = None
         return self._emit(outcome)
@@ -275,9 +306,16 @@ class ZoneWorker:
         return ops
 
     def _emit(self, outcome: Outcome) -> list[ZoneEvent]:
-        events, self.figures = outcome
+        """Hand a call's events on: committed ones published, the others to the sink."""
+        events, self.figures, logged, log_s, log_error = outcome
         self.call_max_s = max(self.call_max_s, self.figures.call_s)
-        self._metrics.zone_events += len(events)
-        if events:
-            self.sink.emit(events)
-        return events
+        self._metrics.zone_events += len(events) + len(logged)
+        sink = self.sink
+        if logged:
+            assert isinstance(sink, AlertLog)
+            sink.committed(logged, log_s)
+        if events and log_error is not None and isinstance(sink, AlertLog):
+            sink.not_committed(events, log_error)
+        elif events:
+            sink.emit(events)
+        return events + [item.event for item in logged]
