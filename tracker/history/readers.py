@@ -1,123 +1,209 @@
 """History queries answered in processes of their own: they do not wait for the GIL.
 
-Why: a day's track (86,400 positions) costs about 15 ms of CPU to read, decode and encode
+Why: a day's track (86,400 positions) costs about 10 ms of CPU to read, decode and encode
 (2 MB of msgpack), most of it holding the GIL. In a worker thread of the tracker's
 process it competes for the GIL with the event loop, which under full ingest load is busy
-most of the time: Python hands the GIL over every 5 ms (``sys.getswitchinterval``), so
-the thread gets about half of it and the 15 ms took 30-70 ms (docs/performance.md).
+most of the time, so the 10 ms took 30-70 ms (docs/performance.md).
 
-How: a :class:`concurrent.futures.ProcessPoolExecutor` (``spawn``) of
-:data:`READER_PROCESSES` processes, each of which opens the store once
-(:func:`_open_reader`). A query is a picklable callable of the store (a module-level
-function bound with :func:`functools.partial`, see ``tracker.history.routes``) that
-returns the bytes to send: the process runs it and leaves the bytes in a file in
-:data:`SCRATCH`, the executor's thread reads them at once, and the event loop is woken
-by the future's done callback (no thread of ours waits).
-SQLite in WAL mode lets readers in other processes read while the writer commits; a
-PostgreSQL store is a server anyway. Readers see what is committed, as threads do.
+How: :data:`READER_PROCESSES` processes (``python -m tracker.history.reader``), each of
+which opens the store once and then answers one query at a time over a Unix socket pair
+that the event loop reads itself: no executor, so no feeder or manager thread of ours
+waits for the GIL on the way (the conversation is in ``tracker.history.reader``). A
+query is a picklable callable of the store (a module-level function bound with
+:func:`functools.partial`, see ``tracker.history.routes``) that returns the bytes to
+send; the reader leaves them in an unnamed file in memory and passes its descriptor, the
+loop reads them with one system call. SQLite in WAL mode lets readers in other processes
+read while the writer commits; a PostgreSQL store is a server anyway. Readers see what
+is committed, as threads do.
 
-The pool starts when :meth:`ReaderPool.want` is first called (``History.answer`` does,
-once a query answered in a thread took longer than :data:`READERS_AFTER_S`: a busy loop
-or large pages; a tracker asked for small pages now and then never pays for processes);
-until they have started (a second or two), queries are answered in threads as before. A
-pool that broke (a reader killed) answers 503 and is replaced.
+The processes start when :meth:`ReaderPool.want` is first called (``History.answer``
+does, once a query answered in a thread took longer than :data:`READERS_AFTER_S`: a busy
+loop or large pages; a tracker asked for small pages now and then never pays for
+processes); until one has started (a second or two), queries are answered in threads as
+before. Callers wait for an idle reader (the history's query limiter and deadline bound
+how many wait, and how long). A query whose caller gives up (its deadline, a client gone)
+finishes in its reader, whose answer is then read and dropped before the reader takes
+another. A reader that dies is replaced; the query it was answering gets 503.
 
-Tasks: :meth:`ReaderPool.run` (in ``History.run``'s nursery) starts the processes when
-first wanted, replaces them when they break, and stops them (without waiting for their
-queries) when cancelled.
+Tasks: :meth:`ReaderPool.run` (in ``History.run``'s nursery) holds one task per reader
+(:meth:`ReaderPool._keep`: start it, wait for it to end, start another) and the tasks
+dropping abandoned answers; cancelled, it kills the processes without waiting for their
+queries.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import importlib
 import logging
-import multiprocessing
 import os
-import signal
-import tempfile
+import pickle
+import socket
+import sys
 from collections.abc import Callable
 from typing import Final
 
 import trio
 
 from tracker.errors import ServiceBusy
-from tracker.history.store import HistoryStore, open_store
+from tracker.history.reader import ANSWER, ERROR, HEADER, READY, SCRATCH, request
+from tracker.history.store import HistoryStore
 
 __all__ = [
-    "ANSWER_PREFIX",
     "READERS_AFTER_S",
     "READER_PROCESSES",
     "SCRATCH",
+    "ReaderBroken",
     "ReaderPool",
-    "remove_stale_answers",
     "stop_pool",
 ]
 
 logger = logging.getLogger(__name__)
 
 READER_PROCESSES: Final = 2
-"""Processes answering queries at once (more wait in the pool's queue, within their
-deadline). Each holds an interpreter with the store's libraries: about 60 MB."""
-
-SCRATCH: Final = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-"""Where readers leave their answers for the tracker to read (memory, where it can)."""
+"""Processes answering queries at once (more wait for one, within their deadline). Each
+holds an interpreter with the store's libraries: about 60 MB."""
 
 RETRY_START_S: Final = 30.0
-"""Pause before starting reader processes again after they failed to start."""
+"""Pause before starting a reader process again after one failed to start."""
 START_TIMEOUT_S: Final = 60.0
-"""Reader processes that have not opened the store within this failed to start (they
-are stopped, and tried again after :data:`RETRY_START_S`)."""
-ANSWER_PREFIX: Final = "tracker-answer-"
-"""Answer files are named ``tracker-answer-<tracker pid>-<random>``: a tracker that
-starts its readers removes those of trackers no longer running (killed with an answer
-in flight), and never another running tracker's."""
+"""A reader process that has not opened the store within this failed to start (it is
+killed, and tried again after :data:`RETRY_START_S`)."""
+REPLY_TIMEOUT_S: Final = 5.0
+"""Most a request takes to be written, or a reply to be read once it began to arrive
+(both are a few bytes to a few KB); beyond, the reader is taken for broken and killed."""
 READERS_AFTER_S: Final = 0.05
 """A query answered in a thread slower than this starts the reader processes."""
 
-_store: HistoryStore | None = None
-"""In a reader process: its store, opened once by :func:`_open_reader`."""
+
+class ReaderBroken(Exception):
+    """A reader process ended, or said something that is not a reply."""
 
 
-def _open_reader(target: str) -> None:
-    """Initializer of a reader process: open the store (reading its layout).
+class _Reader:
+    """One reader process and the tracker's end of its socket (non-blocking)."""
 
-    Ctrl-C in a terminal interrupts the whole process group: a reader ignores it, so
-    that it does not print a KeyboardInterrupt traceback; the tracker stops its readers
-    itself (:meth:`ReaderPool.close`).
-    """
-    global _store
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    importlib.import_module("tracker.history.pages")  # what queries call: before the first
-    store = open_store(target)
-    store.migrate()  # reads the file's resolution and layout; a no-op on a current file
-    _store = store
+    def __init__(self, process: trio.Process, channel: socket.socket) -> None:
+        self.process = process
+        self.channel = channel
+        self.broken = False
+
+    async def send(self, payload: object) -> None:
+        """``payload`` as a request, written whole even if the caller is cancelled meanwhile
+        (half a request would garble the conversation): an idle reader reads at once."""
+        data = memoryview(request(payload))
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + REPLY_TIMEOUT_S):
+            while data:
+                try:
+                    data = data[self.channel.send(data) :]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.channel)
+                except OSError as exc:
+                    raise ReaderBroken(f"writing to the history reader failed: {exc!r}") from exc
+            return
+        raise ReaderBroken("the history reader did not read its request")
+
+    async def reply(self) -> tuple[bytes, bytes]:
+        """The next reply: waiting for it to begin can be cancelled (nothing is read yet)."""
+        await trio.lowlevel.wait_readable(self.channel)
+        return await self.read_reply()
+
+    async def read_reply(self) -> tuple[bytes, bytes]:
+        """The reply that began to arrive, read whole even if the caller is cancelled
+        meanwhile: its kind and content (an answer's bytes, read from the file whose
+        descriptor came with it; an error's pickle; nothing for ready)."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + REPLY_TIMEOUT_S):
+            kind, size, answer = await self._header()
+            if answer is not None:
+                return kind, _read_file(answer, size)
+            return kind, await self._read(size)
+        raise ReaderBroken("the history reader's reply was cut short")
+
+    async def _header(self) -> tuple[bytes, int, int | None]:
+        """Kind, length and, for an answer, the descriptor of its file (which comes with
+        the header's first byte: read with ``recvmsg``, never plain ``recv``)."""
+        while True:
+            try:
+                data, descriptors, flags, _ = socket.recv_fds(self.channel, HEADER.size, 1)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.channel)
+            except OSError as exc:
+                raise ReaderBroken(f"reading from the history reader failed: {exc!r}") from exc
+        file = descriptors[0] if descriptors else None
+        for extra in descriptors[1:]:
+            os.close(extra)
+        try:
+            if not data:
+                raise ReaderBroken("the history reader ended")
+            kind, size = HEADER.unpack(data + await self._read(HEADER.size - len(data)))
+            if flags & socket.MSG_CTRUNC or (kind == ANSWER) != (file is not None):
+                raise ReaderBroken(f"the history reader sent a {kind!r} reply without its file")
+            if kind not in (ANSWER, ERROR, READY):
+                raise ReaderBroken(f"the history reader sent a reply of kind {kind!r}")
+        except BaseException:
+            if file is not None:
+                os.close(file)
+            raise
+        return kind, size, file
+
+    async def _read(self, size: int) -> bytes:
+        """Exactly ``size`` bytes from the socket."""
+        data = bytearray()
+        while len(data) < size:
+            try:
+                more = self.channel.recv(size - len(data))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.channel)
+                continue
+            except OSError as exc:
+                raise ReaderBroken(f"reading from the history reader failed: {exc!r}") from exc
+            if not more:
+                raise ReaderBroken("the history reader ended")
+            data += more
+        return bytes(data)
+
+    def kill(self) -> None:
+        """Take this reader out of service: its task (:meth:`ReaderPool._keep`) sees the
+        process end, closes the socket and starts another."""
+        self.broken = True
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    async def close(self) -> None:
+        """Kill the process, reap it and close the socket (never blocks for long)."""
+        self.kill()
+        with trio.CancelScope(shield=True):
+            await self.process.wait()
+        trio.lowlevel.notify_closing(self.channel)
+        self.channel.close()
 
 
-def _answer(query: Callable[[HistoryStore], bytes], scratch: str) -> str:
-    """In a reader process: ``query`` on its store, written to a new file in ``scratch``
-    (whose path it returns)."""
-    assert _store is not None
-    answer = query(_store)
-    prefix = f"{ANSWER_PREFIX}{os.getppid()}-"  # the tracker's pid
-    descriptor, path = tempfile.mkstemp(prefix=prefix, dir=scratch)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(answer)
-    return path
-
-
-def _take(path: str) -> bytes:
-    """The answer a reader left in ``path``, read at once; the file is removed."""
+def _read_file(descriptor: int, size: int) -> bytes:
+    """The ``size`` bytes of an answer's file (one ``pread`` in practice); closes it."""
     try:
-        with open(path, "rb") as file:
-            return file.read()
+        parts = []
+        offset = 0
+        while offset < size:
+            part = os.pread(descriptor, size - offset, offset)
+            if not part:
+                raise ReaderBroken(f"an answer of {size} bytes ended at {offset}")
+            parts.append(part)
+            offset += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
-        os.unlink(path)
+        os.close(descriptor)
 
 
-def _started() -> bool:
-    return _store is not None
+def _error(pickled: bytes) -> Exception:
+    """The exception a reader sent (a RuntimeError if it does not unpickle here)."""
+    try:
+        error = pickle.loads(pickled)
+    except Exception as exc:
+        return RuntimeError(f"a history reader failed, and its error did not unpickle: {exc!r}")
+    if isinstance(error, Exception):
+        return error
+    return RuntimeError(f"a history reader sent {type(error).__name__}, not an exception")
 
 
 class ReaderPool:
@@ -126,164 +212,157 @@ class ReaderPool:
     def __init__(self, target: str, processes: int = READER_PROCESSES) -> None:
         self._target = target
         self._processes = processes
-        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._wanted = trio.Event()
-        self._broken = trio.Event()
+        self._live = 0
+        self._idle: list[_Reader] = []
+        self._returned = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
 
     @property
     def ready(self) -> bool:
-        """Whether queries can go to the processes (started, not broken)."""
-        return self._executor is not None
+        """Whether queries can go to the processes (at least one has started)."""
+        return self._live > 0
 
     def want(self) -> None:
         """Have :meth:`run` start the processes (if they are not running or starting)."""
         self._wanted.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the processes once wanted, start new ones when they break, and stop them
-        when cancelled. Started in a worker thread: spawning interpreters would take the
-        loop's time (0.8 s measured on a busy machine). Processes that cannot start (the
-        store does not open in them) are logged and tried again after
-        :data:`RETRY_START_S`; queries are answered in threads meanwhile."""
+        """Start the processes once wanted, replace any that ends, and kill them when
+        cancelled."""
         task_status.started()
+        await self._wanted.wait()
         try:
-            await self._wanted.wait()
-            while True:
-                try:
-                    self._executor = await trio.to_thread.run_sync(
-                        self._start, abandon_on_cancel=True
-                    )
-                except Exception as exc:
-                    logger.error("history reader processes did not start: %r", exc)
-                    await trio.sleep(RETRY_START_S)
-                    continue
-                await self._broken.wait()
-                self._broken = trio.Event()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for number in range(self._processes):
+                    nursery.start_soon(self._keep, name=f"history reader {number}")
         finally:
-            self.close()
+            self._nursery = None
 
-    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
-        """A new pool, once every process has opened the store (in a worker thread).
-        First, answer files that stopped trackers left behind are removed."""
-        remove_stale_answers(SCRATCH)
-        executor = concurrent.futures.ProcessPoolExecutor(
-            self._processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_open_reader,
-            initargs=(self._target,),
-        )
+    async def _keep(self) -> None:
+        """One reader, always: started, given out while it lives, replaced when it ends.
+        A reader that cannot start (the store does not open in it, or not within
+        :data:`START_TIMEOUT_S`) is logged and tried again after :data:`RETRY_START_S`;
+        queries go to threads meanwhile if no other reader runs."""
+        while True:
+            try:
+                reader = await self._start()
+            except Exception as exc:
+                logger.error("a history reader process did not start: %r", exc)
+                await trio.sleep(RETRY_START_S)
+                continue
+            self._live += 1
+            try:
+                self._give(reader)
+                status = await reader.process.wait()
+            finally:
+                self._live -= 1
+                with contextlib.suppress(ValueError):
+                    self._idle.remove(reader)
+                await reader.close()
+            logger.error("a history reader process ended (status %s); starting another", status)
+
+    async def _start(self) -> _Reader:
+        """A reader process that has opened the store (the first request names it)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
         try:
-            for started in [executor.submit(_started) for _ in range(self._processes)]:
-                started.result(timeout=START_TIMEOUT_S)
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "tracker.history.reader", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+            )
         except BaseException:
-            stop_pool(executor)
+            ours.close()
             raise
-        return executor
+        finally:
+            theirs.close()
+        reader = _Reader(process, ours)
+        try:
+            with trio.fail_after(START_TIMEOUT_S):
+                await reader.send(self._target)
+                kind, content = await reader.reply()
+            if kind == ERROR:
+                raise _error(content)
+            if kind != READY:
+                raise ReaderBroken(f"the history reader replied {kind!r} to its start")
+        except BaseException:
+            await reader.close()
+            raise
+        return reader
 
     async def call(self, query: Callable[[HistoryStore], bytes]) -> bytes:
-        """``query(store)`` in a reader process (only when :attr:`ready`); 503 if the
-        pool broke (it is replaced).
+        """``query(store)`` in a reader process (only when :attr:`ready`); 503 if its
+        reader ended meanwhile (another is started).
 
-        The answer comes back as a file in :data:`SCRATCH` (memory on Linux), read with
-        one system call in the executor's thread: through the executor's pipe, 2 MB
-        took 32 reads of 64 KiB, each waiting to take the GIL back from a busy event
-        loop (up to 5 ms each). Cancelled, the query is withdrawn if it has not started;
-        one under way finishes in its process and its answer is dropped.
+        Cancelled while its reader works, the answer is dropped when it comes (by a task
+        of :meth:`run`) and only then is the reader given another query.
         """
-        executor = self._executor
-        assert executor is not None, "call only when ready"
+        reader: _Reader | None = await self._take()
+        assert reader is not None
         try:
-            future = executor.submit(_answer, query, SCRATCH)
-        except concurrent.futures.BrokenExecutor as broken:
-            self._broke(executor, broken)
-            raise ServiceBusy("history readers restarting", retry_after_s=1) from broken
-        done = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-        answer: list[bytes] = []
-        failed: list[BaseException] = []
-
-        def finished(future: concurrent.futures.Future[str]) -> None:
-            """In the executor's thread: take the answer's file (whoever waits or not)."""
+            await reader.send(query)
             try:
-                if not future.cancelled():
-                    answer.append(_take(future.result()))
-            except BaseException as error:  # handed to the waiting task
-                failed.append(error)
-            _soon(token, done.set)
-
-        future.add_done_callback(finished)
-        try:
-            await done.wait()
+                await trio.lowlevel.wait_readable(reader.channel)
+            except trio.Cancelled:
+                self._drop_answer(reader)
+                reader = None
+                raise
+            kind, content = await reader.read_reply()
+            if kind == READY:
+                raise ReaderBroken("the history reader answered a query with ready")
+        except (ReaderBroken, trio.ClosedResourceError) as broken:
+            if reader is not None:
+                reader.kill()
+                reader = None
+            logger.error("a history reader stopped answering: %s", broken)
+            raise ServiceBusy("a history reader stopped; retry", retry_after_s=1) from broken
         finally:
-            future.cancel()
-        if failed:
-            if isinstance(failed[0], concurrent.futures.BrokenExecutor):
-                self._broke(executor, failed[0])
-                raise ServiceBusy("a history reader stopped; retry", retry_after_s=1)
-            raise failed[0]
-        return answer[0]
+            if reader is not None:
+                self._give(reader)
+        if kind == ERROR:
+            raise _error(content)
+        return content
 
-    def _broke(self, executor: concurrent.futures.ProcessPoolExecutor, error: Exception) -> None:
-        """Drop a broken pool: :meth:`run` starts new processes (threads meanwhile)."""
-        if self._executor is executor:
-            logger.error("history reader processes broke (%s); starting new ones", error)
-            self._executor = None
-            self._broken.set()
-            stop_pool(executor)
+    async def _take(self) -> _Reader:
+        """An idle reader, waiting for one."""
+        while True:
+            while not self._idle:
+                await self._returned.park()
+            reader = self._idle.pop()
+            if not reader.broken:
+                return reader
 
-    def close(self) -> None:
-        """Stop the processes without waiting for queries under way (never blocks)."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            stop_pool(executor)
+    def _give(self, reader: _Reader) -> None:
+        """``reader`` is idle again (unless it was taken out of service)."""
+        if not reader.broken:
+            self._idle.append(reader)
+            self._returned.unpark()
 
+    def _drop_answer(self, reader: _Reader) -> None:
+        """Read and drop the answer of a query whose caller left, then give the reader out
+        again (in a task of :meth:`run`; when it is stopping, the reader is killed)."""
+        if self._nursery is None:
+            reader.kill()
+            return
+        try:
+            self._nursery.start_soon(self._drop, reader, name="history reader answer dropped")
+        except RuntimeError:  # the nursery is closing
+            reader.kill()
 
-def remove_stale_answers(scratch: str) -> int:
-    """Remove the answer files in ``scratch`` of trackers that are no longer running (a
-    tracker killed with ``kill -9`` while an answer was in flight leaves its file);
-    returns how many. Files of running trackers, this one included, are left alone."""
-    removed = 0
-    with os.scandir(scratch) as entries:
-        for entry in entries:
-            owner = _answer_owner(entry.name)
-            if owner is None or _running(owner):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
-    if removed:
-        logger.info("removed %d answer files left by stopped trackers in %s", removed, scratch)
-    return removed
-
-
-def _answer_owner(name: str) -> int | None:
-    """The tracker pid in an answer file's name (None for any other file)."""
-    if not name.startswith(ANSWER_PREFIX):
-        return None
-    pid, _, rest = name[len(ANSWER_PREFIX) :].partition("-")
-    return int(pid) if pid.isdigit() and rest and int(pid) > 0 else None
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    async def _drop(self, reader: _Reader) -> None:
+        try:
+            await reader.reply()
+        except (ReaderBroken, trio.ClosedResourceError):
+            reader.kill()
+            return
+        self._give(reader)
 
 
 def stop_pool(executor: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Stop a pool's processes at once: a query under way would keep one busy a while."""
+    """Stop a process pool's processes at once (a call under way would keep one busy a
+    while). History's readers no longer use an executor; the zone engine's host does."""
     processes = list((getattr(executor, "_processes", None) or {}).values())
     executor.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.kill()
-
-
-def _soon(token: trio.lowlevel.TrioToken, call: Callable[..., object], *args: object) -> None:
-    """``call(*args)`` on the event loop, from the executor's thread; nothing if the loop
-    has ended (a future finishing after the tracker stopped)."""
-    with contextlib.suppress(trio.RunFinishedError):
-        token.run_sync_soon(call, *args)
