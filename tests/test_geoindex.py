@@ -12,7 +12,7 @@ import h3.api.basic_int as h3i
 import numpy as np
 import numpy.typing as npt
 
-from tracker.geoindex import CellDisks, CellRuns, GeoIndex
+from tracker.geoindex import NO_DISC, CellDisks, CellRuns, GeoIndex
 from tracker.pings import Ping
 from tracker.wire import Position, PositionColumns
 
@@ -277,6 +277,10 @@ def _random_points(rng: np.random.Generator, count: int) -> npt.NDArray[np.float
     return np.column_stack((lat, lon))
 
 
+def _discs_of(discs: CellDisks, cells: list[int]) -> npt.NDArray[np.float64]:
+    return np.array([discs.disc(cell) for cell in cells], dtype=np.float64).reshape(-1, 4)
+
+
 def test_cell_discs_never_keep_a_point_that_left_its_cell() -> None:
     """Whatever the resolution and wherever on Earth: a point said to be in its old cell
     is in it by H3; points that left it (or near an edge) are left to H3."""
@@ -290,19 +294,43 @@ def test_cell_discs_never_keep_a_point_that_left_its_cell() -> None:
         for _ in range(20):
             moved = starts + rng.normal(0, step_deg / 2, starts.shape)
             moved[:, 0] = moved[:, 0].clip(-89.9, 89.9)
-            inside = discs.inside(np.array(cells, dtype=np.uint64), moved[:, 0], moved[:, 1])
+            inside = discs.inside(_discs_of(discs, cells), moved[:, 0], moved[:, 1])
             truth = [h3i.latlng_to_cell(la, lo, resolution) for la, lo in moved.tolist()]
             kept = np.flatnonzero(inside)
             assert all(truth[row] == cells[row] for row in kept.tolist())
             assert len(kept) > 0
-        assert not discs.inside(np.zeros(3, dtype=np.uint64), starts[:3, 0], starts[:3, 1]).any()
+        assert not discs.inside(_discs_of(discs, [0, 0, 0]), starts[:3, 0], starts[:3, 1]).any()
 
 
 def test_a_cells_own_centre_is_inside_its_disc_except_near_poles() -> None:
     cells = [h3i.latlng_to_cell(lat, 13.4, 7) for lat in (-79.0, 0.0, 52.5, 79.0, 84.0)]
     centres = np.array([h3i.cell_to_latlng(cell) for cell in cells])
-    inside = CellDisks().inside(np.array(cells, dtype=np.uint64), centres[:, 0], centres[:, 1])
+    inside = CellDisks.inside(_discs_of(CellDisks(), cells), centres[:, 0], centres[:, 1])
     assert inside.tolist() == [True, True, True, True, False]
+
+
+def test_a_vehicles_row_keeps_the_disc_of_its_published_cell_and_a_reused_row_none() -> None:
+    """The disc on a vehicle's row is what says a ping stayed in its cell without H3: it
+    must be its published cell's, and a new vehicle on a removed one's row has none (a
+    stale disc would keep its first ping in cell 0)."""
+    index = _index()
+    index.apply(_ping("old", A_POINT, 100), now=100)
+    index.advance(100.5)
+    old = index.vehicle("old")
+    assert old is not None
+    table, discs = old.table, CellDisks()
+    assert table.disc[old.slot].tolist() == list(discs.disc(A))
+    index.apply(_ping("old", B_POINT, 101), now=101)
+    index.advance(101.5)
+    assert old.cell == B and table.disc[old.slot].tolist() == list(discs.disc(B))
+    index.advance(125)  # removed
+    index.apply(_ping("new", B_POINT, 126), now=126)  # on the old row, in its old cell's disc
+    assert table.disc[0].tolist() == list(NO_DISC)
+    index.advance(126.5)
+    new = index.vehicle("new")
+    assert new is not None and new.slot == 0 and new.cell == B
+    state = index.cell_state(B)
+    assert state is not None and state.names == [(new.vid, "new")]
 
 
 def test_published_rows_of_removed_vehicles_are_reused_without_mixing_them_up() -> None:

@@ -4,6 +4,7 @@ time; a batch of one slice at once, past the large batches waiting in line."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import msgspec
@@ -13,10 +14,11 @@ import trio
 from tracker.config import TrackerConfig
 from tracker.errors import NothingAccepted
 from tracker.geoindex import GeoIndex
-from tracker.ingest import INGEST_SLICE_PINGS, Target, apply_pings, applying
+from tracker.ingest import INGEST_SLICE_PINGS, Target, apply_pings, applying, check_ping
 from tracker.metrics import Metrics
 from tracker.pings import Ping, Rejections
 from tracker.service import Tracker
+from tracker.wire import MAX_ABS_LAT
 
 BERLIN = (52.52, 13.405)
 MSGPACK = "application/msgpack"
@@ -101,3 +103,38 @@ async def test_a_batch_of_one_slice_does_not_wait_behind_large_batches() -> None
         assert tracker.index.vehicle("probe0") is not None
     assert done[0] == "small" and sorted(done[1:]) == ["large-1", "large-2"]
     assert tracker.metrics.pings_accepted == 8 * INGEST_SLICE_PINGS + 1
+
+
+def test_the_core_takes_exactly_the_pings_check_ping_passes() -> None:
+    """The core's one-expression test of a ping and ``check_ping``'s reasons agree on
+    every edge: bounds (in and just out), NaN, infinities, negative zero, huge numbers,
+    missing speed and heading, clamped future times."""
+    now = time.time()
+    config = TrackerConfig()
+    inf, nan = math.inf, math.nan
+    edges = [-inf, -1e308, -180.0, -179.9, -90.0, -MAX_ABS_LAT, -0.0, 0.0, 52.5, MAX_ABS_LAT]
+    edges += [90.0, 180.0, 180.0001, 1e308, inf, nan]
+    times = [now - config.max_age_s, now - config.max_age_s - 1e-3, now, now + 1]
+    times += [now + config.max_future_s, now + config.max_future_s + 1e-3, nan, inf, -inf]
+    speeds = [None, 0.0, -0.0, 12.5, -1e-9, 1e308, inf, nan]
+    headings = [None, 0.0, 359.9, 360.0, 360.0001, -0.0, -1.0, inf, nan]
+    pings: list[Ping | None] = []
+    for n in range(600):
+        pings.append(
+            Ping(
+                vehicle_id=f"e{n}",
+                lat=edges[n % len(edges)],
+                lon=edges[n // 3 % len(edges)],
+                ts=times[n // 5 % len(times)],
+                speed=speeds[n // 7 % len(speeds)],
+                heading=headings[n // 11 % len(headings)],
+            )
+        )
+    pings += _pings(1, now)  # one good ping: never NothingAccepted
+    expected = [check_ping(p, now, config) for p in pings if p is not None]
+    rejections = Rejections(limit=len(pings))
+    reply = apply_pings(pings, rejections, _target(now))
+    assert {r.index: r.error for r in reply.rejected} == {
+        n: reason for n, reason in enumerate(expected) if reason is not None
+    }
+    assert reply.accepted == expected.count(None) > 1

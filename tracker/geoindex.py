@@ -30,6 +30,7 @@ from tracker.pings import Ping
 from tracker.wire import Position, PositionColumns
 
 __all__ = [
+    "NO_DISC",
     "CellChange",
     "CellDisks",
     "CellRuns",
@@ -48,6 +49,8 @@ _LAT, _LON, _TS, _SPEED, _HEADING = (
 )
 _NO_PREVIOUS = np.empty((0, 2), dtype=np.float64)
 _NO_CELLS = np.zeros(0, dtype=np.uint64)
+NO_DISC: Final = (0.0, 0.0, 0.0, -1.0)
+"""The disc of no cell (``CellDisks``): nothing is inside it."""
 
 
 def _default_fleet(vehicle_id: str) -> str:
@@ -104,7 +107,9 @@ class PublishedColumns:
     assignment per column (:meth:`store`) instead of a :class:`Position` object per
     vehicle, and the positions subscribers already have (a tick's ``previous``) are one
     gather. Rows of removed vehicles are reused (:meth:`release`), so the columns hold
-    at most as many rows as vehicles were tracked at once.
+    at most as many rows as vehicles were tracked at once. ``disc`` holds each vehicle's
+    published cell's disc (:class:`CellDisks`), so that telling which pings stayed in
+    their cell is a gather too, with nothing done per cell.
     """
 
     _GROW: Final = 1024
@@ -115,20 +120,25 @@ class PublishedColumns:
         self.ts = np.zeros(0, dtype=np.float64)
         self.speed = np.zeros(0, dtype=np.float64)  # NaN: not reported
         self.heading = np.zeros(0, dtype=np.float64)
+        self.disc = np.zeros((0, 4), dtype=np.float64)
         self._used = 0
         self._free: list[int] = []
 
     def take(self) -> int:
-        """A free row for a new vehicle."""
+        """A free row for a new vehicle (published nowhere yet: no disc)."""
         if self._free:
-            return self._free.pop()
-        if self._used == len(self.lat):
-            grown = max(self._GROW, 2 * self._used)
-            for name in ("lat", "lon", "ts", "speed", "heading"):
-                column = getattr(self, name)
-                setattr(self, name, np.concatenate((column, np.zeros(grown - len(column)))))
-        self._used += 1
-        return self._used - 1
+            slot = self._free.pop()
+        else:
+            if self._used == len(self.lat):
+                grown = max(self._GROW, 2 * self._used)
+                for name in ("lat", "lon", "ts", "speed", "heading", "disc"):
+                    column = getattr(self, name)
+                    more = np.zeros((grown - len(column), *column.shape[1:]))
+                    setattr(self, name, np.concatenate((column, more)))
+            slot = self._used
+            self._used += 1
+        self.disc[slot] = NO_DISC
+        return slot
 
     def release(self, slot: int) -> None:
         """Hand back the row of a removed vehicle."""
@@ -262,8 +272,10 @@ class CellDisks:
     H3 has no vectorised ``latlng_to_cell``: one C call per ping (about 0.6 us) was most
     of a tick. A vehicle mostly stays in its cell between pings, and a point within the
     disc inscribed in a cell's boundary (shrunk by :data:`MARGIN`) is in that cell: the
-    test is a few NumPy operations for a whole slice, and only pings outside their
-    cell's disc (about one in four for points spread evenly over a cell) ask H3.
+    test (:meth:`inside`) is a few NumPy operations for a whole slice, given each ping's
+    disc (kept on its vehicle's row: ``PublishedColumns.disc``, set when the vehicle
+    enters a cell, from :meth:`disc`), and only pings outside their cell's disc (about
+    one in four for points spread evenly over a cell) ask H3.
     Distances are in degrees of latitude on a local equirectangular plane (a cell is
     at most a few km across, where that plane is exact to far better than the margin);
     cells beyond :data:`MAX_LAT` (where it is not) or across the antimeridian always ask H3.
@@ -278,22 +290,21 @@ class CellDisks:
     def __init__(self) -> None:
         self._discs: dict[int, tuple[float, float, float, float]] = {}
 
+    @staticmethod
     def inside(
-        self,
-        cells: npt.NDArray[np.uint64],
+        discs: npt.NDArray[np.float64],
         lat: npt.NDArray[np.float64],
         lon: npt.NDArray[np.float64],
     ) -> npt.NDArray[np.bool_]:
-        """Whether each point (``lat``, ``lon``) is certainly in its ``cells`` (0: none)."""
-        distinct, which = np.unique(cells, return_inverse=True)
-        discs = np.array([self._disc(cell) for cell in distinct.tolist()], dtype=np.float64)
-        centre_lat, centre_lon, scale, radius2 = discs.reshape(-1, 4)[which.ravel()].T
+        """Whether each point (``lat``, ``lon``) is certainly in the cell whose disc is on
+        its row of ``discs`` (rows of :meth:`disc`; :data:`NO_DISC`: in no cell)."""
+        centre_lat, centre_lon, scale, radius2 = discs.T
         east = (lon - centre_lon) * scale  # across the antimeridian: far, so H3 answers
         north = lat - centre_lat
         inside: npt.NDArray[np.bool_] = east * east + north * north < radius2
         return inside
 
-    def _disc(self, cell: int) -> tuple[float, float, float, float]:
+    def disc(self, cell: int) -> tuple[float, float, float, float]:
         """Centre latitude, longitude, longitude scale and squared radius of ``cell``'s disc
         (a radius that nothing is inside for no cell, or one beyond :data:`MAX_LAT`)."""
         disc = self._discs.get(cell)
@@ -306,7 +317,7 @@ class CellDisks:
 
 def _inscribed_disc(cell: int, margin: float, max_lat: float) -> tuple[float, float, float, float]:
     if not cell:
-        return (0.0, 0.0, 0.0, -1.0)
+        return NO_DISC
     lat, lon = h3i.cell_to_latlng(cell)
     boundary = h3i.cell_to_boundary(cell)
     if abs(lat) > max_lat or any(abs(corner_lon - lon) > 90.0 for _, corner_lon in boundary):
@@ -358,6 +369,9 @@ class Publication:
         """Pings prepared so far (the first ones of ``pings``)."""
         self.entered: list[tuple[Vehicle, int]] = []
         """Vehicles published into a cell other than their published one, and that cell."""
+        self.entered_discs: list[tuple[float, float, float, float]] = []
+        """The disc of each of ``entered``'s cells (found while preparing: a new cell's
+        costs some 10 us, which the last, unsliced step of a tick must not pay)."""
         self.moved = CellRuns()
         """Every position with its previous position, sorted by cell (once prepared)."""
         self.slots: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
@@ -385,28 +399,29 @@ class Publication:
             np.array(list(map(_HEADING, pings)), dtype=np.float64),
         )
         before = np.fromiter(map(_CELL, vehicles), np.uint64, size)
-        cells = self._cells(before, columns.lat, columns.lon)
+        cells = self._cells(slots, before, columns.lat, columns.lon)
         stayed = cells == before  # never for an unpublished vehicle (cell 0)
         previous = np.column_stack((self.table.lat[slots], self.table.lon[slots]))
         previous[~stayed] = math.nan
         cell_list = cells.tolist()
-        self.entered.extend(
-            (vehicles[row], cell_list[row]) for row in np.flatnonzero(~stayed).tolist()
-        )
+        moved = np.flatnonzero(~stayed).tolist()
+        self.entered.extend((vehicles[row], cell_list[row]) for row in moved)
+        self.entered_discs.extend(self.discs.disc(cell_list[row]) for row in moved)
         self._parts.append(_Prepared(slots, columns, cells, previous))
         self.prepared = done + size
         return True
 
     def _cells(
         self,
+        slots: npt.NDArray[np.intp],
         before: npt.NDArray[np.uint64],
         lat: npt.NDArray[np.float64],
         lon: npt.NDArray[np.float64],
     ) -> npt.NDArray[np.uint64]:
-        """Each point's cell: its vehicle's cell ``before`` where it certainly still is
-        (:class:`CellDisks`), H3's answer for the others."""
+        """Each point's cell: its vehicle's (in row ``slots``) cell ``before`` where it
+        certainly still is (:class:`CellDisks`), H3's answer for the others."""
         cells = before.copy()
-        ask = np.flatnonzero(~self.discs.inside(before, lat, lon))
+        ask = np.flatnonzero(~CellDisks.inside(self.table.disc[slots], lat, lon))
         to_cell = functools.partial(h3i.latlng_to_cell, res=self.resolution)
         cells[ask] = list(map(to_cell, lat[ask].tolist(), lon[ask].tolist()))
         return cells
@@ -560,6 +575,9 @@ class GeoIndex:
         state they read does not change before this).
         """
         self._published.store(publication.slots, publication.positions)
+        if publication.entered:
+            entered = [vehicle.slot for vehicle, _ in publication.entered]
+            self._published.disc[entered] = publication.entered_discs
         for vehicle, cell in publication.entered:
             into = changes.get(cell) or changes.setdefault(cell, CellChange())
             into.names.append((vehicle.vid, vehicle.vehicle_id))
