@@ -40,11 +40,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-import httpx
 import msgspec
 import trio
 
 from tracker.alerts.log import AlertLog, LoggedEvent
+from tracker.alerts.posting import Poster, PostFailed
 from tracker.alerts.store import DeadLetter, StoredWebhook
 from tracker.alerts.streams import AlertFilter
 from tracker.alerts.targets import AllowList, IPAddress, Target, TargetRefused
@@ -70,8 +70,6 @@ SIGNATURE_HEADER: Final = "X-Tracker-Signature"
 STORE_RETRY_S: Final = 1.0
 """Wait before retrying a store write (a dead letter) that failed."""
 ERROR_CHARS: Final = 300
-ANSWER_MAX_BYTES: Final = 64 * 1024
-"""Most of a receiver's answer read (to keep its connection); beyond, it is closed."""
 
 
 class DeliveryFailed(Exception):
@@ -198,7 +196,7 @@ class Webhooks:
         )
         self._subscriptions: dict[str, _Subscription] = {}
         self._nursery: trio.Nursery | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._poster: Poster | None = None
         metrics.gauges["webhooks"] = ("Webhook subscriptions.", lambda: len(self._subscriptions))
         metrics.gauges["webhook_backlog_events"] = (
             "Alert events logged after the slowest webhook's cursor.",
@@ -210,20 +208,22 @@ class Webhooks:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the subscriptions and deliver until cancelled (the log must be open)."""
         hooks = await self._log.query(lambda store: store.webhooks())
-        timeout = httpx.Timeout(self._config.webhook_timeout_s)
-        async with (
-            httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client,
-            trio.open_nursery() as webhook_nursery,
-        ):
-            self._client = client
-            self._nursery = webhook_nursery
-            for hook in hooks:
-                self._start(hook)
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        poster = Poster()
+        try:
+            async with trio.open_nursery() as webhook_nursery:
+                self._poster = poster
+                self._nursery = webhook_nursery
+                for hook in hooks:
+                    self._start(hook)
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._nursery = None
+        finally:
+            self._poster = None
+            with trio.CancelScope(shield=True):
+                await poster.aclose()
 
     def _start(self, hook: StoredWebhook) -> None:
         assert self._nursery is not None
@@ -339,35 +339,14 @@ class Webhooks:
 
     async def _post(self, target: Target, body: bytes, headers: dict[str, str]) -> None:
         """One HTTP attempt to the checked address of ``target`` (see the module doc)."""
-        assert self._client is not None
+        assert self._poster is not None
         address = await self._resolve(target)
-        host = f"[{address}]" if address.version == 6 else str(address)
-        url = f"{target.scheme}://{host}:{target.port}{target.path}"
-        default_port = 443 if target.scheme == "https" else 80
-        name = target.host if target.literal is None else str(target.literal)
-        if target.literal is not None and target.literal.version == 6:
-            name = f"[{name}]"
-        headers["Host"] = name if target.port == default_port else f"{name}:{target.port}"
-        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-        request = self._client.build_request(
-            "POST", url, content=body, headers=headers, extensions=extensions
-        )
         try:
-            response = await self._client.send(request, stream=True)
-            try:
-                # The status is the answer. A short body is read to its end, so that the
-                # connection can be kept for the next request; a long one is not.
-                read = 0
-                async for chunk in response.aiter_raw():
-                    read += len(chunk)
-                    if read > ANSWER_MAX_BYTES:
-                        break
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as error:
-            raise DeliveryFailed(f"{type(error).__name__}: {error}") from error
-        if not 200 <= response.status_code < 300:
-            raise DeliveryFailed(f"answered {response.status_code}")
+            status = await self._poster.post(target, address, body, headers.items())
+        except PostFailed as error:
+            raise DeliveryFailed(str(error)) from error
+        if not 200 <= status < 300:
+            raise DeliveryFailed(f"answered {status}")
 
     async def _resolve(self, target: Target) -> IPAddress:
         """The address to call: every address of the host must pass the allow-list."""
