@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from tracker.history.decoded import DecodedChunks
 from tracker.history.postgres import PostgresStore
 from tracker.history.sqlite import SqliteStore
 from tracker.history.store import HistoryStore, RejectedPings, Track
@@ -333,3 +334,29 @@ def test_pings_it_cannot_keep_are_refused_for_good_and_kept_aside(store: History
     assert "91.0" in reason
     assert msgspec.msgpack.decode(bytes(blob), type=list[Ping]) == bad
     store.append(drive("van", T0, 5))  # the store goes on
+
+
+def test_decoded_chunks_kept_by_content_never_answer_stale(store: HistoryStore) -> None:
+    """With a budget (as in reader processes), what compaction, sealing and retention
+    change is read as changed: a chunk is kept by its bytes, and changed bytes are
+    another chunk."""
+    store.decoded = DecodedChunks(64 * 1024 * 1024)
+    pings = drive("van", T0, 100, step_s=72)  # hours 0 and 1 (50 pings each)
+    store.append(pings)
+    store.compact(FOREVER)  # both hours sealed
+    assert_track_is(store.track("van", T0, FOREVER, limit=1000), pings)
+    kept = len(store.decoded)
+    assert kept == 2
+    assert_track_is(store.track("van", T0, FOREVER, limit=1000), pings)  # from the kept
+    assert len(store.decoded) == kept
+    late = Ping(vehicle_id="van", lat=BERLIN[0], lon=BERLIN[1], ts=T0 + 15, speed=1.0, heading=2.0)
+    store.append([late])
+    store.compact(FOREVER)  # hour 0 appended to, then sealed again: new bytes
+    with_late = sorted([*pings, late], key=lambda ping: ping.ts)
+    assert_track_is(store.track("van", T0, FOREVER, limit=1000), with_late)
+    cells = cells_around(*BERLIN)
+    assert_track_is(whole_area(store, cells, limit=1000)["van"], with_late)
+    while store.expire(T0 + HOUR, limit=10):  # hour 0 past retention
+        pass
+    assert_track_is(store.track("van", T0, FOREVER, limit=1000), pings[50:])
+    assert_track_is(whole_area(store, cells, limit=1000)["van"], pings[50:])

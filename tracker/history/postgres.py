@@ -41,6 +41,7 @@ from psycopg import sql
 
 from tracker.database import PG_TIMEOUT_S, Migrations, PostgresDatabase
 from tracker.history import layout
+from tracker.history.decoded import DecodedChunks
 from tracker.history.store import AreaPage, StoreStats, Track
 from tracker.pings import Ping
 
@@ -152,6 +153,7 @@ class PostgresStore:
         self.url = url
         self.resolution = resolution
         self.raw_shards = layout.RAW_SHARDS
+        self.decoded = DecodedChunks()
         self.timeout_s = timeout_s
         self._where = self._database.where
         self._lock = threading.Lock()
@@ -236,14 +238,14 @@ class PostgresStore:
                 )
             ]
             needed = [span.bucket for span in spans[: layout.chunks_to_read(spans, lo, end, limit)]]
-            blobs = _column(
+            chunks = _column(
                 connection.execute(
                     """SELECT data FROM history_chunks
                        WHERE vehicle = %s AND bucket = ANY(%s::int[]) ORDER BY bucket, seq""",
                     (vehicle, needed),
                 )
             )
-            blobs += _column(
+            raw = _column(
                 connection.execute(
                     """SELECT data FROM history_raw
                        WHERE shard IN (-1, %s) AND t1 >= %s AND t0 < %s ORDER BY id""",
@@ -253,7 +255,8 @@ class PostgresStore:
         return layout.track_of(
             vehicle_id,
             vehicle,
-            layout.decode_blobs(blobs, self._where),
+            layout.decode_blobs(chunks, self._where, self.decoded)
+            + layout.decode_blobs(raw, self._where),
             start,
             end,
             limit=limit,
@@ -283,9 +286,9 @@ class PostgresStore:
             query += " AND vehicle IN (SELECT id FROM history_vehicles WHERE name >= %s)"
             params.append(after[0])
         with self._database.snapshot() as connection:
-            blobs = _column(connection.execute(query, params))
-            blobs += self._raw_blobs(connection, lo_ms, hi_ms)
-            parts = layout.decode_blobs(blobs, self._where)
+            chunks = _column(connection.execute(query, params))
+            parts = layout.decode_blobs(chunks, self._where, self.decoded)
+            parts += layout.decode_blobs(self._raw_blobs(connection, lo_ms, hi_ms), self._where)
             names = self._names_of(
                 connection, {int(v) for p in parts for v in np.unique(p.vehicle)}
             )

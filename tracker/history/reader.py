@@ -24,6 +24,10 @@ at a time: 2 MB would take ten turns of the tracker's busy loop, a file one read
 has no name (``O_TMPFILE``, in memory where ``/dev/shm`` is), so nothing is left behind
 whoever is killed: the kernel frees it with its last descriptor.
 
+Its store keeps the chunks it decoded, by content, within
+:data:`~tracker.history.decoded.READER_BYTES` (``tracker.history.decoded``): queries
+come back to the same sealed hours.
+
 The process ends when the tracker's end of the socket closes (the tracker stopped or was
 killed) and ignores Ctrl-C (a terminal interrupts the whole process group; the tracker
 stops its readers itself).
@@ -41,6 +45,7 @@ import sys
 import tempfile
 from typing import BinaryIO, Final
 
+from tracker.history.decoded import READER_BYTES, DecodedChunks
 from tracker.history.store import HistoryStore, open_store
 
 __all__ = [
@@ -82,6 +87,7 @@ def main() -> None:
         importlib.import_module("tracker.history.pages")  # what queries call: before the first
         store = open_store(target)
         store.migrate()  # reads the file's resolution and layout; a no-op on a current file
+        store.decoded = DecodedChunks(READER_BYTES)
     except Exception as exc:
         _send_error(channel, exc)
         return

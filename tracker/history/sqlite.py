@@ -38,6 +38,7 @@ import numpy as np
 
 from tracker.database import Migrations, SqliteDatabase
 from tracker.history import layout
+from tracker.history.decoded import DecodedChunks
 from tracker.history.store import AreaPage, StoreError, StoreStats, Track
 from tracker.pings import Ping
 
@@ -142,6 +143,7 @@ class SqliteStore:
         self._where = self._database.where = f"history file {self.path}"
         self.resolution = resolution
         self.raw_shards = layout.RAW_SHARDS
+        self.decoded = DecodedChunks()
         self._lock = threading.Lock()
         self._vehicles: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -234,8 +236,8 @@ class SqliteStore:
                 )
             ]
             needed = spans[: layout.chunks_to_read(spans, lo, end, limit)]
-            blobs = self._chunk_blobs(connection, vehicle, [span.bucket for span in needed])
-            blobs += _column(
+            chunks = self._chunk_blobs(connection, vehicle, [span.bucket for span in needed])
+            raw = _column(
                 connection.execute(
                     """SELECT data FROM raw WHERE shard IN (-1, ?) AND t1 >= ? AND t0 < ?
                        ORDER BY id""",
@@ -245,7 +247,8 @@ class SqliteStore:
         return layout.track_of(
             vehicle_id,
             vehicle,
-            layout.decode_blobs(blobs, self._where),
+            layout.decode_blobs(chunks, self._where, self.decoded)
+            + layout.decode_blobs(raw, self._where),
             start,
             end,
             limit=limit,
@@ -287,6 +290,7 @@ class SqliteStore:
                 decoded = layout.decode_blobs(
                     self._chunk_blobs(connection, chunks[0][1], buckets),
                     self._where,
+                    self.decoded,
                 )
                 parts += decoded
                 since = start

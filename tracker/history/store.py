@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from tracker.config import without_password
 from tracker.database import POSTGRES_SCHEMES, DatabaseError
+from tracker.history.decoded import DecodedChunks
 from tracker.pings import Ping
 
 __all__ = [
@@ -80,6 +81,10 @@ class HistoryStore(Protocol):
 
     resolution: int
     """H3 resolution of the cells a store indexes chunks by (fixed when it was created)."""
+
+    decoded: DecodedChunks
+    """Chunks decoded for queries, kept by content (``tracker.history.decoded``): none
+    unless given a budget (history reader processes do)."""
 
     def migrate(self) -> None:
         """Create or upgrade the schema to this version; refuses a newer one."""
