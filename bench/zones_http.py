@@ -16,7 +16,9 @@ sizes over a 220 x 200 km region (``bench.zones.zone_features``) through ``POST 
    pings/s) for ``--latency-seconds``, a webhook subscribed to every event, and probe
    vehicles (``--probes``, in 20 batches a second, each stamped when sent) alternating
    between the probe zone and 2 km outside it: every probe ping raises an event, read on
-   ``GET /alerts?zones=probe``; latency = arrival minus the ping's ``ts``. The first
+   ``GET /alerts?zones=probe``; latency = arrival minus the ping's ``ts``. Each round is
+   posted at once (a burst of 50,000 pings at the start of each second), or with
+   ``--spread`` batch by batch evenly over its second. The first
    ``--warmup`` seconds (the first round's ~30,000 enters) are not counted. Also: events
    per second (all zones), the tracker's CPU, the engine's lag and the longest tick.
 3. **webhooks**: ``--vehicles`` new vehicles ping once from inside the probe zone (as many
@@ -216,16 +218,25 @@ async def read_events(
                 into.append((now, now - json.loads(line[6:])["t"]))
 
 
-async def paced(url: str, maker: ZoneBodies, rounds: int, counts: Counts) -> None:
-    """A round every second (a late round starts at once), ``rounds`` of them."""
+async def paced(
+    url: str, maker: ZoneBodies, rounds: int, counts: Counts, *, spread: bool = False
+) -> None:
+    """A round every second (a late round starts at once), ``rounds`` of them: posted at
+    once on 4 connections (a burst at the start of each second), or with ``spread`` its
+    batches one by one evenly over the second (devices whose seconds are not in step)."""
     limits = httpx.Limits(max_connections=4)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
         next_at = trio.current_time()
         for _ in range(rounds):
             bodies = maker.round()
             async with trio.open_nursery() as nursery:
-                for number in range(4):
-                    nursery.start_soon(post_all, client, bodies[number::4], counts)
+                if spread:
+                    for number, body in enumerate(bodies):
+                        await trio.sleep_until(next_at + number / len(bodies))
+                        nursery.start_soon(post_all, client, [body], counts)
+                else:
+                    for number in range(4):
+                        nursery.start_soon(post_all, client, bodies[number::4], counts)
             next_at = max(next_at + 1.0, trio.current_time() - 1.0)
             await trio.sleep_until(next_at)
 
@@ -272,7 +283,9 @@ async def latency(args: argparse.Namespace, url: str, maker: ZoneBodies, pid: in
         own, cpu = tree_cpu_seconds(pid)
         seconds = args.warmup + args.latency_seconds
         async with trio.open_nursery() as load:
-            load.start_soon(paced, url, maker, int(seconds), counts)
+            load.start_soon(
+                functools.partial(paced, spread=args.spread), url, maker, int(seconds), counts
+            )
             probes = functools.partial(
                 send_alternating, centre=PROBE, prefix="probe", headers=INGEST_HEADERS
             )
@@ -352,7 +365,7 @@ async def webhook_burst(args: argparse.Namespace, url: str) -> Figures:
 
 
 async def one_run(args: argparse.Namespace) -> Figures:
-    figures: Figures = {"load_average": os.getloadavg()[0]}
+    figures: Figures = {"load_average": os.getloadavg()[0], "spread": args.spread}
     features = zone_features(args.zones, random.Random(1))
     with tempfile.TemporaryDirectory() as on_dir, tempfile.TemporaryDirectory() as off_dir:
         options = ("--token-secrets", SECRET, "--webhook-allow", "127.0.0.1/32")
@@ -416,6 +429,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--webhook-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="latency phase: each second's batches posted evenly over it, not at once",
+    )
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures there")
     args = parser.parse_args(argv)
