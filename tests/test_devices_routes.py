@@ -31,7 +31,7 @@ def _latest(server: RunningServer, vehicle_id: str) -> Ping | Position:
     """The newest ping the index holds for a vehicle (pending, or published)."""
     vehicle = server.tracker.index.vehicle(vehicle_id)
     assert vehicle is not None, f"{vehicle_id} is not tracked"
-    latest = vehicle.pending or vehicle.published
+    latest = server.tracker.index.pending(vehicle) or vehicle.published
     assert latest is not None
     return latest
 

@@ -166,9 +166,13 @@ def test_vehicle_reads_the_latest_accepted_state() -> None:
     index = _index()
     index.apply(_ping("v", A_POINT, 100), now=100)
     vehicle = index.vehicle("v")
-    assert vehicle is not None and vehicle.pending is not None and vehicle.last_ts == 100
-    index.advance(100.5)
-    assert vehicle.pending is None and vehicle.cell == A
+    assert vehicle is not None and index.pending(vehicle) is not None and vehicle.last_ts == 100
+    publication = index.take_pending()
+    assert index.pending(vehicle) is None  # taken: the tick publishes it
+    index.apply(_ping("v", A_POINT, 101), now=101)
+    assert index.pending(vehicle) == _ping("v", A_POINT, 101)  # the next tick's
+    index.advance(100.5, publication)
+    assert index.pending(vehicle) is not None and vehicle.cell == A
     assert index.vehicle("nobody") is None
 
 

@@ -45,7 +45,7 @@ def test_ingest_body_clamps_a_future_ping_so_the_next_real_one_applies() -> None
 
     assert post(NOW + config.max_future_s - 1, MUNICH, NOW) == (1, 0)  # ahead, accepted
     assert post(NOW + 1, BERLIN, NOW + 1) == (1, 0)  # the real one a second later applies
-    assert index.vehicle("v").pending.lat == BERLIN[0]  # type: ignore[union-attr]
+    assert index.pending(index.vehicle("v")).lat == BERLIN[0]  # type: ignore[arg-type,union-attr]
 
 
 async def test_ingest_future_ping_beyond_tolerance_is_rejected_and_never_freezes(

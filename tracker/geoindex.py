@@ -59,7 +59,8 @@ def _default_fleet(vehicle_id: str) -> str:
 
 
 class Vehicle:
-    """One tracked vehicle: its published position and the newest ping not yet published.
+    """One tracked vehicle: its published position (its newest ping not yet taken by a tick
+    is the index's: :meth:`GeoIndex.pending`).
 
     The published position itself lives in the index's :class:`PublishedColumns` (row
     ``slot``), where a tick stores a whole publication at once; :attr:`published` reads it.
@@ -69,7 +70,6 @@ class Vehicle:
         "cell",
         "fleet",
         "last_ts",
-        "pending",
         "recv",
         "slot",
         "stale",
@@ -87,7 +87,6 @@ class Vehicle:
         self.table = table
         self.slot = slot  # its row in ``table``; -1 once removed (the row is reused)
         self.cell = 0  # published cell; 0 until the first tick publishes it
-        self.pending: Ping | None = None
         self.last_ts = float("-inf")  # timestamp of the newest accepted ping
         self.recv = 0.0  # server time the newest accepted ping arrived
         self.stale = False
@@ -376,7 +375,7 @@ class Publication:
         """Every position with its previous position, sorted by cell (once prepared)."""
         self.slots: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)
         self.positions: PositionColumns = _NO_POSITIONS
-        """Every position, in applied order (once prepared)."""
+        """Every position, sorted by cell (once prepared), and its vehicle's row in ``slots``."""
         self._parts: list[_Prepared] = []
 
     def prepare(self, count: int) -> bool:
@@ -407,7 +406,9 @@ class Publication:
         moved = np.flatnonzero(~stayed).tolist()
         self.entered.extend((vehicles[row], cell_list[row]) for row in moved)
         self.entered_discs.extend(self.discs.disc(cell_list[row]) for row in moved)
-        self._parts.append(_Prepared(slots, columns, cells, previous))
+        order = np.argsort(cells, kind="stable")  # so that the last step merges sorted runs
+        part = _Prepared(slots[order], columns.take(order), cells[order], previous[order])
+        self._parts.append(part)
         self.prepared = done + size
         return True
 
@@ -430,17 +431,21 @@ class Publication:
         """The positions sorted by cell (in applied order within a cell).
 
         One sort for the whole tick and no step per cell: a fleet spread over a region
-        puts a tick's pings into thousands of cells (``CellRuns``)."""
+        puts a tick's pings into thousands of cells (``CellRuns``). Each slice was sorted
+        when prepared, so this step, which holds the loop, merges sorted runs (a third
+        of the time of sorting 50,000 cells anew)."""
         parts, self._parts = self._parts, []
-        self.slots = np.concatenate([part.slots for part in parts])
-        moved = PositionColumns(
-            *(np.concatenate(column) for column in zip(*(p.columns for p in parts), strict=True))
-        )
-        self.positions = moved
         cell_of = np.concatenate([part.cells for part in parts])
         order = np.argsort(cell_of, kind="stable")
+        self.slots = np.concatenate([part.slots for part in parts])[order]
+        self.positions = PositionColumns(
+            *(
+                np.concatenate(column)[order]
+                for column in zip(*(p.columns for p in parts), strict=True)
+            )
+        )
         previous = np.concatenate([part.previous for part in parts])[order]
-        self.moved = CellRuns(cell_of[order], moved.take(order), previous)
+        self.moved = CellRuns(cell_of[order], self.positions, previous)
 
 
 class _Prepared(NamedTuple):
@@ -481,7 +486,7 @@ class GeoIndex:
         self._by_id: dict[str, Vehicle] = {}
         self._by_vid: dict[int, Vehicle] = {}
         self._cells: dict[int, dict[int, Vehicle]] = {}
-        self._dirty: dict[int, Vehicle] = {}
+        self._pending: dict[Vehicle, Ping] = {}  # each vehicle's newest ping not yet taken
         self._fresh: OrderedDict[int, Vehicle] = OrderedDict()  # oldest recv first
         self._stale: OrderedDict[int, Vehicle] = OrderedDict()  # oldest recv first
         self._graveyard: dict[int, str] = {}
@@ -508,10 +513,9 @@ class GeoIndex:
             self._fresh[vehicle.vid] = vehicle
         else:
             self._fresh.move_to_end(vehicle.vid)
-        vehicle.pending = ping
         vehicle.last_ts = ping.ts
         vehicle.recv = now
-        self._dirty[vehicle.vid] = vehicle
+        self._pending[vehicle] = ping
         return True
 
     def _add(self, vehicle_id: str) -> Vehicle:
@@ -534,17 +538,17 @@ class GeoIndex:
 
         Pings applied after this wait for the next tick. Published state does not change
         until :meth:`advance`, so preparing may yield to other tasks (ingest, requests,
-        snapshots) between slices.
+        snapshots) between slices. Two lists made in C, nothing per vehicle: a round of
+        50,000 vehicles sent at once is one tick, and this step holds the loop.
         """
-        dirty, self._dirty = self._dirty, {}
-        vehicles = list(dirty.values())
-        pings: list[Ping] = []
-        for vehicle in vehicles:
-            ping = vehicle.pending
-            assert ping is not None
-            pings.append(ping)
-            vehicle.pending = None
-        return Publication(vehicles, pings, self.resolution, self._published, self._discs)
+        taken, self._pending = self._pending, {}
+        return Publication(
+            list(taken), list(taken.values()), self.resolution, self._published, self._discs
+        )
+
+    def pending(self, vehicle: Vehicle) -> Ping | None:
+        """The vehicle's newest ping that no tick has taken yet (None: there is none)."""
+        return self._pending.get(vehicle)
 
     def advance(self, now: float, publication: Publication | None = None) -> TickChanges:
         """Publish everything since the last tick and expire silent vehicles.
