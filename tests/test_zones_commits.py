@@ -5,6 +5,7 @@ retries them in order; and the engine's failures reach the tracker."""
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import pickle
 from pathlib import Path
@@ -25,7 +26,7 @@ from tracker.pings import Ping
 from tracker.zones.cover import compile_zone
 from tracker.zones.engine import ZoneEngine
 from tracker.zones.events import ZoneEvent
-from tracker.zones.host import ProcessHost, Tick
+from tracker.zones.host import ProcessHost, Put, Tick
 from tracker.zones.model import parse_zone
 from tracker.zones.worker import ZoneWorker
 
@@ -187,3 +188,34 @@ async def _read_back(path: Path) -> list[Any]:
     log = AlertLog(TrackerConfig(), Metrics(), functools.partial(AlertStore.open, str(path)))
     await log.open()
     return await log.read(0, 100)
+
+
+class CollectorEngine(ZoneEngine):
+    """An engine whose ticks report its process's collector: thresholds, frozen objects."""
+
+    def tick(self, now: float, *args: Any) -> list[ZoneEvent]:
+        state = f"{gc.get_threshold()} {gc.get_freeze_count()}"
+        return [zone_event(0, zone=state)]
+
+
+async def test_the_engine_process_collects_as_the_tracker_does_and_freezes_its_zones() -> None:
+    """The tracker's collector thresholds in the engine's process too (Python's defaults
+    made full collections over the zones' objects hold calls up to a second), and the
+    zones' objects frozen out of its scans once they changed."""
+    before = gc.get_threshold()
+    gc.set_threshold(12_345, 11, 12)
+    try:
+        host = ProcessHost(CollectorEngine(remove_after_s=60))
+        try:
+            with trio.fail_after(60):
+                first = await host.apply([Tick(1.0, 0.0)], write=False)
+                zone = compile_zone(parse_zone(square()), 7)
+                await host.apply([Put(zone, 2.0)], write=False)
+                second = await host.apply([Tick(3.0, 0.0)], write=False)
+        finally:
+            await host.aclose()
+    finally:
+        gc.set_threshold(*before)
+    threshold, frozen = first.events[0].zone.rsplit(" ", 1)
+    assert threshold == "(12345, 11, 12)"
+    assert int(second.events[0].zone.rsplit(" ", 1)[1]) > int(frozen)
