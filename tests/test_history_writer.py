@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import pytest
 import trio
@@ -18,8 +18,16 @@ import trio.testing
 from tracker.config import TrackerConfig
 from tracker.errors import ServiceBusy
 from tracker.history import writer
+from tracker.history.decoded import DecodedChunks
 from tracker.history.readers import READERS_AFTER_S, ReaderPool
-from tracker.history.store import AreaPage, RejectedPings, StoreError, StoreStats, Track
+from tracker.history.store import (
+    AreaPage,
+    HistoryStore,
+    RejectedPings,
+    StoreError,
+    StoreStats,
+    Track,
+)
 from tracker.history.writer import EXPIRE_STEP, FLUSH_TIMEOUT_S, QUERY_TIMEOUT_S, History
 from tracker.metrics import Metrics
 from tracker.pings import Ping
@@ -31,6 +39,7 @@ class MemoryStore:
     """A store in lists, that can be told to fail or to block."""
 
     resolution = 7
+    decoded = DecodedChunks()
 
     def __init__(self) -> None:
         self.commits: list[list[Ping]] = []
@@ -361,3 +370,40 @@ async def test_answer_runs_in_a_thread_until_readers_run_and_a_slow_one_wants_th
 
     assert await history.answer(slow) == b"slow"
     assert readers._wanted.is_set() and not readers.ready
+
+
+class _CountingReaders(ReaderPool):
+    """Readers that are ready at once and count how many queries they answer together."""
+
+    def __init__(self) -> None:
+        super().__init__("unused.sqlite3")
+        self._live = 1
+        self.running = self.most = 0
+
+    async def call(self, query: Callable[[HistoryStore], bytes]) -> bytes:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await trio.sleep(0.05)
+            return b"answer"
+        finally:
+            self.running -= 1
+
+
+async def test_answers_in_readers_are_bounded_by_the_query_limiter() -> None:
+    readers = _CountingReaders()
+    settings = TrackerConfig(history="unused.sqlite3")
+    store = MemoryStore()
+    history = History(settings, Metrics(), lambda: store, now=lambda: NOW, readers=readers)
+    await history.open()
+    answers: list[bytes] = []
+
+    async def ask() -> None:
+        answers.append(await history.answer(lambda store: b""))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3 * writer.QUERY_THREADS):
+            nursery.start_soon(ask)
+    assert answers == [b"answer"] * 3 * writer.QUERY_THREADS
+    assert readers.most == writer.QUERY_THREADS
+    assert history._query_limiter.borrowed_tokens == 0
