@@ -1,6 +1,7 @@
 """The core alone, without HTTP: ingest, the tick and feed fan-out through ``Tracker``'s API.
 
     python -m bench.core --vehicles 50000 --feeds 100 --ticks 10
+    python -m bench.core --region zones    # the fleet spread as bench.zones spreads it
 
 Builds a :class:`tracker.service.Tracker` in this process and drives it as a front end
 does, with no server and no sockets: each round posts every vehicle's next position
@@ -9,7 +10,10 @@ through :meth:`Tracker.ingest` (msgpack batches of ``--batch``), publishes one t
 :meth:`Tracker.open_feed` over random city viewports render their events. Ticks are
 driven by hand, so the figures are the CPU cost of each step, not wall-clock pacing.
 Prints a table; ``--json`` prints the figures as JSON, ``--versions`` adds the versions
-of Python and the libraries on the hot path.
+of Python and the libraries on the hot path. The vehicles drive about the city (30 x 20
+km), or with ``--region zones`` over ``bench.zones``' 220 x 200 km region, where nearly
+every vehicle has an index cell of its own and the feeds (city viewports) watch few of
+the cells a tick changes: what costs per changed cell shows there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import trio
 import trio.testing
 
 from bench.common import CITY, viewport
+from bench.zones import SPAN_DEG
 from tracker.config import TrackerConfig
 from tracker.regions import parse_area
 from tracker.service import Tracker
@@ -35,6 +40,8 @@ from tracker.service import Tracker
 MSGPACK = "application/msgpack"
 STEP_DEG = 2e-4
 """How far a vehicle moves per round (about 20 m): most travel as 8-byte moves."""
+REGIONS = {"city": (0.1, 0.16), "zones": SPAN_DEG}
+"""Half the height and width, in degrees, of where the vehicles are."""
 
 
 def _bodies(lat: np.ndarray, lon: np.ndarray, batch: int, ts: float) -> list[bytes]:
@@ -53,13 +60,14 @@ async def _read(tracker: Tracker, cells: frozenset[int], received: list[int]) ->
             received[0] += len(chunk)
 
 
-async def measure(args: argparse.Namespace) -> dict[str, float]:
+async def measure(args: argparse.Namespace) -> dict[str, float | str]:
     rng = random.Random(1)
     generator = np.random.default_rng(1)
     config = TrackerConfig(heartbeat_s=3600, ingest_max_pings=max(args.batch, 1))
     tracker = Tracker(config)
-    lat = CITY[0] + generator.uniform(-0.1, 0.1, args.vehicles)
-    lon = CITY[1] + generator.uniform(-0.16, 0.16, args.vehicles)
+    half_lat, half_lon = REGIONS[args.region]
+    lat = CITY[0] + generator.uniform(-half_lat, half_lat, args.vehicles)
+    lon = CITY[1] + generator.uniform(-half_lon, half_lon, args.vehicles)
     areas = [
         parse_area(
             {"bbox": [viewport(rng).removeprefix("bbox=")]},
@@ -94,6 +102,7 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
     ingest_s, tick_s, fanout_s = ingest_s[1:], tick_s[1:], fanout_s[1:]
     return {
         "vehicles": args.vehicles,
+        "region": args.region,
         "feeds": args.feeds,
         "ticks": args.ticks,
         "ingest_pings_per_s_median": round(args.vehicles / statistics.median(ingest_s)),
@@ -110,6 +119,7 @@ def main() -> None:
     parser.add_argument("--feeds", type=int, default=100)
     parser.add_argument("--ticks", type=int, default=10)
     parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--region", choices=sorted(REGIONS), default="city")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--versions", action="store_true", help="add library versions")
     args = parser.parse_args()
