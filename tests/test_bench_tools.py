@@ -8,6 +8,7 @@ import time
 
 import msgspec
 import numpy as np
+import pytest
 import trio
 
 import bench.core
@@ -64,8 +65,9 @@ def test_load_client_counts_positions_and_their_latency() -> None:
     assert stats.positions == 9
 
 
-async def test_core_bench_drives_the_core_without_http() -> None:
-    args = argparse.Namespace(vehicles=300, feeds=3, ticks=2, batch=100)
+@pytest.mark.parametrize("region", ["city", "zones"])
+async def test_core_bench_drives_the_core_without_http(region: str) -> None:
+    args = argparse.Namespace(vehicles=300, feeds=3, ticks=2, batch=100, region=region)
     with trio.fail_after(10):
         figures = await bench.core.measure(args)
     assert figures["tick_ms_median"] > 0 and figures["feed_bytes_per_tick"] > 0
