@@ -33,7 +33,6 @@ queries.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -55,7 +54,6 @@ __all__ = [
     "SCRATCH",
     "ReaderBroken",
     "ReaderPool",
-    "stop_pool",
 ]
 
 logger = logging.getLogger(__name__)
@@ -357,12 +355,3 @@ class ReaderPool:
             reader.kill()
             return
         self._give(reader)
-
-
-def stop_pool(executor: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Stop a process pool's processes at once (a call under way would keep one busy a
-    while). History's readers no longer use an executor; the zone engine's host does."""
-    processes = list((getattr(executor, "_processes", None) or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.kill()
