@@ -114,10 +114,11 @@ def decode_body(
         raise PayloadTooLarge(str(exc), limit=exc.limit) from exc
 
 
-INGEST_SLICE_PINGS = 500
-"""Pings checked and applied in one slice (:func:`applying`): about 1-2 ms of work on
+INGEST_SLICE_PINGS = 200
+"""Pings checked and applied in one slice (:func:`applying`): well under 1 ms of work on
 this machine, so that the async path never holds every other request (and the tick)
-for the 100+ ms a 50,000-ping batch takes as a whole."""
+for the 100+ ms a 50,000-ping batch takes as a whole, nor for long at any one of a
+request's checkpoints (a day track's p99 under full ingest load: docs/performance.md)."""
 
 
 def admit_all(pings: int) -> None:

@@ -85,9 +85,11 @@ STUCK_AFTER_MIN_S = 2.0
 """...and at least this many seconds old (short test ticks must not flap)."""
 STARTUP_STUCK_S = 60.0
 """A start (stores opened, the zone engine's process started) that takes longer is stuck."""
-TICK_SLICE_VEHICLES = 1000
-"""Vehicles a tick prepares between two turns of the event loop (1-3 ms of work): a tick
-of 50,000 vehicles held the loop 120-390 ms in one step before (docs/performance.md)."""
+TICK_SLICE_VEHICLES = 400
+"""Vehicles a tick prepares between two turns of the event loop (under 1 ms of work): a
+tick of 50,000 vehicles held the loop 120-390 ms in one step before, and slices of
+1,000 (2-3 ms) still added up at a request's many checkpoints (a day track's p99 under
+full ingest load: docs/performance.md)."""
 
 
 class CoreCrashed(Exception):
