@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import msgspec
@@ -214,6 +214,43 @@ async def _delivery_rate(events: int, *, stalled: bool) -> float:
         return events / took
 
 
+class Request(NamedTuple):
+    """One request as a webhook receiver reads it."""
+
+    head: bytes
+    """The request line and the header lines, without the blank line after them."""
+    body: bytes
+
+    def headers(self) -> dict[str, str]:
+        """The header lines by lower-case name."""
+        lines = self.head.decode("latin-1").split("\r\n")[1:]
+        return {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines)
+        }
+
+
+async def read_request(stream: trio.abc.Stream, buffer: bytearray) -> Request | None:
+    """The next HTTP/1.1 request on ``stream`` (its body as long as its Content-Length:
+    what a webhook poster sends); ``buffer`` holds what was read beyond the request, for
+    the next call. None when the client closed before a whole request came."""
+    while b"\r\n\r\n" not in buffer:
+        if not (chunk := await stream.receive_some(65536)):
+            return None
+        buffer += chunk
+    end = buffer.index(b"\r\n\r\n")
+    request = Request(bytes(buffer[:end]), b"")
+    length = int(request.headers().get("content-length", "0"))
+    del buffer[: end + 4]
+    while len(buffer) < length:
+        if not (chunk := await stream.receive_some(65536)):
+            return None
+        buffer += chunk
+    body = bytes(buffer[:length])
+    del buffer[:length]
+    return request._replace(body=body)
+
+
 class Receiver:
     """A local webhook receiver (raw HTTP/1.1, keep-alive): answers 204 to each request
     and counts them (``times``: when each arrived), or, stalling, reads one and never
@@ -234,18 +271,8 @@ class Receiver:
         return port
 
     async def answer(self, stream: trio.SocketStream, *, stall: bool) -> None:
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(buffer) < length:
-                buffer += await stream.receive_some(65536)
-            buffer = buffer[length:]
+        buffer = bytearray()
+        while await read_request(stream, buffer) is not None:
             if stall:
                 await trio.sleep_forever()
             self.times.append(time.perf_counter())

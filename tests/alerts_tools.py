@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import trio
 
+from bench.alerts import read_request
 from tests.conftest import BERLIN
 from tracker.zones.events import ZoneEvent
 
@@ -152,28 +153,11 @@ class Receiver:
         return self.received
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        buffer = b""
+        buffer = bytearray()
         try:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                headers = {}
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length", "0"))
-                while len(buffer) < length:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                body, buffer = buffer[:length], buffer[length:]
-                self.received.append(Received(lines[0].split(" ")[1], headers, body))
+            while (request := await read_request(stream, buffer)) is not None:
+                path = request.head.split(b" ")[1].decode("latin-1")
+                self.received.append(Received(path, request.headers(), request.body))
                 self.arrived.set()
                 self.arrived = trio.Event()
                 if self.mode == "stall":

@@ -12,6 +12,7 @@ import pytest
 import trio
 import trustme
 
+from bench.alerts import read_request
 from tracker.alerts.posting import ANSWER_MAX_BYTES, Poster, PostFailed
 from tracker.alerts.targets import AllowList, Target
 
@@ -48,20 +49,10 @@ class Peer:
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
-        buffer = b""
+        buffer = bytearray()
         try:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                while len(buffer) < length:
-                    buffer += await stream.receive_some(65536)
-                self.requests.append(head + b"\r\n\r\n" + buffer[:length])
-                buffer = buffer[length:]
+            while (request := await read_request(stream, buffer)) is not None:
+                self.requests.append(request.head + b"\r\n\r\n" + request.body)
                 await stream.send_all(self.answer)
                 if self.close:
                     await stream.aclose()

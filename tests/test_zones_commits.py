@@ -15,14 +15,14 @@ import pytest
 import trio
 
 from tests.alerts_tools import zone_event
-from tests.test_zones_engine import at, square
+from tests.test_zones_engine import square
+from tests.test_zones_worker import ping_and_tick
 from tracker.alerts.log import AlertLog, LogWriter
 from tracker.alerts.store import AlertStore
 from tracker.config import TrackerConfig
 from tracker.database import DatabaseError, SqliteDatabase
 from tracker.geoindex import GeoIndex
 from tracker.metrics import Metrics
-from tracker.pings import Ping
 from tracker.zones.cover import compile_zone
 from tracker.zones.engine import ZoneEngine
 from tracker.zones.events import ZoneEvent
@@ -71,11 +71,7 @@ class Rig:
         self.worker.put(compile_zone(parse_zone(square()), 7), 0.0, new=True)
 
     def step(self, t: float, east_m: float, vehicle: str = "v1") -> None:
-        lat, lon = at(east_m)
-        pings = [Ping(vehicle_id=vehicle, lat=lat, lon=lon, ts=t)]
-        assert self.index.apply(pings[0], t)
-        self.worker.record(pings, t)
-        self.worker.tick(t, self.index.advance(t))
+        ping_and_tick(self.index, self.worker, t, east_m, vehicle)
 
 
 async def test_the_engine_process_commits_and_the_loop_publishes(tmp_path: Path) -> None:

@@ -42,6 +42,18 @@ class SlowEngine(ZoneEngine):
         return super().tick(now, *args)
 
 
+def ping_and_tick(
+    index: GeoIndex, worker: ZoneWorker, t: float, east_m: float, vehicle: str = "v1"
+) -> None:
+    """``vehicle``'s ping at ``t``, ``east_m`` east of the test square's corner, then the
+    tick at ``t`` (queued for the engine, never decided here)."""
+    lat, lon = at(east_m)
+    pings = [Ping(vehicle_id=vehicle, lat=lat, lon=lon, ts=t)]
+    assert index.apply(pings[0], t)
+    worker.record(pings, t)
+    worker.tick(t, index.advance(t))
+
+
 class Rig:
     """A worker over a real geo-index, its events collected."""
 
@@ -58,12 +70,7 @@ class Rig:
         self.emitted.extend(events)
 
     def step(self, t: float, east_m: float, vehicle: str = "v1") -> None:
-        """``vehicle``'s ping at ``t``, then the tick at ``t`` (queued, never decided here)."""
-        lat, lon = at(east_m)
-        pings = [Ping(vehicle_id=vehicle, lat=lat, lon=lon, ts=t)]
-        assert self.index.apply(pings[0], t)
-        self.worker.record(pings, t)
-        self.worker.tick(t, self.index.advance(t))
+        ping_and_tick(self.index, self.worker, t, east_m, vehicle)
 
 
 async def test_the_tick_never_waits_for_a_slow_engine() -> None:
