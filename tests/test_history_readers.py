@@ -183,6 +183,22 @@ async def test_an_abandoned_query_is_dropped_before_the_reader_answers_another(
         assert [reader.process.pid for reader in pool._idle] == [pid]
 
 
+async def test_a_reader_stuck_on_an_abandoned_query_is_killed_and_replaced(
+    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(readers, "ABANDONED_ANSWER_S", 0.5)
+    async with _running(path) as pool:
+        (pid,) = await _started(pool)
+        os.kill(pid, signal.SIGSTOP)  # never answers (killed below, never continued)
+        with trio.move_on_after(0.3) as gave_up:
+            await pool.call(_page("json"))
+        assert gave_up.cancelled_caught
+        assert await _ended(pid)
+        assert "did not answer a query its caller left" in caplog.text
+        await _started(pool, other_than=pid)
+        assert await pool.call(_page()) == _in_thread(path)
+
+
 async def test_a_reader_ends_by_itself_when_the_tracker_end_of_its_socket_closes(
     path: Path,
 ) -> None:

@@ -70,6 +70,10 @@ killed, and tried again after :data:`RETRY_START_S`)."""
 REPLY_TIMEOUT_S: Final = 5.0
 """Most a request takes to be written, or a reply to be read once it began to arrive
 (both are a few bytes to a few KB); beyond, the reader is taken for broken and killed."""
+ABANDONED_ANSWER_S: Final = 30.0
+"""Most a reader may take to answer a query its caller left (past the caller's own
+deadline, 10 s); beyond, it is taken for stuck and killed, and another started: a stuck
+reader would otherwise be out of service for good."""
 READERS_AFTER_S: Final = 0.05
 """A query answered in a thread slower than this starts the reader processes."""
 
@@ -349,9 +353,17 @@ class ReaderPool:
             reader.kill()
 
     async def _drop(self, reader: _Reader) -> None:
-        try:
-            await reader.reply()
-        except (ReaderBroken, trio.ClosedResourceError):
-            reader.kill()
+        with trio.move_on_after(ABANDONED_ANSWER_S):
+            try:
+                await reader.reply()
+            except (ReaderBroken, trio.ClosedResourceError):
+                reader.kill()
+                return
+            self._give(reader)
             return
-        self._give(reader)
+        logger.error(
+            "a history reader did not answer a query its caller left within %g s; "
+            "killed, starting another",
+            ABANDONED_ANSWER_S,
+        )
+        reader.kill()
